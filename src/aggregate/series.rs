@@ -1,0 +1,299 @@
+//! Values: points as the core receives them, output series, and per-source state (the
+//! exactly-once window of a delta stream, or the last values of a cumulative one).
+
+use super::key::Labels;
+use super::window::Window;
+
+/// A validated value of one data point. Histogram counts live in the batch's arena.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PointValue {
+    Int(u64),
+    Float(f64),
+    Histogram {
+        /// Index into the batch's layouts.
+        layout: u32,
+        /// Range into the batch's counts arena: `bounds + 1` buckets.
+        counts: (u32, u32),
+        sum: f64,
+        count: u64,
+    },
+}
+
+/// Temporality of the stream a point belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Temporality {
+    Delta,
+    Cumulative,
+}
+
+/// One data point, validated and keyed by the ingest edge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Output key: family + kept labels.
+    pub series: u128,
+    /// Source key: one pod's stream.
+    pub source: u128,
+    /// Index into the batch's families.
+    pub family: u32,
+    /// Opaque handle the batch's label resolver turns into labels for a new series.
+    pub label_ref: [u32; 4],
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub temporality: Temporality,
+    pub value: PointValue,
+}
+
+/// A counter that stays exact for integer input and still takes floating-point input.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CounterValue {
+    pub int: u64,
+    pub float: f64,
+}
+
+impl CounterValue {
+    pub fn total(&self) -> f64 {
+        self.int as f64 + self.float
+    }
+    pub fn is_int(&self) -> bool {
+        self.float == 0.0
+    }
+}
+
+/// The running value of an output series.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeriesValue {
+    Counter(CounterValue),
+    Histogram {
+        /// Shard-local layout id.
+        layout: u32,
+        /// Per-bucket (not cumulative) counts, `+Inf` last.
+        counts: Box<[u64]>,
+        sum: f64,
+        count: u64,
+    },
+}
+
+/// One output series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Shard-local family id.
+    pub family: u32,
+    pub labels: Labels,
+    /// Earliest start of the deltas that built it, so replicas fed the same data agree.
+    pub created_ns: u64,
+    /// Newest end time applied.
+    pub updated_ns: u64,
+    /// Shard clock (seconds) of the last point: drives the idle TTL.
+    pub touched: u32,
+    pub value: SeriesValue,
+}
+
+/// Last cumulative values of one source stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CumulativeState {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub value: CumulativeValue,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CumulativeValue {
+    Int(u64),
+    Float(f64),
+    Histogram {
+        bounds: Box<[f64]>,
+        counts: Box<[u64]>,
+        sum: f64,
+        count: u64,
+    },
+}
+
+/// Per-source state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    Delta(Window),
+    Cumulative(Box<CumulativeState>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceState {
+    pub kind: SourceKind,
+    pub touched: u32,
+}
+
+/// The difference between two cumulative points, or why there is none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CumulativeDelta {
+    /// Not newer than the last point: a retry or reordering.
+    Stale,
+    /// A delta to apply over `(start, end)`; `reset` when the stream restarted.
+    Delta {
+        start_ns: u64,
+        reset: bool,
+        value: CumulativeValue,
+    },
+}
+
+impl CumulativeValue {
+    /// `self - prev`, or `None` if any part went down (a reset) or the layouts differ.
+    fn minus(&self, prev: &CumulativeValue) -> Option<CumulativeValue> {
+        match (self, prev) {
+            (Self::Int(a), Self::Int(b)) => a.checked_sub(*b).map(Self::Int),
+            (Self::Float(a), Self::Float(b)) => (a >= b).then(|| Self::Float(a - b)),
+            (
+                Self::Histogram {
+                    bounds,
+                    counts,
+                    sum,
+                    count,
+                },
+                Self::Histogram {
+                    bounds: pb,
+                    counts: pc,
+                    sum: ps,
+                    count: pn,
+                },
+            ) => {
+                if bounds != pb || count < pn {
+                    return None;
+                }
+                let diff: Option<Box<[u64]>> = counts
+                    .iter()
+                    .zip(pc.iter())
+                    .map(|(a, b)| a.checked_sub(*b))
+                    .collect();
+                Some(Self::Histogram {
+                    bounds: bounds.clone(),
+                    counts: diff?,
+                    sum: sum - ps,
+                    count: count - pn,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Turns the next cumulative point into a delta, updating `state`.
+pub fn cumulative_step(
+    state: &mut CumulativeState,
+    start_ns: u64,
+    end_ns: u64,
+    value: CumulativeValue,
+) -> CumulativeDelta {
+    if start_ns == state.start_ns && end_ns <= state.end_ns {
+        return CumulativeDelta::Stale;
+    }
+    let diff = (start_ns == state.start_ns)
+        .then(|| value.minus(&state.value))
+        .flatten();
+    let out = match diff {
+        Some(d) => CumulativeDelta::Delta {
+            start_ns: state.end_ns,
+            reset: false,
+            value: d,
+        },
+        None => CumulativeDelta::Delta {
+            start_ns,
+            reset: true,
+            value: value.clone(),
+        },
+    };
+    *state = CumulativeState {
+        start_ns,
+        end_ns,
+        value,
+    };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(start: u64, end: u64, v: u64) -> CumulativeState {
+        CumulativeState {
+            start_ns: start,
+            end_ns: end,
+            value: CumulativeValue::Int(v),
+        }
+    }
+
+    #[test]
+    fn cumulative_points_become_differences() {
+        let mut s = st(1, 10, 5);
+        let d = cumulative_step(&mut s, 1, 20, CumulativeValue::Int(8));
+        assert_eq!(
+            d,
+            CumulativeDelta::Delta {
+                start_ns: 10,
+                reset: false,
+                value: CumulativeValue::Int(3)
+            }
+        );
+    }
+
+    #[test]
+    fn a_retried_or_older_cumulative_point_is_stale() {
+        let mut s = st(1, 10, 5);
+        assert_eq!(
+            cumulative_step(&mut s, 1, 10, CumulativeValue::Int(5)),
+            CumulativeDelta::Stale
+        );
+        assert_eq!(
+            cumulative_step(&mut s, 1, 5, CumulativeValue::Int(2)),
+            CumulativeDelta::Stale
+        );
+        assert_eq!(s, st(1, 10, 5), "state untouched");
+    }
+
+    #[test]
+    fn a_decrease_or_new_start_time_is_a_reset() {
+        let mut s = st(1, 10, 5);
+        let d = cumulative_step(&mut s, 1, 20, CumulativeValue::Int(2));
+        assert_eq!(
+            d,
+            CumulativeDelta::Delta {
+                start_ns: 1,
+                reset: true,
+                value: CumulativeValue::Int(2)
+            }
+        );
+        let d = cumulative_step(&mut s, 15, 30, CumulativeValue::Int(7));
+        assert_eq!(
+            d,
+            CumulativeDelta::Delta {
+                start_ns: 15,
+                reset: true,
+                value: CumulativeValue::Int(7)
+            }
+        );
+    }
+
+    #[test]
+    fn histogram_differences_are_per_bucket() {
+        let h = |c: &[u64], sum: f64| CumulativeValue::Histogram {
+            bounds: vec![1.0].into(),
+            counts: c.into(),
+            sum,
+            count: c.iter().sum(),
+        };
+        let mut s = CumulativeState {
+            start_ns: 1,
+            end_ns: 10,
+            value: h(&[1, 2], 5.0),
+        };
+        let d = cumulative_step(&mut s, 1, 20, h(&[3, 2], 6.5));
+        assert_eq!(
+            d,
+            CumulativeDelta::Delta {
+                start_ns: 10,
+                reset: false,
+                value: h(&[2, 0], 1.5)
+            }
+        );
+        // One bucket going down is a reset even if the count grew.
+        let d = cumulative_step(&mut s, 1, 30, h(&[2, 9], 9.0));
+        assert!(matches!(d, CumulativeDelta::Delta { reset: true, .. }));
+    }
+}

@@ -1,0 +1,208 @@
+//! The sharded table: N owner threads, each with its `ShardState`, fed over bounded crossbeam
+//! channels. Writers never touch shared state; readers send a closure that the owner runs
+//! between batches (so a read sees every batch wholly applied or not at all).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender, TrySendError};
+
+use super::shard::{Batch, ShardConfig, ShardState};
+
+/// Upper bounds (seconds) of the apply-latency histogram.
+pub const APPLY_BUCKETS: [f64; 10] = [
+    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
+];
+
+/// Numbers a shard publishes for its own telemetry. Written by the owner thread only, read at
+/// scrape time; `Relaxed` is enough because each value is independent and only informative.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub series: AtomicU64,
+    pub sources: AtomicU64,
+    pub queue_depth: AtomicU64,
+    pub batches: AtomicU64,
+    pub evicted_series: AtomicU64,
+    pub evicted_sources: AtomicU64,
+    pub apply_ns_sum: AtomicU64,
+    /// Per-bucket counts of `APPLY_BUCKETS`, `+Inf` last.
+    pub apply_buckets: [AtomicU64; APPLY_BUCKETS.len() + 1],
+}
+
+type Visit = Box<dyn FnOnce(&ShardState) + Send>;
+
+struct Handle {
+    data: Sender<Batch>,
+    ctl: Sender<Visit>,
+    stats: Arc<ShardStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The set of shards.
+pub struct Table {
+    shards: Vec<Handle>,
+}
+
+/// Why a batch could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    Full,
+    Closed,
+}
+
+impl Table {
+    /// Starts `n` shard threads.
+    pub fn start(cfg: ShardConfig, n: usize, queue_capacity: usize) -> std::io::Result<Self> {
+        let mut shards = Vec::with_capacity(n);
+        for i in 0..n {
+            let (data, data_rx) = bounded(queue_capacity);
+            let (ctl, ctl_rx) = unbounded();
+            let stats = Arc::new(ShardStats::default());
+            let state = ShardState::new(cfg.clone());
+            let st = stats.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("spanagg-shard-{i}"))
+                .spawn(move || run(state, data_rx, ctl_rx, st))?;
+            shards.push(Handle {
+                data,
+                ctl,
+                stats,
+                thread: Some(thread),
+            });
+        }
+        Ok(Self { shards })
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// The shard that owns an output series: a stable function of its key.
+    pub fn shard_of(&self, series: u128) -> usize {
+        let hi = (series >> 64) as u64;
+        ((u128::from(hi) * self.shards.len() as u128) >> 64) as usize
+    }
+
+    pub fn try_send(&self, shard: usize, batch: Batch) -> Result<(), (SendError, Batch)> {
+        let Some(h) = self.shards.get(shard) else {
+            return Err((SendError::Closed, batch));
+        };
+        match h.data.try_send(batch) {
+            Ok(()) => {
+                h.stats
+                    .queue_depth
+                    .store(h.data.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(b)) => Err((SendError::Full, b)),
+            Err(TrySendError::Disconnected(b)) => Err((SendError::Closed, b)),
+        }
+    }
+
+    /// Runs `f` on every shard's state, on the shard threads, in parallel; `f` reports through
+    /// whatever it captures.
+    pub fn visit<F>(&self, f: F)
+    where
+        F: Fn(usize, &ShardState) + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        for (i, h) in self.shards.iter().enumerate() {
+            let f = f.clone();
+            // A closed shard cannot answer; the reader notices a missing reply.
+            let _ = h.ctl.send(Box::new(move |s: &ShardState| f(i, s)));
+        }
+    }
+
+    pub fn stats(&self) -> Vec<Arc<ShardStats>> {
+        self.shards.iter().map(|h| h.stats.clone()).collect()
+    }
+
+    /// Stops every shard after it has applied what is queued.
+    pub fn shutdown(&mut self) {
+        for h in &mut self.shards {
+            let (closed_data, _) = bounded(0);
+            let (closed_ctl, _) = unbounded();
+            h.data = closed_data;
+            h.ctl = closed_ctl;
+        }
+        for h in &mut self.shards {
+            if let Some(t) = h.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats: Arc<ShardStats>) {
+    let epoch = Instant::now();
+    let mut last_sweep = Instant::now();
+    loop {
+        state.clock = epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
+        select_biased! {
+            recv(ctl) -> msg => {
+                let Ok(visit) = msg else { break };
+                visit(&state);
+            }
+            recv(data) -> msg => {
+                let Ok(batch) = msg else { break };
+                let t = Instant::now();
+                let result = state.apply(&batch);
+                record_apply(&stats, t.elapsed());
+                (batch.done)(result);
+                stats.queue_depth.store(data.len() as u64, Ordering::Relaxed);
+                stats.series.store(state.series_len() as u64, Ordering::Relaxed);
+                stats.sources.store(state.sources_len() as u64, Ordering::Relaxed);
+            }
+            default(Duration::from_millis(500)) => {}
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            let (series, sources) = state.sweep();
+            stats
+                .evicted_series
+                .fetch_add(series as u64, Ordering::Relaxed);
+            stats
+                .evicted_sources
+                .fetch_add(sources as u64, Ordering::Relaxed);
+            stats
+                .series
+                .store(state.series_len() as u64, Ordering::Relaxed);
+            stats
+                .sources
+                .store(state.sources_len() as u64, Ordering::Relaxed);
+        }
+    }
+    // Shutdown: apply what is still queued so no acknowledged request is lost.
+    while let Ok(batch) = data.try_recv() {
+        let result = state.apply(&batch);
+        (batch.done)(result);
+    }
+}
+
+fn record_apply(stats: &ShardStats, d: Duration) {
+    let secs = d.as_secs_f64();
+    let i = APPLY_BUCKETS
+        .iter()
+        .position(|&b| secs <= b)
+        .unwrap_or(APPLY_BUCKETS.len());
+    stats.apply_buckets[i].fetch_add(1, Ordering::Relaxed);
+    stats.apply_ns_sum.fetch_add(
+        d.as_nanos().min(u128::from(u64::MAX)) as u64,
+        Ordering::Relaxed,
+    );
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+}

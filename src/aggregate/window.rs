@@ -1,0 +1,194 @@
+//! Exactly-once bookkeeping for one delta source stream: the set of time intervals already
+//! applied, kept as disjoint half-open ranges `[start, end)` in nanoseconds.
+//!
+//! The Collector's `spanmetrics` connector emits contiguous deltas, so the set is normally one
+//! range and costs 16 bytes; holes appear only while a retried batch is still on its way.
+//! Ranges that end more than the late window behind the newest end are forgotten; `floor`
+//! remembers where forgetting stopped so that nothing before it can be applied twice.
+
+/// What to do with one delta point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// New interval, contiguous with (or the first of) the stream: apply.
+    Apply,
+    /// New interval that starts after the newest end: apply, and count the gap upstream.
+    ApplyAfterGap,
+    /// New interval that fills a hole behind the newest end: apply, and count it late.
+    ApplyLate,
+    /// Overlaps an interval already applied: drop, count.
+    Duplicate,
+    /// Ends before the late window, or reaches into forgotten history: refuse, count.
+    TooLate,
+}
+
+impl Verdict {
+    pub fn applies(self) -> bool {
+        matches!(self, Self::Apply | Self::ApplyAfterGap | Self::ApplyLate)
+    }
+}
+
+/// Applied intervals of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// The newest range (the one with the greatest end): the common case lives inline.
+    head: (u64, u64),
+    /// Older disjoint ranges, sorted, present only while there are holes.
+    #[allow(clippy::box_collection)] // a thin pointer: the common case costs 8 bytes, not 24
+    older: Option<Box<Vec<(u64, u64)>>>,
+    /// Everything that ends at or before this point has been forgotten.
+    floor: u64,
+}
+
+impl Window {
+    /// A window holding one applied interval.
+    pub fn new(start: u64, end: u64) -> Self {
+        Self {
+            head: (start, end),
+            older: None,
+            floor: 0,
+        }
+    }
+
+    pub fn newest_end(&self) -> u64 {
+        self.head.1
+    }
+
+    fn ranges(&self) -> impl Iterator<Item = &(u64, u64)> {
+        self.older
+            .iter()
+            .flat_map(|v| v.iter())
+            .chain(std::iter::once(&self.head))
+    }
+
+    /// Classifies `[start, end)` without changing anything. `late_ns` is the late window.
+    pub fn classify(&self, start: u64, end: u64, late_ns: u64) -> Verdict {
+        if self.ranges().any(|&(s, e)| start < e && end > s) {
+            return Verdict::Duplicate;
+        }
+        let newest = self.newest_end();
+        if start >= newest {
+            return if start == newest {
+                Verdict::Apply
+            } else {
+                Verdict::ApplyAfterGap
+            };
+        }
+        if end <= newest.saturating_sub(late_ns) || start < self.floor {
+            return Verdict::TooLate;
+        }
+        Verdict::ApplyLate
+    }
+
+    /// Records `[start, end)` as applied (call only after `classify` said it applies), merging
+    /// touching ranges and forgetting those that fell out of the late window.
+    pub fn record(&mut self, start: u64, end: u64, late_ns: u64) {
+        let mut all: Vec<(u64, u64)> = Vec::new();
+        if self.older.is_none() && start == self.head.1 {
+            self.head.1 = end;
+        } else if self.older.is_none() && end == self.head.0 {
+            self.head.0 = start;
+        } else {
+            all.extend(self.ranges().copied());
+            all.push((start, end));
+            all.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+            for r in all {
+                match merged.last_mut() {
+                    Some(last) if last.1 >= r.0 => last.1 = last.1.max(r.1),
+                    _ => merged.push(r),
+                }
+            }
+            // The last range has the greatest end: ranges are disjoint and sorted.
+            if let Some(head) = merged.pop() {
+                self.head = head;
+            }
+            self.older = (!merged.is_empty()).then(|| Box::new(merged));
+        }
+        self.forget_before(self.head.1.saturating_sub(late_ns));
+    }
+
+    fn forget_before(&mut self, horizon: u64) {
+        let Some(older) = self.older.as_mut() else {
+            return;
+        };
+        let mut floor = self.floor;
+        older.retain(|&(_, e)| {
+            let keep = e > horizon;
+            if !keep {
+                floor = floor.max(e);
+            }
+            keep
+        });
+        self.floor = floor;
+        if older.is_empty() {
+            self.older = None;
+        }
+    }
+
+    /// Number of disjoint ranges held (1 when the stream is contiguous).
+    pub fn ranges_held(&self) -> usize {
+        1 + self.older.as_ref().map_or(0, |v| v.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LATE: u64 = 600;
+
+    fn apply(w: &mut Window, s: u64, e: u64) -> Verdict {
+        let v = w.classify(s, e, LATE);
+        if v.applies() {
+            w.record(s, e, LATE);
+        }
+        v
+    }
+
+    #[test]
+    fn contiguous_deltas_stay_one_range() {
+        let mut w = Window::new(0, 10);
+        for i in 1..100 {
+            assert_eq!(apply(&mut w, i * 10, i * 10 + 10), Verdict::Apply);
+        }
+        assert_eq!(w.ranges_held(), 1);
+        assert_eq!(w.newest_end(), 1000);
+    }
+
+    #[test]
+    fn a_retried_delta_is_a_duplicate() {
+        let mut w = Window::new(0, 10);
+        apply(&mut w, 10, 20);
+        assert_eq!(apply(&mut w, 10, 20), Verdict::Duplicate);
+        assert_eq!(apply(&mut w, 0, 10), Verdict::Duplicate);
+        assert_eq!(apply(&mut w, 5, 15), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_late_delta_filling_a_hole_is_applied_once() {
+        let mut w = Window::new(0, 10);
+        assert_eq!(apply(&mut w, 20, 30), Verdict::ApplyAfterGap);
+        assert_eq!(w.ranges_held(), 2);
+        assert_eq!(apply(&mut w, 10, 20), Verdict::ApplyLate);
+        assert_eq!(w.ranges_held(), 1);
+        assert_eq!(apply(&mut w, 10, 20), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_delta_ending_before_the_window_is_too_late() {
+        let mut w = Window::new(0, 10);
+        apply(&mut w, 1000, 1010);
+        assert_eq!(apply(&mut w, 100, 200), Verdict::TooLate);
+        assert_eq!(apply(&mut w, 500, 600), Verdict::ApplyLate);
+    }
+
+    #[test]
+    fn forgotten_history_is_never_applied_again() {
+        let mut w = Window::new(0, 10);
+        apply(&mut w, 2000, 2010); // forgets [0, 10): floor = 10
+        assert_eq!(w.ranges_held(), 1);
+        // Reaches back over the forgotten range: refusing is the only safe answer.
+        assert_eq!(apply(&mut w, 5, 1500), Verdict::TooLate);
+        assert_eq!(apply(&mut w, 1500, 1600), Verdict::ApplyLate);
+    }
+}

@@ -1,0 +1,247 @@
+//! Typed configuration: the YAML file and CLI flags are parsed once into validated types here,
+//! so the rest of the code never sees raw strings. Every field documents its default and who
+//! should change it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::aggregate::layout::BucketLayout;
+
+/// Errors that stop the start. Each names the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// The file as written by a user. Unknown keys are an error so typos do not pass silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub grpc_listen: Option<SocketAddr>,
+    pub otlp_http_listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub shards: Option<usize>,
+    pub shard_queue_capacity: Option<usize>,
+    #[serde(with = "humantime_opt", default)]
+    pub late_delta_window: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub series_ttl: Option<Duration>,
+    pub max_request_bytes: Option<ByteSize>,
+    pub labels: RawLabels,
+    pub histogram: RawHistogram,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLabels {
+    pub by: Option<Vec<String>>,
+    pub without: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHistogram {
+    /// OTel metric name → bucket bounds every output series of that metric uses.
+    pub bounds: BTreeMap<String, Vec<f64>>,
+}
+
+mod humantime_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Resource attributes kept on output series by default: what identifies a service, not a pod.
+pub const DEFAULT_BY: &[&str] = &[
+    "service.name",
+    "service.namespace",
+    "deployment.environment",
+    "deployment.environment.name",
+    "k8s.cluster.name",
+];
+
+/// Point attributes dropped by default: they name one instance, and dropping them is the merge.
+pub const DEFAULT_WITHOUT: &[&str] = &[
+    "service.instance.id",
+    "collector.instance.id",
+    "k8s.pod.name",
+    "k8s.pod.uid",
+    "k8s.node.name",
+    "host.name",
+    "host.id",
+    "container.id",
+    "process.pid",
+    "instance",
+    "pod",
+];
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// OTLP/gRPC listener. Default 127.0.0.1:4317; set 0.0.0.0:4317 to take traffic from pods.
+    pub grpc_listen: SocketAddr,
+    /// OTLP/HTTP listener. Default 127.0.0.1:4318.
+    pub otlp_http_listen: SocketAddr,
+    /// Scrape and API listener. Default 127.0.0.1:9464.
+    pub http_listen: SocketAddr,
+    /// Where state lives. Default `./data`; created at start.
+    pub data_dir: PathBuf,
+    /// Shard threads. Default: one per core. More than cores only adds context switches.
+    pub shards: NonZeroUsize,
+    /// Batches queued per shard before exports get a retryable refusal. Default 1024.
+    pub shard_queue_capacity: NonZeroUsize,
+    /// How far behind a stream's newest end a late delta is still applied. Default 10m; raise it
+    /// if exporters retry for longer (the Collector's default `max_elapsed_time` is 5m).
+    pub late_delta_window: Duration,
+    /// Idle time after which a series is dropped (it restarts from zero). Default 15m.
+    pub series_ttl: Duration,
+    /// Largest request body after decompression. Default 64 MiB.
+    pub max_request_bytes: usize,
+    /// Resource attributes kept as output labels (`by`). Default [`DEFAULT_BY`].
+    pub by: Vec<String>,
+    /// Point attributes dropped from output labels (`without`). Default [`DEFAULT_WITHOUT`].
+    pub without: Vec<String>,
+    /// Configured output bucket layouts per OTel metric name. Default: none (first point wins).
+    pub histogram_bounds: BTreeMap<String, BucketLayout>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_raw(RawConfig::default()).expect("built-in defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let raw: RawConfig = serde_norway::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::from_raw(raw)
+    }
+
+    /// Applies defaults and validates every field.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            reason,
+        };
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let shards = NonZeroUsize::new(raw.shards.unwrap_or(cores))
+            .ok_or_else(|| invalid("shards", "must be at least 1".into()))?;
+        let shard_queue_capacity = NonZeroUsize::new(raw.shard_queue_capacity.unwrap_or(1024))
+            .ok_or_else(|| invalid("shard_queue_capacity", "must be at least 1".into()))?;
+        let late_delta_window = raw.late_delta_window.unwrap_or(Duration::from_secs(600));
+        let series_ttl = raw.series_ttl.unwrap_or(Duration::from_secs(900));
+        if series_ttl.is_zero() {
+            return Err(invalid("series_ttl", "must be greater than zero".into()));
+        }
+        let max_request_bytes = raw.max_request_bytes.unwrap_or(ByteSize::mib(64)).as_u64();
+        if max_request_bytes < 1024 {
+            return Err(invalid("max_request_bytes", "must be at least 1KiB".into()));
+        }
+        let max_request_bytes = usize::try_from(max_request_bytes)
+            .map_err(|_| invalid("max_request_bytes", "too large for this platform".into()))?;
+        let mut histogram_bounds = BTreeMap::new();
+        for (metric, bounds) in raw.histogram.bounds {
+            let layout = BucketLayout::try_new(bounds)
+                .map_err(|e| invalid(&format!("histogram.bounds.{metric}"), e.to_string()))?;
+            histogram_bounds.insert(metric, layout);
+        }
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        Ok(Config {
+            grpc_listen: raw.grpc_listen.unwrap_or(([127, 0, 0, 1], 4317).into()),
+            otlp_http_listen: raw
+                .otlp_http_listen
+                .unwrap_or(([127, 0, 0, 1], 4318).into()),
+            http_listen: raw.http_listen.unwrap_or(([127, 0, 0, 1], 9464).into()),
+            data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+            shards,
+            shard_queue_capacity,
+            late_delta_window,
+            series_ttl,
+            max_request_bytes,
+            by: raw.labels.by.unwrap_or_else(|| owned(DEFAULT_BY)),
+            without: raw.labels.without.unwrap_or_else(|| owned(DEFAULT_WITHOUT)),
+            histogram_bounds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_norway::from_str(yaml).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("test.yaml"),
+            message: e.to_string(),
+        })?;
+        Config::from_raw(raw)
+    }
+
+    #[test]
+    fn defaults_bind_loopback_and_drop_instance_labels() {
+        let c = Config::default();
+        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:4317");
+        assert_eq!(c.otlp_http_listen.to_string(), "127.0.0.1:4318");
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.max_request_bytes, 64 << 20);
+        assert!(c.without.iter().any(|k| k == "k8s.pod.name"));
+        assert_eq!(c.late_delta_window, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn unknown_key_is_named_in_the_error() {
+        let err = parse("grpc_lisen: 1.2.3.4:1").unwrap_err().to_string();
+        assert!(err.contains("grpc_lisen"), "{err}");
+    }
+
+    #[test]
+    fn unsorted_bounds_name_the_metric_key() {
+        let err = parse("histogram:\n  bounds:\n    m: [2, 1]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("histogram.bounds.m"), "{err}");
+        assert!(err.contains("strictly increasing"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_in_human_units() {
+        let c = parse("late_delta_window: 2m\nseries_ttl: 1h\nmax_request_bytes: 1MiB\n").unwrap();
+        assert_eq!(c.late_delta_window, Duration::from_secs(120));
+        assert_eq!(c.series_ttl, Duration::from_secs(3600));
+        assert_eq!(c.max_request_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn zero_shards_is_refused() {
+        let err = parse("shards: 0").unwrap_err().to_string();
+        assert!(err.contains("`shards`"), "{err}");
+    }
+}

@@ -1,0 +1,131 @@
+//! The scrape and API listener: `/metrics` (aggregated series), `/internal/metrics` (our own),
+//! and the Prometheus-style health endpoints.
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use flate2::write::GzEncoder;
+
+use super::prometheus::{encode_shard, stitch, FamilyPart, Format};
+use crate::aggregate::table::Table;
+use crate::telemetry::Telemetry;
+
+/// What the HTTP handlers share.
+pub struct AppState {
+    pub table: Arc<Table>,
+    pub telemetry: Arc<Telemetry>,
+    pub ready: AtomicBool,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/internal/metrics", get(internal_metrics))
+        .route("/-/healthy", get(|| async { "spanagg is healthy\n" }))
+        .route("/-/ready", get(ready))
+        .with_state(state)
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "spanagg is ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "spanagg is starting\n").into_response()
+    }
+}
+
+/// Asks every shard to encode its series and waits for all of them.
+pub async fn collect_parts(table: &Table, format: Format) -> Option<Vec<Vec<FamilyPart>>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = table.len();
+    table.visit(move |i, s| {
+        let _ = tx.send((i, encode_shard(s, format)));
+    });
+    let mut parts = vec![Vec::new(); n];
+    for _ in 0..n {
+        let (i, p) = rx.recv().await?;
+        if let Some(slot) = parts.get_mut(i) {
+            *slot = p;
+        }
+    }
+    Some(parts)
+}
+
+fn wants_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',').any(|p| {
+                let mut it = p.split(';');
+                let enc = it.next().unwrap_or("").trim();
+                let q_zero = it.any(|q| q.trim().replace(' ', "") == "q=0");
+                enc.eq_ignore_ascii_case("gzip") && !q_zero
+            })
+        })
+}
+
+fn body_response(headers: &HeaderMap, content_type: &'static str, text: String) -> Response {
+    let mut res = if wants_gzip(headers) {
+        let mut enc = GzEncoder::new(
+            Vec::with_capacity(text.len() / 8),
+            flate2::Compression::fast(),
+        );
+        match enc.write_all(text.as_bytes()).and_then(|()| enc.finish()) {
+            Ok(gz) => {
+                let mut r = gz.into_response();
+                r.headers_mut()
+                    .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                r
+            }
+            Err(_) => text.into_response(),
+        }
+    } else {
+        text.into_response()
+    };
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res.headers_mut().insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
+    res
+}
+
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let Some(parts) = collect_parts(&state.table, format).await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shards are shutting down\n",
+        )
+            .into_response();
+    };
+    let (text, _conflicts) = stitch(parts, format);
+    state.telemetry.scrape_bytes.observe(text.len() as f64);
+    let res = body_response(&headers, format.content_type(), text);
+    state
+        .telemetry
+        .scrape_duration
+        .observe(started.elapsed().as_secs_f64());
+    res
+}
+
+async fn internal_metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match state.telemetry.encode() {
+        Ok(text) => body_response(
+            &headers,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        ),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response(),
+    }
+}

@@ -1,0 +1,161 @@
+//! OTLP/gRPC `MetricsService/Export`. The service is written against tonic's server primitives
+//! rather than the generated server so that the body arrives as bytes: an undecodable message is
+//! then `INVALID_ARGUMENT` (the generated code would answer `INTERNAL`) and is counted like any
+//! other refusal. The decoding limit is explicit; tonic enforces it while decompressing.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use prost::Message;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Request, Response, Status};
+
+use super::{IngestError, Ingestor};
+use crate::telemetry::Protocol;
+
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+/// Maps the one error classification to gRPC codes.
+pub fn status_of(e: &IngestError) -> Status {
+    match e {
+        IngestError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        IngestError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
+        IngestError::Unavailable | IngestError::ShuttingDown => Status::unavailable(e.to_string()),
+    }
+}
+
+/// Decodes to raw bytes, encodes prost messages.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawDecoder;
+struct ProstEncoder;
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Encoder for ProstEncoder {
+    type Item = ExportMetricsServiceResponse;
+    type Error = Status;
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.encoded_len());
+        item.encode(&mut dst.writer().get_mut())
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = ExportMetricsServiceResponse;
+    type Decode = Bytes;
+    type Encoder = ProstEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> ProstEncoder {
+        ProstEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// The gRPC service, ready for `tonic::transport::Server::add_service`.
+#[derive(Clone)]
+pub struct MetricsGrpc {
+    ingestor: Arc<Ingestor>,
+}
+
+impl MetricsGrpc {
+    pub fn new(ingestor: Arc<Ingestor>) -> Self {
+        Self { ingestor }
+    }
+}
+
+impl tonic::server::NamedService for MetricsGrpc {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+}
+
+#[derive(Clone)]
+struct ExportSvc(Arc<Ingestor>);
+
+impl tonic::server::UnaryService<Bytes> for ExportSvc {
+    type Response = ExportMetricsServiceResponse;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Self::Response>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let ingestor = self.0.clone();
+        Box::pin(async move {
+            let body = request.into_inner();
+            let req = match ExportMetricsServiceRequest::decode(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    let err = IngestError::InvalidArgument(format!("undecodable protobuf: {e}"));
+                    ingestor.refused(Protocol::Grpc, &err);
+                    return Err(status_of(&err));
+                }
+            };
+            match ingestor.export(Protocol::Grpc, req).await {
+                Ok(reply) => Ok(Response::new(ExportMetricsServiceResponse {
+                    partial_success: (reply.rejected > 0).then(|| ExportMetricsPartialSuccess {
+                        rejected_data_points: i64::try_from(reply.rejected).unwrap_or(i64::MAX),
+                        error_message: reply.message,
+                    }),
+                })),
+                Err(e) => Err(status_of(&e)),
+            }
+        })
+    }
+}
+
+impl<B> tower_service::Service<http::Request<B>> for MetricsGrpc
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != EXPORT_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+        }
+        let ingestor = self.ingestor.clone();
+        let limit = ingestor.max_request_bytes;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(limit);
+            let mut res = grpc.unary(ExportSvc(ingestor.clone()), req).await;
+            // Size limits are enforced by tonic before our handler runs: count them here, and
+            // answer RESOURCE_EXHAUSTED for an uncompressed oversized message too (tonic says
+            // OUT_OF_RANGE), so clients see one code for "too large".
+            let code = res
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok());
+            if matches!(code, Some(8) | Some(11)) {
+                ingestor.refused(Protocol::Grpc, &IngestError::TooLarge { limit });
+                res.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static("8"));
+            }
+            Ok(res)
+        })
+    }
+}

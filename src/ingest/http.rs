@@ -1,0 +1,170 @@
+//! OTLP/HTTP `POST /v1/metrics`: protobuf or JSON, optionally gzip. Replies use the request's
+//! content type; errors carry a `google.rpc.Status` body as the OTLP spec asks.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use http_body_util::{BodyExt, Limited};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use prost::Message;
+
+use super::body::{decode, Encoding};
+use super::{IngestError, Ingestor};
+use crate::telemetry::Protocol;
+
+/// How long a client should wait before retrying a refused export.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// `google.rpc.Status`, the error body of OTLP/HTTP.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Protobuf,
+    Json,
+}
+
+impl Format {
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::Protobuf => "application/x-protobuf",
+            Self::Json => "application/json",
+        }
+    }
+    fn protocol(self) -> Protocol {
+        match self {
+            Self::Protobuf => Protocol::HttpProtobuf,
+            Self::Json => Protocol::HttpJson,
+        }
+    }
+}
+
+pub fn router(ingestor: Arc<Ingestor>) -> Router {
+    Router::new()
+        .route("/v1/metrics", post(export))
+        .with_state(ingestor)
+}
+
+fn error_response(format: Format, e: &IngestError) -> Response {
+    let (status, code) = match e {
+        IngestError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, 3),
+        IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 8),
+        IngestError::Unavailable | IngestError::ShuttingDown => {
+            (StatusCode::SERVICE_UNAVAILABLE, 14)
+        }
+    };
+    let message = e.to_string();
+    let body = match format {
+        Format::Protobuf => RpcStatus { code, message }.encode_to_vec(),
+        Format::Json => serde_json::json!({ "code": code, "message": message })
+            .to_string()
+            .into_bytes(),
+    };
+    let mut res = (status, body).into_response();
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
+    res
+}
+
+async fn export(State(ingestor): State<Arc<Ingestor>>, headers: HeaderMap, body: Body) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    let format = match mime.to_ascii_lowercase().as_str() {
+        "application/x-protobuf" | "application/protobuf" => Format::Protobuf,
+        "application/json" => Format::Json,
+        _ => {
+            let err = IngestError::InvalidArgument(format!(
+                "unsupported Content-Type {content_type:?}: use application/x-protobuf or \
+                 application/json"
+            ));
+            ingestor.refused(Protocol::HttpProtobuf, &err);
+            let mut res = error_response(Format::Protobuf, &err);
+            *res.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            return res;
+        }
+    };
+    match read_request(&ingestor, format, &headers, body).await {
+        Ok(req) => match ingestor.export(format.protocol(), req).await {
+            Ok(reply) => {
+                let resp = ExportMetricsServiceResponse {
+                    partial_success: (reply.rejected > 0).then(|| ExportMetricsPartialSuccess {
+                        rejected_data_points: i64::try_from(reply.rejected).unwrap_or(i64::MAX),
+                        error_message: reply.message,
+                    }),
+                };
+                let body = match format {
+                    Format::Protobuf => resp.encode_to_vec(),
+                    Format::Json => serde_json::to_vec(&resp).unwrap_or_default(),
+                };
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, format.content_type())],
+                    body,
+                )
+                    .into_response()
+            }
+            Err(e) => error_response(format, &e),
+        },
+        Err(e) => {
+            ingestor.refused(format.protocol(), &e);
+            error_response(format, &e)
+        }
+    }
+}
+
+async fn read_request(
+    ingestor: &Ingestor,
+    format: Format,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<ExportMetricsServiceRequest, IngestError> {
+    let limit = ingestor.max_request_bytes;
+    let encoding = Encoding::parse(
+        headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    )?;
+    let raw = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                IngestError::TooLarge { limit }
+            } else {
+                IngestError::InvalidArgument(format!("cannot read body: {e}"))
+            }
+        })?
+        .to_bytes();
+    let bytes = decode(raw, encoding, limit)?;
+    match format {
+        Format::Protobuf => ExportMetricsServiceRequest::decode(&bytes[..])
+            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}"))),
+        Format::Json => serde_json::from_slice(&bytes)
+            .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}"))),
+    }
+}

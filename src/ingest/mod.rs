@@ -1,0 +1,187 @@
+//! The OTLP edge: both transports hand a decoded request to [`Ingestor::export`], which validates
+//! it, splits it by shard, waits until every shard has applied its part, and says what to reply.
+//! One error classification here is mapped once per transport (`grpc.rs`, `http.rs`).
+
+pub mod body;
+pub mod grpc;
+pub mod http;
+pub mod otlp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+
+use crate::aggregate::shard::{Batch, BatchResult, Outcome};
+use crate::aggregate::table::{SendError, Table};
+use crate::telemetry::{Protocol, RequestOutcome, Telemetry};
+use otlp::{prepare, Projection, RequestLabels};
+
+/// How long an export waits for room in a full shard queue before refusing with a retryable
+/// error. Short: the client's retry with backoff is the real queue.
+const QUEUE_WAIT: Duration = Duration::from_millis(250);
+
+/// Errors that refuse a whole request.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("spanagg is overloaded: shard queues are full, retry later")]
+    Unavailable,
+    #[error("spanagg is shutting down")]
+    ShuttingDown,
+}
+
+/// What to tell the client about an accepted request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportReply {
+    pub rejected: u64,
+    pub message: String,
+}
+
+/// Shared by both transports.
+pub struct Ingestor {
+    table: Arc<Table>,
+    projection: Arc<Projection>,
+    telemetry: Arc<Telemetry>,
+    pub max_request_bytes: usize,
+}
+
+impl Ingestor {
+    pub fn new(
+        table: Arc<Table>,
+        projection: Projection,
+        telemetry: Arc<Telemetry>,
+        max_request_bytes: usize,
+    ) -> Self {
+        Self {
+            table,
+            projection: Arc::new(projection),
+            telemetry,
+            max_request_bytes,
+        }
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// Records a request refused before it was decoded.
+    pub fn refused(&self, protocol: Protocol, err: &IngestError) {
+        self.telemetry.request(protocol, outcome_of(err));
+    }
+
+    /// Applies a decoded request; returns once every accepted point is applied.
+    pub async fn export(
+        &self,
+        protocol: Protocol,
+        req: ExportMetricsServiceRequest,
+    ) -> Result<ExportReply, IngestError> {
+        let result = self.export_inner(protocol, req).await;
+        let outcome = match &result {
+            Ok(r) if r.rejected == 0 => RequestOutcome::Success,
+            Ok(_) => RequestOutcome::PartialSuccess,
+            Err(e) => outcome_of(e),
+        };
+        self.telemetry.request(protocol, outcome);
+        result
+    }
+
+    async fn export_inner(
+        &self,
+        protocol: Protocol,
+        req: ExportMetricsServiceRequest,
+    ) -> Result<ExportReply, IngestError> {
+        let table = &self.table;
+        let prepared = prepare(&req, &self.projection, table.len(), |k| table.shard_of(k));
+        self.telemetry.received(protocol, prepared.received);
+        self.telemetry
+            .rejections(&prepared.rejections, prepared.no_value);
+        let resolver = Arc::new(RequestLabels {
+            req: Arc::new(req),
+            projection: self.projection.clone(),
+        });
+        let mut waits = Vec::new();
+        for (shard, part) in prepared.per_shard.into_iter().enumerate() {
+            if part.points.is_empty() {
+                continue;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let batch = Batch {
+                families: prepared.families.clone(),
+                layouts: prepared.layouts.clone(),
+                counts: part.counts,
+                points: part.points,
+                labels: resolver.clone(),
+                done: Box::new(move |r: BatchResult| {
+                    let _ = tx.send(r);
+                }),
+            };
+            self.send(shard, batch).await?;
+            waits.push(rx);
+        }
+        let mut total = BatchResult::default();
+        for rx in waits {
+            let r = rx.await.map_err(|_| IngestError::ShuttingDown)?;
+            total.add(&r);
+        }
+        self.telemetry.outcomes(&total);
+        let rejections = prepared.rejections;
+        let mut message = rejections.message();
+        let shard_rejected: u64 = Outcome::ALL
+            .iter()
+            .filter(|o| o.rejected())
+            .map(|o| {
+                let n = u64::from(total.get(*o));
+                if n > 0 {
+                    if !message.is_empty() {
+                        message.push_str("; ");
+                    }
+                    message.push_str(&format!(
+                        "{n} point(s) rejected: {}",
+                        match o {
+                            Outcome::TooLate =>
+                                "delta ends before late_delta_window behind the stream's newest \
+                                 point (too_late)",
+                            _ =>
+                                "bucket bounds do not contain every bound of the output series \
+                                  (layout_mismatch)",
+                        }
+                    ));
+                }
+                n
+            })
+            .sum();
+        Ok(ExportReply {
+            rejected: rejections.total() + shard_rejected,
+            message,
+        })
+    }
+
+    async fn send(&self, shard: usize, mut batch: Batch) -> Result<(), IngestError> {
+        let deadline = tokio::time::Instant::now() + QUEUE_WAIT;
+        loop {
+            match self.table.try_send(shard, batch) {
+                Ok(()) => return Ok(()),
+                Err((SendError::Closed, _)) => return Err(IngestError::ShuttingDown),
+                Err((SendError::Full, b)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(IngestError::Unavailable);
+                    }
+                    batch = b;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+}
+
+fn outcome_of(e: &IngestError) -> RequestOutcome {
+    match e {
+        IngestError::InvalidArgument(_) => RequestOutcome::InvalidArgument,
+        IngestError::TooLarge { .. } => RequestOutcome::TooLarge,
+        IngestError::Unavailable | IngestError::ShuttingDown => RequestOutcome::Unavailable,
+    }
+}

@@ -1,0 +1,131 @@
+//! The `spanagg` command line: `serve` (the default) runs the service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use spanagg::config::Config;
+use spanagg::server::{serve, Bound};
+
+/// Cluster-level aggregator for OpenTelemetry span metrics: OTLP deltas in from every pod,
+/// an exact cross-pod merge, one small Prometheus scrape endpoint out.
+#[derive(Debug, Parser)]
+#[command(name = "spanagg", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default when no subcommand is given).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct ServeArgs {
+    /// YAML config file; flags given here override its values.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for state (WAL, checkpoints). Default: ./data
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// OTLP/gRPC listen address. Default: 127.0.0.1:4317
+    #[arg(long, value_name = "ADDR")]
+    grpc_listen: Option<SocketAddr>,
+    /// OTLP/HTTP listen address. Default: 127.0.0.1:4318
+    #[arg(long, value_name = "ADDR")]
+    otlp_http_listen: Option<SocketAddr>,
+    /// Scrape and API listen address (/metrics, /internal/metrics). Default: 127.0.0.1:9464
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+    /// Log filter, e.g. `info` or `spanagg=debug` (overrides RUST_LOG).
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(a) = args.grpc_listen {
+        config.grpc_listen = a;
+    }
+    if let Some(a) = args.otlp_http_listen {
+        config.otlp_http_listen = a;
+    }
+    if let Some(a) = args.http_listen {
+        config.http_listen = a;
+    }
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = term => tracing::info!("received SIGTERM"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(a)) => a,
+        None => cli.serve,
+    };
+    let filter = args
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = load_config(&args)?;
+    tracing::info!(
+        shards = config.shards.get(),
+        data_dir = %config.data_dir.display(),
+        late_delta_window = ?config.late_delta_window,
+        series_ttl = ?config.series_ttl,
+        "starting spanagg {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spanagg-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, shutdown_signal(), |b: Bound| {
+        tracing::info!(
+            "listening: OTLP/gRPC on {}, OTLP/HTTP on {} (POST /v1/metrics), HTTP on {} \
+             (GET /metrics, /internal/metrics, /-/healthy, /-/ready)",
+            b.grpc,
+            b.otlp_http,
+            b.http
+        );
+    }))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -158,6 +158,9 @@ impl ShardState {
         }
     }
 
+    pub fn ttl_secs(&self) -> u32 {
+        self.cfg.ttl_secs
+    }
     pub fn series_len(&self) -> usize {
         self.series_index.len()
     }

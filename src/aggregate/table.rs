@@ -145,9 +145,11 @@ impl Drop for Table {
     }
 }
 
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
-
 fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats: Arc<ShardStats>) {
+    // Sweep often enough that a series outlives its TTL by at most a quarter of it.
+    let sweep_every = Duration::from_secs(u64::from(state.ttl_secs()))
+        .div_f64(4.0)
+        .clamp(Duration::from_millis(250), Duration::from_secs(5));
     let epoch = Instant::now();
     let mut last_sweep = Instant::now();
     loop {
@@ -167,9 +169,9 @@ fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats
                 stats.series.store(state.series_len() as u64, Ordering::Relaxed);
                 stats.sources.store(state.sources_len() as u64, Ordering::Relaxed);
             }
-            default(Duration::from_millis(500)) => {}
+            default(Duration::from_millis(200)) => {}
         }
-        if last_sweep.elapsed() >= SWEEP_EVERY {
+        if last_sweep.elapsed() >= sweep_every {
             last_sweep = Instant::now();
             let (series, sources) = state.sweep();
             stats

@@ -401,7 +401,11 @@ fn family_index(
         kind,
         otel_name: m.name.as_str().into(),
         unit: m.unit.as_str().into(),
-        help: m.description.as_str().into(),
+        help: if m.description.is_empty() {
+            format!("{} (OTel), merged across instances by spanagg", m.name).into()
+        } else {
+            m.description.as_str().into()
+        },
     });
     (families.len() - 1) as u32
 }

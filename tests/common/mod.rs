@@ -1,0 +1,374 @@
+//! Test harness: runs the real `spanagg` binary on ephemeral loopback ports and talks to it
+//! over real sockets. Nothing here imitates the server.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric::Data, number_data_point, AggregationTemporality, Histogram, HistogramDataPoint, Metric,
+    NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+
+pub const BOUNDS: [f64; 4] = [2.0, 10.0, 100.0, 1000.0];
+
+/// A running spanagg process.
+pub struct Spanagg {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: PathBuf,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+fn temp_dir() -> PathBuf {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("spanagg-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let end = rest.find([' ', ',']).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+impl Spanagg {
+    /// Starts the binary with `extra` YAML appended to a config that binds port 0 everywhere.
+    pub fn start(extra: &str) -> Self {
+        let dir = temp_dir();
+        let config = dir.join("spanagg.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc_listen: 127.0.0.1:0\notlp_http_listen: 127.0.0.1:0\nhttp_listen: \
+                 127.0.0.1:0\ndata_dir: {}\n{extra}",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spanagg"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("listening:") {
+                    let _ = tx.send(line.clone());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("spanagg did not start: {:?}", log.lock().unwrap()));
+        let s = Self {
+            child,
+            grpc: addr_after(&line, "OTLP/gRPC on ").unwrap(),
+            otlp_http: addr_after(&line, "OTLP/HTTP on ").unwrap(),
+            http: addr_after(&line, ", HTTP on ").unwrap(),
+            dir,
+            log,
+        };
+        assert_eq!(s.get("/-/ready").0, 200);
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "spanagg did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = http(self.http, "GET", path, &[], &[]);
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub fn scrape(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Value of one sample in `/internal/metrics`, 0 when absent.
+    pub fn internal(&self, sample: &str) -> f64 {
+        sample_value(&self.get("/internal/metrics").1, sample).unwrap_or(0.0)
+    }
+
+    /// Peak resident memory of the process (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+
+    pub fn post_otlp(
+        &self,
+        content_type: &str,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let mut headers = vec![("Content-Type", content_type)];
+        headers.extend_from_slice(extra);
+        http(self.otlp_http, "POST", "/v1/metrics", &headers, body)
+    }
+}
+
+impl Drop for Spanagg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plain HTTP/1.1 exchange with `Connection: close`.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // The server may answer (413) before reading a large body; ignore a reset while writing.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let hdrs: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if hdrs
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v == "chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, hdrs, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let len =
+            usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if len == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
+        b = &b[eol + 2 + len + 2..];
+    }
+    out
+}
+
+/// The value of a sample line that starts with `sample` (name plus optional labels).
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// One route's numbers in one delta.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub span: &'static str,
+    pub calls: u64,
+    pub buckets: [u64; 5],
+    pub sum: f64,
+}
+
+pub fn route(span: &'static str, calls: u64, buckets: [u64; 5], sum: f64) -> Route {
+    Route {
+        span,
+        calls,
+        buckets,
+        sum,
+    }
+}
+
+/// A request shaped like the spanmetrics connector's output for one pod.
+pub fn spanmetrics(
+    service: &str,
+    pod: &str,
+    routes: &[Route],
+    start: u64,
+    end: u64,
+    temporality: AggregationTemporality,
+) -> ExportMetricsServiceRequest {
+    let attrs = |r: &Route| {
+        vec![
+            kv("service.name", service),
+            kv("span.name", r.span),
+            kv("span.kind", "SPAN_KIND_SERVER"),
+            kv("status.code", "STATUS_CODE_UNSET"),
+            kv("collector.instance.id", pod),
+        ]
+    };
+    let calls = Metric {
+        name: "traces.span.metrics.calls".into(),
+        unit: "{call}".into(),
+        description: "Number of calls".into(),
+        data: Some(Data::Sum(Sum {
+            data_points: routes
+                .iter()
+                .map(|r| NumberDataPoint {
+                    attributes: attrs(r),
+                    start_time_unix_nano: start,
+                    time_unix_nano: end,
+                    value: Some(number_data_point::Value::AsInt(r.calls as i64)),
+                    ..Default::default()
+                })
+                .collect(),
+            aggregation_temporality: temporality as i32,
+            is_monotonic: true,
+        })),
+        ..Default::default()
+    };
+    let duration = Metric {
+        name: "traces.span.metrics.duration".into(),
+        unit: "ms".into(),
+        description: "Duration of spans".into(),
+        data: Some(Data::Histogram(Histogram {
+            data_points: routes
+                .iter()
+                .map(|r| HistogramDataPoint {
+                    attributes: attrs(r),
+                    start_time_unix_nano: start,
+                    time_unix_nano: end,
+                    count: r.buckets.iter().sum(),
+                    sum: Some(r.sum),
+                    bucket_counts: r.buckets.to_vec(),
+                    explicit_bounds: BOUNDS.to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+            aggregation_temporality: temporality as i32,
+        })),
+        ..Default::default()
+    };
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![
+                    kv("service.name", service),
+                    kv("k8s.pod.name", pod),
+                    kv("service.instance.id", pod),
+                ],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: "spanmetricsconnector".into(),
+                    ..Default::default()
+                }),
+                metrics: vec![calls, duration],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// A small gzip stream that expands to `size` zero bytes, built without holding them.
+pub fn gzip_bomb(size: usize) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        e.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    e.finish().unwrap()
+}
+
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}

@@ -1,0 +1,136 @@
+"""Fixtures that run the real spanagg binary and a real Prometheus on loopback."""
+
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN = os.environ.get("SPANAGG_BIN", str(ROOT / "target" / "debug" / "spanagg"))
+
+
+def http_get(url, headers=None, timeout=10):
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.headers, r.read()
+
+
+class Spanagg:
+    """One spanagg process on ephemeral ports."""
+
+    def __init__(self, extra_yaml=""):
+        self.dir = tempfile.mkdtemp(prefix="spanagg-e2e-")
+        cfg = pathlib.Path(self.dir) / "spanagg.yaml"
+        cfg.write_text(
+            "grpc_listen: 127.0.0.1:0\notlp_http_listen: 127.0.0.1:0\n"
+            f"http_listen: 127.0.0.1:0\ndata_dir: {self.dir}/data\n{extra_yaml}"
+        )
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--config", str(cfg)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "RUST_LOG": "info"},
+        )
+        self.log = []
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stderr:
+                self.log.append(line)
+                m = re.search(r"OTLP/gRPC on (\S+), OTLP/HTTP on (\S+) .*, HTTP on (\S+) ", line)
+                if m:
+                    self.grpc, self.otlp_http, self.http = m.groups()
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(30):
+            self.proc.kill()
+            raise RuntimeError("spanagg did not start: " + "".join(self.log))
+
+    def scrape(self, accept=None):
+        headers = {"Accept": accept} if accept else {}
+        status, hdrs, body = http_get(f"http://{self.http}/metrics", headers)
+        assert status == 200
+        return body.decode(), hdrs
+
+    def internal(self):
+        return http_get(f"http://{self.http}/internal/metrics")[2].decode()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return code
+
+
+@pytest.fixture
+def spanagg():
+    s = Spanagg()
+    yield s
+    if s.proc.poll() is None:
+        assert s.stop() == 0, "".join(s.log)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    """A real Prometheus server (Debian's package) scraping one target every second."""
+
+    def __init__(self, target):
+        self.dir = tempfile.mkdtemp(prefix="spanagg-prom-")
+        self.port = free_port()
+        cfg = pathlib.Path(self.dir) / "prometheus.yml"
+        cfg.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: spanagg\n    static_configs:\n"
+            f"      - targets: ['{target}']\n"
+        )
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is not installed (the test command installs it)")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={self.dir}/tsdb",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if http_get(f"http://127.0.0.1:{self.port}/-/ready")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("prometheus did not become ready")
+
+    def query(self, promql):
+        import json
+        import urllib.parse
+
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        body = json.loads(http_get(url)[2])
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)

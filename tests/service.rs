@@ -1,0 +1,550 @@
+//! End-to-end behaviour of the real binary over OTLP/gRPC and OTLP/HTTP: the exact cross-pod
+//! merge, exactly-once under retries, partial success, refusals, and clean shutdown.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::metrics::v1::{
+    AggregationTemporality, Gauge, Metric, NumberDataPoint,
+};
+use prost::Message;
+
+const DELTA: AggregationTemporality = AggregationTemporality::Delta;
+const CUMULATIVE: AggregationTemporality = AggregationTemporality::Cumulative;
+
+async fn grpc_export(
+    s: &Spanagg,
+    req: ExportMetricsServiceRequest,
+) -> Result<ExportMetricsServiceResponse, tonic::Status> {
+    let mut client = MetricsServiceClient::connect(format!("http://{}", s.grpc))
+        .await
+        .unwrap();
+    client.export(req).await.map(|r| r.into_inner())
+}
+
+fn http_export(
+    s: &Spanagg,
+    req: &ExportMetricsServiceRequest,
+) -> (u16, ExportMetricsServiceResponse) {
+    let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &req.encode_to_vec());
+    (
+        status,
+        ExportMetricsServiceResponse::decode(&body[..]).unwrap_or_default(),
+    )
+}
+
+const CALLS: &str = "traces_span_metrics_calls_total{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"}";
+const COUNT: &str = "traces_span_metrics_duration_milliseconds_count{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"}";
+const INF: &str = "traces_span_metrics_duration_milliseconds_bucket{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\",le=\"+Inf\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_from_many_pods_merge_exactly_and_retries_count_once() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let step = 10_000_000_000;
+    // 3 pods over gRPC, 3 over HTTP, 4 intervals each.
+    for pod in 0..6u64 {
+        for i in 0..4u64 {
+            let req = spanmetrics(
+                "checkout",
+                &format!("pod-{pod}"),
+                &[route(
+                    "GET /cart",
+                    pod + i,
+                    [1, 2, 0, 0, pod],
+                    10.0 + pod as f64,
+                )],
+                t0 + i * step,
+                t0 + (i + 1) * step,
+                DELTA,
+            );
+            if pod < 3 {
+                let r = grpc_export(&s, req).await.unwrap();
+                assert!(r.partial_success.is_none(), "{r:?}");
+            } else {
+                let (status, r) = http_export(&s, &req);
+                assert_eq!(status, 200);
+                assert!(r.partial_success.is_none(), "{r:?}");
+            }
+        }
+    }
+    // Σ over pods 0..6 and i 0..4 of (pod + i) = 4*15 + 6*6 = 96
+    let text = s.scrape();
+    assert_eq!(sample_value(&text, CALLS), Some(96.0), "{text}");
+    // buckets per delta: 3 + pod → Σ 4*(18 + 15) = 132
+    assert_eq!(sample_value(&text, COUNT), Some(132.0));
+    assert_eq!(sample_value(&text, INF), Some(132.0));
+    assert!(
+        !text.contains("pod-"),
+        "per-instance labels are dropped: {text}"
+    );
+
+    // The same deltas again (a client retry) over both protocols: nothing changes.
+    for pod in [0u64, 4] {
+        let req = spanmetrics(
+            "checkout",
+            &format!("pod-{pod}"),
+            &[route("GET /cart", pod, [1, 2, 0, 0, pod], 10.0)],
+            t0,
+            t0 + step,
+            DELTA,
+        );
+        if pod == 0 {
+            grpc_export(&s, req).await.unwrap();
+        } else {
+            assert_eq!(http_export(&s, &req).0, 200);
+        }
+    }
+    assert_eq!(s.scrape(), text, "retries changed the output");
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"duplicate\"}"),
+        4.0
+    );
+    assert_eq!(s.stop().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_delta_filling_a_hole_is_applied_and_a_gap_is_counted() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let step = 10_000_000_000;
+    let send = |i: u64, calls: u64| {
+        spanmetrics(
+            "checkout",
+            "p",
+            &[route("GET /cart", calls, [1, 0, 0, 0, 0], 1.0)],
+            t0 + i * step,
+            t0 + (i + 1) * step,
+            DELTA,
+        )
+    };
+    grpc_export(&s, send(0, 1)).await.unwrap();
+    grpc_export(&s, send(2, 100)).await.unwrap(); // gap: interval 1 not yet here
+    grpc_export(&s, send(1, 10)).await.unwrap(); // late, fills the hole
+    grpc_export(&s, send(1, 10)).await.unwrap(); // retry of the late one
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(111.0));
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"applied_after_gap\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"applied_late\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"duplicate\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_gzip_bodies_are_accepted() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let req = spanmetrics(
+        "checkout",
+        "p1",
+        &[route("GET /cart", 7, [0, 1, 1, 0, 0], 20.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    let json = serde_json::to_vec(&req).unwrap();
+    let text = String::from_utf8_lossy(&json);
+    assert!(
+        text.contains("\"timeUnixNano\""),
+        "camelCase OTLP/JSON: {text}"
+    );
+    let (status, headers, body) = s.post_otlp(
+        "application/json",
+        &[("Content-Encoding", "gzip")],
+        &gzip(&json),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v == "application/json"));
+    // A hand-written OTLP/JSON body: 64-bit integers as strings, enum as a number.
+    let hand = format!(
+        r#"{{"resourceMetrics":[{{"resource":{{"attributes":[{{"key":"service.name","value":{{"stringValue":"checkout"}}}}]}},
+        "scopeMetrics":[{{"metrics":[{{"name":"traces.span.metrics.calls","sum":{{"aggregationTemporality":1,"isMonotonic":true,
+        "dataPoints":[{{"attributes":[{{"key":"span.name","value":{{"stringValue":"GET /cart"}}}},
+        {{"key":"span.kind","value":{{"stringValue":"SPAN_KIND_SERVER"}}}},{{"key":"status.code","value":{{"stringValue":"STATUS_CODE_UNSET"}}}}],
+        "startTimeUnixNano":"{}","timeUnixNano":"{}","asInt":"5"}}]}}}}]}}]}}]}}"#,
+        t0,
+        t0 + 1_000_000_000
+    );
+    let (status, _, body) = s.post_otlp("application/json", &[], hand.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(12.0));
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"http_json\",outcome=\"success\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_points_get_partial_success_and_the_rest_is_applied() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let mut req = spanmetrics(
+        "checkout",
+        "p1",
+        &[route("GET /cart", 3, [1, 0, 0, 0, 0], 1.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    let metrics = &mut req.resource_metrics[0].scope_metrics[0].metrics;
+    metrics.push(Metric {
+        name: "queue.depth".into(),
+        data: Some(Data::Gauge(Gauge {
+            data_points: vec![NumberDataPoint::default(), NumberDataPoint::default()],
+        })),
+        ..Default::default()
+    });
+    // A histogram point whose count disagrees with its buckets.
+    let mut bad = spanmetrics(
+        "checkout",
+        "p1",
+        &[route("GET /bad", 1, [1, 0, 0, 0, 0], 1.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    if let Some(Data::Histogram(h)) = &mut bad.resource_metrics[0].scope_metrics[0].metrics[1].data
+    {
+        h.data_points[0].count = 99;
+    }
+    metrics.push(bad.resource_metrics[0].scope_metrics[0].metrics[1].clone());
+    let r = grpc_export(&s, req.clone()).await.unwrap();
+    let ps = r.partial_success.unwrap();
+    assert_eq!(ps.rejected_data_points, 3);
+    assert!(
+        ps.error_message.contains("gauges are not aggregated"),
+        "{}",
+        ps.error_message
+    );
+    assert!(
+        ps.error_message.contains("count is not the sum"),
+        "{}",
+        ps.error_message
+    );
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(3.0));
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"unsupported_gauge\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"count_mismatch\"}"),
+        1.0
+    );
+    // Over HTTP the same partial success, and nothing added twice.
+    let (status, r) = http_export(&s, &req);
+    assert_eq!(status, 200);
+    assert_eq!(r.partial_success.unwrap().rejected_data_points, 3);
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_bodies_are_refused_counted_and_harmless() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let req = spanmetrics(
+        "checkout",
+        "p1",
+        &[route("GET /cart", 4, [1, 0, 0, 0, 0], 1.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    assert_eq!(http_export(&s, &req).0, 200);
+    let before = s.scrape();
+
+    let (status, _, body) = s.post_otlp(
+        "application/x-protobuf",
+        &[],
+        b"\xff\xff\xff\xffnot protobuf",
+    );
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("undecodable protobuf"));
+    let (status, _, body) = s.post_otlp("application/json", &[], b"{\"resourceMetrics\": 7}");
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("undecodable OTLP/JSON"));
+    let (status, _, _) = s.post_otlp("text/plain", &[], b"hello");
+    assert_eq!(status, 415);
+    let (status, _, _) = s.post_otlp(
+        "application/x-protobuf",
+        &[("Content-Encoding", "gzip")],
+        b"\x1f\x8bnot gzip",
+    );
+    assert_eq!(status, 400);
+
+    // gRPC with a body that is not an ExportMetricsServiceRequest.
+    let (status, headers, _) = raw_grpc(&s, false, b"\xff\xff\xff\xff".to_vec()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        grpc_status(&headers),
+        Some(3),
+        "INVALID_ARGUMENT: {headers:?}"
+    );
+
+    assert_eq!(s.scrape(), before, "held data unchanged");
+    assert_eq!(
+        s.internal(
+            "spanagg_requests_total{protocol=\"http_protobuf\",outcome=\"invalid_argument\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"http_json\",outcome=\"invalid_argument\"}"),
+        1.0
+    );
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"invalid_argument\"}"),
+        1.0
+    );
+}
+
+/// Sends one raw gRPC frame over HTTP/2 and returns (HTTP status, headers + trailers).
+async fn raw_grpc(
+    s: &Spanagg,
+    compressed: bool,
+    payload: Vec<u8>,
+) -> (u16, Vec<(String, String)>, ()) {
+    use http_body_util::BodyExt;
+    let mut frame = vec![u8::from(compressed)];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut req = http::Request::post(format!(
+        "http://{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        s.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    if compressed {
+        req = req.header("grpc-encoding", "gzip");
+    }
+    let res = client
+        .request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let mut headers: Vec<(String, String)> = res
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let collected = res.into_body().collect().await.unwrap();
+    if let Some(t) = collected.trailers() {
+        headers.extend(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())),
+        );
+    }
+    (status, headers, ())
+}
+
+fn grpc_status(headers: &[(String, String)]) -> Option<i32> {
+    headers
+        .iter()
+        .find(|(k, _)| k == "grpc-status")
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bombs_are_refused_on_both_protocols_without_expanding() {
+    let s = Spanagg::start("max_request_bytes: 4MiB\n");
+    let expanded = 1usize << 30; // 1 GiB of zeros in about 1 MiB of gzip
+    let bomb = gzip_bomb(expanded);
+    assert!(bomb.len() < 2 << 20);
+    let rss_before = s.peak_rss();
+
+    let (status, _, body) = s.post_otlp(
+        "application/x-protobuf",
+        &[("Content-Encoding", "gzip")],
+        &bomb,
+    );
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    let (status, headers, _) = raw_grpc(&s, true, bomb.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        grpc_status(&headers),
+        Some(8),
+        "RESOURCE_EXHAUSTED: {headers:?}"
+    );
+    // Uncompressed and over the limit: the same code.
+    let (_, headers, _) = raw_grpc(&s, false, vec![0u8; 5 << 20]).await;
+    assert_eq!(grpc_status(&headers), Some(8), "{headers:?}");
+
+    let grew = s.peak_rss().saturating_sub(rss_before);
+    assert!(
+        grew < 128 << 20,
+        "peak RSS grew by {grew} bytes for a {expanded}-byte bomb"
+    );
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"http_protobuf\",outcome=\"too_large\"}"),
+        1.0
+    );
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"too_large\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cumulative_input_is_converted_to_deltas_with_resets() {
+    let s = Spanagg::start("");
+    // A stream that began after spanagg started counts from its first point.
+    let start = now_ns();
+    let at = |secs: u64| start + secs * 1_000_000_000;
+    let cum = |st: u64, end: u64, calls: u64| {
+        spanmetrics(
+            "checkout",
+            "p1",
+            &[route("GET /cart", calls, [calls, 0, 0, 0, 0], calls as f64)],
+            st,
+            end,
+            CUMULATIVE,
+        )
+    };
+    grpc_export(&s, cum(start, at(10), 5)).await.unwrap();
+    grpc_export(&s, cum(start, at(20), 8)).await.unwrap();
+    grpc_export(&s, cum(start, at(20), 8)).await.unwrap(); // retry: no change
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(8.0));
+    // The pod restarts: new start time, counting from 2.
+    grpc_export(&s, cum(at(25), at(30), 2)).await.unwrap();
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(10.0));
+    assert_eq!(sample_value(&s.scrape(), COUNT), Some(10.0));
+    // A stream that started before spanagg: only its growth counts.
+    let old = start - 3_600_000_000_000;
+    let other = |end: u64, calls: u64| {
+        spanmetrics(
+            "checkout",
+            "p2",
+            &[route("GET /cart", calls, [calls, 0, 0, 0, 0], 0.0)],
+            old,
+            end,
+            CUMULATIVE,
+        )
+    };
+    grpc_export(&s, other(at(10), 1000)).await.unwrap();
+    grpc_export(&s, other(at(20), 1004)).await.unwrap();
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(14.0));
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"cumulative_reset\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"cumulative_baseline\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finer_buckets_fold_into_configured_bounds_and_others_are_rejected() {
+    let s = Spanagg::start("histogram:\n  bounds:\n    traces.span.metrics.duration: [10, 1000]\n");
+    let t0 = now_ns() - 60_000_000_000;
+    // BOUNDS = [2, 10, 100, 1000] contains 10 and 1000: folds exactly.
+    let req = spanmetrics(
+        "checkout",
+        "p1",
+        &[route("GET /cart", 1, [1, 2, 3, 4, 5], 10.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    let r = grpc_export(&s, req).await.unwrap();
+    assert!(r.partial_success.is_none(), "{r:?}");
+    let text = s.scrape();
+    let b = |le: &str| {
+        sample_value(&text, &format!("traces_span_metrics_duration_milliseconds_bucket{{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\",le=\"{le}\"}}"))
+    };
+    assert_eq!(
+        (b("10"), b("1000"), b("+Inf")),
+        (Some(3.0), Some(10.0), Some(15.0)),
+        "{text}"
+    );
+    // Bounds missing 1000 cannot fold exactly: rejected per point.
+    let mut req = spanmetrics(
+        "checkout",
+        "p2",
+        &[route("GET /cart", 1, [1, 1, 1, 1, 1], 1.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    if let Some(Data::Histogram(h)) = &mut req.resource_metrics[0].scope_metrics[0].metrics[1].data
+    {
+        h.data_points[0].explicit_bounds = vec![2.0, 10.0, 100.0, 500.0];
+    }
+    let r = grpc_export(&s, req).await.unwrap();
+    let ps = r.partial_success.unwrap();
+    assert_eq!(ps.rejected_data_points, 1);
+    assert!(
+        ps.error_message.contains("layout_mismatch"),
+        "{}",
+        ps.error_message
+    );
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"layout_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(sample_value(&s.scrape(), COUNT), Some(15.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_series_expire_and_return_from_zero_with_a_new_created_time() {
+    let s = Spanagg::start("series_ttl: 1s\n");
+    let t0 = now_ns() - 60_000_000_000;
+    let req = |st: u64, calls: u64| {
+        spanmetrics(
+            "checkout",
+            "p1",
+            &[route("GET /cart", calls, [1, 0, 0, 0, 0], 1.0)],
+            st,
+            st + 1_000_000_000,
+            DELTA,
+        )
+    };
+    grpc_export(&s, req(t0, 5)).await.unwrap();
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(5.0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sample_value(&s.scrape(), CALLS).is_some() {
+        assert!(std::time::Instant::now() < deadline, "series never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(s.internal("spanagg_series_evicted_total") >= 2.0);
+    grpc_export(&s, req(t0 + 30_000_000_000, 2)).await.unwrap();
+    let (_, headers, body) = http(
+        s.http,
+        "GET",
+        "/metrics",
+        &[("Accept", "application/openmetrics-text; version=1.0.0")],
+        &[],
+    );
+    let text = String::from_utf8(body).unwrap();
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v.starts_with("application/openmetrics-text")));
+    assert_eq!(sample_value(&text, CALLS), Some(2.0));
+    let created = sample_value(&text, &CALLS.replace("_total{", "_created{")).unwrap();
+    assert!(
+        (created - (t0 + 30_000_000_000) as f64 / 1e9).abs() < 1e-3,
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"));
+}

@@ -240,6 +240,20 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("spanagg.example.yaml");
+        let c = Config::from_file(&path).unwrap();
+        let d = Config::default();
+        assert_eq!(c.grpc_listen, d.grpc_listen);
+        assert_eq!(c.late_delta_window, d.late_delta_window);
+        assert_eq!(c.series_ttl, d.series_ttl);
+        assert_eq!(c.max_request_bytes, d.max_request_bytes);
+        assert_eq!(c.by, d.by);
+        assert_eq!(c.without, d.without);
+        assert_eq!(c.shard_queue_capacity, d.shard_queue_capacity);
+    }
+
+    #[test]
     fn zero_shards_is_refused() {
         let err = parse("shards: 0").unwrap_err().to_string();
         assert!(err.contains("`shards`"), "{err}");

@@ -161,6 +161,26 @@ impl Telemetry {
             "Bytes of one /metrics response before compression",
             scrape_bytes.clone(),
         );
+        let build_info = Family::<Labels2, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1; the version label says which spanagg is running",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        let start = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        registry.register(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch",
+            start.clone(),
+        );
+        start.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
         registry.register_collector(Box::new(ShardCollector { shards }));
         Self {
             registry,

@@ -369,3 +369,70 @@ pub fn now_ns() -> u64 {
         .unwrap()
         .as_nanos() as u64
 }
+
+/// Checks the scrape invariants: each family's lines are contiguous under its `# TYPE`; every
+/// histogram is whole (buckets non-decreasing, `+Inf` == `_count`); and no sample went down
+/// since `previous`. Returns the samples by full name for the next comparison.
+pub fn check_scrape(
+    text: &str,
+    previous: &std::collections::HashMap<String, f64>,
+) -> std::collections::HashMap<String, f64> {
+    use std::collections::{HashMap, HashSet};
+    let mut samples = HashMap::new();
+    let mut seen_families = HashSet::new();
+    let mut current: Option<String> = None;
+    let mut last_bucket: Option<(String, f64)> = None;
+    let mut inf: HashMap<String, f64> = HashMap::new();
+    let mut counts: HashMap<String, f64> = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest
+                .split(' ')
+                .next()
+                .unwrap()
+                .trim_end_matches("_total")
+                .to_owned();
+            assert!(
+                seen_families.insert(name.clone()),
+                "family {name} appears twice"
+            );
+            current = Some(name);
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap();
+        let name = series.split('{').next().unwrap();
+        let fam = current.as_deref().unwrap();
+        assert!(
+            name.starts_with(fam),
+            "{name} outside its family block {fam}"
+        );
+        if let Some(prev) = previous.get(series) {
+            assert!(value >= *prev, "{series} went down: {prev} -> {value}");
+        }
+        samples.insert(series.to_owned(), value);
+        if name.ends_with("_bucket") {
+            let without_le = series.split(",le=").next().unwrap().to_owned();
+            if let Some((prev_series, prev_value)) = &last_bucket {
+                if *prev_series == without_le {
+                    assert!(value >= *prev_value, "bucket decreased in {series}");
+                }
+            }
+            if series.contains("le=\"+Inf\"") {
+                inf.insert(without_le.replacen("_bucket", "", 1), value);
+            }
+            last_bucket = Some((without_le, value));
+        } else if name.ends_with("_count") {
+            let key = series.replacen("_count", "", 1);
+            let key = key.trim_end_matches('}').to_owned();
+            counts.insert(key, value);
+        }
+    }
+    for (k, c) in &counts {
+        assert_eq!(inf.get(k), Some(c), "+Inf != _count for {k}");
+    }
+    samples
+}

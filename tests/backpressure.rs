@@ -1,0 +1,122 @@
+//! A full shard queue is a retryable refusal: HTTP 503 with Retry-After, gRPC UNAVAILABLE,
+//! counted, and nothing lost once the shard catches up. The real ingest stack runs on real
+//! sockets; the only trick is holding the one shard busy with a read that waits.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{now_ns, route, spanmetrics};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
+use prost::Message;
+use spanagg::aggregate::shard::ShardConfig;
+use spanagg::aggregate::table::Table;
+use spanagg::ingest::grpc::MetricsGrpc;
+use spanagg::ingest::otlp::Projection;
+use spanagg::ingest::Ingestor;
+use spanagg::telemetry::Telemetry;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
+    let cfg = ShardConfig {
+        late_ns: 600_000_000_000,
+        ttl_secs: 900,
+        process_start_ns: 0,
+        bounds: Default::default(),
+    };
+    let table = Arc::new(Table::start(cfg, 1, 1).unwrap());
+    let telemetry = Arc::new(Telemetry::new(table.stats()));
+    let ingestor = Arc::new(Ingestor::new(
+        table.clone(),
+        Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
+        telemetry.clone(),
+        1 << 20,
+    ));
+    let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http_l.local_addr().unwrap();
+    let app = spanagg::ingest::http::router(ingestor.clone());
+    tokio::spawn(async move { axum::serve(http_l, app).await });
+    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc_l.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsGrpc::new(ingestor.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_l)),
+    );
+
+    // Hold the shard: it runs this read and waits until we let go.
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new(hold);
+    table.visit(move |_, _| {
+        let _ = hold.lock().unwrap().recv();
+    });
+
+    let t0 = now_ns() - 60_000_000_000;
+    let req = |pod: &str, i: u64| {
+        spanmetrics(
+            "svc",
+            pod,
+            &[route("GET /", 1, [1, 0, 0, 0, 0], 1.0)],
+            t0 + i,
+            t0 + i + 1,
+            AggregationTemporality::Delta,
+        )
+    };
+    // The first export fills the queue (capacity 1) and waits for the shard.
+    let first = {
+        let body = req("a", 0).encode_to_vec();
+        tokio::task::spawn_blocking(move || {
+            common::http(
+                http_addr,
+                "POST",
+                "/v1/metrics",
+                &[("Content-Type", "application/x-protobuf")],
+                &body,
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = req("b", 0).encode_to_vec();
+    let (status, headers, _) = tokio::task::spawn_blocking(move || {
+        common::http(
+            http_addr,
+            "POST",
+            "/v1/metrics",
+            &[("Content-Type", "application/x-protobuf")],
+            &body,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 503);
+    assert!(
+        headers.iter().any(|(k, v)| k == "retry-after" && v == "1"),
+        "{headers:?}"
+    );
+
+    let mut client = MetricsServiceClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .unwrap();
+    let err = client.export(req("c", 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    release.send(()).unwrap();
+    assert_eq!(first.await.unwrap().0, 200, "the queued export completes");
+    // The refused exports succeed on retry.
+    client.export(req("c", 0)).await.unwrap();
+    let text = telemetry.encode().unwrap();
+    assert!(
+        text.contains(
+            "spanagg_requests_total{protocol=\"http_protobuf\",outcome=\"unavailable\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("spanagg_requests_total{protocol=\"grpc\",outcome=\"unavailable\"} 1"),
+        "{text}"
+    );
+}

@@ -1,0 +1,37 @@
+//! The README's self-metric table and the live `/internal/metrics` name the same metrics.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+#[test]
+fn readme_self_metric_table_matches_the_live_output() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split("## Self metrics").nth(1).unwrap();
+    let documented: BTreeSet<String> = section
+        .lines()
+        .take_while(|l| !l.starts_with("## "))
+        .filter_map(|l| l.strip_prefix("| `"))
+        .map(|l| l.split(['`', '{']).next().unwrap().to_owned())
+        .collect();
+
+    let s = common::Spanagg::start("");
+    let (status, text) = s.get("/internal/metrics");
+    assert_eq!(status, 200);
+    let live: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let mut parts = l.split(' ');
+            let name = parts.next().unwrap();
+            match parts.next().unwrap() {
+                "counter" => format!("{name}_total"),
+                _ => name.to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(documented, live, "README table vs /internal/metrics");
+}

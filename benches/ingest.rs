@@ -1,1 +1,151 @@
-fn main() {}
+//! Hot-path benchmarks on one core, no threads: decode+validate+key (`prepare`), shard apply,
+
+#![allow(clippy::unwrap_used)] // benchmark inputs are generated here, not client-controlled
+//! both together, and encoding a scrape of 10,000 histogram series.
+
+use std::sync::Arc;
+
+// The same allocator as the service binary, so the numbers are the service's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
+use spanagg::aggregate::shard::{Batch, ShardConfig, ShardState};
+use spanagg::export::prometheus::{encode_shard, stitch, Format};
+use spanagg::ingest::otlp::{prepare, Projection, RequestLabels};
+use spanagg::workload::{request, Shape};
+
+const SHAPE: Shape = Shape {
+    services: 1,
+    routes: 500,
+    bounds: 15, // 16 buckets
+    counters: false,
+};
+
+fn projection() -> Arc<Projection> {
+    let c = spanagg::config::Config::default();
+    Arc::new(Projection::new(&c.by, &c.without))
+}
+
+fn shard() -> ShardState {
+    ShardState::new(ShardConfig {
+        late_ns: 600_000_000_000,
+        ttl_secs: 900,
+        process_start_ns: 0,
+        bounds: Default::default(),
+    })
+}
+
+/// `n` consecutive intervals of one pod, encoded.
+fn bodies(n: usize) -> Vec<Vec<u8>> {
+    (0..n as u64)
+        .map(|i| request(&SHAPE, 0, 1_000 + i * 1_000, 2_000 + i * 1_000).encode_to_vec())
+        .collect()
+}
+
+fn batch(req: ExportMetricsServiceRequest, projection: &Arc<Projection>) -> Batch {
+    let p = prepare(&req, projection, 1, |_| 0);
+    let part = p.per_shard.into_iter().next().unwrap_or_default();
+    Batch {
+        families: p.families,
+        layouts: p.layouts,
+        counts: part.counts,
+        points: part.points,
+        labels: Arc::new(RequestLabels {
+            req: Arc::new(req),
+            projection: projection.clone(),
+        }),
+        done: Box::new(|_| {}),
+    }
+}
+
+fn ingest(c: &mut Criterion) {
+    let projection = projection();
+    let mut g = c.benchmark_group("ingest");
+    g.throughput(Throughput::Elements(SHAPE.routes as u64));
+    let bodies = bodies(2_000);
+
+    g.bench_function("protobuf_decode_only_500_hist16_points", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i += 1;
+            ExportMetricsServiceRequest::decode(&bodies[i % bodies.len()][..]).unwrap()
+        })
+    });
+
+    g.bench_function("decode_validate_key_500_hist16_points", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            let req = ExportMetricsServiceRequest::decode(&bodies[i % bodies.len()][..]).unwrap();
+            i += 1;
+            prepare(&req, &projection, 1, |_| 0)
+        })
+    });
+
+    g.bench_function("shard_apply_500_hist16_points", |b| {
+        let mut state = shard();
+        let mut i = 0u64;
+        b.iter_batched(
+            || {
+                i += 1;
+                let req = request(&SHAPE, 0, i * 1_000, i * 1_000 + 1_000);
+                batch(req, &projection)
+            },
+            |batch| state.apply(&batch),
+            BatchSize::SmallInput,
+        )
+    });
+
+    g.bench_function("decode_and_apply_500_hist16_points", |b| {
+        let mut state = shard();
+        let mut i = 0u64;
+        b.iter_batched(
+            || {
+                i += 1;
+                request(&SHAPE, 0, i * 1_000, i * 1_000 + 1_000).encode_to_vec()
+            },
+            |body| {
+                let req = ExportMetricsServiceRequest::decode(&body[..]).unwrap();
+                let batch = batch(req, &projection);
+                state.apply(&batch)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn scrape(c: &mut Criterion) {
+    let projection = projection();
+    let shape = Shape {
+        services: 10,
+        routes: 1_000,
+        bounds: 15,
+        counters: false,
+    };
+    let mut state = shard();
+    // 10 services × 1,000 routes = 10,000 histogram series.
+    for pod in 0..10 {
+        state.apply(&batch(request(&shape, pod, 1_000, 2_000), &projection));
+    }
+    assert_eq!(state.series_len(), 10_000);
+    let mut g = c.benchmark_group("scrape");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("encode_text_10k_hist16_series", |b| {
+        b.iter(|| stitch(vec![encode_shard(&state, Format::Text)], Format::Text))
+    });
+    g.bench_function("encode_openmetrics_10k_hist16_series", |b| {
+        b.iter(|| {
+            stitch(
+                vec![encode_shard(&state, Format::OpenMetrics)],
+                Format::OpenMetrics,
+            )
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, ingest, scrape);
+criterion_main!(benches);

@@ -11,3 +11,4 @@ pub mod export;
 pub mod ingest;
 pub mod server;
 pub mod telemetry;
+pub mod workload;

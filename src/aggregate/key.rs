@@ -52,16 +52,21 @@ pub type Labels = Box<[(Arc<str>, Arc<str>)]>;
 pub struct SetHash(u128);
 
 impl SetHash {
-    pub fn add(&mut self, key: &str, value: &str) {
-        self.0 = self.0.wrapping_add(xxh3_128_with_seed(
-            value.as_bytes(),
-            xxh3_64(key.as_bytes()),
-        ));
+    /// The hash of one (key, value) pair, to add to one or more sets.
+    pub fn pair(key: &str, value: &str) -> u128 {
+        xxh3_128_with_seed(value.as_bytes(), xxh3_64(key.as_bytes()))
     }
 
-    /// Removes a set that was added before (the sum is invertible).
-    pub fn without(self, other: SetHash) -> SetHash {
-        SetHash(self.0.wrapping_sub(other.0))
+    pub fn add(&mut self, key: &str, value: &str) {
+        self.add_pair(Self::pair(key, value));
+    }
+
+    pub fn add_pair(&mut self, pair: u128) {
+        self.0 = self.0.wrapping_add(pair);
+    }
+
+    pub fn remove_pair(&mut self, pair: u128) {
+        self.0 = self.0.wrapping_sub(pair);
     }
 
     /// Combines the set with a seed into the final key.

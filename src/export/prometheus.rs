@@ -2,8 +2,9 @@
 //! own series (on its own thread, in parallel) into one part per family; `stitch` joins the
 //! parts family by family so every family's lines are contiguous, with one header each.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use crate::aggregate::key::{FamilyDesc, Kind};
 use crate::aggregate::naming::unit_suffix;
@@ -69,6 +70,10 @@ pub struct FamilyPart {
 }
 
 fn escape_label(out: &mut String, v: &str) {
+    if !v.contains(['\\', '"', '\n']) {
+        out.push_str(v);
+        return;
+    }
     for c in v.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -97,35 +102,36 @@ fn write_le(out: &mut String, v: f64, format: Format) {
     }
 }
 
-fn write_labels(
-    out: &mut String,
-    labels: &[(std::sync::Arc<str>, std::sync::Arc<str>)],
-    le: Option<&str>,
-) {
-    if labels.is_empty() && le.is_none() {
-        return;
-    }
-    out.push('{');
-    let mut first = true;
-    for (k, v) in labels {
-        if !first {
+/// `k="v",k2="v2"` without braces, rendered once per series and reused on every line.
+fn render_labels(out: &mut String, labels: &[(Arc<str>, Arc<str>)]) {
+    out.clear();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
             out.push(',');
         }
-        first = false;
         out.push_str(k);
         out.push_str("=\"");
         escape_label(out, v);
         out.push('"');
     }
-    if let Some(le) = le {
-        if !first {
-            out.push(',');
-        }
-        out.push_str("le=\"");
-        out.push_str(le);
-        out.push('"');
+}
+
+/// One sample line: `name{labels} value`.
+fn line(out: &mut String, name: &str, suffix: &str, labels: &str, value: impl FnOnce(&mut String)) {
+    out.push_str(name);
+    out.push_str(suffix);
+    if !labels.is_empty() {
+        out.push('{');
+        out.push_str(labels);
+        out.push('}');
     }
-    out.push('}');
+    out.push(' ');
+    value(out);
+    out.push('\n');
+}
+
+fn push_u64(out: &mut String, v: u64) {
+    out.push_str(itoa::Buffer::new().format(v));
 }
 
 /// Encodes every series of one shard, grouped by family.
@@ -138,34 +144,26 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
             body: String::new(),
         })
         .collect();
-    let mut le = String::new();
+    // `le` label texts per layout, rendered once per scrape: `le="0.5"` with the comma before.
+    let mut le_cache: HashMap<u32, Vec<String>> = HashMap::new();
+    let mut labels = String::new();
     for s in state.series() {
         let Some(part) = parts.get_mut(s.family as usize) else {
             continue;
         };
         let out = &mut part.body;
         let name = &*part.desc.name;
+        render_labels(&mut labels, &s.labels);
         let created = s.created_ns as f64 / 1e9;
         match &s.value {
             SeriesValue::Counter(c) => {
-                out.push_str(name);
-                out.push_str("_total");
-                write_labels(out, &s.labels, None);
-                out.push(' ');
-                if c.is_int() {
-                    let _ = write!(out, "{}", c.int);
-                } else {
-                    write_float(out, c.total());
-                }
-                out.push('\n');
-                if format == Format::OpenMetrics {
-                    out.push_str(name);
-                    out.push_str("_created");
-                    write_labels(out, &s.labels, None);
-                    out.push(' ');
-                    write_float(out, created);
-                    out.push('\n');
-                }
+                line(out, name, "_total", &labels, |o| {
+                    if c.is_int() {
+                        push_u64(o, c.int);
+                    } else {
+                        write_float(o, c.total());
+                    }
+                });
             }
             SeriesValue::Histogram {
                 layout,
@@ -173,39 +171,40 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
                 sum,
                 count,
             } => {
-                let bounds = state.layout(*layout);
+                let les = le_cache.entry(*layout).or_insert_with(|| {
+                    let bounds = state.layout(*layout);
+                    (0..=bounds.len())
+                        .map(|i| {
+                            let mut le = String::from("le=\"");
+                            match bounds.get(i) {
+                                Some(b) => write_le(&mut le, *b, format),
+                                None => le.push_str("+Inf"),
+                            }
+                            le.push('"');
+                            le
+                        })
+                        .collect()
+                });
                 let mut cumulative = 0u64;
-                for (i, c) in counts.iter().enumerate() {
+                for (c, le) in counts.iter().zip(les.iter()) {
                     cumulative = cumulative.saturating_add(*c);
-                    le.clear();
-                    match bounds.get(i) {
-                        Some(b) => write_le(&mut le, *b, format),
-                        None => le.push_str("+Inf"),
+                    out.push_str(name);
+                    out.push_str("_bucket{");
+                    if !labels.is_empty() {
+                        out.push_str(&labels);
+                        out.push(',');
                     }
-                    out.push_str(name);
-                    out.push_str("_bucket");
-                    write_labels(out, &s.labels, Some(&le));
-                    let _ = writeln!(out, " {cumulative}");
-                }
-                out.push_str(name);
-                out.push_str("_sum");
-                write_labels(out, &s.labels, None);
-                out.push(' ');
-                write_float(out, *sum);
-                out.push('\n');
-                out.push_str(name);
-                out.push_str("_count");
-                write_labels(out, &s.labels, None);
-                let _ = writeln!(out, " {count}");
-                if format == Format::OpenMetrics {
-                    out.push_str(name);
-                    out.push_str("_created");
-                    write_labels(out, &s.labels, None);
-                    out.push(' ');
-                    write_float(out, created);
+                    out.push_str(le);
+                    out.push_str("} ");
+                    push_u64(out, cumulative);
                     out.push('\n');
                 }
+                line(out, name, "_sum", &labels, |o| write_float(o, *sum));
+                line(out, name, "_count", &labels, |o| push_u64(o, *count));
             }
+        }
+        if format == Format::OpenMetrics {
+            line(out, name, "_created", &labels, |o| write_float(o, created));
         }
     }
     parts.retain(|p| !p.body.is_empty());

@@ -274,10 +274,17 @@ pub fn prepare(
         for kv in resource {
             identity.add(&kv.key, value_str(kv.value.as_ref(), &mut buf));
         }
-        let kept = projection.kept_resource(resource);
+        let kept: Vec<(&str, u128)> = projection
+            .kept_resource(resource)
+            .into_iter()
+            .map(|kv| {
+                let pair = SetHash::pair(&kv.key, value_str(kv.value.as_ref(), &mut buf));
+                (kv.key.as_str(), pair)
+            })
+            .collect();
         let mut kept_hash = SetHash::default();
-        for kv in &kept {
-            kept_hash.add(&kv.key, value_str(kv.value.as_ref(), &mut buf));
+        for (_, pair) in &kept {
+            kept_hash.add_pair(*pair);
         }
         for (si, sm) in rm.scope_metrics.iter().enumerate() {
             let scope = sm.scope.as_ref().map_or("", |s| &s.name[..]);
@@ -411,7 +418,8 @@ fn family_index(
 }
 
 struct MetricCtx<'a> {
-    kept: &'a [&'a KeyValue],
+    /// Kept resource attributes: key and pair hash.
+    kept: &'a [(&'a str, u128)],
     kept_hash: SetHash,
     projection: &'a Projection,
     seed: u64,
@@ -441,22 +449,17 @@ fn keys(
     }
     let mut out = ctx.kept_hash;
     let mut all = SetHash::default();
-    let mut resource_buf = String::new();
     for kv in attrs {
-        let v = value_str(kv.value.as_ref(), buf);
-        all.add(&kv.key, v);
+        let pair = SetHash::pair(&kv.key, value_str(kv.value.as_ref(), buf));
+        all.add_pair(pair);
         if ctx.projection.without.contains(&kv.key) {
             continue;
         }
         // A point attribute overrides a kept resource attribute of the same key.
-        if let Some(r) = ctx.kept.iter().find(|r| r.key == kv.key) {
-            let rv = value_str(r.value.as_ref(), &mut resource_buf);
-            let mut undo = SetHash::default();
-            undo.add(&r.key, rv);
-            out = out.without(undo);
+        if let Some((_, kept)) = ctx.kept.iter().find(|(k, _)| *k == kv.key) {
+            out.remove_pair(*kept);
         }
-        let v = value_str(kv.value.as_ref(), buf);
-        out.add(&kv.key, v);
+        out.add_pair(pair);
     }
     Ok((out.finish(ctx.seed), all.finish(ctx.src_seed)))
 }

@@ -1,7 +1,7 @@
 //! Hot-path benchmarks on one core, no threads: decode+validate+key (`prepare`), shard apply,
+//! both together, and encoding a scrape of 10,000 histogram series.
 
 #![allow(clippy::unwrap_used)] // benchmark inputs are generated here, not client-controlled
-//! both together, and encoding a scrape of 10,000 histogram series.
 
 use std::sync::Arc;
 

@@ -33,9 +33,9 @@ fn kv(k: &str, v: impl Into<String>) -> KeyValue {
     }
 }
 
-/// Bounds 1, 2, 4, … milliseconds.
+/// `n` bounds growing by half each: 1, 1.5, 2.25, … milliseconds.
 pub fn bounds(n: usize) -> Vec<f64> {
-    (0..n).map(|i| f64::from(1u32 << i.min(30))).collect()
+    (0..n).map(|i| 1.5f64.powi(i as i32)).collect()
 }
 
 /// Data points in one request of `shape`.

@@ -20,7 +20,7 @@ const ROUTES: [&str; 4] = ["GET /a", "GET /b", "POST /c", "PUT /d"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scrapes_during_concurrent_exports_hold_every_invariant() {
     let s = Arc::new(Spanagg::start("shards: 3\n"));
-    let t0 = now_ns() - 3_600_000_000_000;
+    let t0 = now_ns() - 300_000_000_000;
     let steps = 200u64;
     let done = Arc::new(AtomicBool::new(false));
 

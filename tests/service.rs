@@ -509,18 +509,20 @@ async fn finer_buckets_fold_into_configured_bounds_and_others_are_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_series_expire_and_return_from_zero_with_a_new_created_time() {
     let s = Spanagg::start("series_ttl: 1s\n");
-    let t0 = now_ns() - 60_000_000_000;
-    let req = |st: u64, calls: u64| {
-        spanmetrics(
+    // Fresh data: with a 1s TTL, anything older is refused as a possible replay.
+    let req = |calls: u64| {
+        let end = now_ns();
+        let req = spanmetrics(
             "checkout",
             "p1",
             &[route("GET /cart", calls, [1, 0, 0, 0, 0], 1.0)],
-            st,
-            st + 1_000_000_000,
+            end - 100_000_000,
+            end,
             DELTA,
-        )
+        );
+        (req, end - 100_000_000)
     };
-    grpc_export(&s, req(t0, 5)).await.unwrap();
+    grpc_export(&s, req(5).0).await.unwrap();
     assert_eq!(sample_value(&s.scrape(), CALLS), Some(5.0));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while sample_value(&s.scrape(), CALLS).is_some() {
@@ -528,7 +530,8 @@ async fn idle_series_expire_and_return_from_zero_with_a_new_created_time() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert!(s.internal("spanagg_series_evicted_total") >= 2.0);
-    grpc_export(&s, req(t0 + 30_000_000_000, 2)).await.unwrap();
+    let (again, start) = req(2);
+    grpc_export(&s, again).await.unwrap();
     let (_, headers, body) = http(
         s.http,
         "GET",
@@ -542,9 +545,6 @@ async fn idle_series_expire_and_return_from_zero_with_a_new_created_time() {
         .any(|(k, v)| k == "content-type" && v.starts_with("application/openmetrics-text")));
     assert_eq!(sample_value(&text, CALLS), Some(2.0));
     let created = sample_value(&text, &CALLS.replace("_total{", "_created{")).unwrap();
-    assert!(
-        (created - (t0 + 30_000_000_000) as f64 / 1e9).abs() < 1e-3,
-        "{text}"
-    );
+    assert!((created - start as f64 / 1e9).abs() < 1e-3, "{text}");
     assert!(text.ends_with("# EOF\n"));
 }

@@ -43,8 +43,14 @@ impl FamilyDesc {
     }
 }
 
-/// Output labels of a series: sanitised keys, sorted by key.
-pub type Labels = Box<[(Arc<str>, Arc<str>)]>;
+/// Output labels of a series, as ids into its shard's interner: `keys` names a shared list of
+/// label names (sorted), `values` holds one value id per name. Resolve with
+/// `ShardState::labels`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels {
+    pub keys: u32,
+    pub values: Box<[u32]>,
+}
 
 /// Order-independent hash of a set of (key, value) pairs: each pair is hashed on its own and the
 /// results are added, so attribute order on the wire does not change the key.

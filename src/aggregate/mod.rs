@@ -2,7 +2,10 @@
 //! routes to them. Nothing here knows about OTLP, HTTP, Prometheus text or tokio; tests drive it
 //! without a runtime.
 
+pub mod batch;
+pub mod interner;
 pub mod key;
+pub mod keytable;
 pub mod layout;
 pub mod naming;
 pub mod series;

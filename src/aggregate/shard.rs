@@ -1,101 +1,25 @@
 //! One shard's state and the apply logic. A shard is owned by exactly one thread (see
-//! `table.rs`), so everything here is plain data: no locks, no atomics except the published
-//! stats. Every point of one output series lands in the same shard, and so do all the source
-//! streams that feed it.
+//! `table.rs`), so everything here is plain data: no locks, no atomics. Every point of one
+//! output series lands in the same shard, and so do all the source streams that feed it.
+//!
+//! Memory: series and delta sources live in dense [`KeyTable`]s; label values are 4-byte ids
+//! into a refcounted [`Interner`]; label names are shared per distinct name list.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use ahash::RandomState;
 
+pub use super::batch::{Batch, BatchResult, LabelResolver, Outcome};
+use super::interner::Interner;
 use super::key::{FamilyDesc, Kind, Labels};
+use super::keytable::KeyTable;
 use super::layout::{fold_map, LayoutMismatch};
 use super::series::{
-    cumulative_step, CounterValue, CumulativeDelta, CumulativeState, CumulativeValue, Point,
-    PointValue, Series, SeriesValue, SourceKind, SourceState, Temporality,
+    cumulative_step, BucketCounts, CounterValue, CumulativeDelta, CumulativeSource,
+    CumulativeState, CumulativeValue, Point, PointValue, Series, SeriesValue, Temporality,
 };
 use super::window::{Verdict, Window};
-
-/// Turns a point's opaque `label_ref` into output labels (sanitised keys, sorted). Called only
-/// when a point creates a new series, so the hot path never builds labels.
-pub trait LabelResolver: Send + Sync {
-    fn labels(&self, label_ref: [u32; 4]) -> Vec<(String, String)>;
-}
-
-/// Points for one shard from one request, and how to report back.
-pub struct Batch {
-    pub families: Arc<[FamilyDesc]>,
-    pub layouts: Arc<[Arc<[f64]>]>,
-    pub counts: Vec<u64>,
-    pub points: Vec<Point>,
-    pub labels: Arc<dyn LabelResolver>,
-    pub done: Box<dyn FnOnce(BatchResult) + Send>,
-}
-
-/// What happened to one point in a shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Applied = 0,
-    AppliedAfterGap,
-    AppliedLate,
-    CumulativeReset,
-    /// First point of a cumulative stream that began before we started: only remembered.
-    CumulativeBaseline,
-    /// A cumulative point not newer than the last one.
-    CumulativeStale,
-    Duplicate,
-    TooLate,
-    LayoutMismatch,
-}
-
-impl Outcome {
-    pub const COUNT: usize = 9;
-    pub const ALL: [Outcome; Self::COUNT] = [
-        Self::Applied,
-        Self::AppliedAfterGap,
-        Self::AppliedLate,
-        Self::CumulativeReset,
-        Self::CumulativeBaseline,
-        Self::CumulativeStale,
-        Self::Duplicate,
-        Self::TooLate,
-        Self::LayoutMismatch,
-    ];
-    /// Refused: reported to the client in the partial success.
-    pub fn rejected(self) -> bool {
-        matches!(self, Self::TooLate | Self::LayoutMismatch)
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Applied => "applied",
-            Self::AppliedAfterGap => "applied_after_gap",
-            Self::AppliedLate => "applied_late",
-            Self::CumulativeReset => "cumulative_reset",
-            Self::CumulativeBaseline => "cumulative_baseline",
-            Self::CumulativeStale => "cumulative_stale",
-            Self::Duplicate => "duplicate",
-            Self::TooLate => "too_late",
-            Self::LayoutMismatch => "layout_mismatch",
-        }
-    }
-}
-
-/// Per-outcome counts of one batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BatchResult {
-    pub counts: [u32; Outcome::COUNT],
-}
-
-impl BatchResult {
-    pub fn add(&mut self, other: &BatchResult) {
-        for (a, b) in self.counts.iter_mut().zip(other.counts) {
-            *a += b;
-        }
-    }
-    pub fn get(&self, o: Outcome) -> u32 {
-        self.counts[o as usize]
-    }
-}
 
 /// Settings every shard shares.
 #[derive(Debug, Clone)]
@@ -119,7 +43,6 @@ enum Add<'a> {
         layout: u32,
         counts: &'a [u64],
         sum: f64,
-        count: u64,
     },
 }
 
@@ -131,13 +54,20 @@ pub struct ShardState {
     layouts: Vec<Arc<[f64]>>,
     layout_index: Map<Box<[u64]>, u32>,
     folds: Map<(u32, u32), FoldResult>,
-    series: Vec<Option<Series>>,
-    free: Vec<u32>,
-    series_index: Map<u128, u32>,
-    sources: Map<u128, SourceState>,
-    strings: HashSet<Arc<str>, RandomState>,
+    series: KeyTable<Series>,
+    /// Delta streams: only their exactly-once window (24 bytes in the common case).
+    deltas: KeyTable<Window>,
+    /// Cumulative streams: their last point.
+    cumulative: Map<u128, CumulativeSource>,
+    strings: Interner,
+    /// Distinct label-name lists (ids into `strings`); few, and kept for the process lifetime.
+    key_sets: Vec<Box<[u32]>>,
+    key_set_index: Map<Box<[u32]>, u32>,
     /// Shard clock in seconds, advanced by the owner thread.
     pub clock: u32,
+    /// Wall clock (Unix ns), advanced by the owner thread. Delta streams expire by data time:
+    /// a stream whose newest end is older than `now - ttl` is dropped.
+    pub now_ns: u64,
 }
 
 impl ShardState {
@@ -149,23 +79,32 @@ impl ShardState {
             layouts: Vec::new(),
             layout_index: Map::default(),
             folds: Map::default(),
-            series: Vec::new(),
-            free: Vec::new(),
-            series_index: Map::default(),
-            sources: Map::default(),
-            strings: HashSet::default(),
+            series: KeyTable::default(),
+            deltas: KeyTable::default(),
+            cumulative: Map::default(),
+            strings: Interner::default(),
+            key_sets: Vec::new(),
+            key_set_index: Map::default(),
             clock: 0,
+            now_ns: 0,
         }
     }
 
     pub fn ttl_secs(&self) -> u32 {
         self.cfg.ttl_secs
     }
+    fn ttl_ns(&self) -> u64 {
+        u64::from(self.cfg.ttl_secs) * 1_000_000_000
+    }
     pub fn series_len(&self) -> usize {
-        self.series_index.len()
+        self.series.len()
     }
     pub fn sources_len(&self) -> usize {
-        self.sources.len()
+        self.deltas.len() + self.cumulative.len()
+    }
+    /// Bytes held by the delta source table (for the memory benchmark).
+    pub fn delta_table_bytes(&self) -> usize {
+        self.deltas.heap_bytes()
     }
     pub fn families(&self) -> &[FamilyDesc] {
         &self.families
@@ -175,16 +114,17 @@ impl ShardState {
     }
     /// Every live series, in no particular order.
     pub fn series(&self) -> impl Iterator<Item = &Series> {
-        self.series.iter().flatten()
+        self.series.values()
     }
-
-    fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.strings.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = Arc::from(s);
-        self.strings.insert(a.clone());
-        a
+    /// A series' labels as (name, value) pairs, sorted by name.
+    pub fn labels<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = (&'a str, &'a str)> {
+        let keys = self
+            .key_sets
+            .get(labels.keys as usize)
+            .map_or(&[][..], |k| k);
+        keys.iter()
+            .zip(labels.values.iter())
+            .map(|(k, v)| (self.strings.get(*k), self.strings.get(*v)))
     }
 
     fn family_id(&mut self, desc: &FamilyDesc) -> u32 {
@@ -205,6 +145,21 @@ impl ShardState {
         let id = self.layouts.len() as u32;
         self.layouts.push(bounds.into());
         self.layout_index.insert(bits, id);
+        id
+    }
+
+    fn key_set_id(&mut self, names: &[(String, String)]) -> u32 {
+        let ids: Vec<u32> = names.iter().map(|(k, _)| self.strings.acquire(k)).collect();
+        if let Some(&id) = self.key_set_index.get(&ids[..]) {
+            for id in ids {
+                self.strings.release(id);
+            }
+            return id;
+        }
+        let id = self.key_sets.len() as u32;
+        let ids: Box<[u32]> = ids.into();
+        self.key_sets.push(ids.clone());
+        self.key_set_index.insert(ids, id);
         id
     }
 
@@ -247,7 +202,7 @@ impl ShardState {
                 layout,
                 counts: (from, to),
                 sum,
-                count,
+                ..
             } => {
                 let slot = layout_ids.get_mut(layout as usize)?;
                 let id = match *slot {
@@ -263,7 +218,6 @@ impl ShardState {
                     layout: id,
                     counts: batch.counts.get(from as usize..to as usize)?,
                     sum,
-                    count,
                 }
             }
         })
@@ -277,9 +231,12 @@ impl ShardState {
         layout_ids: &mut [Option<u32>],
     ) -> Outcome {
         let late = self.cfg.late_ns;
-        let verdict = match self.sources.get(&p.source).map(|s| &s.kind) {
-            Some(SourceKind::Delta(w)) => w.classify(p.start_ns, p.end_ns, late),
-            _ => Verdict::Apply,
+        let verdict = match self.deltas.get(p.source) {
+            Some(w) => w.classify(p.start_ns, p.end_ns, late),
+            // A stream we do not know (new, or expired after `series_ttl`) whose delta is older
+            // than the TTL could be a replay of something applied before it expired.
+            None if p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns => Verdict::TooLate,
+            None => Verdict::Apply,
         };
         let outcome = match verdict {
             Verdict::Apply => Outcome::Applied,
@@ -297,23 +254,13 @@ impl ShardState {
         {
             return Outcome::LayoutMismatch;
         }
-        let clock = self.clock;
-        match self.sources.get_mut(&p.source) {
-            Some(SourceState {
-                kind: SourceKind::Delta(w),
-                touched,
-            }) => {
-                w.record(p.start_ns, p.end_ns, late);
-                *touched = clock;
-            }
-            _ => {
-                self.sources.insert(
-                    p.source,
-                    SourceState {
-                        kind: SourceKind::Delta(Window::new(p.start_ns, p.end_ns)),
-                        touched: clock,
-                    },
-                );
+        match self.deltas.get_mut(p.source) {
+            Some(w) => w.record(p.start_ns, p.end_ns, late),
+            None => {
+                // A stream that changed temporality starts over.
+                self.cumulative.remove(&p.source);
+                self.deltas
+                    .insert(p.source, Window::new(p.start_ns, p.end_ns));
             }
         }
         outcome
@@ -344,13 +291,10 @@ impl ShardState {
             }
         };
         let clock = self.clock;
-        let (start, delta, outcome) = match self.sources.get_mut(&p.source) {
-            Some(SourceState {
-                kind: SourceKind::Cumulative(state),
-                touched,
-            }) => {
-                *touched = clock;
-                match cumulative_step(state, p.start_ns, p.end_ns, value) {
+        let (start, delta, outcome) = match self.cumulative.get_mut(&p.source) {
+            Some(src) => {
+                src.touched = clock;
+                match cumulative_step(&mut src.last, p.start_ns, p.end_ns, value) {
                     CumulativeDelta::Stale => return Outcome::CumulativeStale,
                     CumulativeDelta::Delta {
                         start_ns,
@@ -366,16 +310,17 @@ impl ShardState {
                     }
                 }
             }
-            _ => {
-                let state = CumulativeState {
+            None => {
+                self.deltas.remove(p.source);
+                let last = CumulativeState {
                     start_ns: p.start_ns,
                     end_ns: p.end_ns,
                     value: value.clone(),
                 };
-                self.sources.insert(
+                self.cumulative.insert(
                     p.source,
-                    SourceState {
-                        kind: SourceKind::Cumulative(Box::new(state)),
+                    CumulativeSource {
+                        last,
                         touched: clock,
                     },
                 );
@@ -392,12 +337,11 @@ impl ShardState {
                 bounds,
                 counts,
                 sum,
-                count,
+                ..
             } => Add::Hist {
                 layout: self.layout_id(bounds),
                 counts,
                 sum: *sum,
-                count: *count,
             },
         };
         match self.add_to_series(batch, p, fam, add, start, p.end_ns) {
@@ -406,7 +350,7 @@ impl ShardState {
         }
     }
 
-    fn fold(&mut self, input: u32, output: u32) -> Result<Arc<[u16]>, LayoutMismatch> {
+    fn fold(&mut self, input: u32, output: u32) -> FoldResult {
         if let Some(r) = self.folds.get(&(input, output)) {
             return r.clone();
         }
@@ -424,23 +368,21 @@ impl ShardState {
         start_ns: u64,
         end_ns: u64,
     ) -> Result<(), LayoutMismatch> {
-        let idx = match self.series_index.get(&p.series) {
-            Some(&i) => i,
-            None => self.create_series(batch, p, fam, &add, start_ns)?,
-        };
-        // Fold maps are looked up before borrowing the series mutably.
-        let fold = match (&add, self.series.get(idx as usize)) {
-            (
-                Add::Hist { layout, .. },
-                Some(Some(Series {
-                    value: SeriesValue::Histogram { layout: out, .. },
-                    ..
-                })),
-            ) if layout != out => Some(self.fold(*layout, *out)?),
+        if self.series.get(p.series).is_none() {
+            let s = self.new_series(batch, p, fam, &add, start_ns)?;
+            self.series.insert(p.series, s);
+        }
+        // The fold map is looked up before borrowing the series mutably.
+        let fold = match (&add, self.series.get(p.series).map(|s| &s.value)) {
+            (Add::Hist { layout, .. }, Some(SeriesValue::Histogram { layout: out, .. }))
+                if layout != out =>
+            {
+                Some(self.fold(*layout, *out)?)
+            }
             _ => None,
         };
         let clock = self.clock;
-        let Some(Some(s)) = self.series.get_mut(idx as usize) else {
+        let Some(s) = self.series.get_mut(p.series) else {
             return Err(LayoutMismatch);
         };
         match (&mut s.value, add) {
@@ -450,30 +392,24 @@ impl ShardState {
                 SeriesValue::Histogram {
                     counts: out,
                     sum: osum,
-                    count: ocount,
                     ..
                 },
-                Add::Hist {
-                    counts, sum, count, ..
-                },
+                Add::Hist { counts, sum, .. },
             ) => {
                 match fold {
                     None if counts.len() == out.len() => {
-                        for (o, c) in out.iter_mut().zip(counts) {
-                            *o = o.saturating_add(*c);
+                        for (i, c) in counts.iter().enumerate() {
+                            out.add(i, *c);
                         }
                     }
                     Some(map) if map.len() == counts.len() => {
                         for (&j, c) in map.iter().zip(counts) {
-                            if let Some(o) = out.get_mut(j as usize) {
-                                *o = o.saturating_add(*c);
-                            }
+                            out.add(j as usize, *c);
                         }
                     }
                     _ => return Err(LayoutMismatch),
                 }
                 *osum += sum;
-                *ocount = ocount.saturating_add(count);
             }
             _ => return Err(LayoutMismatch),
         }
@@ -483,14 +419,14 @@ impl ShardState {
         Ok(())
     }
 
-    fn create_series(
+    fn new_series(
         &mut self,
         batch: &Batch,
         p: &Point,
         fam: u32,
         add: &Add<'_>,
         start_ns: u64,
-    ) -> Result<u32, LayoutMismatch> {
+    ) -> Result<Series, LayoutMismatch> {
         let value = match add {
             Add::Int(_) | Add::Float(_) => SeriesValue::Counter(CounterValue::default()),
             Add::Hist { layout, .. } => {
@@ -508,37 +444,22 @@ impl ShardState {
                 }
                 SeriesValue::Histogram {
                     layout: out,
-                    counts: vec![0; self.layout(out).len() + 1].into(),
+                    counts: BucketCounts::zeros(self.layout(out).len() + 1),
                     sum: 0.0,
-                    count: 0,
                 }
             }
         };
         let raw = batch.labels.labels(p.label_ref);
-        let labels: Labels = raw
-            .iter()
-            .map(|(k, v)| (self.intern(k), self.intern(v)))
-            .collect();
-        let series = Series {
+        let keys = self.key_set_id(&raw);
+        let values = raw.iter().map(|(_, v)| self.strings.acquire(v)).collect();
+        Ok(Series {
             family: fam,
-            labels,
+            labels: Labels { keys, values },
             created_ns: start_ns,
             updated_ns: 0,
             touched: self.clock,
             value,
-        };
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.series[i as usize] = Some(series);
-                i
-            }
-            None => {
-                self.series.push(Some(series));
-                (self.series.len() - 1) as u32
-            }
-        };
-        self.series_index.insert(p.series, idx);
-        Ok(idx)
+        })
     }
 
     /// Drops series and sources idle for longer than the TTL; returns (series, sources) dropped.
@@ -546,22 +467,21 @@ impl ShardState {
         let now = self.clock;
         let ttl = self.cfg.ttl_secs;
         let idle = |touched: u32| now.saturating_sub(touched) > ttl;
-        let sources_before = self.sources.len();
-        self.sources.retain(|_, s| !idle(s.touched));
+        let sources_before = self.sources_len();
+        self.cumulative.retain(|_, s| !idle(s.touched));
+        let horizon = self.now_ns.saturating_sub(self.ttl_ns());
+        self.deltas.retain(|_, w| w.newest_end() >= horizon);
         let mut dropped = 0;
-        for (i, slot) in self.series.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|s| idle(s.touched)) {
-                *slot = None;
-                self.free.push(i as u32);
+        let strings = &mut self.strings;
+        self.series.retain_or(
+            |_, s| !idle(s.touched),
+            |s| {
                 dropped += 1;
-            }
-        }
-        if dropped > 0 {
-            let series = &self.series;
-            self.series_index
-                .retain(|_, i| series.get(*i as usize).is_some_and(Option::is_some));
-            self.strings.retain(|s| Arc::strong_count(s) > 1);
-        }
-        (dropped, sources_before - self.sources.len())
+                for v in s.labels.values.iter() {
+                    strings.release(*v);
+                }
+            },
+        );
+        (dropped, sources_before - self.sources_len())
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender, TrySendError};
 
@@ -154,6 +154,9 @@ fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats
     let mut last_sweep = Instant::now();
     loop {
         state.clock = epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
+        state.now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
         select_biased! {
             recv(ctl) -> msg => {
                 let Ok(visit) = msg else { break };

@@ -3,8 +3,12 @@
 //!
 //! The Collector's `spanmetrics` connector emits contiguous deltas, so the set is normally one
 //! range and costs 16 bytes; holes appear only while a retried batch is still on its way.
-//! Ranges that end more than the late window behind the newest end are forgotten; `floor`
-//! remembers where forgetting stopped so that nothing before it can be applied twice.
+//!
+//! The late window is a horizon `newest_end - late_delta_window`: a delta that starts before it
+//! is refused as too late. That is slightly stricter than "ends before the window" (a delta
+//! straddling the horizon is refused too), and it is what makes forgetting safe: any range that
+//! ends at or before the horizon can be dropped, because nothing that could overlap it can be
+//! applied any more.
 
 /// What to do with one delta point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,7 +21,7 @@ pub enum Verdict {
     ApplyLate,
     /// Overlaps an interval already applied: drop, count.
     Duplicate,
-    /// Ends before the late window, or reaches into forgotten history: refuse, count.
+    /// Starts before the late horizon: refuse, count.
     TooLate,
 }
 
@@ -35,8 +39,6 @@ pub struct Window {
     /// Older disjoint ranges, sorted, present only while there are holes.
     #[allow(clippy::box_collection)] // a thin pointer: the common case costs 8 bytes, not 24
     older: Option<Box<Vec<(u64, u64)>>>,
-    /// Everything that ends at or before this point has been forgotten.
-    floor: u64,
 }
 
 impl Window {
@@ -45,7 +47,6 @@ impl Window {
         Self {
             head: (start, end),
             older: None,
-            floor: 0,
         }
     }
 
@@ -73,7 +74,7 @@ impl Window {
                 Verdict::ApplyAfterGap
             };
         }
-        if end <= newest.saturating_sub(late_ns) || start < self.floor {
+        if start < newest.saturating_sub(late_ns) {
             return Verdict::TooLate;
         }
         Verdict::ApplyLate
@@ -108,20 +109,11 @@ impl Window {
     }
 
     fn forget_before(&mut self, horizon: u64) {
-        let Some(older) = self.older.as_mut() else {
-            return;
-        };
-        let mut floor = self.floor;
-        older.retain(|&(_, e)| {
-            let keep = e > horizon;
-            if !keep {
-                floor = floor.max(e);
+        if let Some(older) = self.older.as_mut() {
+            older.retain(|&(_, e)| e > horizon);
+            if older.is_empty() {
+                self.older = None;
             }
-            keep
-        });
-        self.floor = floor;
-        if older.is_empty() {
-            self.older = None;
         }
     }
 
@@ -185,10 +177,27 @@ mod tests {
     #[test]
     fn forgotten_history_is_never_applied_again() {
         let mut w = Window::new(0, 10);
-        apply(&mut w, 2000, 2010); // forgets [0, 10): floor = 10
+        apply(&mut w, 2000, 2010); // horizon 1410: forgets [0, 10)
         assert_eq!(w.ranges_held(), 1);
         // Reaches back over the forgotten range: refusing is the only safe answer.
         assert_eq!(apply(&mut w, 5, 1500), Verdict::TooLate);
+        assert_eq!(apply(&mut w, 0, 10), Verdict::TooLate);
         assert_eq!(apply(&mut w, 1500, 1600), Verdict::ApplyLate);
+    }
+
+    #[test]
+    fn a_delta_straddling_the_horizon_is_too_late() {
+        let mut w = Window::new(1000, 1010);
+        assert_eq!(
+            apply(&mut w, 300, 500),
+            Verdict::TooLate,
+            "starts before 410"
+        );
+        assert_eq!(apply(&mut w, 410, 500), Verdict::ApplyLate);
+    }
+
+    #[test]
+    fn the_common_case_is_small() {
+        assert_eq!(std::mem::size_of::<Window>(), 24);
     }
 }

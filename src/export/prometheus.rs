@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use crate::aggregate::key::{FamilyDesc, Kind};
 use crate::aggregate::naming::unit_suffix;
@@ -103,9 +102,9 @@ fn write_le(out: &mut String, v: f64, format: Format) {
 }
 
 /// `k="v",k2="v2"` without braces, rendered once per series and reused on every line.
-fn render_labels(out: &mut String, labels: &[(Arc<str>, Arc<str>)]) {
+fn render_labels<'a>(out: &mut String, labels: impl Iterator<Item = (&'a str, &'a str)>) {
     out.clear();
-    for (i, (k, v)) in labels.iter().enumerate() {
+    for (i, (k, v)) in labels.enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -153,7 +152,7 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
         };
         let out = &mut part.body;
         let name = &*part.desc.name;
-        render_labels(&mut labels, &s.labels);
+        render_labels(&mut labels, state.labels(&s.labels));
         let created = s.created_ns as f64 / 1e9;
         match &s.value {
             SeriesValue::Counter(c) => {
@@ -169,7 +168,6 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
                 layout,
                 counts,
                 sum,
-                count,
             } => {
                 let les = le_cache.entry(*layout).or_insert_with(|| {
                     let bounds = state.layout(*layout);
@@ -187,7 +185,7 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
                 });
                 let mut cumulative = 0u64;
                 for (c, le) in counts.iter().zip(les.iter()) {
-                    cumulative = cumulative.saturating_add(*c);
+                    cumulative = cumulative.saturating_add(c);
                     out.push_str(name);
                     out.push_str("_bucket{");
                     if !labels.is_empty() {
@@ -200,7 +198,8 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
                     out.push('\n');
                 }
                 line(out, name, "_sum", &labels, |o| write_float(o, *sum));
-                line(out, name, "_count", &labels, |o| push_u64(o, *count));
+                // The count is the +Inf bucket: equal by construction, as a scrape must show.
+                line(out, name, "_count", &labels, |o| push_u64(o, cumulative));
             }
         }
         if format == Format::OpenMetrics {

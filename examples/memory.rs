@@ -1,0 +1,74 @@
+//! Memory per source stream and per output series, measured on one shard in-process:
+//! `cargo run --release --example memory -- STREAMS_PODS ROUTES SERVICES BOUNDS`.
+//! Builds the state through the real ingest path (prepare + apply) and reports RSS growth.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use spanagg::aggregate::shard::{Batch, ShardConfig, ShardState};
+use spanagg::ingest::otlp::{prepare, Projection, RequestLabels};
+use spanagg::telemetry::resident_bytes;
+use spanagg::workload::{request, Shape};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn arg(i: usize, default: usize) -> usize {
+    std::env::args()
+        .nth(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let (pods, routes, services, bounds) = (arg(1, 2000), arg(2, 500), arg(3, 1), arg(4, 15));
+    let shape = Shape {
+        services,
+        routes,
+        bounds,
+        counters: false,
+    };
+    let c = spanagg::config::Config::default();
+    let projection = Arc::new(Projection::new(&c.by, &c.without));
+    let mut state = ShardState::new(ShardConfig {
+        late_ns: 600_000_000_000,
+        ttl_secs: 900,
+        process_start_ns: 0,
+        bounds: Default::default(),
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    state.now_ns = now;
+    let before = resident_bytes().unwrap_or(0);
+    for pod in 0..pods {
+        let req = request(&shape, pod, now - 20_000_000_000, now - 10_000_000_000);
+        let p = prepare(&req, &projection, 1, |_| 0);
+        let part = p.per_shard.into_iter().next().unwrap();
+        let batch = Batch {
+            families: p.families,
+            layouts: p.layouts,
+            counts: part.counts,
+            points: part.points,
+            labels: Arc::new(RequestLabels {
+                req: Arc::new(req),
+                projection: projection.clone(),
+            }),
+            done: Box::new(|_| {}),
+        };
+        state.apply(&batch);
+    }
+    let after = resident_bytes().unwrap_or(0);
+    let grew = after.saturating_sub(before) as f64;
+    println!(
+        "source_streams={} output_series={} buckets={} rss_growth_mib={:.1} bytes_per_stream_all_in={:.1} delta_table_bytes_per_stream={:.1}",
+        state.sources_len(),
+        state.series_len(),
+        bounds + 1,
+        grew / (1 << 20) as f64,
+        grew / state.sources_len() as f64,
+        state.delta_table_bytes() as f64 / state.sources_len() as f64,
+    );
+}

@@ -1,0 +1,88 @@
+//! What crosses from the ingest edge into a shard: a batch of points with the means to name
+//! new series and to report back, and the per-point outcomes the shard reports.
+
+use std::sync::Arc;
+
+use super::key::FamilyDesc;
+use super::series::Point;
+
+/// Turns a point's opaque `label_ref` into output labels (sanitised keys, sorted). Called only
+/// when a point creates a new series, so the hot path never builds labels.
+pub trait LabelResolver: Send + Sync {
+    fn labels(&self, label_ref: [u32; 4]) -> Vec<(String, String)>;
+}
+
+/// Points for one shard from one request, and how to report back.
+pub struct Batch {
+    pub families: Arc<[FamilyDesc]>,
+    pub layouts: Arc<[Arc<[f64]>]>,
+    pub counts: Vec<u64>,
+    pub points: Vec<Point>,
+    pub labels: Arc<dyn LabelResolver>,
+    pub done: Box<dyn FnOnce(BatchResult) + Send>,
+}
+
+/// What happened to one point in a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied = 0,
+    AppliedAfterGap,
+    AppliedLate,
+    CumulativeReset,
+    /// First point of a cumulative stream that began before we started: only remembered.
+    CumulativeBaseline,
+    /// A cumulative point not newer than the last one.
+    CumulativeStale,
+    Duplicate,
+    TooLate,
+    LayoutMismatch,
+}
+
+impl Outcome {
+    pub const COUNT: usize = 9;
+    pub const ALL: [Outcome; Self::COUNT] = [
+        Self::Applied,
+        Self::AppliedAfterGap,
+        Self::AppliedLate,
+        Self::CumulativeReset,
+        Self::CumulativeBaseline,
+        Self::CumulativeStale,
+        Self::Duplicate,
+        Self::TooLate,
+        Self::LayoutMismatch,
+    ];
+    /// Refused: reported to the client in the partial success.
+    pub fn rejected(self) -> bool {
+        matches!(self, Self::TooLate | Self::LayoutMismatch)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::AppliedAfterGap => "applied_after_gap",
+            Self::AppliedLate => "applied_late",
+            Self::CumulativeReset => "cumulative_reset",
+            Self::CumulativeBaseline => "cumulative_baseline",
+            Self::CumulativeStale => "cumulative_stale",
+            Self::Duplicate => "duplicate",
+            Self::TooLate => "too_late",
+            Self::LayoutMismatch => "layout_mismatch",
+        }
+    }
+}
+
+/// Per-outcome counts of one batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchResult {
+    pub counts: [u32; Outcome::COUNT],
+}
+
+impl BatchResult {
+    pub fn add(&mut self, other: &BatchResult) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+    }
+    pub fn get(&self, o: Outcome) -> u32 {
+        self.counts[o as usize]
+    }
+}

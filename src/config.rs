@@ -16,10 +16,10 @@ use crate::aggregate::layout::BucketLayout;
 /// Errors that stop the start. Each names the key and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -69,6 +69,19 @@ mod humantime_opt {
         s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
             .transpose()
     }
+}
+
+/// Parses YAML, naming the key of any error (`histogram.bounds.m[1]: invalid type ...`).
+fn parse_yaml(text: &str) -> Result<RawConfig, String> {
+    let de = serde_norway::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("`{path}`: {}", e.inner())
+        }
+    })
 }
 
 /// Resource attributes kept on output series by default: what identifies a service, not a pod.
@@ -134,13 +147,13 @@ impl Default for Config {
 impl Config {
     /// Reads and validates a YAML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
-        let raw: RawConfig = serde_norway::from_str(&text).map_err(|e| ConfigError::Parse {
+        let raw = parse_yaml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message,
         })?;
         Self::from_raw(raw)
     }
@@ -198,11 +211,21 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_norway::from_str(yaml).map_err(|e| ConfigError::Parse {
+        let raw = parse_yaml(yaml).map_err(|message| ConfigError::Parse {
             path: PathBuf::from("test.yaml"),
-            message: e.to_string(),
+            message,
         })?;
         Config::from_raw(raw)
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let err = parse("late_delta_window: soon").unwrap_err().to_string();
+        assert!(err.contains("`late_delta_window`"), "{err}");
+        let err = parse("labels:\n  by: 7\n").unwrap_err().to_string();
+        assert!(err.contains("`labels.by`"), "{err}");
+        let err = parse("max_request_bytes: lots").unwrap_err().to_string();
+        assert!(err.contains("`max_request_bytes`"), "{err}");
     }
 
     #[test]

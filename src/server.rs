@@ -24,16 +24,16 @@ use crate::telemetry::Telemetry;
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen for {what} on {addr}: {source}")]
+    #[error("cannot listen for {what} on {addr}: {cause}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}: {cause}")]
     DataDir {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot start shard threads: {0}")]
     Shards(std::io::Error),
@@ -52,7 +52,7 @@ pub struct Bound {
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { what, addr, source })
+        .map_err(|cause| ServeError::Bind { what, addr, cause })
 }
 
 fn now_ns() -> u64 {
@@ -67,9 +67,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+    std::fs::create_dir_all(&config.data_dir).map_err(|cause| ServeError::DataDir {
         path: config.data_dir.clone(),
-        source,
+        cause,
     })?;
     let grpc_l = bind("OTLP/gRPC", config.grpc_listen).await?;
     let otlp_l = bind("OTLP/HTTP", config.otlp_http_listen).await?;

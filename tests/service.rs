@@ -548,3 +548,37 @@ async fn idle_series_expire_and_return_from_zero_with_a_new_created_time() {
     assert!((created - start as f64 / 1e9).abs() < 1e-3, "{text}");
     assert!(text.ends_with("# EOF\n"));
 }
+
+#[test]
+fn a_bad_config_stops_the_start_naming_the_key_and_reason() {
+    let dir = std::env::temp_dir().join(format!("spanagg-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("late_delta_window: soon\n", "late_delta_window"),
+        (
+            "histogram:\n  bounds:\n    m: [1, 1]\n",
+            "histogram.bounds.m",
+        ),
+        ("shards: 0\n", "shards"),
+        ("grpc_listn: 127.0.0.1:1\n", "grpc_listn"),
+    ];
+    for (yaml, key) in cases {
+        let path = dir.join("bad.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{yaml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{yaml}: {err}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .args(["--grpc-listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc-listen"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -575,3 +575,7 @@ fn histogram_point(
     });
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "otlp_tests.rs"]
+mod tests;

@@ -1,0 +1,326 @@
+//! Unit tests of validation, projection and keying (`otlp.rs`).
+
+use super::*;
+use opentelemetry_proto::tonic::metrics::v1::{
+    Gauge, Histogram, Metric, ResourceMetrics, ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+
+fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn projection() -> Projection {
+    Projection::new(
+        &["service.name".into(), "k8s.cluster.name".into()],
+        &["k8s.pod.name".into(), "service.instance.id".into()],
+    )
+}
+
+fn request(resource: Vec<KeyValue>, metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: resource,
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+fn sum(points: Vec<NumberDataPoint>, temporality: i32, monotonic: bool) -> Metric {
+    Metric {
+        name: "traces.span.metrics.calls".into(),
+        data: Some(Data::Sum(Sum {
+            data_points: points,
+            aggregation_temporality: temporality,
+            is_monotonic: monotonic,
+        })),
+        ..Default::default()
+    }
+}
+
+fn int_point(attrs: Vec<KeyValue>, v: i64) -> NumberDataPoint {
+    NumberDataPoint {
+        attributes: attrs,
+        start_time_unix_nano: 10,
+        time_unix_nano: 20,
+        value: Some(number_data_point::Value::AsInt(v)),
+        ..Default::default()
+    }
+}
+
+fn hist(p: HistogramDataPoint) -> Metric {
+    Metric {
+        name: "traces.span.metrics.duration".into(),
+        unit: "ms".into(),
+        data: Some(Data::Histogram(Histogram {
+            data_points: vec![p],
+            aggregation_temporality: AggregationTemporality::Delta as i32,
+        })),
+        ..Default::default()
+    }
+}
+
+fn good_hist() -> HistogramDataPoint {
+    HistogramDataPoint {
+        start_time_unix_nano: 10,
+        time_unix_nano: 20,
+        count: 3,
+        sum: Some(4.5),
+        bucket_counts: vec![1, 2, 0],
+        explicit_bounds: vec![1.0, 5.0],
+        ..Default::default()
+    }
+}
+
+fn run(req: &ExportMetricsServiceRequest) -> Prepared {
+    prepare(req, &projection(), 1, |_| 0)
+}
+
+const DELTA: i32 = AggregationTemporality::Delta as i32;
+
+#[test]
+fn pods_of_one_service_share_an_output_key_but_not_a_source_key() {
+    let point = |pod: &str| {
+        request(
+            vec![kv("service.name", "checkout"), kv("k8s.pod.name", pod)],
+            vec![sum(
+                vec![int_point(
+                    vec![kv("span.name", "GET /"), kv("service.instance.id", pod)],
+                    1,
+                )],
+                DELTA,
+                true,
+            )],
+        )
+    };
+    let a = run(&point("a"));
+    let b = run(&point("b"));
+    let (pa, pb) = (&a.per_shard[0].points[0], &b.per_shard[0].points[0]);
+    assert_eq!(pa.series, pb.series);
+    assert_ne!(pa.source, pb.source);
+}
+
+#[test]
+fn labels_keep_by_resource_attributes_and_drop_without_point_attributes() {
+    let req = Arc::new(request(
+        vec![
+            kv("service.name", "checkout"),
+            kv("k8s.cluster.name", "eu-1"),
+            kv("host.arch", "amd64"),
+            kv("k8s.pod.name", "p1"),
+        ],
+        vec![sum(
+            vec![int_point(
+                vec![
+                    kv("span.name", "GET /"),
+                    kv("status.code", "STATUS_CODE_OK"),
+                    kv("service.instance.id", "p1"),
+                ],
+                1,
+            )],
+            DELTA,
+            true,
+        )],
+    ));
+    let labels = RequestLabels {
+        req,
+        projection: Arc::new(projection()),
+    }
+    .labels([0, 0, 0, 0]);
+    let want: Vec<(String, String)> = [
+        ("k8s_cluster_name", "eu-1"),
+        ("service_name", "checkout"),
+        ("span_name", "GET /"),
+        ("status_code", "STATUS_CODE_OK"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    assert_eq!(labels, want);
+}
+
+#[test]
+fn a_point_attribute_overrides_the_resource_attribute_in_the_key_too() {
+    let with = |point_service: Option<&str>| {
+        let mut attrs = vec![kv("span.name", "GET /")];
+        if let Some(s) = point_service {
+            attrs.push(kv("service.name", s));
+        }
+        run(&request(
+            vec![kv("service.name", "checkout")],
+            vec![sum(vec![int_point(attrs, 1)], DELTA, true)],
+        ))
+        .per_shard[0]
+            .points[0]
+            .series
+    };
+    // The spanmetrics connector repeats service.name on the point: same series either way.
+    assert_eq!(with(None), with(Some("checkout")));
+    assert_ne!(with(None), with(Some("cart")));
+}
+
+#[test]
+fn unsupported_kinds_and_bad_numbers_are_rejected_with_their_reason() {
+    let bad_start = NumberDataPoint {
+        start_time_unix_nano: 20,
+        ..int_point(vec![], 1)
+    };
+    let zero = NumberDataPoint {
+        time_unix_nano: 0,
+        ..int_point(vec![], 1)
+    };
+    let nan = NumberDataPoint {
+        value: Some(number_data_point::Value::AsDouble(f64::NAN)),
+        ..int_point(vec![], 1)
+    };
+    let missing = NumberDataPoint {
+        value: None,
+        ..int_point(vec![], 1)
+    };
+    let req = request(
+        vec![],
+        vec![
+            sum(vec![int_point(vec![], 1)], DELTA, false),
+            sum(vec![int_point(vec![], 1)], 0, true),
+            sum(
+                vec![int_point(vec![], -1), bad_start, zero, nan, missing],
+                DELTA,
+                true,
+            ),
+            Metric {
+                name: "g".into(),
+                data: Some(Data::Gauge(Gauge {
+                    data_points: vec![int_point(vec![], 1)],
+                })),
+                ..Default::default()
+            },
+        ],
+    );
+    let p = run(&req);
+    let r = &p.rejections;
+    assert_eq!(r.counts[Reason::NonMonotonicSum as usize], 1);
+    assert_eq!(r.counts[Reason::UnspecifiedTemporality as usize], 1);
+    assert_eq!(r.counts[Reason::InvalidValue as usize], 2);
+    assert_eq!(r.counts[Reason::InvalidInterval as usize], 1);
+    assert_eq!(r.counts[Reason::ZeroTimestamp as usize], 1);
+    assert_eq!(r.counts[Reason::MissingValue as usize], 1);
+    assert_eq!(r.counts[Reason::Gauge as usize], 1);
+    assert_eq!(r.total(), 8);
+    assert_eq!(p.received, 8);
+    assert!(p.per_shard[0].points.is_empty());
+    assert!(r
+        .message()
+        .contains("gauges are not aggregated (unsupported_gauge)"));
+}
+
+#[test]
+fn histogram_points_are_checked_bucket_by_bucket() {
+    let cases = [
+        (
+            HistogramDataPoint {
+                explicit_bounds: vec![5.0, 1.0],
+                ..good_hist()
+            },
+            Reason::InvalidBounds,
+        ),
+        (
+            HistogramDataPoint {
+                explicit_bounds: vec![1.0, f64::INFINITY],
+                ..good_hist()
+            },
+            Reason::InvalidBounds,
+        ),
+        (
+            HistogramDataPoint {
+                bucket_counts: vec![1, 2],
+                ..good_hist()
+            },
+            Reason::BucketCountMismatch,
+        ),
+        (
+            HistogramDataPoint {
+                count: 4,
+                ..good_hist()
+            },
+            Reason::CountMismatch,
+        ),
+        (
+            HistogramDataPoint {
+                bucket_counts: vec![u64::MAX, 1, 0],
+                ..good_hist()
+            },
+            Reason::CountMismatch,
+        ),
+        (
+            HistogramDataPoint {
+                sum: None,
+                ..good_hist()
+            },
+            Reason::InvalidSum,
+        ),
+        (
+            HistogramDataPoint {
+                sum: Some(f64::NAN),
+                ..good_hist()
+            },
+            Reason::InvalidSum,
+        ),
+    ];
+    for (point, reason) in cases {
+        let p = run(&request(vec![], vec![hist(point.clone())]));
+        assert_eq!(p.rejections.counts[reason as usize], 1, "{point:?}");
+        assert!(p.per_shard[0].points.is_empty());
+    }
+    let ok = run(&request(vec![], vec![hist(good_hist())]));
+    assert_eq!(ok.rejections.total(), 0);
+    assert_eq!(ok.per_shard[0].counts, vec![1, 2, 0]);
+    assert_eq!(
+        &*ok.families[0].name,
+        "traces_span_metrics_duration_milliseconds"
+    );
+}
+
+#[test]
+fn points_flagged_no_recorded_value_are_skipped_not_rejected() {
+    let p = run(&request(
+        vec![],
+        vec![sum(
+            vec![NumberDataPoint {
+                flags: 1,
+                ..int_point(vec![], 1)
+            }],
+            DELTA,
+            true,
+        )],
+    ));
+    assert_eq!(p.no_value, 1);
+    assert_eq!(p.rejections.total(), 0);
+    assert!(p.per_shard[0].points.is_empty());
+}
+
+#[test]
+fn non_string_attribute_values_render_as_label_text() {
+    let mut buf = String::new();
+    let int = AnyValue {
+        value: Some(any_value::Value::IntValue(-42)),
+    };
+    assert_eq!(value_str(Some(&int), &mut buf), "-42");
+    let b = AnyValue {
+        value: Some(any_value::Value::BoolValue(true)),
+    };
+    assert_eq!(value_str(Some(&b), &mut buf), "true");
+    assert_eq!(value_str(None, &mut buf), "");
+}

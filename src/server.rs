@@ -21,6 +21,9 @@ use crate::ingest::otlp::Projection;
 use crate::ingest::Ingestor;
 use crate::telemetry::Telemetry;
 
+const GRPC_STREAM_WINDOW: u32 = 1 << 20;
+const GRPC_CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -120,7 +123,11 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    // h2's default 64 KiB windows stall every request larger than that on WINDOW_UPDATE round
+    // trips; sidecar batches are often bigger.
     let grpc = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
+        .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
         .add_service(MetricsGrpc::new(ingestor.clone()))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc_l),

@@ -1,10 +1,13 @@
 //! A compact map from 128-bit keys (source streams, output series) to their state, for the
 //! million-stream case.
 //!
-//! Entries live densely in a `Vec`; a `hashbrown::HashTable<u32>` indexes them. Compared with a
-//! `HashMap<u128, V>` whose buckets hold whole entries at a load factor between 7/16 and 7/8,
-//! the empty slack here costs 5 bytes per bucket instead of `size_of::<(u128, V)>() + 1`. The
-//! keys are already uniform hashes, so they index the table directly.
+//! Entries live densely in fixed-size chunks; a `hashbrown::HashTable<u32>` indexes them.
+//! Compared with a `HashMap<u128, V>` whose buckets hold whole entries at a load factor between
+//! 7/16 and 7/8, the empty slack here costs 5 bytes per bucket instead of
+//! `size_of::<(u128, V)>() + 1`. Chunks mean growth never copies or frees the entries already
+//! there: a table of millions leaves no freed multi-megabyte buffers behind for the allocator
+//! to return, and its idle capacity is at most one chunk. The keys are already uniform hashes,
+//! so they index the table directly.
 
 use hashbrown::HashTable;
 
@@ -20,18 +23,82 @@ fn join(k: &Key) -> u128 {
     u128::from(k[0]) | (u128::from(k[1]) << 64)
 }
 
+/// Entries per chunk. The first chunk grows by doubling up to this; later ones are allocated
+/// whole, so small tables stay small.
+const CHUNK: usize = 1 << 14;
+
+/// A `Vec` in chunks: push, pop and index, never moving what is stored.
+#[derive(Debug)]
+struct Chunked<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T> Chunked<T> {
+    fn get(&self, i: usize) -> Option<&T> {
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
+    }
+
+    fn push(&mut self, v: T) {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK => c.push(v),
+            Some(_) => {
+                let mut c = Vec::with_capacity(CHUNK);
+                c.push(v);
+                self.chunks.push(c);
+            }
+            None => self.chunks.push(vec![v]),
+        }
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<T> {
+        let last = self.chunks.last_mut()?;
+        let v = last.pop()?;
+        if last.is_empty() {
+            self.chunks.pop();
+        }
+        self.len -= 1;
+        Some(v)
+    }
+
+    /// Removes element `i`, moving the last one into its place.
+    fn swap_remove(&mut self, i: usize) -> Option<T> {
+        let last = self.pop()?;
+        if i == self.len {
+            return Some(last);
+        }
+        self.get_mut(i).map(|slot| std::mem::replace(slot, last))
+    }
+
+    fn capacity(&self) -> usize {
+        self.chunks.iter().map(Vec::capacity).sum()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+}
+
 /// Dense key → value storage with O(1) lookup, insert and removal (by swap).
 #[derive(Debug)]
 pub struct KeyTable<V> {
     index: HashTable<u32>,
-    entries: Vec<(Key, V)>,
+    entries: Chunked<(Key, V)>,
 }
 
 impl<V> Default for KeyTable<V> {
     fn default() -> Self {
         Self {
             index: HashTable::new(),
-            entries: Vec::new(),
+            entries: Chunked {
+                chunks: Vec::new(),
+                len: 0,
+            },
         }
     }
 }
@@ -42,11 +109,11 @@ fn h(key: Key) -> u64 {
 
 impl<V> KeyTable<V> {
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.len == 0
     }
 
     fn slot(&self, key: u128) -> Option<usize> {
@@ -77,12 +144,7 @@ impl<V> KeyTable<V> {
             return;
         }
         let key = split(key);
-        let idx = self.entries.len() as u32;
-        if self.entries.len() == self.entries.capacity() {
-            // Grow by a quarter, not double: amortised O(1) still, with a quarter of the idle
-            // capacity that doubling leaves on average in a table of millions.
-            self.entries.reserve_exact((self.entries.len() / 4).max(16));
-        }
+        let idx = self.entries.len as u32;
         self.entries.push((key, value));
         let entries = &self.entries;
         self.index.insert_unique(h(key), idx, |&i| {
@@ -92,22 +154,24 @@ impl<V> KeyTable<V> {
 
     pub fn remove(&mut self, key: u128) -> Option<V> {
         let i = self.slot(key)?;
-        Some(self.remove_at(i))
+        self.remove_at(i)
     }
 
-    fn remove_at(&mut self, i: usize) -> V {
-        let key = self.entries[i].0;
+    /// Removes entry `i` (which must exist), moving the last entry into its place.
+    fn remove_at(&mut self, i: usize) -> Option<V> {
+        let key = self.entries.get(i)?.0;
         if let Ok(e) = self.index.find_entry(h(key), |&j| j as usize == i) {
             e.remove();
         }
-        let last = self.entries.len() - 1;
+        let last = self.entries.len - 1;
         if i != last {
-            let moved = self.entries[last].0;
-            if let Some(slot) = self.index.find_mut(h(moved), |&j| j as usize == last) {
-                *slot = i as u32;
+            if let Some(&(moved, _)) = self.entries.get(last) {
+                if let Some(slot) = self.index.find_mut(h(moved), |&j| j as usize == last) {
+                    *slot = i as u32;
+                }
             }
         }
-        self.entries.swap_remove(i).1
+        self.entries.swap_remove(i).map(|e| e.1)
     }
 
     /// Keeps the entries for which `keep` is true.
@@ -122,16 +186,14 @@ impl<V> KeyTable<V> {
         mut removed: impl FnMut(V),
     ) {
         let mut i = 0;
-        while i < self.entries.len() {
-            let (k, v) = &self.entries[i];
+        while let Some((k, v)) = self.entries.get(i) {
             if keep(join(k), v) {
                 i += 1;
-            } else {
-                removed(self.remove_at(i));
+            } else if let Some(v) = self.remove_at(i) {
+                removed(v);
             }
         }
-        if self.entries.capacity() > 4 * self.entries.len().max(1024) {
-            self.entries.shrink_to_fit();
+        if self.index.capacity() > 4 * self.entries.len.max(1024) {
             let entries = &self.entries;
             self.index
                 .shrink_to_fit(|&i| entries.get(i as usize).map_or(0, |e| h(e.0)));
@@ -187,5 +249,21 @@ mod tests {
         for (k, v) in &m {
             assert_eq!(t.get(*k), Some(v), "seed {seed}");
         }
+    }
+
+    #[test]
+    fn removals_across_chunk_boundaries_keep_every_entry_reachable() {
+        let mut t = KeyTable::default();
+        let n = 3 * CHUNK as u128 + 17;
+        let key = |i: u128| i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+        for i in 0..n {
+            t.insert(key(i), i);
+        }
+        assert_eq!(t.len(), n as usize);
+        t.retain(|_, v| v % 3 != 0);
+        for i in 0..n {
+            assert_eq!(t.get(key(i)).copied(), (i % 3 != 0).then_some(i), "{i}");
+        }
+        assert!(t.heap_bytes() < (n as usize) * 64);
     }
 }

@@ -128,6 +128,14 @@ impl BucketCounts {
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         (0..self.len()).map(|i| self.get(i))
     }
+
+    /// Calls `f` with every count in order; the width is matched once, not per bucket.
+    pub fn for_each(&self, mut f: impl FnMut(u64)) {
+        match self {
+            Self::Narrow(c) => c.iter().for_each(|v| f(u64::from(*v))),
+            Self::Wide(c) => c.iter().for_each(|v| f(*v)),
+        }
+    }
 }
 
 /// One output series.

@@ -103,6 +103,8 @@ impl Window {
             if let Some(head) = merged.pop() {
                 self.head = head;
             }
+            // Holes are rare and short-lived: hold exactly what they need.
+            merged.shrink_to_fit();
             self.older = (!merged.is_empty()).then(|| Box::new(merged));
         }
         self.forget_before(self.head.1.saturating_sub(late_ns));
@@ -113,6 +115,8 @@ impl Window {
             older.retain(|&(_, e)| e > horizon);
             if older.is_empty() {
                 self.older = None;
+            } else {
+                older.shrink_to_fit();
             }
         }
     }

@@ -12,10 +12,13 @@ use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use prost::Message;
 use spanagg::workload::{points_per_request, request, Shape};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Protocol {
@@ -50,6 +53,10 @@ struct Args {
     /// Intervals per pod (each pod sends this many contiguous deltas).
     #[arg(long, default_value_t = 40)]
     intervals: usize,
+    /// Length of one delta interval. The last interval ends now; keep intervals × length
+    /// under the server's series_ttl, or older deltas of new streams are refused as replays.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
     /// Target data points per second; 0 sends flat out.
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -59,6 +66,47 @@ struct Args {
     /// Stop after this long even if requests are left.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
+}
+
+const EXPORT: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+/// Sends pre-encoded request bytes; decodes the response. Keeps encoding out of the timed loop.
+#[derive(Debug, Clone, Copy)]
+struct RawClientCodec;
+struct RawEncoder;
+struct ResponseDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for ResponseDecoder {
+    type Item = ExportMetricsServiceResponse;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        ExportMetricsServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+impl Codec for RawClientCodec {
+    type Encode = Bytes;
+    type Decode = ExportMetricsServiceResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
 }
 
 #[derive(Default)]
@@ -78,8 +126,9 @@ fn main() -> anyhow::Result<()> {
         counters: args.counters,
     };
     let per_req = points_per_request(&shape) as u64;
+    let step = args.interval.as_nanos() as u64;
     let base = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64
-        - (args.intervals as u64 + 1) * 10_000_000_000;
+        - (args.intervals as u64 + 1) * step;
     eprintln!(
         "encoding {} requests ({} pods × {} intervals, {} points each)…",
         args.pods * args.intervals,
@@ -91,8 +140,8 @@ fn main() -> anyhow::Result<()> {
     let mut requests: Vec<ExportMetricsServiceRequest> = Vec::new();
     for i in 0..args.intervals as u64 {
         for pod in 0..args.pods {
-            let start = base + i * 10_000_000_000;
-            requests.push(request(&shape, pod, start, start + 10_000_000_000));
+            let start = base + i * step;
+            requests.push(request(&shape, pod, start, start + step));
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -108,35 +157,32 @@ async fn run(
 ) -> anyhow::Result<()> {
     let counts = Arc::new(Counts::default());
     let total = requests.len();
-    let bodies: Arc<Vec<Bytes>> = Arc::new(match args.protocol {
-        Protocol::Http => requests
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        requests
             .iter()
             .map(|r| Bytes::from(r.encode_to_vec()))
             .collect(),
-        Protocol::Grpc => Vec::new(),
-    });
-    let messages = Arc::new(requests);
+    );
+    drop(requests);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
-        let (counts, next, bodies, messages) = (
-            counts.clone(),
-            next.clone(),
-            bodies.clone(),
-            messages.clone(),
-        );
+        let (counts, next, bodies) = (counts.clone(), next.clone(), bodies.clone());
         let endpoint = args.endpoint.clone();
         let (protocol, rate) = (args.protocol, args.rate);
         workers.push(tokio::spawn(async move {
             let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
             let mut grpc = match protocol {
-                Protocol::Grpc => Some(
-                    MetricsServiceClient::connect(endpoint.clone())
+                Protocol::Grpc => Some(tonic::client::Grpc::new(
+                    tonic::transport::Endpoint::from_shared(endpoint.clone())?
+                        .initial_stream_window_size(1 << 20)
+                        .initial_connection_window_size(4 << 20)
+                        .connect()
                         .await
                         .context("connecting")?,
-                ),
+                )),
                 Protocol::Http => None,
             };
             let url = format!("{}/v1/metrics", endpoint.trim_end_matches('/'));
@@ -151,34 +197,39 @@ async fn run(
                         started + Duration::from_secs_f64(i as f64 * per_req as f64 / rate as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let ok = match &mut grpc {
-                    Some(c) => match c.export(messages[i].clone()).await {
-                        Ok(r) => {
-                            let rejected = r
-                                .into_inner()
-                                .partial_success
-                                .map_or(0, |p| p.rejected_data_points);
-                            counts
-                                .rejected_points
-                                .fetch_add(rejected as u64, Ordering::Relaxed);
-                            true
-                        }
-                        Err(_) => false,
-                    },
+                let reply = match &mut grpc {
+                    Some(c) => {
+                        c.ready().await.context("gRPC channel")?;
+                        let path = http::uri::PathAndQuery::from_static(EXPORT);
+                        c.unary(tonic::Request::new(bodies[i].clone()), path, RawClientCodec)
+                            .await
+                            .ok()
+                            .map(|r| r.into_inner())
+                    }
                     None => {
                         let req = http::Request::post(&url)
                             .header("content-type", "application/x-protobuf")
                             .body(Full::new(bodies[i].clone()))?;
                         match http.request(req).await {
-                            Ok(res) => {
-                                let ok = res.status().is_success();
-                                let _ = res.into_body().collect().await;
-                                ok
+                            Ok(res) if res.status().is_success() => {
+                                let body = res.into_body().collect().await.map(|b| b.to_bytes());
+                                body.ok()
+                                    .and_then(|b| ExportMetricsServiceResponse::decode(b).ok())
                             }
-                            Err(_) => false,
+                            Ok(res) => {
+                                let _ = res.into_body().collect().await;
+                                None
+                            }
+                            Err(_) => None,
                         }
                     }
                 };
+                let ok = reply.is_some();
+                if let Some(p) = reply.and_then(|r| r.partial_success) {
+                    counts
+                        .rejected_points
+                        .fetch_add(p.rejected_data_points.max(0) as u64, Ordering::Relaxed);
+                }
                 if ok {
                     counts.ok_requests.fetch_add(1, Ordering::Relaxed);
                     counts.ok_points.fetch_add(per_req, Ordering::Relaxed);

@@ -146,6 +146,7 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
     // `le` label texts per layout, rendered once per scrape: `le="0.5"` with the comma before.
     let mut le_cache: HashMap<u32, Vec<String>> = HashMap::new();
     let mut labels = String::new();
+    let mut prefix = String::new();
     for s in state.series() {
         let Some(part) = parts.get_mut(s.family as usize) else {
             continue;
@@ -184,19 +185,24 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
                         .collect()
                 });
                 let mut cumulative = 0u64;
-                for (c, le) in counts.iter().zip(les.iter()) {
+                // `_bucket{labels,` is the same on every bucket line of the series.
+                prefix.clear();
+                prefix.push_str(name);
+                prefix.push_str("_bucket{");
+                if !labels.is_empty() {
+                    prefix.push_str(&labels);
+                    prefix.push(',');
+                }
+                let mut les = les.iter();
+                counts.for_each(|c| {
                     cumulative = cumulative.saturating_add(c);
-                    out.push_str(name);
-                    out.push_str("_bucket{");
-                    if !labels.is_empty() {
-                        out.push_str(&labels);
-                        out.push(',');
-                    }
+                    let Some(le) = les.next() else { return };
+                    out.push_str(&prefix);
                     out.push_str(le);
                     out.push_str("} ");
                     push_u64(out, cumulative);
                     out.push('\n');
-                }
+                });
                 line(out, name, "_sum", &labels, |o| write_float(o, *sum));
                 // The count is the +Inf bucket: equal by construction, as a scrape must show.
                 line(out, name, "_count", &labels, |o| push_u64(o, cumulative));

@@ -582,3 +582,106 @@ fn a_bad_config_stops_the_start_naming_the_key_and_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc-listen"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_fed_the_same_deltas_in_different_orders_serve_the_same_output() {
+    let (a, b) = (Spanagg::start(""), Spanagg::start(""));
+    let t0 = now_ns() - 120_000_000_000;
+    let mut reqs = Vec::new();
+    for pod in 0..4u64 {
+        for i in 0..5u64 {
+            reqs.push(spanmetrics(
+                "checkout",
+                &format!("pod-{pod}"),
+                &[route(
+                    "GET /cart",
+                    pod * 10 + i,
+                    [i, 1, 0, pod, 0],
+                    1.5 * i as f64,
+                )],
+                t0 + i * 1_000_000_000,
+                t0 + (i + 1) * 1_000_000_000,
+                DELTA,
+            ));
+        }
+    }
+    for r in &reqs {
+        grpc_export(&a, r.clone()).await.unwrap();
+    }
+    for r in reqs.iter().rev() {
+        assert_eq!(http_export(&b, r).0, 200);
+    }
+    let om = |s: &Spanagg| {
+        let (_, _, body) = http(
+            s.http,
+            "GET",
+            "/metrics",
+            &[("Accept", "application/openmetrics-text; version=1.0.0")],
+            &[],
+        );
+        String::from_utf8(body).unwrap()
+    };
+    let (ta, tb) = (om(&a), om(&b));
+    assert!(ta.contains("_created{"), "{ta}");
+    assert_eq!(ta, tb, "created times and values are deterministic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_and_random_bodies_never_take_the_server_down() {
+    let s = Spanagg::start("");
+    let seed: u64 = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("fuzz seed {seed} (rerun with FUZZ_SEED={seed})");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let t0 = now_ns() - 60_000_000_000;
+    let valid = spanmetrics(
+        "checkout",
+        "p1",
+        &[
+            route("GET /cart", 3, [1, 2, 0, 0, 0], 1.0),
+            route("GET /pay", 1, [0, 0, 1, 0, 0], 9.0),
+        ],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    )
+    .encode_to_vec();
+    let json =
+        serde_json::to_vec(&ExportMetricsServiceRequest::decode(&valid[..]).unwrap()).unwrap();
+    for i in 0..300 {
+        let (base, ct) = if i % 3 == 0 {
+            (&json, "application/json")
+        } else {
+            (&valid, "application/x-protobuf")
+        };
+        let mut body = base.clone();
+        match rng.u8(..3) {
+            0 => {
+                for _ in 0..rng.usize(1..8) {
+                    let at = rng.usize(..body.len());
+                    body[at] = rng.u8(..);
+                }
+            }
+            1 => body.truncate(rng.usize(..body.len())),
+            _ => body = (0..rng.usize(..512)).map(|_| rng.u8(..)).collect(),
+        }
+        let (status, _, _) = s.post_otlp(ct, &[], &body);
+        assert!(
+            matches!(status, 200 | 400),
+            "seed {seed} case {i}: status {status}"
+        );
+        if i % 10 == 0 {
+            let req = ExportMetricsServiceRequest::decode(&body[..]);
+            if let Ok(req) = req {
+                // Whatever decodes must also be safe over gRPC.
+                let _ = grpc_export(&s, req).await;
+            }
+        }
+    }
+    assert_eq!(s.get("/-/healthy").0, 200, "seed {seed}");
+    let text = s.scrape();
+    check_scrape(&text, &Default::default());
+    assert_eq!(s.stop().code(), Some(0), "seed {seed}");
+}

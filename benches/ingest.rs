@@ -12,10 +12,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
-use spanagg::aggregate::shard::{Batch, ShardConfig, ShardState};
+use spanagg::aggregate::shard::{ShardConfig, ShardState};
 use spanagg::export::prometheus::{encode_shard, stitch, Format};
-use spanagg::ingest::otlp::{prepare, Projection, RequestLabels};
-use spanagg::workload::{request, Shape};
+use spanagg::ingest::otlp::{prepare, Projection};
+use spanagg::workload::{request, single_shard_batch, Shape};
 
 const SHAPE: Shape = Shape {
     services: 1,
@@ -43,22 +43,6 @@ fn bodies(n: usize) -> Vec<Vec<u8>> {
     (0..n as u64)
         .map(|i| request(&SHAPE, 0, 1_000 + i * 1_000, 2_000 + i * 1_000).encode_to_vec())
         .collect()
-}
-
-fn batch(req: ExportMetricsServiceRequest, projection: &Arc<Projection>) -> Batch {
-    let p = prepare(&req, projection, 1, |_| 0);
-    let part = p.per_shard.into_iter().next().unwrap_or_default();
-    Batch {
-        families: p.families,
-        layouts: p.layouts,
-        counts: part.counts,
-        points: part.points,
-        labels: Arc::new(RequestLabels {
-            req: Arc::new(req),
-            projection: projection.clone(),
-        }),
-        done: Box::new(|_| {}),
-    }
 }
 
 fn ingest(c: &mut Criterion) {
@@ -91,7 +75,7 @@ fn ingest(c: &mut Criterion) {
             || {
                 i += 1;
                 let req = request(&SHAPE, 0, i * 1_000, i * 1_000 + 1_000);
-                batch(req, &projection)
+                single_shard_batch(req, &projection)
             },
             |batch| state.apply(&batch),
             BatchSize::SmallInput,
@@ -108,7 +92,7 @@ fn ingest(c: &mut Criterion) {
             },
             |body| {
                 let req = ExportMetricsServiceRequest::decode(&body[..]).unwrap();
-                let batch = batch(req, &projection);
+                let batch = single_shard_batch(req, &projection);
                 state.apply(&batch)
             },
             BatchSize::SmallInput,
@@ -128,7 +112,10 @@ fn scrape(c: &mut Criterion) {
     let mut state = shard();
     // 10 services × 1,000 routes = 10,000 histogram series.
     for pod in 0..10 {
-        state.apply(&batch(request(&shape, pod, 1_000, 2_000), &projection));
+        state.apply(&single_shard_batch(
+            request(&shape, pod, 1_000, 2_000),
+            &projection,
+        ));
     }
     assert_eq!(state.series_len(), 10_000);
     let mut g = c.benchmark_group("scrape");

@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use spanagg::aggregate::shard::{Batch, ShardConfig, ShardState};
-use spanagg::ingest::otlp::{prepare, Projection, RequestLabels};
+use spanagg::aggregate::shard::{ShardConfig, ShardState};
+use spanagg::ingest::otlp::Projection;
 use spanagg::telemetry::resident_bytes;
-use spanagg::workload::{request, Shape};
+use spanagg::workload::{request, single_shard_batch, Shape};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -45,20 +45,7 @@ fn main() {
     let before = resident_bytes().unwrap_or(0);
     for pod in 0..pods {
         let req = request(&shape, pod, now - 20_000_000_000, now - 10_000_000_000);
-        let p = prepare(&req, &projection, 1, |_| 0);
-        let part = p.per_shard.into_iter().next().unwrap();
-        let batch = Batch {
-            families: p.families,
-            layouts: p.layouts,
-            counts: part.counts,
-            points: part.points,
-            labels: Arc::new(RequestLabels {
-                req: Arc::new(req),
-                projection: projection.clone(),
-            }),
-            done: Box::new(|_| {}),
-        };
-        state.apply(&batch);
+        state.apply(&single_shard_batch(req, &projection));
     }
     let after = resident_bytes().unwrap_or(0);
     let grew = after.saturating_sub(before) as f64;

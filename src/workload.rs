@@ -9,6 +9,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
     NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use std::sync::Arc;
+
+use crate::aggregate::shard::Batch;
+use crate::ingest::otlp::{prepare, Projection, RequestLabels};
 
 /// Shape of the generated load.
 #[derive(Debug, Clone, Copy)]
@@ -118,5 +122,23 @@ pub fn request(shape: &Shape, pod: usize, start: u64, end: u64) -> ExportMetrics
             }],
             ..Default::default()
         }],
+    }
+}
+
+/// The whole request as one shard's batch, for driving a `ShardState` directly (benchmarks and
+/// the memory example); nobody waits for its result.
+pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Projection>) -> Batch {
+    let p = prepare(&req, projection, 1, |_| 0);
+    let part = p.per_shard.into_iter().next().unwrap_or_default();
+    Batch {
+        families: p.families,
+        layouts: p.layouts,
+        counts: part.counts,
+        points: part.points,
+        labels: Arc::new(RequestLabels {
+            req: Arc::new(req),
+            projection: projection.clone(),
+        }),
+        done: Box::new(|_| {}),
     }
 }

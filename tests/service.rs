@@ -685,3 +685,44 @@ async fn mutated_and_random_bodies_never_take_the_server_down() {
     check_scrape(&text, &Default::default());
     assert_eq!(s.stop().code(), Some(0), "seed {seed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scrape_is_gzipped_when_asked_and_says_what_it_is() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let req = spanmetrics(
+        "checkout",
+        "p1",
+        &[route("GET /cart", 2, [1, 1, 0, 0, 0], 3.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    grpc_export(&s, req).await.unwrap();
+    let plain = s.scrape();
+    let (status, headers, body) = http(
+        s.http,
+        "GET",
+        "/metrics",
+        &[("Accept-Encoding", "gzip")],
+        &[],
+    );
+    assert_eq!(status, 200);
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(
+        header("content-type").as_deref(),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let mut text = String::new();
+    #[allow(clippy::disallowed_methods)] // our own response, not client input
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text).unwrap();
+    assert_eq!(text, plain);
+    assert!(text.contains("# HELP traces_span_metrics_calls_total Number of calls"));
+    assert!(text.contains("# TYPE traces_span_metrics_duration_milliseconds histogram"));
+}

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use flate2::write::GzEncoder;
 
+use super::arrow::{ipc_stream, shard_batch, Filter};
 use super::prometheus::{encode_shard, stitch, FamilyPart, Format};
 use crate::aggregate::table::Table;
 use crate::telemetry::Telemetry;
@@ -28,6 +29,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/internal/metrics", get(internal_metrics))
+        .route("/api/v1/snapshot", get(snapshot))
         .route("/-/healthy", get(|| async { "spanagg is healthy\n" }))
         .route("/-/ready", get(ready))
         .with_state(state)
@@ -127,5 +129,58 @@ async fn internal_metrics(State(state): State<Arc<AppState>>, headers: HeaderMap
             text,
         ),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response(),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct SnapshotQuery {
+    service: Option<String>,
+    metric: Option<String>,
+}
+
+/// The whole state (or a filtered part) as an Arrow IPC stream, built shard by shard.
+async fn snapshot(State(state): State<Arc<AppState>>, Query(q): Query<SnapshotQuery>) -> Response {
+    let filter = Arc::new(Filter {
+        service: q.service,
+        metric: q.metric,
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = state.table.len();
+    state.table.visit(move |_, s| {
+        let _ = tx.send(shard_batch(s, &filter));
+    });
+    let mut batches = Vec::with_capacity(n);
+    for _ in 0..n {
+        match rx.recv().await {
+            Some(Ok(b)) => batches.push(b),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "snapshot: building a shard's batch failed");
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("snapshot failed: {e}\n"),
+                )
+                    .into_response();
+            }
+            None => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shards are shutting down\n",
+                )
+                    .into_response()
+            }
+        }
+    }
+    match ipc_stream(&batches) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("snapshot failed: {e}\n"),
+        )
+            .into_response(),
     }
 }

@@ -1,0 +1,278 @@
+//! The state as Arrow: one row per output series. Each shard builds the `RecordBatch` of its own
+//! series on its own thread (between ingest batches), so a snapshot pauses ingestion for at most
+//! one shard's copy. The schema is a contract: `schema/snapshot.txt` is its documented form and
+//! a test fails if the two drift apart.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    Float64Builder, ListBuilder, MapBuilder, StringBuilder, StringDictionaryBuilder,
+    TimestampNanosecondBuilder, UInt64Builder,
+};
+use arrow_array::types::Int32Type;
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use crate::aggregate::key::Kind;
+use crate::aggregate::series::SeriesValue;
+use crate::aggregate::shard::ShardState;
+
+/// Output labels that get their own dictionary-encoded column; the rest go to `labels`.
+pub const FIXED_LABELS: [&str; 4] = ["service_name", "span_name", "span_kind", "status_code"];
+
+fn doc(f: Field, text: &str) -> Field {
+    f.with_metadata(HashMap::from([("doc".to_owned(), text.to_owned())]))
+}
+
+fn dict() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// The snapshot schema, field by field.
+pub fn snapshot_schema() -> SchemaRef {
+    let mut fields = vec![
+        doc(
+            Field::new("metric", dict(), false),
+            "Prometheus family name (without the counter _total suffix)",
+        ),
+        doc(
+            Field::new("otel_metric", dict(), false),
+            "OTel metric name the family came from",
+        ),
+        doc(
+            Field::new("kind", dict(), false),
+            "counter (monotonic sum) or histogram (explicit buckets)",
+        ),
+        doc(
+            Field::new("unit", dict(), false),
+            "UCUM unit as sent, may be empty",
+        ),
+    ];
+    for label in FIXED_LABELS {
+        fields.push(doc(
+            Field::new(label, dict(), true),
+            "output label of that name; null when the series does not have it",
+        ));
+    }
+    let entries = Field::new(
+        "entries",
+        DataType::Struct(
+            vec![
+                Field::new("key", DataType::Utf8, false),
+                Field::new("value", DataType::Utf8, true),
+            ]
+            .into(),
+        ),
+        false,
+    );
+    fields.extend([
+        doc(
+            Field::new("labels", DataType::Map(Arc::new(entries), false), false),
+            "every other output label, name to value",
+        ),
+        doc(
+            Field::new("created", ts(), false),
+            "earliest start time of the deltas that built the series (OpenMetrics _created)",
+        ),
+        doc(
+            Field::new("updated", ts(), false),
+            "newest end time applied to the series",
+        ),
+        doc(
+            Field::new("value", DataType::Float64, true),
+            "counter total since created (calls for traces.span.metrics.calls); null for histograms",
+        ),
+        doc(
+            Field::new("count", DataType::UInt64, true),
+            "histogram observation count (equals the +Inf bucket); null for counters",
+        ),
+        doc(
+            Field::new("sum", DataType::Float64, true),
+            "histogram sum of observations; null for counters",
+        ),
+        doc(
+            Field::new(
+                "bucket_bounds",
+                DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true))),
+                true,
+            ),
+            "explicit upper bounds, ascending, +Inf implied; null for counters",
+        ),
+        doc(
+            Field::new(
+                "bucket_counts",
+                DataType::List(Arc::new(Field::new_list_field(DataType::UInt64, true))),
+                true,
+            ),
+            "per-bucket (not cumulative) counts, one more than bounds (+Inf last); null for counters",
+        ),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Which series a snapshot includes.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only series whose `service_name` label equals this.
+    pub service: Option<String>,
+    /// Only series whose Prometheus family name or OTel metric name equals this.
+    pub metric: Option<String>,
+}
+
+/// The `RecordBatch` of one shard's series that pass `filter`.
+pub fn shard_batch(state: &ShardState, filter: &Filter) -> Result<RecordBatch, ArrowError> {
+    let mut metric = StringDictionaryBuilder::<Int32Type>::new();
+    let mut otel = StringDictionaryBuilder::<Int32Type>::new();
+    let mut kind = StringDictionaryBuilder::<Int32Type>::new();
+    let mut unit = StringDictionaryBuilder::<Int32Type>::new();
+    let mut fixed: Vec<StringDictionaryBuilder<Int32Type>> = FIXED_LABELS
+        .iter()
+        .map(|_| StringDictionaryBuilder::new())
+        .collect();
+    let mut labels = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+    let mut created = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let mut updated = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let mut value = Float64Builder::new();
+    let mut count = UInt64Builder::new();
+    let mut sum = Float64Builder::new();
+    let mut bounds = ListBuilder::new(Float64Builder::new());
+    let mut counts = ListBuilder::new(UInt64Builder::new());
+
+    for s in state.series() {
+        let Some(fam) = state.families().get(s.family as usize) else {
+            continue;
+        };
+        if filter
+            .metric
+            .as_deref()
+            .is_some_and(|m| m != &*fam.name && m != &*fam.otel_name)
+        {
+            continue;
+        }
+        let service = state
+            .labels(&s.labels)
+            .find(|(k, _)| *k == "service_name")
+            .map(|(_, v)| v);
+        if filter.service.is_some() && filter.service.as_deref() != service {
+            continue;
+        }
+        metric.append_value(&*fam.name);
+        otel.append_value(&*fam.otel_name);
+        kind.append_value(match fam.kind {
+            Kind::Counter => "counter",
+            Kind::Histogram => "histogram",
+        });
+        unit.append_value(&*fam.unit);
+        let mut present = [None; FIXED_LABELS.len()];
+        for (k, v) in state.labels(&s.labels) {
+            match FIXED_LABELS.iter().position(|f| *f == k) {
+                Some(i) => present[i] = Some(v),
+                None => {
+                    labels.keys().append_value(k);
+                    labels.values().append_value(v);
+                }
+            }
+        }
+        labels.append(true)?;
+        for (b, v) in fixed.iter_mut().zip(present) {
+            b.append_option(v);
+        }
+        created.append_value(i64::try_from(s.created_ns).unwrap_or(i64::MAX));
+        updated.append_value(i64::try_from(s.updated_ns).unwrap_or(i64::MAX));
+        match &s.value {
+            SeriesValue::Counter(c) => {
+                value.append_value(c.total());
+                count.append_null();
+                sum.append_null();
+                bounds.append_null();
+                counts.append_null();
+            }
+            SeriesValue::Histogram {
+                layout,
+                counts: c,
+                sum: total,
+            } => {
+                value.append_null();
+                count.append_value(c.iter().sum());
+                sum.append_value(*total);
+                bounds.values().append_slice(state.layout(*layout));
+                bounds.append(true);
+                c.for_each(|n| counts.values().append_value(n));
+                counts.append(true);
+            }
+        }
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(metric.finish()),
+        Arc::new(otel.finish()),
+        Arc::new(kind.finish()),
+        Arc::new(unit.finish()),
+    ];
+    columns.extend(fixed.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.extend([
+        Arc::new(labels.finish()) as ArrayRef,
+        Arc::new(created.finish()),
+        Arc::new(updated.finish()),
+        Arc::new(value.finish()),
+        Arc::new(count.finish()),
+        Arc::new(sum.finish()),
+        Arc::new(bounds.finish()),
+        Arc::new(counts.finish()),
+    ]);
+    RecordBatch::try_new(snapshot_schema(), columns)
+}
+
+/// The schema as documented in `schema/snapshot.txt`: one line per field.
+pub fn schema_text(schema: &Schema) -> String {
+    let mut out = String::new();
+    for f in schema.fields() {
+        let doc = f.metadata().get("doc").map_or("", String::as_str);
+        let null = if f.is_nullable() {
+            "nullable"
+        } else {
+            "required"
+        };
+        out.push_str(&format!(
+            "{}: {} ({null}) -- {doc}\n",
+            f.name(),
+            f.data_type()
+        ));
+    }
+    out
+}
+
+/// Writes batches as one Arrow IPC stream.
+pub fn ipc_stream(batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let schema = snapshot_schema();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &schema)?;
+    for b in batches.iter().filter(|b| b.num_rows() > 0) {
+        w.write(b)?;
+    }
+    w.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_file_documents_the_code_schema_exactly() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/snapshot.txt");
+        let file = std::fs::read_to_string(path).expect("schema/snapshot.txt");
+        let documented: String = file
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            documented,
+            schema_text(&snapshot_schema()),
+            "schema/snapshot.txt and the code disagree: update one to match the other"
+        );
+    }
+}

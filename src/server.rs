@@ -129,6 +129,7 @@ pub async fn serve(
         .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
         .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
         .add_service(MetricsGrpc::new(ingestor.clone()))
+        .add_service(crate::export::flight::Flight::server(table.clone()))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc_l),
             stopped(stop_rx.clone()),

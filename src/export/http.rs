@@ -14,7 +14,8 @@ use axum::Router;
 use flate2::write::GzEncoder;
 
 use super::arrow::{ipc_stream, shard_batch, Filter};
-use super::prometheus::{encode_shard, stitch, FamilyPart, Format};
+use super::gather;
+use super::prometheus::{encode_shard, stitch, Format};
 use crate::aggregate::table::Table;
 use crate::telemetry::Telemetry;
 
@@ -41,23 +42,6 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "spanagg is starting\n").into_response()
     }
-}
-
-/// Asks every shard to encode its series and waits for all of them.
-pub async fn collect_parts(table: &Table, format: Format) -> Option<Vec<Vec<FamilyPart>>> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let n = table.len();
-    table.visit(move |i, s| {
-        let _ = tx.send((i, encode_shard(s, format)));
-    });
-    let mut parts = vec![Vec::new(); n];
-    for _ in 0..n {
-        let (i, p) = rx.recv().await?;
-        if let Some(slot) = parts.get_mut(i) {
-            *slot = p;
-        }
-    }
-    Some(parts)
 }
 
 fn wants_gzip(headers: &HeaderMap) -> bool {
@@ -104,7 +88,7 @@ fn body_response(headers: &HeaderMap, content_type: &'static str, text: String) 
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let started = Instant::now();
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let Some(parts) = collect_parts(&state.table, format).await else {
+    let Some(parts) = gather(&state.table, move |s| encode_shard(s, format)).await else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "shards are shutting down\n",
@@ -144,32 +128,24 @@ async fn snapshot(State(state): State<Arc<AppState>>, Query(q): Query<SnapshotQu
         service: q.service,
         metric: q.metric,
     });
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let n = state.table.len();
-    state.table.visit(move |_, s| {
-        let _ = tx.send(shard_batch(s, &filter));
-    });
-    let mut batches = Vec::with_capacity(n);
-    for _ in 0..n {
-        match rx.recv().await {
-            Some(Ok(b)) => batches.push(b),
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "snapshot: building a shard's batch failed");
-                return (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("snapshot failed: {e}\n"),
-                )
-                    .into_response();
-            }
-            None => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shards are shutting down\n",
-                )
-                    .into_response()
-            }
+    let Some(results) = gather(&state.table, move |s| shard_batch(s, &filter)).await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shards are shutting down\n",
+        )
+            .into_response();
+    };
+    let batches = match results.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "snapshot: building a shard's batch failed");
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("snapshot failed: {e}\n"),
+            )
+                .into_response();
         }
-    }
+    };
     match ipc_stream(&batches) {
         Ok(body) => (
             StatusCode::OK,

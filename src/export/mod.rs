@@ -2,5 +2,31 @@
 //! and the HTTP listener that serves them with our own telemetry and health endpoints.
 
 pub mod arrow;
+pub mod flight;
 pub mod http;
 pub mod prometheus;
+
+use crate::aggregate::shard::ShardState;
+use crate::aggregate::table::Table;
+
+/// Runs `f` on every shard (on the shard threads, in parallel, each between two ingest batches)
+/// and returns the results in shard order; `None` if a shard has stopped.
+pub async fn gather<R, F>(table: &Table, f: F) -> Option<Vec<R>>
+where
+    R: Send + 'static,
+    F: Fn(&ShardState) -> R + Send + Sync + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = table.len();
+    table.visit(move |i, s| {
+        let _ = tx.send((i, f(s)));
+    });
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    for _ in 0..n {
+        let (i, r) = rx.recv().await?;
+        if let Some(slot) = out.get_mut(i) {
+            *slot = Some(r);
+        }
+    }
+    out.into_iter().collect()
+}

@@ -66,3 +66,21 @@ def test_snapshot_filters_by_service_and_metric(spanagg):
     assert same.num_rows == calls.num_rows
     none = snapshot(spanagg, service="nope")
     assert none.num_rows == 0
+
+
+def test_flight_do_get_serves_the_same_snapshot(spanagg):
+    from pyarrow import flight
+
+    expected = run_pods(spanagg, rounds=1, seed=9)
+    client = flight.FlightClient(f"grpc://{spanagg.grpc}")
+    table = client.do_get(flight.Ticket(b"snapshot")).read_all()
+    assert table.schema.equals(snapshot(spanagg).schema)
+    assert_exact(expected, series_from_snapshot(table))
+    cart = client.do_get(flight.Ticket(b"snapshot?service=cart")).read_all()
+    assert set(cart.column("service_name").to_pylist()) == {"cart"}
+    try:
+        client.do_get(flight.Ticket(b"everything")).read_all()
+        raise AssertionError("an unknown ticket must be refused")
+    except pa.ArrowInvalid as e:  # INVALID_ARGUMENT
+        assert "unknown ticket" in str(e)
+    client.close()

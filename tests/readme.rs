@@ -35,3 +35,27 @@ fn readme_self_metric_table_matches_the_live_output() {
         .collect();
     assert_eq!(documented, live, "README table vs /internal/metrics");
 }
+
+#[test]
+fn alert_rules_only_use_metrics_spanagg_exports() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/alerts/spanagg.rules.yml"
+    ))
+    .unwrap();
+    let mut checked = 0;
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !word.starts_with("spanagg_") {
+            continue;
+        }
+        let base = word.trim_end_matches("_bucket");
+        assert!(
+            readme.contains(&format!("`{base}")),
+            "alerts use {word}, which the README table does not list"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5);
+}

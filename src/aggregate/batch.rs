@@ -51,9 +51,18 @@ impl Outcome {
         Self::TooLate,
         Self::LayoutMismatch,
     ];
-    /// Refused: reported to the client in the partial success.
-    pub fn rejected(self) -> bool {
-        matches!(self, Self::TooLate | Self::LayoutMismatch)
+    /// Why a refused point (reported to the client in the partial success) was refused, as the client reads it; `None` for the rest.
+    pub fn explain(self) -> Option<&'static str> {
+        match self {
+            Self::TooLate => Some(
+                "delta starts before late_delta_window behind its stream's newest point, or \
+                 belongs to an unknown stream and is older than series_ttl",
+            ),
+            Self::LayoutMismatch => {
+                Some("bucket bounds do not contain every bound of the output series")
+            }
+            _ => None,
+        }
     }
     pub fn as_str(self) -> &'static str {
         match self {

@@ -128,36 +128,20 @@ impl Ingestor {
             total.add(&r);
         }
         self.telemetry.outcomes(&total);
-        let rejections = prepared.rejections;
-        let mut message = rejections.message();
-        let shard_rejected: u64 = Outcome::ALL
-            .iter()
-            .filter(|o| o.rejected())
-            .map(|o| {
-                let n = u64::from(total.get(*o));
-                if n > 0 {
-                    if !message.is_empty() {
-                        message.push_str("; ");
-                    }
-                    message.push_str(&format!(
-                        "{n} point(s) rejected: {}",
-                        match o {
-                            Outcome::TooLate =>
-                                "delta ends before late_delta_window behind the stream's newest \
-                                 point (too_late)",
-                            _ =>
-                                "bucket bounds do not contain every bound of the output series \
-                                  (layout_mismatch)",
-                        }
-                    ));
-                }
-                n
-            })
-            .sum();
-        Ok(ExportReply {
-            rejected: rejections.total() + shard_rejected,
-            message,
-        })
+        let mut message = prepared.rejections.message();
+        let mut rejected = prepared.rejections.total();
+        for o in Outcome::ALL {
+            let n = u64::from(total.get(o));
+            let Some(why) = o.explain().filter(|_| n > 0) else {
+                continue;
+            };
+            if !message.is_empty() {
+                message.push_str("; ");
+            }
+            message.push_str(&format!("{n} point(s) rejected: {why} ({})", o.as_str()));
+            rejected += n;
+        }
+        Ok(ExportReply { rejected, message })
     }
 
     async fn send(&self, shard: usize, mut batch: Batch) -> Result<(), IngestError> {

@@ -90,15 +90,24 @@ def free_port():
 class Prometheus:
     """A real Prometheus server (Debian's package) scraping one target every second."""
 
-    def __init__(self, target):
+    def __init__(self, target, internal=False, rule_files=()):
         self.dir = tempfile.mkdtemp(prefix="spanagg-prom-")
         self.port = free_port()
         cfg = pathlib.Path(self.dir) / "prometheus.yml"
-        cfg.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        text = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        if rule_files:
+            text += "rule_files:\n" + "".join(f"  - {f}\n" for f in rule_files)
+        text += (
             "scrape_configs:\n  - job_name: spanagg\n    static_configs:\n"
             f"      - targets: ['{target}']\n"
         )
+        if internal:
+            # spanagg's own telemetry, as the alerts and the dashboard expect it.
+            text += (
+                "  - job_name: spanagg-internal\n    metrics_path: /internal/metrics\n"
+                f"    static_configs:\n      - targets: ['{target}']\n"
+            )
+        cfg.write_text(text)
         binary = shutil.which("prometheus")
         if binary is None:
             raise RuntimeError("prometheus is not installed (the test command installs it)")
@@ -121,14 +130,17 @@ class Prometheus:
                 time.sleep(0.2)
         raise RuntimeError("prometheus did not become ready")
 
-    def query(self, promql):
+    def get(self, path):
         import json
+
+        body = json.loads(http_get(f"http://127.0.0.1:{self.port}{path}")[2])
+        assert body["status"] == "success", body
+        return body
+
+    def query(self, promql):
         import urllib.parse
 
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        body = json.loads(http_get(url)[2])
-        assert body["status"] == "success", body
-        return body["data"]["result"]
+        return self.get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))["data"]["result"]
 
     def stop(self):
         self.proc.terminate()

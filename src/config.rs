@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-use crate::aggregate::layout::BucketLayout;
+use crate::aggregate::layout::{fold_map, BucketLayout};
 
 /// Errors that stop the start. Each names the key and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,8 @@ pub struct RawLabels {
 pub struct RawHistogram {
     /// OTel metric name → bucket bounds every output series of that metric uses.
     pub bounds: BTreeMap<String, Vec<f64>>,
+    /// OTel metric name → the subset of bounds to serve (fewer buckets, still exact).
+    pub output_bounds: BTreeMap<String, Vec<f64>>,
 }
 
 mod humantime_opt {
@@ -134,7 +136,9 @@ pub struct Config {
     pub by: Vec<String>,
     /// Point attributes dropped from output labels (`without`). Default [`DEFAULT_WITHOUT`].
     pub without: Vec<String>,
-    /// Configured output bucket layouts per OTel metric name. Default: none (first point wins).
+    /// Bucket layout each output series stores and serves, per OTel metric name:
+    /// `histogram.output_bounds` if set, else `histogram.bounds`. Default: none (first point
+    /// wins). Points merge into it exactly when their bounds contain all of it.
     pub histogram_bounds: BTreeMap<String, BucketLayout>,
 }
 
@@ -184,6 +188,20 @@ impl Config {
         for (metric, bounds) in raw.histogram.bounds {
             let layout = BucketLayout::try_new(bounds)
                 .map_err(|e| invalid(&format!("histogram.bounds.{metric}"), e.to_string()))?;
+            histogram_bounds.insert(metric, layout);
+        }
+        for (metric, bounds) in raw.histogram.output_bounds {
+            let key = format!("histogram.output_bounds.{metric}");
+            let layout = BucketLayout::try_new(bounds).map_err(|e| invalid(&key, e.to_string()))?;
+            // Serving a subset of the merge layout keeps the fold exact; anything else cannot be.
+            if let Some(merge) = histogram_bounds.get(&metric) {
+                if fold_map(merge.bounds(), layout.bounds()).is_err() {
+                    return Err(invalid(
+                        &key,
+                        format!("must be a subset of histogram.bounds.{metric}"),
+                    ));
+                }
+            }
             histogram_bounds.insert(metric, layout);
         }
         let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
@@ -274,6 +292,21 @@ mod tests {
         assert_eq!(c.by, d.by);
         assert_eq!(c.without, d.without);
         assert_eq!(c.shard_queue_capacity, d.shard_queue_capacity);
+    }
+
+    #[test]
+    fn output_bounds_must_be_a_subset_of_the_merge_bounds() {
+        let c = parse(
+            "histogram:\n  bounds:\n    m: [1, 2, 5, 10]\n  output_bounds:\n    m: [2, 10]\n",
+        )
+        .unwrap();
+        assert_eq!(c.histogram_bounds["m"].bounds(), &[2.0, 10.0]);
+        let err =
+            parse("histogram:\n  bounds:\n    m: [1, 2, 5, 10]\n  output_bounds:\n    m: [3]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("histogram.output_bounds.m"), "{err}");
+        assert!(err.contains("subset"), "{err}");
     }
 
     #[test]

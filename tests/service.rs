@@ -726,3 +726,61 @@ async fn the_scrape_is_gzipped_when_asked_and_says_what_it_is() {
     assert!(text.contains("# HELP traces_span_metrics_calls_total Number of calls"));
     assert!(text.contains("# TYPE traces_span_metrics_duration_milliseconds histogram"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_bounds_serve_fewer_buckets_exactly_against_a_reference() {
+    let s = Spanagg::start(
+        "histogram:\n  output_bounds:\n    traces.span.metrics.duration: [10, 1000]\n",
+    );
+    let seed = fastrand::u64(..);
+    println!("seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let t0 = now_ns() - 60_000_000_000;
+    // Input bounds [2, 10, 100, 1000]; output [10, 1000]: (-inf,10] = b0+b1, (10,1000] = b2+b3.
+    let mut want = [0u64; 3];
+    for pod in 0..5 {
+        for i in 0..4u64 {
+            let b: [u64; 5] = std::array::from_fn(|_| rng.u64(0..50));
+            want[0] += b[0] + b[1];
+            want[1] += b[2] + b[3];
+            want[2] += b[4];
+            let req = spanmetrics(
+                "checkout",
+                &format!("pod-{pod}"),
+                &[route("GET /cart", 1, b, 1.0)],
+                t0 + i * 1_000_000_000,
+                t0 + (i + 1) * 1_000_000_000,
+                DELTA,
+            );
+            assert!(grpc_export(&s, req)
+                .await
+                .unwrap()
+                .partial_success
+                .is_none());
+        }
+    }
+    let text = s.scrape();
+    let bucket = |le: &str| {
+        sample_value(
+            &text,
+            &format!("traces_span_metrics_duration_milliseconds_bucket{{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\",le=\"{le}\"}}"),
+        )
+    };
+    assert_eq!(
+        bucket("2"),
+        None,
+        "only the output bounds are served: {text}"
+    );
+    assert_eq!(bucket("100"), None);
+    assert_eq!(bucket("10"), Some(want[0] as f64), "seed {seed}");
+    assert_eq!(
+        bucket("1000"),
+        Some((want[0] + want[1]) as f64),
+        "seed {seed}"
+    );
+    assert_eq!(
+        bucket("+Inf"),
+        Some((want[0] + want[1] + want[2]) as f64),
+        "seed {seed}"
+    );
+}

@@ -6,6 +6,7 @@
 //! `server` wires them together. See `ARCHITECTURE.md` for one point's path through it.
 
 pub mod aggregate;
+pub mod cardinality;
 pub mod config;
 pub mod export;
 pub mod ingest;

@@ -230,6 +230,17 @@ fn sharded_merge_equals_reference_under_duplicates_and_reordering() {
         }
         let got = read_table(&t);
         assert_eq!(got.len(), reference.len(), "seed {seed} round {round}");
+        // Every pod feeds every route's two series: each series counts `pods` source streams.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        t.visit(move |_, s| {
+            tx.send(s.series_with_sources().map(|(_, n)| n).collect::<Vec<_>>())
+                .unwrap()
+        });
+        for _ in 0..t.len() {
+            for n in rx.recv().unwrap() {
+                assert_eq!(n, pods, "seed {seed} round {round}: sources per series");
+            }
+        }
         for (route, want) in &reference {
             let g = &got[route];
             assert_eq!(g.calls, want.calls, "seed {seed} round {round} {route}");

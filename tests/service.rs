@@ -547,6 +547,12 @@ async fn idle_series_expire_and_return_from_zero_with_a_new_created_time() {
     let created = sample_value(&text, &CALLS.replace("_total{", "_created{")).unwrap();
     assert!((created - start as f64 / 1e9).abs() < 1e-3, "{text}");
     assert!(text.ends_with("# EOF\n"));
+    // The returning series count their one source each: ids of expired series are never
+    // confused with new ones.
+    let (_, body) = s.get("/api/v1/cardinality");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["totals"]["output_series"], 2, "{body}");
+    assert_eq!(r["totals"]["source_streams"], 2, "{body}");
 }
 
 #[test]
@@ -783,4 +789,90 @@ async fn output_bounds_serve_fewer_buckets_exactly_against_a_reference() {
         Some((want[0] + want[1] + want[2]) as f64),
         "seed {seed}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cardinality_report_counts_a_known_workload_exactly() {
+    let s = Spanagg::start("shards: 3\n");
+    let t0 = now_ns() - 60_000_000_000;
+    // checkout: 6 pods x 4 routes; cart: 2 pods x 10 routes. Two metrics per route.
+    let spans: [&'static str; 10] = ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9"];
+    for (service, pods, routes) in [("checkout", 6, 4), ("cart", 2, 10)] {
+        for pod in 0..pods {
+            let rs: Vec<Route> = spans[..routes]
+                .iter()
+                .map(|r| route(r, 1, [1, 0, 0, 0, 0], 1.0))
+                .collect();
+            let req = spanmetrics(
+                service,
+                &format!("{service}-{pod}"),
+                &rs,
+                t0,
+                t0 + 1_000_000_000,
+                DELTA,
+            );
+            grpc_export(&s, req).await.unwrap();
+        }
+    }
+    let (status, body) = s.get("/api/v1/cardinality");
+    assert_eq!(status, 200);
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["totals"]["output_series"], 2 * (4 + 10));
+    assert_eq!(r["totals"]["source_streams"], 2 * (6 * 4 + 2 * 10));
+    assert_eq!(r["totals"]["source_streams_tracked"], 2 * (6 * 4 + 2 * 10));
+    let svc = |name: &str| {
+        r["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(svc("checkout")["output_series"], 8);
+    assert_eq!(svc("checkout")["source_streams"], 48);
+    assert_eq!(svc("checkout")["reduction"], 6.0);
+    assert_eq!(svc("cart")["reduction"], 2.0);
+    assert_eq!(svc("cart")["span_names"], 10);
+    assert_eq!(
+        r["services"][0]["service"], "checkout",
+        "most source streams first"
+    );
+    let label = |name: &str| {
+        r["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["label"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(label("span_name")["distinct_values"], 10);
+    assert_eq!(label("service_name")["distinct_values"], 2);
+    assert_eq!(
+        r["labels"][0]["label"], "span_name",
+        "most distinct values first"
+    );
+    let calls = r["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "traces_span_metrics_calls")
+        .unwrap()
+        .clone();
+    assert_eq!(calls["output_series"], 14);
+    assert_eq!(calls["otel_metric"], "traces.span.metrics.calls");
+
+    let (_, body) = s.get("/api/v1/cardinality?service=cart&top=3");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["totals"]["output_series"], 20);
+    assert_eq!(r["services"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        r["services"][0]["top_span_names"].as_array().unwrap().len(),
+        3
+    );
+    let (_, body) = s.get("/api/v1/cardinality?metric=traces.span.metrics.duration");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["totals"]["output_series"], 14);
+    assert_eq!(r["totals"]["source_streams"], 44);
 }

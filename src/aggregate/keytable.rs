@@ -11,16 +11,32 @@
 
 use hashbrown::HashTable;
 
-/// A key stored as two words: `u128` is 16-byte aligned, which would pad a 24-byte value to a
-/// 48-byte entry; two `u64`s keep it at 40.
-type Key = [u64; 2];
-
-fn split(key: u128) -> Key {
-    [key as u64, (key >> 64) as u64]
+/// A stored key: 96 of the key's 128 bits (the low 64 and the high 32) and a 32-bit tag the
+/// owner can use (a source stores the id of the series it feeds). `u128` would be 16-byte
+/// aligned and pad a 24-byte value to a 48-byte entry; this keeps it at 40. 96 bits still make a
+/// collision among a billion keys a one-in-10^10 event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    lo: u64,
+    hi: u32,
+    tag: u32,
 }
 
+fn split(key: u128, tag: u32) -> Key {
+    Key {
+        lo: key as u64,
+        hi: (key >> 96) as u32,
+        tag,
+    }
+}
+
+/// The key as stored: bits 64..96 come back as zero.
 fn join(k: &Key) -> u128 {
-    u128::from(k[0]) | (u128::from(k[1]) << 64)
+    u128::from(k.lo) | (u128::from(k.hi) << 96)
+}
+
+fn same(a: &Key, b: &Key) -> bool {
+    a.lo == b.lo && a.hi == b.hi
 }
 
 /// Entries per chunk. The first chunk grows by doubling up to this; later ones are allocated
@@ -29,21 +45,34 @@ const CHUNK: usize = 1 << 14;
 
 /// A `Vec` in chunks: push, pop and index, never moving what is stored.
 #[derive(Debug)]
-struct Chunked<T> {
+pub(crate) struct Chunked<T> {
     chunks: Vec<Vec<T>>,
     len: usize,
 }
 
+impl<T> Default for Chunked<T> {
+    fn default() -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
 impl<T> Chunked<T> {
-    fn get(&self, i: usize) -> Option<&T> {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn get(&self, i: usize) -> Option<&T> {
         self.chunks.get(i / CHUNK)?.get(i % CHUNK)
     }
 
-    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut T> {
         self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
     }
 
-    fn push(&mut self, v: T) {
+    pub(crate) fn push(&mut self, v: T) {
         match self.chunks.last_mut() {
             Some(c) if c.len() < CHUNK => c.push(v),
             Some(_) => {
@@ -104,7 +133,7 @@ impl<V> Default for KeyTable<V> {
 }
 
 fn h(key: Key) -> u64 {
-    key[0] ^ key[1]
+    key.lo ^ u64::from(key.hi).rotate_left(32)
 }
 
 impl<V> KeyTable<V> {
@@ -117,13 +146,20 @@ impl<V> KeyTable<V> {
     }
 
     fn slot(&self, key: u128) -> Option<usize> {
-        let key = split(key);
+        let key = split(key, 0);
         let entries = &self.entries;
         self.index
             .find(h(key), |&i| {
-                entries.get(i as usize).is_some_and(|e| e.0 == key)
+                entries.get(i as usize).is_some_and(|e| same(&e.0, &key))
             })
             .map(|&i| i as usize)
+    }
+
+    /// The value and its tag.
+    pub fn get_tagged(&self, key: u128) -> Option<(u32, &V)> {
+        self.slot(key)
+            .and_then(|i| self.entries.get(i))
+            .map(|e| (e.0.tag, &e.1))
     }
 
     pub fn get(&self, key: u128) -> Option<&V> {
@@ -137,13 +173,26 @@ impl<V> KeyTable<V> {
         self.entries.get_mut(i).map(|e| &mut e.1)
     }
 
-    /// Inserts or replaces.
+    /// The value and its tag, both mutable.
+    pub fn get_mut_tagged(&mut self, key: u128) -> Option<(&mut u32, &mut V)> {
+        let i = self.slot(key)?;
+        self.entries.get_mut(i).map(|e| (&mut e.0.tag, &mut e.1))
+    }
+
+    /// Inserts or replaces, with tag 0.
     pub fn insert(&mut self, key: u128, value: V) {
-        if let Some(v) = self.get_mut(key) {
-            *v = value;
+        self.insert_tagged(key, 0, value);
+    }
+
+    /// Inserts or replaces value and tag.
+    pub fn insert_tagged(&mut self, key: u128, tag: u32, value: V) {
+        if let Some(i) = self.slot(key) {
+            if let Some(e) = self.entries.get_mut(i) {
+                *e = (split(key, tag), value);
+            }
             return;
         }
-        let key = split(key);
+        let key = split(key, tag);
         let idx = self.entries.len as u32;
         self.entries.push((key, value));
         let entries = &self.entries;
@@ -152,13 +201,14 @@ impl<V> KeyTable<V> {
         });
     }
 
-    pub fn remove(&mut self, key: u128) -> Option<V> {
+    /// Removes the entry; returns its tag and value.
+    pub fn remove(&mut self, key: u128) -> Option<(u32, V)> {
         let i = self.slot(key)?;
         self.remove_at(i)
     }
 
     /// Removes entry `i` (which must exist), moving the last entry into its place.
-    fn remove_at(&mut self, i: usize) -> Option<V> {
+    fn remove_at(&mut self, i: usize) -> Option<(u32, V)> {
         let key = self.entries.get(i)?.0;
         if let Ok(e) = self.index.find_entry(h(key), |&j| j as usize == i) {
             e.remove();
@@ -171,26 +221,27 @@ impl<V> KeyTable<V> {
                 }
             }
         }
-        self.entries.swap_remove(i).map(|e| e.1)
+        self.entries.swap_remove(i).map(|e| (e.0.tag, e.1))
     }
 
     /// Keeps the entries for which `keep` is true.
     pub fn retain(&mut self, keep: impl FnMut(u128, &V) -> bool) {
-        self.retain_or(keep, |_| {});
+        self.retain_or(keep, |_, _| {});
     }
 
-    /// Keeps the entries for which `keep` is true and hands every other value to `removed`.
+    /// Keeps the entries for which `keep` is true and hands every other (tag, value) to
+    /// `removed`.
     pub fn retain_or(
         &mut self,
         mut keep: impl FnMut(u128, &V) -> bool,
-        mut removed: impl FnMut(V),
+        mut removed: impl FnMut(u32, V),
     ) {
         let mut i = 0;
         while let Some((k, v)) = self.entries.get(i) {
             if keep(join(k), v) {
                 i += 1;
-            } else if let Some(v) = self.remove_at(i) {
-                removed(v);
+            } else if let Some((tag, v)) = self.remove_at(i) {
+                removed(tag, v);
             }
         }
         if self.index.capacity() > 4 * self.entries.len.max(1024) {
@@ -200,8 +251,9 @@ impl<V> KeyTable<V> {
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (u128, &V)> {
-        self.entries.iter().map(|(k, v)| (join(k), v))
+    /// Entries as (key with bits 64..96 cleared, tag, value).
+    pub fn iter(&self) -> impl Iterator<Item = (u128, u32, &V)> {
+        self.entries.iter().map(|(k, v)| (join(k), k.tag, v))
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> {
@@ -236,7 +288,7 @@ mod tests {
                     t.insert(k, v);
                     m.insert(k, v);
                 }
-                2 => assert_eq!(t.remove(k), m.remove(&k), "seed {seed}"),
+                2 => assert_eq!(t.remove(k).map(|(_, v)| v), m.remove(&k), "seed {seed}"),
                 _ => {
                     let cut = rng.u32(..);
                     t.retain(|_, v| *v > cut);
@@ -265,5 +317,21 @@ mod tests {
             assert_eq!(t.get(key(i)).copied(), (i % 3 != 0).then_some(i), "{i}");
         }
         assert!(t.heap_bytes() < (n as usize) * 64);
+    }
+
+    #[test]
+    fn tags_travel_with_their_entries_through_moves() {
+        let mut t = KeyTable::default();
+        for i in 0..100u128 {
+            t.insert_tagged(i << 100 | i, i as u32 * 7, ());
+        }
+        t.retain(|k, _| (k & 0xff) % 2 == 0);
+        for i in (0..100u128).step_by(2) {
+            assert_eq!(
+                t.get_tagged(i << 100 | i).map(|(tag, _)| tag),
+                Some(i as u32 * 7)
+            );
+        }
+        assert_eq!(t.remove(4 << 100 | 4), Some((28, ())));
     }
 }

@@ -178,7 +178,12 @@ pub enum CumulativeValue {
 pub struct CumulativeSource {
     pub last: CumulativeState,
     pub touched: u32,
+    /// Id of the series it feeds; `NO_SERIES` until its first delta created or reached one.
+    pub series: u32,
 }
+
+/// A cumulative source that has only been baselined feeds no series yet.
+pub const NO_SERIES: u32 = u32::MAX;
 
 /// The difference between two cumulative points, or why there is none.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,11 +13,12 @@ use ahash::RandomState;
 pub use super::batch::{Batch, BatchResult, LabelResolver, Outcome};
 use super::interner::Interner;
 use super::key::{FamilyDesc, Kind, Labels};
-use super::keytable::KeyTable;
+use super::keytable::{Chunked, KeyTable};
 use super::layout::{fold_map, LayoutMismatch};
 use super::series::{
     cumulative_step, BucketCounts, CounterValue, CumulativeDelta, CumulativeSource,
     CumulativeState, CumulativeValue, Point, PointValue, Series, SeriesValue, Temporality,
+    NO_SERIES,
 };
 use super::window::{Verdict, Window};
 
@@ -33,6 +34,13 @@ pub struct ShardConfig {
 }
 
 type Map<K, V> = HashMap<K, V, RandomState>;
+
+/// A series id's state: whether its series exists and how many sources hold the id.
+#[derive(Debug, Clone, Copy)]
+struct IdSlot {
+    live: bool,
+    sources: u32,
+}
 type FoldResult = Result<Arc<[u16]>, LayoutMismatch>;
 
 /// A value to add, borrowed from a batch or a cumulative difference.
@@ -59,6 +67,11 @@ pub struct ShardState {
     deltas: KeyTable<Window>,
     /// Cumulative streams: their last point.
     cumulative: Map<u128, CumulativeSource>,
+    /// Series ids (the series table's tags, also held by the sources that feed a series):
+    /// whether the series still exists, and how many sources hold the id. An id is reused only
+    /// when both are gone, so a source never counts toward the wrong series.
+    ids: Chunked<IdSlot>,
+    free_ids: Vec<u32>,
     strings: Interner,
     /// Distinct label-name lists (ids into `strings`); few, and kept for the process lifetime.
     key_sets: Vec<Box<[u32]>>,
@@ -82,6 +95,8 @@ impl ShardState {
             series: KeyTable::default(),
             deltas: KeyTable::default(),
             cumulative: Map::default(),
+            ids: Chunked::default(),
+            free_ids: Vec::new(),
             strings: Interner::default(),
             key_sets: Vec::new(),
             key_set_index: Map::default(),
@@ -116,6 +131,52 @@ impl ShardState {
     pub fn series(&self) -> impl Iterator<Item = &Series> {
         self.series.values()
     }
+    /// Every live series with the number of source streams (pods' series) that feed it.
+    pub fn series_with_sources(&self) -> impl Iterator<Item = (&Series, u32)> {
+        self.series
+            .iter()
+            .map(|(_, id, s)| (s, self.ids.get(id as usize).map_or(0, |slot| slot.sources)))
+    }
+
+    fn alloc_id(&mut self) -> u32 {
+        let live = IdSlot {
+            live: true,
+            sources: 0,
+        };
+        if let Some(id) = self.free_ids.pop() {
+            if let Some(slot) = self.ids.get_mut(id as usize) {
+                *slot = live;
+            }
+            return id;
+        }
+        self.ids.push(live);
+        (self.ids.len() - 1) as u32
+    }
+
+    /// Adjusts a series id's source count and frees the id once nothing refers to it.
+    fn update_id(&mut self, id: u32, f: impl FnOnce(&mut IdSlot)) {
+        let Some(slot) = self.ids.get_mut(id as usize) else {
+            return;
+        };
+        let was_free = !slot.live && slot.sources == 0;
+        f(slot);
+        if !was_free && !slot.live && slot.sources == 0 {
+            self.free_ids.push(id);
+        }
+    }
+
+    fn source_added(&mut self, id: u32) {
+        self.update_id(id, |s| s.sources += 1);
+    }
+
+    fn source_removed(&mut self, id: u32) {
+        self.update_id(id, |s| s.sources = s.sources.saturating_sub(1));
+    }
+
+    fn series_removed(&mut self, id: u32) {
+        self.update_id(id, |s| s.live = false);
+    }
+
     /// A series' labels as (name, value) pairs, sorted by name.
     pub fn labels<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = (&'a str, &'a str)> {
         let keys = self
@@ -248,19 +309,27 @@ impl ShardState {
         let Some(add) = self.batch_add(batch, &p.value, layout_ids) else {
             return Outcome::LayoutMismatch;
         };
-        if self
-            .add_to_series(batch, p, fam, add, p.start_ns, p.end_ns)
-            .is_err()
-        {
+        let Ok(id) = self.add_to_series(batch, p, fam, add, p.start_ns, p.end_ns) else {
             return Outcome::LayoutMismatch;
-        }
-        match self.deltas.get_mut(p.source) {
-            Some(w) => w.record(p.start_ns, p.end_ns, late),
+        };
+        match self.deltas.get_mut_tagged(p.source) {
+            Some((tag, w)) => {
+                w.record(p.start_ns, p.end_ns, late);
+                // The series expired and came back under a new id: follow it.
+                if *tag != id {
+                    let old = std::mem::replace(tag, id);
+                    self.source_removed(old);
+                    self.source_added(id);
+                }
+            }
             None => {
                 // A stream that changed temporality starts over.
-                self.cumulative.remove(&p.source);
+                if let Some(old) = self.cumulative.remove(&p.source) {
+                    self.source_removed(old.series);
+                }
+                self.source_added(id);
                 self.deltas
-                    .insert(p.source, Window::new(p.start_ns, p.end_ns));
+                    .insert_tagged(p.source, id, Window::new(p.start_ns, p.end_ns));
             }
         }
         outcome
@@ -311,7 +380,9 @@ impl ShardState {
                 }
             }
             None => {
-                self.deltas.remove(p.source);
+                if let Some((id, _)) = self.deltas.remove(p.source) {
+                    self.source_removed(id);
+                }
                 let last = CumulativeState {
                     start_ns: p.start_ns,
                     end_ns: p.end_ns,
@@ -322,6 +393,7 @@ impl ShardState {
                     CumulativeSource {
                         last,
                         touched: clock,
+                        series: NO_SERIES,
                     },
                 );
                 if p.start_ns <= self.cfg.process_start_ns {
@@ -345,9 +417,24 @@ impl ShardState {
             },
         };
         match self.add_to_series(batch, p, fam, add, start, p.end_ns) {
-            Ok(()) => outcome,
+            Ok(id) => {
+                self.link_cumulative(p.source, id);
+                outcome
+            }
             Err(LayoutMismatch) => Outcome::LayoutMismatch,
         }
+    }
+
+    /// Records which series a cumulative source feeds (again, if the series came back).
+    fn link_cumulative(&mut self, source: u128, id: u32) {
+        let old = match self.cumulative.get_mut(&source) {
+            Some(src) if src.series != id => std::mem::replace(&mut src.series, id),
+            _ => return,
+        };
+        if old != NO_SERIES {
+            self.source_removed(old);
+        }
+        self.source_added(id);
     }
 
     fn fold(&mut self, input: u32, output: u32) -> FoldResult {
@@ -367,10 +454,11 @@ impl ShardState {
         add: Add<'_>,
         start_ns: u64,
         end_ns: u64,
-    ) -> Result<(), LayoutMismatch> {
+    ) -> Result<u32, LayoutMismatch> {
         if self.series.get(p.series).is_none() {
             let s = self.new_series(batch, p, fam, &add, start_ns)?;
-            self.series.insert(p.series, s);
+            let id = self.alloc_id();
+            self.series.insert_tagged(p.series, id, s);
         }
         // The fold map is looked up before borrowing the series mutably.
         let fold = match (&add, self.series.get(p.series).map(|s| &s.value)) {
@@ -382,7 +470,7 @@ impl ShardState {
             _ => None,
         };
         let clock = self.clock;
-        let Some(s) = self.series.get_mut(p.series) else {
+        let Some((&mut id, s)) = self.series.get_mut_tagged(p.series) else {
             return Err(LayoutMismatch);
         };
         match (&mut s.value, add) {
@@ -416,7 +504,7 @@ impl ShardState {
         s.created_ns = s.created_ns.min(start_ns);
         s.updated_ns = s.updated_ns.max(end_ns);
         s.touched = clock;
-        Ok(())
+        Ok(id)
     }
 
     fn new_series(
@@ -468,20 +556,35 @@ impl ShardState {
         let ttl = self.cfg.ttl_secs;
         let idle = |touched: u32| now.saturating_sub(touched) > ttl;
         let sources_before = self.sources_len();
-        self.cumulative.retain(|_, s| !idle(s.touched));
+        let mut released: Vec<u32> = Vec::new();
+        self.cumulative.retain(|_, s| {
+            let keep = !idle(s.touched);
+            if !keep && s.series != NO_SERIES {
+                released.push(s.series);
+            }
+            keep
+        });
         let horizon = self.now_ns.saturating_sub(self.ttl_ns());
-        self.deltas.retain(|_, w| w.newest_end() >= horizon);
-        let mut dropped = 0;
+        self.deltas
+            .retain_or(|_, w| w.newest_end() >= horizon, |id, _| released.push(id));
+        for id in released {
+            self.source_removed(id);
+        }
+        let mut dead: Vec<u32> = Vec::new();
         let strings = &mut self.strings;
         self.series.retain_or(
             |_, s| !idle(s.touched),
-            |s| {
-                dropped += 1;
+            |id, s| {
+                dead.push(id);
                 for v in s.labels.values.iter() {
                     strings.release(*v);
                 }
             },
         );
+        let dropped = dead.len();
+        for id in dead {
+            self.series_removed(id);
+        }
         (dropped, sources_before - self.sources_len())
     }
 }

@@ -83,10 +83,11 @@ impl Table {
         self.shards.is_empty()
     }
 
-    /// The shard that owns an output series: a stable function of its key.
+    /// The shard that owns an output series: a stable function of the key's top 32 bits (which
+    /// the key tables keep, so a stored key can be routed again).
     pub fn shard_of(&self, series: u128) -> usize {
-        let hi = (series >> 64) as u64;
-        ((u128::from(hi) * self.shards.len() as u128) >> 64) as usize
+        let top = (series >> 96) as u64;
+        ((top * self.shards.len() as u64) >> 32) as usize
     }
 
     pub fn try_send(&self, shard: usize, batch: Batch) -> Result<(), (SendError, Batch)> {

@@ -1,0 +1,258 @@
+//! The cardinality report: how many output series and input (per-pod) source streams there are,
+//! per service, per metric and per span name, the reduction factor, and the distinct values of
+//! every label. Each shard summarises its own series (`ShardSummary::of`) on its own thread;
+//! `Report::merge` joins the summaries.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::aggregate::shard::ShardState;
+
+/// Which series a report covers and how long its lists are.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub service: Option<String>,
+    pub metric: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub output_series: u64,
+    pub source_streams: u64,
+}
+
+impl Counts {
+    fn add(&mut self, series: u64, streams: u64) {
+        self.output_series += series;
+        self.source_streams += streams;
+    }
+}
+
+/// One shard's share of a report.
+#[derive(Debug, Default)]
+pub struct ShardSummary {
+    series: u64,
+    streams_total: u64,
+    services: HashMap<String, (Counts, HashMap<String, Counts>)>,
+    metrics: HashMap<String, (String, Counts)>,
+    labels: HashMap<String, (u64, HashSet<String>)>,
+}
+
+impl ShardSummary {
+    /// Summarises the series of one shard that fall in `scope`.
+    pub fn of(state: &ShardState, scope: &Scope) -> Self {
+        let mut s = ShardSummary {
+            streams_total: state.sources_len() as u64,
+            ..Default::default()
+        };
+        for (series, streams) in state.series_with_sources() {
+            let Some(fam) = state.families().get(series.family as usize) else {
+                continue;
+            };
+            if scope
+                .metric
+                .as_deref()
+                .is_some_and(|m| m != &*fam.name && m != &*fam.otel_name)
+            {
+                continue;
+            }
+            let mut service = "";
+            let mut span = "";
+            for (k, v) in state.labels(&series.labels) {
+                match k {
+                    "service_name" => service = v,
+                    "span_name" => span = v,
+                    _ => {}
+                }
+            }
+            if scope.service.as_deref().is_some_and(|want| want != service) {
+                continue;
+            }
+            let streams = u64::from(streams);
+            s.series += 1;
+            let svc = s.services.entry(service.to_owned()).or_default();
+            svc.0.add(1, streams);
+            svc.1.entry(span.to_owned()).or_default().add(1, streams);
+            s.metrics
+                .entry(fam.name.to_string())
+                .or_insert_with(|| (fam.otel_name.to_string(), Counts::default()))
+                .1
+                .add(1, streams);
+            for (k, v) in state.labels(&series.labels) {
+                let l = s.labels.entry(k.to_owned()).or_default();
+                l.0 += 1;
+                if !l.1.contains(v) {
+                    l.1.insert(v.to_owned());
+                }
+            }
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Totals {
+    pub output_series: u64,
+    /// Source streams feeding the reported series.
+    pub source_streams: u64,
+    /// Source streams tracked in all, whatever the filter (includes cumulative streams that
+    /// have only been baselined and feed no series yet).
+    pub source_streams_tracked: u64,
+    /// source_streams ÷ output_series: how many pod series each served series replaces.
+    pub reduction: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NameCounts {
+    pub name: String,
+    pub output_series: u64,
+    pub source_streams: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceReport {
+    pub service: String,
+    pub output_series: u64,
+    pub source_streams: u64,
+    pub reduction: f64,
+    /// Span names with the most output series, most first.
+    pub top_span_names: Vec<NameCounts>,
+    pub span_names: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricReport {
+    pub metric: String,
+    pub otel_metric: String,
+    pub output_series: u64,
+    pub source_streams: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelReport {
+    pub label: String,
+    pub distinct_values: u64,
+    pub output_series: u64,
+}
+
+/// The whole report, as served on `/api/v1/cardinality`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub totals: Totals,
+    /// Services with the most source streams, most first (at most `top`).
+    pub services: Vec<ServiceReport>,
+    pub metrics: Vec<MetricReport>,
+    /// Labels with the most distinct values, most first: ids in span names show up here.
+    pub labels: Vec<LabelReport>,
+}
+
+fn ratio(streams: u64, series: u64) -> f64 {
+    if series == 0 {
+        0.0
+    } else {
+        streams as f64 / series as f64
+    }
+}
+
+fn by_count<T>(v: &mut [T], key: impl Fn(&T) -> (u64, &str)) {
+    v.sort_by(|a, b| {
+        let (ca, na) = key(a);
+        let (cb, nb) = key(b);
+        cb.cmp(&ca).then_with(|| na.cmp(nb))
+    });
+}
+
+impl Report {
+    /// Joins the shards' summaries; lists are cut to `top` entries.
+    pub fn merge(parts: Vec<ShardSummary>, top: usize) -> Self {
+        let mut series = 0;
+        let mut tracked = 0;
+        let mut services: BTreeMap<String, (Counts, HashMap<String, Counts>)> = BTreeMap::new();
+        let mut metrics: BTreeMap<String, (String, Counts)> = BTreeMap::new();
+        let mut labels: BTreeMap<String, (u64, HashSet<String>)> = BTreeMap::new();
+        for p in parts {
+            series += p.series;
+            tracked += p.streams_total;
+            for (name, (c, spans)) in p.services {
+                let e = services.entry(name).or_default();
+                e.0.add(c.output_series, c.source_streams);
+                for (span, sc) in spans {
+                    e.1.entry(span)
+                        .or_default()
+                        .add(sc.output_series, sc.source_streams);
+                }
+            }
+            for (name, (otel, c)) in p.metrics {
+                metrics
+                    .entry(name)
+                    .or_insert_with(|| (otel, Counts::default()))
+                    .1
+                    .add(c.output_series, c.source_streams);
+            }
+            for (name, (n, values)) in p.labels {
+                let e = labels.entry(name).or_default();
+                e.0 += n;
+                e.1.extend(values);
+            }
+        }
+        let streams: u64 = services.values().map(|(c, _)| c.source_streams).sum();
+        let mut services: Vec<ServiceReport> = services
+            .into_iter()
+            .map(|(service, (c, spans))| {
+                let span_names = spans.len() as u64;
+                let mut top_span_names: Vec<NameCounts> = spans
+                    .into_iter()
+                    .map(|(name, sc)| NameCounts {
+                        name,
+                        output_series: sc.output_series,
+                        source_streams: sc.source_streams,
+                    })
+                    .collect();
+                by_count(&mut top_span_names, |n| (n.output_series, &n.name));
+                top_span_names.truncate(top);
+                ServiceReport {
+                    service,
+                    output_series: c.output_series,
+                    source_streams: c.source_streams,
+                    reduction: ratio(c.source_streams, c.output_series),
+                    top_span_names,
+                    span_names,
+                }
+            })
+            .collect();
+        by_count(&mut services, |s| (s.source_streams, &s.service));
+        services.truncate(top);
+        let mut metrics: Vec<MetricReport> = metrics
+            .into_iter()
+            .map(|(metric, (otel_metric, c))| MetricReport {
+                metric,
+                otel_metric,
+                output_series: c.output_series,
+                source_streams: c.source_streams,
+            })
+            .collect();
+        by_count(&mut metrics, |m| (m.output_series, &m.metric));
+        let mut labels: Vec<LabelReport> = labels
+            .into_iter()
+            .map(|(label, (n, values))| LabelReport {
+                label,
+                distinct_values: values.len() as u64,
+                output_series: n,
+            })
+            .collect();
+        by_count(&mut labels, |l| (l.distinct_values, &l.label));
+        labels.truncate(top);
+        Report {
+            totals: Totals {
+                output_series: series,
+                source_streams: streams,
+                source_streams_tracked: tracked,
+                reduction: ratio(streams, series),
+            },
+            services,
+            metrics,
+            labels,
+        }
+    }
+}

@@ -77,6 +77,7 @@ pub struct Telemetry {
     no_value: Counter,
     pub scrape_duration: Histogram,
     pub scrape_bytes: Histogram,
+    pub family_conflicts: Counter,
 }
 
 impl Telemetry {
@@ -181,6 +182,13 @@ impl Telemetry {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
         );
+        let family_conflicts = Counter::default();
+        registry.register(
+            "scrape_family_conflicts",
+            "Metric-family parts left out of a scrape because another family of the same name \
+             but a different type was served",
+            family_conflicts.clone(),
+        );
         registry.register_collector(Box::new(ShardCollector { shards }));
         Self {
             registry,
@@ -191,6 +199,7 @@ impl Telemetry {
             no_value,
             scrape_duration,
             scrape_bytes,
+            family_conflicts,
         }
     }
 

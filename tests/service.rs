@@ -876,3 +876,34 @@ async fn the_cardinality_report_counts_a_known_workload_exactly() {
     assert_eq!(r["totals"]["output_series"], 14);
     assert_eq!(r["totals"]["source_streams"], 44);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_metrics_with_one_prometheus_name_but_different_types_keep_the_scrape_valid() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let mut req = spanmetrics(
+        "checkout",
+        "p1",
+        &[route("GET /cart", 2, [1, 1, 0, 0, 0], 3.0)],
+        t0,
+        t0 + 1_000_000_000,
+        DELTA,
+    );
+    // Rename the histogram so both translate to `traces_span_metrics_calls`.
+    let metrics = &mut req.resource_metrics[0].scope_metrics[0].metrics;
+    metrics[1].name = "traces.span.metrics.calls".into();
+    metrics[1].unit = "".into();
+    grpc_export(&s, req).await.unwrap();
+    let text = s.scrape();
+    check_scrape(&text, &Default::default());
+    assert_eq!(
+        text.matches("# TYPE traces_span_metrics_calls").count(),
+        1,
+        "{text}"
+    );
+    let internal = s.get("/internal/metrics").1;
+    assert!(
+        s.internal("spanagg_scrape_family_conflicts_total") >= 1.0,
+        "{text}\n{internal}"
+    );
+}

@@ -81,10 +81,15 @@ impl SetHash {
     }
 }
 
-/// Hash of the source identity parts that are not attribute sets.
-pub fn source_seed(resource: SetHash, scope: &str, metric: &str) -> u64 {
+/// Hash of the source identity parts that are not attribute sets: resource, scope, and the
+/// metric's identity (name, unit and kind: a pod may send a counter and a histogram of one name).
+pub fn source_seed(resource: SetHash, scope: &str, metric: &FamilyDesc) -> u64 {
     let r = resource.finish(0).to_le_bytes();
-    xxh3_64(&r) ^ xxh3_64(scope.as_bytes()).rotate_left(17) ^ xxh3_64(metric.as_bytes())
+    xxh3_64(&r)
+        ^ xxh3_64(scope.as_bytes()).rotate_left(17)
+        ^ xxh3_64(metric.otel_name.as_bytes())
+        ^ xxh3_64(metric.unit.as_bytes()).rotate_left(31)
+        ^ metric.key_seed().rotate_left(47)
 }
 
 #[cfg(test)]

@@ -97,7 +97,10 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         )
             .into_response();
     };
-    let (text, _conflicts) = stitch(parts, format);
+    let (text, conflicts) = stitch(parts, format);
+    if conflicts > 0 {
+        state.telemetry.family_conflicts.inc_by(conflicts as u64);
+    }
     state.telemetry.scrape_bytes.observe(text.len() as f64);
     let res = body_response(&headers, format.content_type(), text);
     state

@@ -335,7 +335,7 @@ pub fn prepare(
                 };
                 let family = family_index(&mut families, m, kind);
                 let seed = families[family as usize].key_seed();
-                let src_seed = source_seed(identity, scope, &m.name);
+                let src_seed = source_seed(identity, scope, &families[family as usize]);
                 let ctx = MetricCtx {
                     kept: &kept,
                     kept_hash,

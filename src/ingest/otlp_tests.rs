@@ -324,3 +324,18 @@ fn non_string_attribute_values_render_as_label_text() {
     assert_eq!(value_str(Some(&b), &mut buf), "true");
     assert_eq!(value_str(None, &mut buf), "");
 }
+
+#[test]
+fn a_counter_and_a_histogram_of_one_name_are_distinct_sources() {
+    let mut h = hist(good_hist());
+    h.name = "traces.span.metrics.calls".into();
+    h.unit = String::new();
+    let p = run(&request(
+        vec![],
+        vec![sum(vec![int_point(vec![], 1)], DELTA, true), h],
+    ));
+    let points = &p.per_shard[0].points;
+    assert_eq!(points.len(), 2);
+    assert_ne!(points[0].source, points[1].source);
+    assert_ne!(points[0].series, points[1].series);
+}

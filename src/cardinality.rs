@@ -7,14 +7,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::aggregate::shard::ShardState;
+use crate::aggregate::shard::{SeriesFilter, ShardState};
 
-/// Which series a report covers and how long its lists are.
-#[derive(Debug, Clone, Default)]
-pub struct Scope {
-    pub service: Option<String>,
-    pub metric: Option<String>,
-}
+/// Which series a report covers.
+pub type Scope = SeriesFilter;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Counts {
@@ -46,17 +42,7 @@ impl ShardSummary {
             streams_total: state.sources_len() as u64,
             ..Default::default()
         };
-        for (series, streams) in state.series_with_sources() {
-            let Some(fam) = state.families().get(series.family as usize) else {
-                continue;
-            };
-            if scope
-                .metric
-                .as_deref()
-                .is_some_and(|m| m != &*fam.name && m != &*fam.otel_name)
-            {
-                continue;
-            }
+        for (series, fam, streams) in state.select(scope) {
             let mut service = "";
             let mut span = "";
             for (k, v) in state.labels(&series.labels) {
@@ -65,9 +51,6 @@ impl ShardSummary {
                     "span_name" => span = v,
                     _ => {}
                 }
-            }
-            if scope.service.as_deref().is_some_and(|want| want != service) {
-                continue;
             }
             let streams = u64::from(streams);
             s.series += 1;

@@ -22,6 +22,15 @@ use super::series::{
 };
 use super::window::{Verdict, Window};
 
+/// Which series a read (snapshot, report) covers.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesFilter {
+    /// Only series whose `service_name` label equals this.
+    pub service: Option<String>,
+    /// Only series whose Prometheus family name or OTel metric name equals this.
+    pub metric: Option<String>,
+}
+
 /// Settings every shard shares.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -131,6 +140,28 @@ impl ShardState {
     pub fn series(&self) -> impl Iterator<Item = &Series> {
         self.series.values()
     }
+    /// The live series that `filter` selects, with their family and source stream count.
+    pub fn select<'a>(
+        &'a self,
+        filter: &'a SeriesFilter,
+    ) -> impl Iterator<Item = (&'a Series, &'a FamilyDesc, u32)> + 'a {
+        self.series_with_sources().filter_map(move |(s, streams)| {
+            let fam = self.families.get(s.family as usize)?;
+            if let Some(m) = filter.metric.as_deref() {
+                if m != &*fam.name && m != &*fam.otel_name {
+                    return None;
+                }
+            }
+            if let Some(want) = filter.service.as_deref() {
+                let service = self.labels(&s.labels).find(|(k, _)| *k == "service_name");
+                if service.map(|(_, v)| v) != Some(want) {
+                    return None;
+                }
+            }
+            Some((s, fam, streams))
+        })
+    }
+
     /// Every live series with the number of source streams (pods' series) that feed it.
     pub fn series_with_sources(&self) -> impl Iterator<Item = (&Series, u32)> {
         self.series

@@ -16,7 +16,7 @@ use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::aggregate::key::Kind;
 use crate::aggregate::series::SeriesValue;
-use crate::aggregate::shard::ShardState;
+use crate::aggregate::shard::{SeriesFilter, ShardState};
 
 /// Output labels that get their own dictionary-encoded column; the rest go to `labels`.
 pub const FIXED_LABELS: [&str; 4] = ["service_name", "span_name", "span_kind", "status_code"];
@@ -116,13 +116,7 @@ pub fn snapshot_schema() -> SchemaRef {
 }
 
 /// Which series a snapshot includes.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    /// Only series whose `service_name` label equals this.
-    pub service: Option<String>,
-    /// Only series whose Prometheus family name or OTel metric name equals this.
-    pub metric: Option<String>,
-}
+pub type Filter = SeriesFilter;
 
 /// The `RecordBatch` of one shard's series that pass `filter`.
 pub fn shard_batch(state: &ShardState, filter: &Filter) -> Result<RecordBatch, ArrowError> {
@@ -143,24 +137,7 @@ pub fn shard_batch(state: &ShardState, filter: &Filter) -> Result<RecordBatch, A
     let mut bounds = ListBuilder::new(Float64Builder::new());
     let mut counts = ListBuilder::new(UInt64Builder::new());
 
-    for s in state.series() {
-        let Some(fam) = state.families().get(s.family as usize) else {
-            continue;
-        };
-        if filter
-            .metric
-            .as_deref()
-            .is_some_and(|m| m != &*fam.name && m != &*fam.otel_name)
-        {
-            continue;
-        }
-        let service = state
-            .labels(&s.labels)
-            .find(|(k, _)| *k == "service_name")
-            .map(|(_, v)| v);
-        if filter.service.is_some() && filter.service.as_deref() != service {
-            continue;
-        }
+    for (s, fam, _) in state.select(filter) {
         metric.append_value(&*fam.name);
         otel.append_value(&*fam.otel_name);
         kind.append_value(match fam.kind {

@@ -5,14 +5,16 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::Serialize;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
 
 use crate::aggregate::shard::{SeriesFilter, ShardState};
 
 /// Which series a report covers.
 pub type Scope = SeriesFilter;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub output_series: u64,
     pub source_streams: u64,
@@ -74,7 +76,7 @@ impl ShardSummary {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Totals {
     pub output_series: u64,
     /// Source streams feeding the reported series.
@@ -86,14 +88,14 @@ pub struct Totals {
     pub reduction: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NameCounts {
     pub name: String,
     pub output_series: u64,
     pub source_streams: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceReport {
     pub service: String,
     pub output_series: u64,
@@ -104,7 +106,7 @@ pub struct ServiceReport {
     pub span_names: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricReport {
     pub metric: String,
     pub otel_metric: String,
@@ -112,7 +114,7 @@ pub struct MetricReport {
     pub source_streams: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabelReport {
     pub label: String,
     pub distinct_values: u64,
@@ -120,7 +122,7 @@ pub struct LabelReport {
 }
 
 /// The whole report, as served on `/api/v1/cardinality`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub totals: Totals,
     /// Services with the most source streams, most first (at most `top`).
@@ -237,5 +239,88 @@ impl Report {
             metrics,
             labels,
         }
+    }
+}
+
+impl Report {
+    /// The report as terminal tables, for `spanagg cardinality`.
+    pub fn table(&self) -> String {
+        let t = &self.totals;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "output series {}   source streams {}   reduction {:.1}x   (streams tracked {})\n",
+            t.output_series, t.source_streams, t.reduction, t.source_streams_tracked
+        );
+        let _ = writeln!(
+            out,
+            "{:<32} {:>14} {:>14} {:>10} {:>10}  top span names",
+            "SERVICE", "OUTPUT SERIES", "SOURCE STREAMS", "REDUCTION", "SPAN NAMES"
+        );
+        for s in &self.services {
+            let top: Vec<String> = s
+                .top_span_names
+                .iter()
+                .take(3)
+                .map(|n| format!("{} ({})", n.name, n.output_series))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<32} {:>14} {:>14} {:>9.1}x {:>10}  {}",
+                s.service,
+                s.output_series,
+                s.source_streams,
+                s.reduction,
+                s.span_names,
+                top.join(", ")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<48} {:>14} {:>14}",
+            "METRIC", "OUTPUT SERIES", "SOURCE STREAMS"
+        );
+        for m in &self.metrics {
+            let _ = writeln!(
+                out,
+                "{:<48} {:>14} {:>14}",
+                m.metric, m.output_series, m.source_streams
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<32} {:>16} {:>14}",
+            "LABEL", "DISTINCT VALUES", "OUTPUT SERIES"
+        );
+        for l in &self.labels {
+            let _ = writeln!(
+                out,
+                "{:<32} {:>16} {:>14}",
+                l.label, l.distinct_values, l.output_series
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_every_service_metric_and_label() {
+        let report = Report::merge(Vec::new(), 5);
+        assert!(report.table().contains("output series 0"));
+        let json = r#"{"totals":{"output_series":4,"source_streams":12,"source_streams_tracked":12,"reduction":3.0},
+            "services":[{"service":"checkout","output_series":4,"source_streams":12,"reduction":3.0,
+            "top_span_names":[{"name":"GET /cart","output_series":2,"source_streams":6}],"span_names":2}],
+            "metrics":[{"metric":"traces_span_metrics_calls","otel_metric":"traces.span.metrics.calls","output_series":2,"source_streams":6}],
+            "labels":[{"label":"span_name","distinct_values":2,"output_series":4}]}"#;
+        let report: Report = serde_json::from_str(json).unwrap();
+        let t = report.table();
+        assert!(t.contains("reduction 3.0x"), "{t}");
+        assert!(t.contains("checkout") && t.contains("GET /cart (2)"), "{t}");
+        assert!(t.contains("traces_span_metrics_calls"), "{t}");
+        assert!(t.contains("span_name"), "{t}");
     }
 }

@@ -28,6 +28,74 @@ struct Cli {
 enum Command {
     /// Run the service (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Print the cardinality report of a running spanagg: series and source streams per
+    /// service, metric and label, and the reduction factor.
+    Cardinality(CardinalityArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct CardinalityArgs {
+    /// Base URL of spanagg's HTTP listener.
+    #[arg(long, default_value = "http://127.0.0.1:9464")]
+    url: String,
+    /// Only this service (its service_name label).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only this metric (Prometheus or OTel name).
+    #[arg(long)]
+    metric: Option<String>,
+    /// Entries per list.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Print the JSON report instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Fetches the report from a running server.
+async fn fetch_report(args: &CardinalityArgs) -> anyhow::Result<String> {
+    use http_body_util::BodyExt;
+    let mut query = vec![("top", args.top.to_string())];
+    if let Some(s) = &args.service {
+        query.push(("service", s.clone()));
+    }
+    if let Some(m) = &args.metric {
+        query.push(("metric", m.clone()));
+    }
+    let url = format!(
+        "{}/api/v1/cardinality?{}",
+        args.url.trim_end_matches('/'),
+        serde_urlencoded::to_string(&query)?
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let res = client
+        .get(
+            url.parse()
+                .with_context(|| format!("bad --url {:?}", args.url))?,
+        )
+        .await
+        .with_context(|| format!("cannot reach spanagg at {}", args.url))?;
+    let status = res.status();
+    let body = res.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    anyhow::ensure!(status.is_success(), "{url} answered {status}: {text}");
+    Ok(text)
+}
+
+fn cardinality(args: CardinalityArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let text = runtime.block_on(fetch_report(&args))?;
+    if args.json {
+        println!("{text}");
+    } else {
+        let report: spanagg::cardinality::Report = serde_json::from_str(&text)
+            .context("the server's report is not what this spanagg reads")?;
+        print!("{}", report.table());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -107,6 +175,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
+        Some(Command::Cardinality(a)) => return cardinality(a),
         None => cli.serve,
     };
     let filter = args

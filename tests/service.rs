@@ -875,6 +875,41 @@ async fn the_cardinality_report_counts_a_known_workload_exactly() {
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["totals"]["output_series"], 14);
     assert_eq!(r["totals"]["source_streams"], 44);
+
+    // The CLI prints the same report as tables, or as JSON for scripts.
+    let cli = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+            .args(["cardinality", "--url", &format!("http://{}", s.http)])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = cli(&["--top", "5"]);
+    assert!(
+        table.contains("output series 28   source streams 88"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("checkout") && l.contains("6.0x")),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&["--json", "--service", "cart"])).unwrap();
+    assert_eq!(json["totals"]["output_series"], 20);
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .args(["cardinality", "--url", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot reach spanagg"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

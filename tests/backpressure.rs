@@ -66,32 +66,18 @@ async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
             AggregationTemporality::Delta,
         )
     };
-    // The first export fills the queue (capacity 1) and waits for the shard.
-    let first = {
-        let body = req("a", 0).encode_to_vec();
+    // OTLP/HTTP export on a blocking thread, so a held shard does not hold the runtime.
+    let post = |pod: &str| {
+        let body = req(pod, 0).encode_to_vec();
         tokio::task::spawn_blocking(move || {
-            common::http(
-                http_addr,
-                "POST",
-                "/v1/metrics",
-                &[("Content-Type", "application/x-protobuf")],
-                &body,
-            )
+            let ct = [("Content-Type", "application/x-protobuf")];
+            common::http(http_addr, "POST", "/v1/metrics", &ct, &body)
         })
     };
+    // The first export fills the queue (capacity 1) and waits for the shard.
+    let first = post("a");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let body = req("b", 0).encode_to_vec();
-    let (status, headers, _) = tokio::task::spawn_blocking(move || {
-        common::http(
-            http_addr,
-            "POST",
-            "/v1/metrics",
-            &[("Content-Type", "application/x-protobuf")],
-            &body,
-        )
-    })
-    .await
-    .unwrap();
+    let (status, headers, _) = post("b").await.unwrap();
     assert_eq!(status, 503);
     assert!(
         headers.iter().any(|(k, v)| k == "retry-after" && v == "1"),

@@ -148,14 +148,7 @@ async fn a_late_delta_filling_a_hole_is_applied_and_a_gap_is_counted() {
 async fn json_and_gzip_bodies_are_accepted() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    let req = spanmetrics(
-        "checkout",
-        "p1",
-        &[route("GET /cart", 7, [0, 1, 1, 0, 0], 20.0)],
-        t0,
-        t0 + 1_000_000_000,
-        DELTA,
-    );
+    let req = cart_delta("p1", 7, [0, 1, 1, 0, 0], 20.0, t0);
     let json = serde_json::to_vec(&req).unwrap();
     let text = String::from_utf8_lossy(&json);
     assert!(
@@ -194,14 +187,7 @@ async fn json_and_gzip_bodies_are_accepted() {
 async fn unsupported_points_get_partial_success_and_the_rest_is_applied() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    let mut req = spanmetrics(
-        "checkout",
-        "p1",
-        &[route("GET /cart", 3, [1, 0, 0, 0, 0], 1.0)],
-        t0,
-        t0 + 1_000_000_000,
-        DELTA,
-    );
+    let mut req = cart_delta("p1", 3, [1, 0, 0, 0, 0], 1.0, t0);
     let metrics = &mut req.resource_metrics[0].scope_metrics[0].metrics;
     metrics.push(Metric {
         name: "queue.depth".into(),
@@ -257,14 +243,7 @@ async fn unsupported_points_get_partial_success_and_the_rest_is_applied() {
 async fn undecodable_bodies_are_refused_counted_and_harmless() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    let req = spanmetrics(
-        "checkout",
-        "p1",
-        &[route("GET /cart", 4, [1, 0, 0, 0, 0], 1.0)],
-        t0,
-        t0 + 1_000_000_000,
-        DELTA,
-    );
+    let req = cart_delta("p1", 4, [1, 0, 0, 0, 0], 1.0, t0);
     assert_eq!(http_export(&s, &req).0, 200);
     let before = s.scrape();
 
@@ -459,14 +438,7 @@ async fn finer_buckets_fold_into_configured_bounds_and_others_are_rejected() {
     let s = Spanagg::start("histogram:\n  bounds:\n    traces.span.metrics.duration: [10, 1000]\n");
     let t0 = now_ns() - 60_000_000_000;
     // BOUNDS = [2, 10, 100, 1000] contains 10 and 1000: folds exactly.
-    let req = spanmetrics(
-        "checkout",
-        "p1",
-        &[route("GET /cart", 1, [1, 2, 3, 4, 5], 10.0)],
-        t0,
-        t0 + 1_000_000_000,
-        DELTA,
-    );
+    let req = cart_delta("p1", 1, [1, 2, 3, 4, 5], 10.0, t0);
     let r = grpc_export(&s, req).await.unwrap();
     assert!(r.partial_success.is_none(), "{r:?}");
     let text = s.scrape();
@@ -479,14 +451,7 @@ async fn finer_buckets_fold_into_configured_bounds_and_others_are_rejected() {
         "{text}"
     );
     // Bounds missing 1000 cannot fold exactly: rejected per point.
-    let mut req = spanmetrics(
-        "checkout",
-        "p2",
-        &[route("GET /cart", 1, [1, 1, 1, 1, 1], 1.0)],
-        t0,
-        t0 + 1_000_000_000,
-        DELTA,
-    );
+    let mut req = cart_delta("p2", 1, [1, 1, 1, 1, 1], 1.0, t0);
     if let Some(Data::Histogram(h)) = &mut req.resource_metrics[0].scope_metrics[0].metrics[1].data
     {
         h.data_points[0].explicit_bounds = vec![2.0, 10.0, 100.0, 500.0];
@@ -696,14 +661,7 @@ async fn mutated_and_random_bodies_never_take_the_server_down() {
 async fn the_scrape_is_gzipped_when_asked_and_says_what_it_is() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    let req = spanmetrics(
-        "checkout",
-        "p1",
-        &[route("GET /cart", 2, [1, 1, 0, 0, 0], 3.0)],
-        t0,
-        t0 + 1_000_000_000,
-        DELTA,
-    );
+    let req = cart_delta("p1", 2, [1, 1, 0, 0, 0], 3.0, t0);
     grpc_export(&s, req).await.unwrap();
     let plain = s.scrape();
     let (status, headers, body) = http(
@@ -916,14 +874,7 @@ async fn the_cardinality_report_counts_a_known_workload_exactly() {
 async fn two_metrics_with_one_prometheus_name_but_different_types_keep_the_scrape_valid() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    let mut req = spanmetrics(
-        "checkout",
-        "p1",
-        &[route("GET /cart", 2, [1, 1, 0, 0, 0], 3.0)],
-        t0,
-        t0 + 1_000_000_000,
-        DELTA,
-    );
+    let mut req = cart_delta("p1", 2, [1, 1, 0, 0, 0], 3.0, t0);
     // Rename the histogram so both translate to `traces_span_metrics_calls`.
     let metrics = &mut req.resource_metrics[0].scope_metrics[0].metrics;
     metrics[1].name = "traces.span.metrics.calls".into();

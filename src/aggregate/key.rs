@@ -121,17 +121,13 @@ mod tests {
 
     #[test]
     fn the_hash_is_stable_across_versions() {
-        // Persisted and routed: a change here breaks checkpoints and replicas.
+        // Persisted and routed: a change here breaks checkpoints and replicas, so the value
+        // is pinned, not recomputed.
         let mut a = SetHash::default();
         a.add("service.name", "checkout");
-        assert_eq!(a.finish(42), a.finish(42));
         assert_eq!(
             format!("{:032x}", a.finish(42)),
-            format!("{:032x}", {
-                let mut b = SetHash::default();
-                b.add("service.name", "checkout");
-                b.finish(42)
-            })
+            "76f31cfb51af4845fa23cd664735d961"
         );
     }
 }

@@ -53,10 +53,6 @@ impl BucketLayout {
     pub fn buckets(&self) -> usize {
         self.bounds.len() + 1
     }
-
-    pub fn same_as(&self, other: &[f64]) -> bool {
-        *self.bounds == *other
-    }
 }
 
 /// A point whose layout cannot merge exactly into the output layout.

@@ -344,6 +344,24 @@ pub fn spanmetrics(
     }
 }
 
+/// One pod's one-second delta for checkout's `GET /cart` route: the tests' usual point.
+pub fn cart_delta(
+    pod: &str,
+    calls: u64,
+    buckets: [u64; 5],
+    sum: f64,
+    start: u64,
+) -> ExportMetricsServiceRequest {
+    spanmetrics(
+        "checkout",
+        pod,
+        &[route("GET /cart", calls, buckets, sum)],
+        start,
+        start + 1_000_000_000,
+        AggregationTemporality::Delta,
+    )
+}
+
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();

@@ -42,6 +42,11 @@ pub struct RawConfig {
     #[serde(with = "humantime_opt", default)]
     pub series_ttl: Option<Duration>,
     pub max_request_bytes: Option<ByteSize>,
+    pub durability: Option<Durability>,
+    #[serde(with = "humantime_opt", default)]
+    pub checkpoint_interval: Option<Duration>,
+    pub checkpoint_keep: Option<usize>,
+    pub wal_segment_size: Option<ByteSize>,
     pub labels: RawLabels,
     pub histogram: RawHistogram,
 }
@@ -110,6 +115,19 @@ pub const DEFAULT_WITHOUT: &[&str] = &[
     "pod",
 ];
 
+/// What survives a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every accepted request is in the write-ahead log before it is acknowledged: a crash
+    /// loses nothing that was acknowledged.
+    #[default]
+    Wal,
+    /// No log. A clean shutdown still writes a final checkpoint and restores it exactly; after a
+    /// crash every series starts from zero with a new created time.
+    None,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -132,6 +150,14 @@ pub struct Config {
     pub series_ttl: Duration,
     /// Largest request body after decompression. Default 64 MiB.
     pub max_request_bytes: usize,
+    /// `wal` (default) or `none`.
+    pub durability: Durability,
+    /// Time between checkpoints. Default 60s; a checkpoint also bounds WAL replay at start.
+    pub checkpoint_interval: Duration,
+    /// Checkpoints kept in the data dir. Default 3.
+    pub checkpoint_keep: usize,
+    /// A WAL segment is closed and a new one begun past this size. Default 64 MiB.
+    pub wal_segment_size: u64,
     /// Resource attributes kept as output labels (`by`). Default [`DEFAULT_BY`].
     pub by: Vec<String>,
     /// Point attributes dropped from output labels (`without`). Default [`DEFAULT_WITHOUT`].
@@ -184,6 +210,21 @@ impl Config {
         }
         let max_request_bytes = usize::try_from(max_request_bytes)
             .map_err(|_| invalid("max_request_bytes", "too large for this platform".into()))?;
+        let checkpoint_interval = raw.checkpoint_interval.unwrap_or(Duration::from_secs(60));
+        if checkpoint_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "checkpoint_interval",
+                "must be at least 100ms".into(),
+            ));
+        }
+        let checkpoint_keep = raw.checkpoint_keep.unwrap_or(3);
+        if checkpoint_keep == 0 {
+            return Err(invalid("checkpoint_keep", "must be at least 1".into()));
+        }
+        let wal_segment_size = raw.wal_segment_size.unwrap_or(ByteSize::mib(64)).as_u64();
+        if wal_segment_size < 4096 {
+            return Err(invalid("wal_segment_size", "must be at least 4KiB".into()));
+        }
         let mut histogram_bounds = BTreeMap::new();
         for (metric, bounds) in raw.histogram.bounds {
             let layout = BucketLayout::try_new(bounds)
@@ -217,6 +258,10 @@ impl Config {
             late_delta_window,
             series_ttl,
             max_request_bytes,
+            durability: raw.durability.unwrap_or_default(),
+            checkpoint_interval,
+            checkpoint_keep,
+            wal_segment_size,
             by: raw.labels.by.unwrap_or_else(|| owned(DEFAULT_BY)),
             without: raw.labels.without.unwrap_or_else(|| owned(DEFAULT_WITHOUT)),
             histogram_bounds,
@@ -292,6 +337,23 @@ mod tests {
         assert_eq!(c.by, d.by);
         assert_eq!(c.without, d.without);
         assert_eq!(c.shard_queue_capacity, d.shard_queue_capacity);
+        assert_eq!(c.durability, d.durability);
+        assert_eq!(c.checkpoint_interval, d.checkpoint_interval);
+        assert_eq!(c.checkpoint_keep, d.checkpoint_keep);
+        assert_eq!(c.wal_segment_size, d.wal_segment_size);
+    }
+
+    #[test]
+    fn durability_is_wal_or_none() {
+        assert_eq!(Config::default().durability, Durability::Wal);
+        assert_eq!(
+            parse("durability: none").unwrap().durability,
+            Durability::None
+        );
+        let err = parse("durability: fsync").unwrap_err().to_string();
+        assert!(err.contains("`durability`"), "{err}");
+        let err = parse("checkpoint_keep: 0").unwrap_err().to_string();
+        assert!(err.contains("`checkpoint_keep`"), "{err}");
     }
 
     #[test]

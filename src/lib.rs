@@ -3,7 +3,7 @@
 //! Sidecars push span-metric deltas over OTLP; spanagg merges them exactly across pods in
 //! single-writer shards and serves one series per service/route on a Prometheus endpoint.
 //! `aggregate` is the synchronous core; `ingest` and `export` are the async edges around it;
-//! `server` wires them together. See `ARCHITECTURE.md` for one point's path through it.
+//! `storage` keeps the WAL and Parquet checkpoints; `server` wires them together. See `ARCHITECTURE.md` for one point's path through it.
 
 pub mod aggregate;
 pub mod cardinality;
@@ -11,5 +11,6 @@ pub mod config;
 pub mod export;
 pub mod ingest;
 pub mod server;
+pub mod storage;
 pub mod telemetry;
 pub mod workload;

@@ -1,4 +1,5 @@
-//! The `spanagg` command line: `serve` (the default) runs the service.
+//! The `spanagg` command line: `serve` (the default) runs the service; `cardinality` and
+//! `inspect` report on a running one or a checkpoint file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,12 @@ enum Command {
     /// Print the cardinality report of a running spanagg: series and source streams per
     /// service, metric and label, and the reduction factor.
     Cardinality(CardinalityArgs),
+    /// Print a checkpoint file's footer metadata and a summary of its state (series and
+    /// source streams per metric and service, time range).
+    Inspect {
+        /// A checkpoint: <data_dir>/checkpoints/checkpoint-*.parquet
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -176,6 +183,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
         Some(Command::Cardinality(a)) => return cardinality(a),
+        Some(Command::Inspect { file }) => {
+            let text = spanagg::storage::inspect::inspect(&file)
+                .with_context(|| format!("cannot read checkpoint {}", file.display()))?;
+            print!("{text}");
+            return Ok(());
+        }
         None => cli.serve,
     };
     let filter = args

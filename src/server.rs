@@ -12,13 +12,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::aggregate::shard::ShardConfig;
+use crate::aggregate::shard::{ShardConfig, ShardState};
 use crate::aggregate::table::Table;
 use crate::config::Config;
 use crate::export::http::AppState;
 use crate::ingest::grpc::MetricsGrpc;
 use crate::ingest::otlp::Projection;
 use crate::ingest::Ingestor;
+use crate::storage::replay::replay;
+use crate::storage::{Storage, StorageMetrics};
 use crate::telemetry::Telemetry;
 
 const GRPC_STREAM_WINDOW: u32 = 1 << 20;
@@ -40,6 +42,12 @@ pub enum ServeError {
     },
     #[error("cannot start shard threads: {0}")]
     Shards(std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::OpenError),
+    #[error("cannot replay the write-ahead log: {0}")]
+    Replay(std::io::Error),
+    #[error("cannot start the write-ahead log: {0}")]
+    Wal(std::io::Error),
     #[error("{what} server failed: {message}")]
     Serve { what: &'static str, message: String },
 }
@@ -64,27 +72,10 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
 }
 
-/// Runs the service until `shutdown` resolves. `on_bound` learns the bound addresses.
-pub async fn serve(
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-    on_bound: impl FnOnce(Bound),
-) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|cause| ServeError::DataDir {
-        path: config.data_dir.clone(),
-        cause,
-    })?;
-    let grpc_l = bind("OTLP/gRPC", config.grpc_listen).await?;
-    let otlp_l = bind("OTLP/HTTP", config.otlp_http_listen).await?;
-    let http_l = bind("HTTP (scrape and API)", config.http_listen).await?;
-    let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
-    let bound = Bound {
-        grpc: local(&grpc_l, config.grpc_listen),
-        otlp_http: local(&otlp_l, config.otlp_http_listen),
-        http: local(&http_l, config.http_listen),
-    };
-
-    let shard_cfg = ShardConfig {
+/// Opens the data dir, restores the newest usable checkpoint, starts the shards on it, replays
+/// the WAL after it, and starts the WAL writer.
+async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Storage), ServeError> {
+    let base = ShardConfig {
         late_ns: config
             .late_delta_window
             .as_nanos()
@@ -97,21 +88,106 @@ pub async fn serve(
             .map(|(k, v)| (k.clone(), Arc::from(v.bounds())))
             .collect::<HashMap<_, _>>(),
     };
+    let n = config.shards.get();
+    let metrics = StorageMetrics::default();
+    let (mut storage, restored) = Storage::open(
+        &config.data_dir,
+        config.durability,
+        config.checkpoint_keep,
+        config.wal_segment_size,
+        metrics.clone(),
+        |start| {
+            (0..n)
+                .map(|_| {
+                    ShardState::new(ShardConfig {
+                        process_start_ns: start,
+                        ..base.clone()
+                    })
+                })
+                .collect()
+        },
+    )?;
     let table = Arc::new(
-        Table::start(
-            shard_cfg,
-            config.shards.get(),
-            config.shard_queue_capacity.get(),
-        )
-        .map_err(ServeError::Shards)?,
+        Table::start_with(restored.states, config.shard_queue_capacity.get())
+            .map_err(ServeError::Shards)?,
     );
-    let telemetry = Arc::new(Telemetry::new(table.stats()));
-    let ingestor = Arc::new(Ingestor::new(
+    let telemetry = Arc::new(Telemetry::new(table.stats(), metrics.clone()));
+    if let Some(from) = restored.replay_from {
+        let replayer = Ingestor::new(
+            table.clone(),
+            Projection::new(&config.by, &config.without),
+            telemetry.clone(),
+            config.max_request_bytes,
+        );
+        let t = std::time::Instant::now();
+        let stats = replay(storage.wal_dir().to_owned(), from, &replayer, &metrics)
+            .await
+            .map_err(ServeError::Replay)?;
+        tracing::info!(
+            records = stats.records,
+            truncated_tails = stats.truncated,
+            seconds = t.elapsed().as_secs_f64(),
+            "replayed the write-ahead log"
+        );
+    }
+    storage.start_wal().map_err(ServeError::Wal)?;
+    Ok((table, telemetry, storage))
+}
+
+async fn periodic_checkpoints(
+    storage: Arc<Storage>,
+    table: Arc<Table>,
+    every: std::time::Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {
+                // Failures are counted and logged inside; the next tick tries again.
+                let _ = storage.checkpoint(&table, false).await;
+            }
+        }
+    }
+}
+
+/// Runs the service until `shutdown` resolves. `on_bound` learns the bound addresses.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    on_bound: impl FnOnce(Bound),
+) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|cause| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        cause,
+    })?;
+    let (table, telemetry, storage) = start_state(&config).await?;
+    let projection = || Projection::new(&config.by, &config.without);
+    let mut ingestor = Ingestor::new(
         table.clone(),
-        Projection::new(&config.by, &config.without),
+        projection(),
         telemetry.clone(),
         config.max_request_bytes,
-    ));
+    );
+    if let Some(wal) = storage.wal() {
+        ingestor = ingestor.with_wal(wal);
+    }
+    let ingestor = Arc::new(ingestor);
+
+    let grpc_l = bind("OTLP/gRPC", config.grpc_listen).await?;
+    let otlp_l = bind("OTLP/HTTP", config.otlp_http_listen).await?;
+    let http_l = bind("HTTP (scrape and API)", config.http_listen).await?;
+    let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    let bound = Bound {
+        grpc: local(&grpc_l, config.grpc_listen),
+        otlp_http: local(&otlp_l, config.otlp_http_listen),
+        http: local(&http_l, config.http_listen),
+    };
+
     let app = Arc::new(AppState {
         table: table.clone(),
         telemetry: telemetry.clone(),
@@ -143,6 +219,14 @@ pub async fn serve(
     let otlp_http = tokio::spawn(async move { otlp_http.await.map_err(|e| e.to_string()) });
     let http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
 
+    let storage = Arc::new(storage);
+    let checkpoints = tokio::spawn(periodic_checkpoints(
+        storage.clone(),
+        table.clone(),
+        config.checkpoint_interval,
+        stopped(stop_rx.clone()),
+    ));
+
     app.ready.store(true, Ordering::Release);
     on_bound(bound);
     shutdown.await;
@@ -161,9 +245,15 @@ pub async fn serve(
             first_error.get_or_insert(ServeError::Serve { what, message });
         }
     }
-    // Last references to the table go here; dropping it joins the shard threads after they
-    // applied everything queued.
+    let _ = checkpoints.await;
+    // Nothing is accepted any more: this checkpoint is the whole state, restored as it is.
     drop(ingestor);
+    if storage.checkpoint(&table, true).await.is_err() {
+        tracing::warn!("final checkpoint failed: the next start replays the WAL (if kept)");
+    }
+    // Last references to the table and the WAL go here; dropping them joins the shard threads
+    // (after they applied everything queued) and the WAL writer.
+    drop(storage);
     drop(app);
     drop(telemetry);
     drop(table);

@@ -16,6 +16,13 @@ use prometheus_client::registry::Registry;
 use crate::aggregate::shard::{BatchResult, Outcome};
 use crate::aggregate::table::{ShardStats, APPLY_BUCKETS};
 use crate::ingest::otlp::{Reason, Rejections};
+use crate::storage::StorageMetrics;
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
 
 /// Which door a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,15 +30,23 @@ pub enum Protocol {
     Grpc = 0,
     HttpProtobuf,
     HttpJson,
+    /// Requests read back from the write-ahead log at start.
+    WalReplay,
 }
 
 impl Protocol {
-    const ALL: [Protocol; 3] = [Self::Grpc, Self::HttpProtobuf, Self::HttpJson];
+    const ALL: [Protocol; 4] = [
+        Self::Grpc,
+        Self::HttpProtobuf,
+        Self::HttpJson,
+        Self::WalReplay,
+    ];
     fn as_str(self) -> &'static str {
         match self {
             Self::Grpc => "grpc",
             Self::HttpProtobuf => "http_protobuf",
             Self::HttpJson => "http_json",
+            Self::WalReplay => "wal_replay",
         }
     }
 }
@@ -78,11 +93,14 @@ pub struct Telemetry {
     pub scrape_duration: Histogram,
     pub scrape_bytes: Histogram,
     pub family_conflicts: Counter,
+    pub storage: StorageMetrics,
+    start_ns: u64,
 }
 
 impl Telemetry {
-    pub fn new(shards: Vec<Arc<ShardStats>>) -> Self {
+    pub fn new(shards: Vec<Arc<ShardStats>>, storage: StorageMetrics) -> Self {
         let mut registry = Registry::with_prefix("spanagg");
+        storage.register(&mut registry);
         let requests_f = Family::<Labels2, Counter>::default();
         registry.register(
             "requests",
@@ -200,6 +218,8 @@ impl Telemetry {
             scrape_duration,
             scrape_bytes,
             family_conflicts,
+            storage,
+            start_ns: now_ns(),
         }
     }
 
@@ -240,6 +260,7 @@ impl Telemetry {
 
     /// Prometheus text of all self metrics.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        self.storage.refresh_age(now_ns(), self.start_ns);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

@@ -29,7 +29,7 @@ async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
         bounds: Default::default(),
     };
     let table = Arc::new(Table::start(cfg, 1, 1).unwrap());
-    let telemetry = Arc::new(Telemetry::new(table.stats()));
+    let telemetry = Arc::new(Telemetry::new(table.stats(), Default::default()));
     let ingestor = Arc::new(Ingestor::new(
         table.clone(),
         Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),

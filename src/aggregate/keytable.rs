@@ -35,6 +35,12 @@ fn join(k: &Key) -> u128 {
     u128::from(k.lo) | (u128::from(k.hi) << 96)
 }
 
+/// A key as a table stores it (bits 64..96 cleared): the form to use wherever a key must match
+/// one read back from a table or a checkpoint.
+pub fn stored_key(key: u128) -> u128 {
+    join(&split(key, 0))
+}
+
 fn same(a: &Key, b: &Key) -> bool {
     a.lo == b.lo && a.hi == b.hi
 }

@@ -85,6 +85,14 @@ impl BucketCounts {
         Self::Narrow(vec![0; n].into())
     }
 
+    /// Counts as given, narrow if every one fits in `u32`.
+    pub fn from_counts(counts: &[u64]) -> Self {
+        match counts.iter().map(|&c| u32::try_from(c)).collect() {
+            Ok(narrow) => Self::Narrow(narrow),
+            Err(_) => Self::Wide(counts.into()),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Self::Narrow(c) => c.len(),

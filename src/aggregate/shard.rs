@@ -13,7 +13,7 @@ use ahash::RandomState;
 pub use super::batch::{Batch, BatchResult, LabelResolver, Outcome};
 use super::interner::Interner;
 use super::key::{FamilyDesc, Kind, Labels};
-use super::keytable::{Chunked, KeyTable};
+use super::keytable::{stored_key, Chunked, KeyTable};
 use super::layout::{fold_map, LayoutMismatch};
 use super::series::{
     cumulative_step, BucketCounts, CounterValue, CumulativeDelta, CumulativeSource,
@@ -21,6 +21,10 @@ use super::series::{
     NO_SERIES,
 };
 use super::window::{Verdict, Window};
+
+#[path = "persist.rs"]
+mod persist;
+pub use persist::{RestoreError, SeriesRecord, StreamState, ValueRecord};
 
 /// Which series a read (snapshot, report) covers.
 #[derive(Debug, Clone, Default)]
@@ -355,7 +359,7 @@ impl ShardState {
             }
             None => {
                 // A stream that changed temporality starts over.
-                if let Some(old) = self.cumulative.remove(&p.source) {
+                if let Some(old) = self.cumulative.remove(&stored_key(p.source)) {
                     self.source_removed(old.series);
                 }
                 self.source_added(id);
@@ -391,7 +395,9 @@ impl ShardState {
             }
         };
         let clock = self.clock;
-        let (start, delta, outcome) = match self.cumulative.get_mut(&p.source) {
+        // Keyed like the key tables, so a checkpoint's stream rows find their entries again.
+        let source = stored_key(p.source);
+        let (start, delta, outcome) = match self.cumulative.get_mut(&source) {
             Some(src) => {
                 src.touched = clock;
                 match cumulative_step(&mut src.last, p.start_ns, p.end_ns, value) {
@@ -420,7 +426,7 @@ impl ShardState {
                     value: value.clone(),
                 };
                 self.cumulative.insert(
-                    p.source,
+                    source,
                     CumulativeSource {
                         last,
                         touched: clock,
@@ -449,7 +455,7 @@ impl ShardState {
         };
         match self.add_to_series(batch, p, fam, add, start, p.end_ns) {
             Ok(id) => {
-                self.link_cumulative(p.source, id);
+                self.link_cumulative(source, id);
                 outcome
             }
             Err(LayoutMismatch) => Outcome::LayoutMismatch,

@@ -45,6 +45,12 @@ pub struct Table {
     shards: Vec<Handle>,
 }
 
+/// The shard of `n` that owns an output series.
+pub fn shard_for(series: u128, n: usize) -> usize {
+    let top = (series >> 96) as u64;
+    ((top * n as u64) >> 32) as usize
+}
+
 /// Why a batch could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
@@ -53,14 +59,27 @@ pub enum SendError {
 }
 
 impl Table {
-    /// Starts `n` shard threads.
+    /// Starts `n` empty shard threads.
     pub fn start(cfg: ShardConfig, n: usize, queue_capacity: usize) -> std::io::Result<Self> {
-        let mut shards = Vec::with_capacity(n);
-        for i in 0..n {
+        Self::start_with(
+            (0..n).map(|_| ShardState::new(cfg.clone())).collect(),
+            queue_capacity,
+        )
+    }
+
+    /// Starts one shard thread per state (as a restore rebuilt them).
+    pub fn start_with(states: Vec<ShardState>, queue_capacity: usize) -> std::io::Result<Self> {
+        let mut shards = Vec::with_capacity(states.len());
+        for (i, state) in states.into_iter().enumerate() {
             let (data, data_rx) = bounded(queue_capacity);
             let (ctl, ctl_rx) = unbounded();
             let stats = Arc::new(ShardStats::default());
-            let state = ShardState::new(cfg.clone());
+            stats
+                .series
+                .store(state.series_len() as u64, Ordering::Relaxed);
+            stats
+                .sources
+                .store(state.sources_len() as u64, Ordering::Relaxed);
             let st = stats.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("spanagg-shard-{i}"))
@@ -86,8 +105,7 @@ impl Table {
     /// The shard that owns an output series: a stable function of the key's top 32 bits (which
     /// the key tables keep, so a stored key can be routed again).
     pub fn shard_of(&self, series: u128) -> usize {
-        let top = (series >> 96) as u64;
-        ((top * self.shards.len() as u64) >> 32) as usize
+        shard_for(series, self.shards.len())
     }
 
     pub fn try_send(&self, shard: usize, batch: Batch) -> Result<(), (SendError, Batch)> {

@@ -54,7 +54,8 @@ impl Window {
         self.head.1
     }
 
-    fn ranges(&self) -> impl Iterator<Item = &(u64, u64)> {
+    /// Every applied range, oldest first (the head last).
+    pub fn ranges(&self) -> impl Iterator<Item = &(u64, u64)> {
         self.older
             .iter()
             .flat_map(|v| v.iter())
@@ -119,6 +120,17 @@ impl Window {
                 older.shrink_to_fit();
             }
         }
+    }
+
+    /// A window holding these applied ranges (as a checkpoint stored them); `None` if they are
+    /// empty, unsorted, overlapping or inverted.
+    pub fn from_ranges(ranges: &[(u64, u64)]) -> Option<Self> {
+        let (&head, older) = ranges.split_last()?;
+        let ok = ranges.iter().all(|&(s, e)| s <= e) && ranges.windows(2).all(|w| w[0].1 < w[1].0);
+        ok.then(|| Self {
+            head,
+            older: (!older.is_empty()).then(|| Box::new(older.to_vec())),
+        })
     }
 
     /// Number of disjoint ranges held (1 when the stream is contiguous).

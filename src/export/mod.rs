@@ -16,10 +16,19 @@ where
     R: Send + 'static,
     F: Fn(&ShardState) -> R + Send + Sync + 'static,
 {
+    gather_indexed(table, move |_, s| f(s)).await
+}
+
+/// [`gather`], with the shard's index passed to `f`.
+pub async fn gather_indexed<R, F>(table: &Table, f: F) -> Option<Vec<R>>
+where
+    R: Send + 'static,
+    F: Fn(usize, &ShardState) -> R + Send + Sync + 'static,
+{
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let n = table.len();
     table.visit(move |i, s| {
-        let _ = tx.send((i, f(s)));
+        let _ = tx.send((i, f(i, s)));
     });
     let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
     for _ in 0..n {

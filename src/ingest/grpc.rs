@@ -27,7 +27,9 @@ pub fn status_of(e: &IngestError) -> Status {
     match e {
         IngestError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
         IngestError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
-        IngestError::Unavailable | IngestError::ShuttingDown => Status::unavailable(e.to_string()),
+        IngestError::Unavailable | IngestError::ShuttingDown | IngestError::NotDurable(_) => {
+            Status::unavailable(e.to_string())
+        }
     }
 }
 
@@ -96,7 +98,7 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
         let ingestor = self.0.clone();
         Box::pin(async move {
             let body = request.into_inner();
-            let req = match ExportMetricsServiceRequest::decode(body) {
+            let req = match ExportMetricsServiceRequest::decode(body.clone()) {
                 Ok(r) => r,
                 Err(e) => {
                     let err = IngestError::InvalidArgument(format!("undecodable protobuf: {e}"));
@@ -104,7 +106,7 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
                     return Err(status_of(&err));
                 }
             };
-            match ingestor.export(Protocol::Grpc, req).await {
+            match ingestor.export(Protocol::Grpc, req, Some(body)).await {
                 Ok(reply) => Ok(Response::new(ExportMetricsServiceResponse {
                     partial_success: (reply.rejected > 0).then(|| ExportMetricsPartialSuccess {
                         rejected_data_points: i64::try_from(reply.rejected).unwrap_or(i64::MAX),

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
@@ -62,7 +63,7 @@ fn error_response(format: Format, e: &IngestError) -> Response {
     let (status, code) = match e {
         IngestError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, 3),
         IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 8),
-        IngestError::Unavailable | IngestError::ShuttingDown => {
+        IngestError::Unavailable | IngestError::ShuttingDown | IngestError::NotDurable(_) => {
             (StatusCode::SERVICE_UNAVAILABLE, 14)
         }
     };
@@ -109,7 +110,7 @@ async fn export(State(ingestor): State<Arc<Ingestor>>, headers: HeaderMap, body:
         }
     };
     match read_request(&ingestor, format, &headers, body).await {
-        Ok(req) => match ingestor.export(format.protocol(), req).await {
+        Ok((req, raw)) => match ingestor.export(format.protocol(), req, raw).await {
             Ok(reply) => {
                 let resp = ExportMetricsServiceResponse {
                     partial_success: (reply.rejected > 0).then(|| ExportMetricsPartialSuccess {
@@ -142,7 +143,7 @@ async fn read_request(
     format: Format,
     headers: &HeaderMap,
     body: Body,
-) -> Result<ExportMetricsServiceRequest, IngestError> {
+) -> Result<(ExportMetricsServiceRequest, Option<Bytes>), IngestError> {
     let limit = ingestor.max_request_bytes;
     let encoding = Encoding::parse(
         headers
@@ -162,9 +163,12 @@ async fn read_request(
         .to_bytes();
     let bytes = decode(raw, encoding, limit)?;
     match format {
+        // The protobuf body is what the WAL keeps; a JSON one is re-encoded only if logged.
         Format::Protobuf => ExportMetricsServiceRequest::decode(&bytes[..])
+            .map(|r| (r, Some(Bytes::from(bytes))))
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}"))),
         Format::Json => serde_json::from_slice(&bytes)
+            .map(|r| (r, None))
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}"))),
     }
 }

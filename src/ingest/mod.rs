@@ -10,10 +10,13 @@ pub mod otlp;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
 
 use crate::aggregate::shard::{Batch, BatchResult, Outcome};
 use crate::aggregate::table::{SendError, Table};
+use crate::storage::wal::Wal;
 use crate::telemetry::{Protocol, RequestOutcome, Telemetry};
 use otlp::{prepare, Projection, RequestLabels};
 
@@ -32,6 +35,8 @@ pub enum IngestError {
     Unavailable,
     #[error("spanagg is shutting down")]
     ShuttingDown,
+    #[error("applied but not durable, retry: {0}")]
+    NotDurable(String),
 }
 
 /// What to tell the client about an accepted request.
@@ -46,6 +51,8 @@ pub struct Ingestor {
     table: Arc<Table>,
     projection: Arc<Projection>,
     telemetry: Arc<Telemetry>,
+    /// With `durability: wal`: where accepted requests are logged before the reply.
+    wal: Option<Arc<Wal>>,
     pub max_request_bytes: usize,
 }
 
@@ -60,8 +67,15 @@ impl Ingestor {
             table,
             projection: Arc::new(projection),
             telemetry,
+            wal: None,
             max_request_bytes,
         }
+    }
+
+    /// Logs every accepted request to `wal` before replying.
+    pub fn with_wal(mut self, wal: Arc<Wal>) -> Self {
+        self.wal = Some(wal);
+        self
     }
 
     pub fn telemetry(&self) -> &Telemetry {
@@ -73,13 +87,15 @@ impl Ingestor {
         self.telemetry.request(protocol, outcome_of(err));
     }
 
-    /// Applies a decoded request; returns once every accepted point is applied.
+    /// Applies a decoded request; returns once every accepted point is applied (and, with a
+    /// WAL, logged). `raw` is the request's protobuf encoding if the transport has it.
     pub async fn export(
         &self,
         protocol: Protocol,
         req: ExportMetricsServiceRequest,
+        raw: Option<Bytes>,
     ) -> Result<ExportReply, IngestError> {
-        let result = self.export_inner(protocol, req).await;
+        let result = self.export_inner(protocol, req, raw).await;
         let outcome = match &result {
             Ok(r) if r.rejected == 0 => RequestOutcome::Success,
             Ok(_) => RequestOutcome::PartialSuccess,
@@ -93,14 +109,16 @@ impl Ingestor {
         &self,
         protocol: Protocol,
         req: ExportMetricsServiceRequest,
+        raw: Option<Bytes>,
     ) -> Result<ExportReply, IngestError> {
         let table = &self.table;
         let prepared = prepare(&req, &self.projection, table.len(), |k| table.shard_of(k));
         self.telemetry.received(protocol, prepared.received);
         self.telemetry
             .rejections(&prepared.rejections, prepared.no_value);
+        let req = Arc::new(req);
         let resolver = Arc::new(RequestLabels {
-            req: Arc::new(req),
+            req: req.clone(),
             projection: self.projection.clone(),
         });
         let mut waits = Vec::new();
@@ -122,12 +140,22 @@ impl Ingestor {
             self.send(shard, batch).await?;
             waits.push(rx);
         }
+        let logged = !waits.is_empty();
         let mut total = BatchResult::default();
         for rx in waits {
             let r = rx.await.map_err(|_| IngestError::ShuttingDown)?;
             total.add(&r);
         }
         self.telemetry.outcomes(&total);
+        // Logged after the shards applied it, so a checkpoint taken after a record's position
+        // holds it (see `storage::wal`). Duplicates are logged too: the first try may have been
+        // applied and then failed to log.
+        if let (Some(wal), true) = (&self.wal, logged) {
+            let raw = raw.unwrap_or_else(|| Bytes::from(req.encode_to_vec()));
+            wal.append(raw)
+                .await
+                .map_err(|e| IngestError::NotDurable(e.to_string()))?;
+        }
         let mut message = prepared.rejections.message();
         let mut rejected = prepared.rejections.total();
         for o in Outcome::ALL {
@@ -166,6 +194,8 @@ fn outcome_of(e: &IngestError) -> RequestOutcome {
     match e {
         IngestError::InvalidArgument(_) => RequestOutcome::InvalidArgument,
         IngestError::TooLarge { .. } => RequestOutcome::TooLarge,
-        IngestError::Unavailable | IngestError::ShuttingDown => RequestOutcome::Unavailable,
+        IngestError::Unavailable | IngestError::ShuttingDown | IngestError::NotDurable(_) => {
+            RequestOutcome::Unavailable
+        }
     }
 }

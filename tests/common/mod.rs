@@ -28,6 +28,8 @@ pub struct Spanagg {
     pub http: SocketAddr,
     pub dir: PathBuf,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Leave `dir` in place on drop (the process was stopped to be restarted on it).
+    keep_dir: bool,
 }
 
 fn temp_dir() -> PathBuf {
@@ -49,7 +51,11 @@ fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
 impl Spanagg {
     /// Starts the binary with `extra` YAML appended to a config that binds port 0 everywhere.
     pub fn start(extra: &str) -> Self {
-        let dir = temp_dir();
+        Self::start_in(temp_dir(), extra)
+    }
+
+    /// Starts on `dir` (its `data/` holds the state of an earlier run, if any).
+    pub fn start_in(dir: PathBuf, extra: &str) -> Self {
         let config = dir.join("spanagg.yaml");
         std::fs::write(
             &config,
@@ -93,6 +99,7 @@ impl Spanagg {
             http: addr_after(&line, ", HTTP on ").unwrap(),
             dir,
             log,
+            keep_dir: false,
         };
         assert_eq!(s.get("/-/ready").0, 200);
         s
@@ -100,6 +107,27 @@ impl Spanagg {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL: no shutdown work at all. Returns the directory to restart on.
+    pub fn kill9(mut self) -> PathBuf {
+        self.keep_dir = true;
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.dir.clone()
+    }
+
+    /// SIGTERM, then the directory to restart on.
+    pub fn stop_keep(mut self) -> PathBuf {
+        self.keep_dir = true;
+        let dir = self.dir.clone();
+        assert!(self.stop().success(), "spanagg did not exit cleanly");
+        dir
+    }
+
+    /// The log so far, one string.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -158,7 +186,9 @@ impl Drop for Spanagg {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -1,0 +1,172 @@
+//! A shard's state as records and back: what a checkpoint writes (every output series and every
+//! source stream with its key) and how a restore rebuilds the shard from them. It sits beside
+//! `shard.rs` because it reads and rebuilds the shard's private tables (ids, interned labels).
+
+use super::*;
+use crate::aggregate::layout::BucketLayout;
+
+/// One output series with what it takes to rebuild it.
+pub struct SeriesRecord<'a> {
+    /// The stored key (bits 64..96 cleared; see `keytable.rs`).
+    pub key: u128,
+    pub family: &'a FamilyDesc,
+    pub series: &'a Series,
+    /// Bucket bounds of a histogram series; empty for counters.
+    pub bounds: &'a [f64],
+}
+
+/// The exactly-once state of one source stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamState {
+    Delta(Window),
+    Cumulative(CumulativeState),
+}
+
+/// Why a record could not be restored: the file is not one this code wrote, or is damaged.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("key {0:032x} appears twice")]
+    Duplicate(u128),
+    #[error("histogram bounds: {0}")]
+    Bounds(String),
+    #[error("{counts} bucket counts for {bounds} bounds")]
+    Shape { counts: usize, bounds: usize },
+}
+
+/// A series value as a checkpoint holds it.
+pub enum ValueRecord<'a> {
+    Counter(CounterValue),
+    Histogram {
+        bounds: &'a [f64],
+        counts: &'a [u64],
+        sum: f64,
+    },
+}
+
+impl ShardState {
+    /// Every live series with its key.
+    pub fn series_records(&self) -> impl Iterator<Item = SeriesRecord<'_>> {
+        self.series.iter().filter_map(move |(key, _, series)| {
+            let family = self.families.get(series.family as usize)?;
+            let bounds = match &series.value {
+                SeriesValue::Histogram { layout, .. } => self.layout(*layout),
+                SeriesValue::Counter(_) => &[],
+            };
+            Some(SeriesRecord {
+                key,
+                family,
+                series,
+                bounds,
+            })
+        })
+    }
+
+    /// Every source stream: its key, the key of the series it feeds (none for a cumulative
+    /// stream only baselined, or one whose series expired), and its state.
+    pub fn stream_records(&self) -> impl Iterator<Item = (u128, Option<u128>, StreamState)> + '_ {
+        let mut key_of: Vec<Option<u128>> = vec![None; self.ids.len()];
+        for (key, id, _) in self.series.iter() {
+            if let Some(slot) = key_of.get_mut(id as usize) {
+                *slot = Some(key);
+            }
+        }
+        let series_key = move |id: u32| key_of.get(id as usize).copied().flatten();
+        let deltas = self
+            .deltas
+            .iter()
+            .map(|(key, id, w)| (key, id, StreamState::Delta(w.clone())));
+        let cumulative = self
+            .cumulative
+            .iter()
+            .map(|(key, s)| (*key, s.series, StreamState::Cumulative(s.last.clone())));
+        deltas
+            .chain(cumulative)
+            .map(move |(key, id, state)| (key, series_key(id), state))
+    }
+
+    /// Rebuilds one series. Labels may come in any order.
+    pub fn restore_series(
+        &mut self,
+        key: u128,
+        family: &FamilyDesc,
+        labels: &mut [(String, String)],
+        value: ValueRecord<'_>,
+        created_ns: u64,
+        updated_ns: u64,
+    ) -> Result<(), RestoreError> {
+        if self.series.get(key).is_some() {
+            return Err(RestoreError::Duplicate(key));
+        }
+        let value = match value {
+            ValueRecord::Counter(c) => SeriesValue::Counter(c),
+            ValueRecord::Histogram {
+                bounds,
+                counts,
+                sum,
+            } => {
+                BucketLayout::check(bounds).map_err(|e| RestoreError::Bounds(e.to_string()))?;
+                if counts.len() != bounds.len() + 1 {
+                    return Err(RestoreError::Shape {
+                        counts: counts.len(),
+                        bounds: bounds.len(),
+                    });
+                }
+                SeriesValue::Histogram {
+                    layout: self.layout_id(bounds),
+                    counts: BucketCounts::from_counts(counts),
+                    sum,
+                }
+            }
+        };
+        let fam = self.family_id(family);
+        labels.sort_unstable();
+        let keys = self.key_set_id(labels);
+        let values = labels
+            .iter()
+            .map(|(_, v)| self.strings.acquire(v))
+            .collect();
+        let id = self.alloc_id();
+        let series = Series {
+            family: fam,
+            labels: Labels { keys, values },
+            created_ns,
+            updated_ns,
+            touched: self.clock,
+            value,
+        };
+        self.series.insert_tagged(key, id, series);
+        Ok(())
+    }
+
+    /// Rebuilds one source stream; restore its series first.
+    pub fn restore_stream(
+        &mut self,
+        key: u128,
+        series_key: Option<u128>,
+        state: StreamState,
+    ) -> Result<(), RestoreError> {
+        if self.deltas.get(key).is_some() || self.cumulative.contains_key(&key) {
+            return Err(RestoreError::Duplicate(key));
+        }
+        let id = series_key
+            .and_then(|k| self.series.get_tagged(k))
+            .map_or(NO_SERIES, |(id, _)| id);
+        if id != NO_SERIES {
+            self.source_added(id);
+        }
+        match state {
+            StreamState::Delta(w) => self.deltas.insert_tagged(key, id, w),
+            StreamState::Cumulative(last) => {
+                self.cumulative.insert(
+                    key,
+                    CumulativeSource {
+                        last,
+                        touched: self.clock,
+                        series: id,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+}

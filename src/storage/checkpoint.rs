@@ -1,0 +1,319 @@
+//! Checkpoint files: the whole state in one Parquet file, written so a crash at any moment leaves
+//! either the old file set or the new one (temp name, fsync, rename, fsync the directory), and
+//! read back into shards. The footer's key-value metadata says what the file is: format version,
+//! schema hash, creation time, the WAL position replay starts from, and whether a clean shutdown
+//! wrote it.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use arrow_array::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::columns::{checkpoint_schema, restore_series_row, restore_stream_row, Columns};
+use super::sync_dir;
+use super::wal::Position;
+use crate::aggregate::shard::ShardState;
+use crate::aggregate::table::shard_for;
+use crate::export::arrow::schema_text;
+
+/// Bumped when the meaning of the file changes; a reader refuses versions it does not know.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Hash of the documented schema: a file written under another schema is refused, not misread.
+pub fn schema_hash() -> String {
+    format!(
+        "{:016x}",
+        xxh3_64(schema_text(&checkpoint_schema()).as_bytes())
+    )
+}
+
+/// What a checkpoint's footer says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub format_version: u32,
+    pub schema_hash: String,
+    pub created_ns: u64,
+    /// Where WAL replay starts; `None` when no WAL was kept.
+    pub wal_position: Option<Position>,
+    /// When the state began (cumulative streams that started before it are only baselined).
+    pub state_start_ns: u64,
+    /// Written by a clean shutdown: nothing was accepted after it.
+    pub clean_shutdown: bool,
+    pub shards: u32,
+    pub series: u64,
+    pub streams: u64,
+}
+
+const PREFIX: &str = "spanagg.";
+
+impl Meta {
+    fn to_kv(&self) -> Vec<KeyValue> {
+        let kv = |k: &str, v: String| KeyValue::new(format!("{PREFIX}{k}"), v);
+        vec![
+            kv("format_version", self.format_version.to_string()),
+            kv("schema_hash", self.schema_hash.clone()),
+            kv("created_unix_ns", self.created_ns.to_string()),
+            kv(
+                "created",
+                humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(self.created_ns),
+                )
+                .to_string(),
+            ),
+            kv(
+                "wal_position",
+                self.wal_position.map_or("none".into(), |p| p.to_string()),
+            ),
+            kv("state_start_unix_ns", self.state_start_ns.to_string()),
+            kv("clean_shutdown", self.clean_shutdown.to_string()),
+            kv("shards", self.shards.to_string()),
+            kv("series", self.series.to_string()),
+            kv("streams", self.streams.to_string()),
+        ]
+    }
+
+    fn from_kv(kv: &[KeyValue]) -> Result<Self, CheckpointError> {
+        let get = |k: &str| -> Result<&str, CheckpointError> {
+            kv.iter()
+                .find(|e| e.key.strip_prefix(PREFIX) == Some(k))
+                .and_then(|e| e.value.as_deref())
+                .ok_or_else(|| CheckpointError::Format(format!("footer lacks {PREFIX}{k}")))
+        };
+        let num = |k: &str| -> Result<u64, CheckpointError> {
+            get(k)?
+                .parse()
+                .map_err(|_| CheckpointError::Format(format!("{PREFIX}{k} is not a number")))
+        };
+        let format_version = u32::try_from(num("format_version")?).unwrap_or(u32::MAX);
+        if format_version != FORMAT_VERSION {
+            return Err(CheckpointError::Format(format!(
+                "format version {format_version}, this spanagg reads {FORMAT_VERSION}"
+            )));
+        }
+        let wal_position = match get("wal_position")? {
+            "none" => None,
+            p => Some(p.parse().map_err(|e: String| {
+                CheckpointError::Format(format!("{PREFIX}wal_position: {e}"))
+            })?),
+        };
+        Ok(Self {
+            format_version,
+            schema_hash: get("schema_hash")?.to_owned(),
+            created_ns: num("created_unix_ns")?,
+            wal_position,
+            state_start_ns: num("state_start_unix_ns")?,
+            clean_shutdown: get("clean_shutdown")? == "true",
+            shards: u32::try_from(num("shards")?).unwrap_or(0),
+            series: num("series")?,
+            streams: num("streams")?,
+        })
+    }
+
+    /// The footer as (key, value) pairs, for `spanagg inspect`.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        self.to_kv()
+            .into_iter()
+            .map(|e| (e.key, e.value.unwrap_or_default()))
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("not a checkpoint this spanagg can read: {0}")]
+    Format(String),
+}
+
+impl CheckpointError {
+    /// A short reason for the failure counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Io(e) if e.raw_os_error() == Some(28) => "disk_full",
+            Self::Io(_) => "io",
+            Self::Parquet(_) => "encode",
+            Self::Format(_) => "format",
+        }
+    }
+}
+
+pub fn file_name(seq: u64) -> String {
+    format!("checkpoint-{seq:010}.parquet")
+}
+
+/// Checkpoint files in `dir`, oldest first, by sequence number.
+pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|n| n.strip_suffix(".parquet"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes temp files a crash left behind.
+pub fn remove_temps(dir: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                std::fs::remove_file(&path)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Renames a file that could not be read so it is kept for a post-mortem and never read again.
+pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let mut to = path.as_os_str().to_owned();
+    to.push(".corrupt");
+    let to = PathBuf::from(to);
+    std::fs::rename(path, &to)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(to)
+}
+
+/// Writes `batches` as checkpoint `seq`; returns its path and size. On error nothing but the
+/// temp file was touched, and that is removed.
+pub fn write(
+    dir: &Path,
+    seq: u64,
+    meta: &Meta,
+    batches: &[RecordBatch],
+) -> Result<(PathBuf, u64), CheckpointError> {
+    let path = dir.join(file_name(seq));
+    let tmp = dir.join(format!("{}.tmp", file_name(seq)));
+    let result = write_to(&tmp, meta, batches).and_then(|size| {
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(dir)?;
+        Ok(size)
+    });
+    match result {
+        Ok(size) => Ok((path, size)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_to(tmp: &Path, meta: &Meta, batches: &[RecordBatch]) -> Result<u64, CheckpointError> {
+    let file = File::create(tmp)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .set_created_by(format!("spanagg {}", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(Some(meta.to_kv()))
+        .build();
+    let mut w = ArrowWriter::try_new(file, checkpoint_schema(), Some(props))?;
+    for b in batches.iter().filter(|b| b.num_rows() > 0) {
+        w.write(b)?;
+    }
+    let file = w.into_inner()?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
+}
+
+/// Reads only the footer.
+pub fn read_meta(path: &Path) -> Result<Meta, CheckpointError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    meta_of(&builder)
+}
+
+fn meta_of(b: &ParquetRecordBatchReaderBuilder<File>) -> Result<Meta, CheckpointError> {
+    let kv = b
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .ok_or_else(|| CheckpointError::Format("no spanagg footer metadata".into()))?;
+    let meta = Meta::from_kv(kv)?;
+    if meta.schema_hash != schema_hash() {
+        return Err(CheckpointError::Format(format!(
+            "schema hash {} differs from this spanagg's {}",
+            meta.schema_hash,
+            schema_hash()
+        )));
+    }
+    Ok(meta)
+}
+
+/// Loads a checkpoint into `states` (fresh shards). Rows go back to the shard that wrote them
+/// when the shard count is unchanged, else to the shard their series routes to.
+pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    let meta = meta_of(&builder)?;
+    let n = states.len();
+    let same_layout = meta.shards as usize == n;
+    let bad = |e: super::columns::ReadError| CheckpointError::Format(e.to_string());
+    let (mut series, mut streams) = (0u64, 0u64);
+    for batch in builder.with_batch_size(16 * 1024).build()? {
+        let batch = batch.map_err(|e| CheckpointError::Format(e.to_string()))?;
+        let c = Columns::new(&batch);
+        for i in 0..c.rows() {
+            let record = c.record(i).map_err(bad)?;
+            let route_key = match record {
+                "stream" => c.series_key(i).map_err(bad)?,
+                _ => None,
+            };
+            let shard = if same_layout {
+                c.shard(i).map_err(bad)? as usize
+            } else {
+                shard_for(route_key.map_or_else(|| c.row_key(i), Ok).map_err(bad)?, n)
+            };
+            let state = states
+                .get_mut(shard)
+                .ok_or_else(|| CheckpointError::Format(format!("row {i}: shard {shard}")))?;
+            match record {
+                "series" => {
+                    restore_series_row(state, &c, i).map_err(bad)?;
+                    series += 1;
+                }
+                "stream" => {
+                    restore_stream_row(state, &c, i).map_err(bad)?;
+                    streams += 1;
+                }
+                other => return Err(CheckpointError::Format(format!("record kind `{other}`"))),
+            }
+        }
+    }
+    if series != meta.series || streams != meta.streams {
+        return Err(CheckpointError::Format(format!(
+            "footer promises {} series and {} streams, file holds {series} and {streams}",
+            meta.series, meta.streams
+        )));
+    }
+    Ok(meta)
+}
+
+#[cfg(test)]
+#[path = "checkpoint_tests.rs"]
+mod tests;

@@ -1,0 +1,269 @@
+use super::*;
+use crate::aggregate::series::SeriesValue;
+use crate::aggregate::shard::ShardConfig;
+use crate::ingest::otlp::Projection;
+use crate::workload::{request, single_shard_batch, Shape};
+use opentelemetry_proto::tonic::metrics::v1::{metric::Data, AggregationTemporality};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Data time of the test points (a zero timestamp is invalid).
+const T: u64 = 1_000_000_000;
+
+fn cfg() -> ShardConfig {
+    ShardConfig {
+        late_ns: 600_000_000_000,
+        ttl_secs: 900,
+        process_start_ns: 0,
+        bounds: HashMap::new(),
+    }
+}
+
+/// A shard fed deltas (with a hole in one window) and cumulative points.
+fn populated() -> ShardState {
+    let mut s = ShardState::new(cfg());
+    s.now_ns = T + 100;
+    let projection = Arc::new(Projection::new(
+        &["service.name".to_owned()],
+        &["service.instance.id".to_owned()],
+    ));
+    let shape = Shape {
+        services: 2,
+        routes: 5,
+        bounds: 16,
+        counters: true,
+    };
+    for pod in 0..4 {
+        for (start, end) in [(T, T + 10), (T + 20, T + 30)] {
+            s.apply(&single_shard_batch(
+                request(&shape, pod, start, end),
+                &projection,
+            ));
+        }
+    }
+    // Pod 9 sends cumulative points (its start is after the state start, so they count).
+    for end in [T + 40, T + 50] {
+        let mut req = request(&shape, 9, T + 5, end);
+        for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
+            match m.data.as_mut() {
+                Some(Data::Histogram(h)) => {
+                    h.aggregation_temporality = AggregationTemporality::Cumulative as i32
+                }
+                Some(Data::Sum(x)) => {
+                    x.aggregation_temporality = AggregationTemporality::Cumulative as i32
+                }
+                _ => {}
+            }
+        }
+        s.apply(&single_shard_batch(req, &projection));
+    }
+    s
+}
+
+type SeriesDump = (
+    u128,
+    String,
+    Vec<(String, String)>,
+    Vec<f64>,
+    Vec<u64>,
+    String,
+    u64,
+    u64,
+);
+
+/// The state in a form that does not depend on internal ids or order.
+type StreamDump = (u128, Option<u128>, String);
+
+fn dump(s: &ShardState) -> (Vec<SeriesDump>, Vec<StreamDump>) {
+    let mut series: Vec<SeriesDump> = s
+        .series_records()
+        .map(|r| {
+            let labels = s
+                .labels(&r.series.labels)
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            let (counts, value) = match &r.series.value {
+                SeriesValue::Counter(c) => (vec![], format!("{}+{}", c.int, c.float)),
+                SeriesValue::Histogram { counts, sum, .. } => {
+                    (counts.iter().collect(), format!("{sum}"))
+                }
+            };
+            (
+                r.key,
+                format!("{:?}", r.family),
+                labels,
+                r.bounds.to_vec(),
+                counts,
+                value,
+                r.series.created_ns,
+                r.series.updated_ns,
+            )
+        })
+        .collect();
+    series.sort_by_key(|a| a.0);
+    let mut streams: Vec<StreamDump> = s
+        .stream_records()
+        .map(|(k, sk, st)| (k, sk, format!("{st:?}")))
+        .collect();
+    streams.sort();
+    (series, streams)
+}
+
+fn meta(shards: u32, series: u64, streams: u64) -> Meta {
+    Meta {
+        format_version: FORMAT_VERSION,
+        schema_hash: schema_hash(),
+        created_ns: 123,
+        wal_position: Some(Position {
+            segment: 4,
+            offset: 20,
+        }),
+        state_start_ns: 7,
+        clean_shutdown: true,
+        shards,
+        series,
+        streams,
+    }
+}
+
+fn write_state(dir: &Path, s: &ShardState) -> PathBuf {
+    let [a, b] = super::super::columns::shard_batches(s, 0).expect("batches");
+    let m = meta(1, a.num_rows() as u64, b.num_rows() as u64);
+    write(dir, 1, &m, &[a, b]).expect("write").0
+}
+
+fn scratch() -> PathBuf {
+    let p = std::env::temp_dir().join(format!(
+        "spanagg-ckpt-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+#[test]
+fn state_to_parquet_to_state_is_identical() {
+    let dir = scratch();
+    let before = populated();
+    let (series, streams) = dump(&before);
+    assert_eq!(series.len(), 2 * 2 * 5, "2 services × 5 routes × 2 metrics");
+    assert!(streams.iter().any(|s| s.2.contains("Cumulative")));
+    assert!(
+        streams.iter().any(|s| s.2.contains("older: Some")),
+        "a window with a hole"
+    );
+    let path = write_state(&dir, &before);
+    assert!(!dir.join(format!("{}.tmp", file_name(1))).exists());
+
+    let mut states = vec![ShardState::new(cfg())];
+    let m = load(&path, &mut states).expect("load");
+    assert_eq!(m, meta(1, series.len() as u64, streams.len() as u64));
+    assert_eq!(dump(&states[0]), (series, streams));
+
+    // Restored into more shards, every series and stream is still there exactly once.
+    let mut four: Vec<ShardState> = (0..4).map(|_| ShardState::new(cfg())).collect();
+    load(&path, &mut four).expect("load into 4 shards");
+    let n: usize = four.iter().map(|s| s.series_len()).sum();
+    assert_eq!(n, before.series_len());
+    let sources: usize = four.iter().map(|s| s.sources_len()).sum();
+    assert_eq!(sources, before.sources_len());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_restored_shard_refuses_the_deltas_it_already_holds() {
+    let dir = scratch();
+    let path = write_state(&dir, &populated());
+    let mut states = vec![ShardState::new(cfg())];
+    load(&path, &mut states).unwrap();
+    let projection = Arc::new(Projection::new(
+        &["service.name".to_owned()],
+        &["service.instance.id".to_owned()],
+    ));
+    let shape = Shape {
+        services: 2,
+        routes: 5,
+        bounds: 16,
+        counters: true,
+    };
+    states[0].now_ns = T + 100;
+    let r = states[0].apply(&single_shard_batch(
+        request(&shape, 0, T, T + 10),
+        &projection,
+    ));
+    assert_eq!(r.get(crate::aggregate::shard::Outcome::Duplicate), 10);
+    let r = states[0].apply(&single_shard_batch(
+        request(&shape, 0, T + 10, T + 20),
+        &projection,
+    ));
+    assert_eq!(
+        r.get(crate::aggregate::shard::Outcome::AppliedLate),
+        10,
+        "the hole is still open"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_errors_not_panics() {
+    let dir = scratch();
+    let path = write_state(&dir, &populated());
+    let bytes = std::fs::read(&path).unwrap();
+    let fresh = || vec![ShardState::new(cfg())];
+    // Truncated anywhere: the footer or a page is gone.
+    for cut in [
+        0,
+        4,
+        bytes.len() / 3,
+        bytes.len() / 2,
+        bytes.len() - 9,
+        bytes.len() - 1,
+    ] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        assert!(load(&path, &mut fresh()).is_err(), "cut at {cut}");
+    }
+    // Bit flips inside data pages are caught by page CRCs or decoding; never a panic, and a
+    // file that does load is still a valid state.
+    for i in 0..64 {
+        let mut b = bytes.clone();
+        let at = 4 + (i * 7919) % (bytes.len() - 8);
+        b[at] ^= 0x5a;
+        std::fs::write(&path, &b).unwrap();
+        let _ = load(&path, &mut fresh());
+    }
+    // A file from another schema is refused by its footer.
+    std::fs::write(&path, &bytes).unwrap();
+    let mut m = read_meta(&path).unwrap();
+    m.schema_hash = "0000".into();
+    let [a, b] = super::super::columns::shard_batches(&populated(), 0).unwrap();
+    let other = write(&dir, 2, &m, &[a, b]).unwrap().0;
+    let err = load(&other, &mut fresh()).unwrap_err().to_string();
+    assert!(err.contains("schema hash"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_schema_file_documents_the_checkpoint_schema_exactly() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/checkpoint.txt");
+    let file = std::fs::read_to_string(path).expect("schema/checkpoint.txt");
+    let documented: String = file
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        documented,
+        schema_text(&super::super::columns::checkpoint_schema()),
+        "schema/checkpoint.txt and the code disagree: update one to match the other"
+    );
+}
+
+#[test]
+#[ignore = "prints the schema lines for schema/checkpoint.txt"]
+fn print_schema() {
+    print!(
+        "{}",
+        schema_text(&super::super::columns::checkpoint_schema())
+    );
+}

@@ -1,0 +1,750 @@
+//! The checkpoint's Arrow schema, and a shard's state to and from its rows.
+//!
+//! One file, two kinds of rows (`record` says which): `series` rows carry the snapshot columns
+//! (so `SELECT ... WHERE record = 'series'` reads like a snapshot) plus what an exact restore
+//! needs (the key, the help text, the integer and float parts of a counter); `stream` rows carry
+//! a source stream's exactly-once state: the applied ranges of a delta stream, or the last point
+//! of a cumulative one (in the value columns). `schema/checkpoint.txt` documents every field and
+//! a test keeps it true.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    Float64Builder, ListBuilder, MapBuilder, StringBuilder, StringDictionaryBuilder, StructBuilder,
+    TimestampNanosecondBuilder, UInt32Builder, UInt64Builder,
+};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int32Type, TimestampNanosecondType, UInt32Type, UInt64Type};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+
+use crate::aggregate::key::{FamilyDesc, Kind};
+use crate::aggregate::series::{CounterValue, CumulativeState, CumulativeValue, SeriesValue};
+use crate::aggregate::shard::{ShardState, StreamState, ValueRecord};
+use crate::aggregate::window::Window;
+use crate::export::arrow::FIXED_LABELS;
+
+fn doc(f: Field, text: &str) -> Field {
+    f.with_metadata(HashMap::from([("doc".to_owned(), text.to_owned())]))
+}
+
+fn dict() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+fn list(t: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(t, true)))
+}
+
+fn range_fields() -> Fields {
+    vec![
+        Field::new("start", DataType::UInt64, false),
+        Field::new("end", DataType::UInt64, false),
+    ]
+    .into()
+}
+
+fn label_entries() -> Field {
+    Field::new(
+        "entries",
+        DataType::Struct(
+            vec![
+                Field::new("key", DataType::Utf8, false),
+                Field::new("value", DataType::Utf8, true),
+            ]
+            .into(),
+        ),
+        false,
+    )
+}
+
+/// The checkpoint schema, field by field.
+pub fn checkpoint_schema() -> SchemaRef {
+    let series = "series rows";
+    let mut fields = vec![
+        doc(
+            Field::new("record", dict(), false),
+            "series (an output series) or stream (a source stream's exactly-once state)",
+        ),
+        doc(
+            Field::new("shard", DataType::UInt32, false),
+            "shard that held the row when it was written",
+        ),
+        doc(
+            Field::new("key_lo", DataType::UInt64, false),
+            "low 64 bits of the row's 128-bit key (output key for series, source key for streams)",
+        ),
+        doc(
+            Field::new("key_hi", DataType::UInt32, false),
+            "top 32 bits of the key (bits 64..96 are not stored)",
+        ),
+        doc(
+            Field::new("metric", dict(), true),
+            &format!("{series}: Prometheus family name (without the counter _total suffix)"),
+        ),
+        doc(
+            Field::new("otel_metric", dict(), true),
+            &format!("{series}: OTel metric name the family came from"),
+        ),
+        doc(
+            Field::new("kind", dict(), true),
+            &format!("{series}: counter or histogram"),
+        ),
+        doc(
+            Field::new("unit", dict(), true),
+            &format!("{series}: UCUM unit as sent, may be empty"),
+        ),
+        doc(
+            Field::new("help", dict(), true),
+            &format!("{series}: HELP text (the OTel description)"),
+        ),
+    ];
+    for label in FIXED_LABELS {
+        fields.push(doc(
+            Field::new(label, dict(), true),
+            &format!("{series}: output label of that name; null when the series does not have it"),
+        ));
+    }
+    fields.extend([
+        doc(
+            Field::new(
+                "labels",
+                DataType::Map(Arc::new(label_entries()), false),
+                true,
+            ),
+            &format!("{series}: every other output label, name to value"),
+        ),
+        doc(
+            Field::new("created", ts(), true),
+            &format!("{series}: earliest start time of the deltas that built the series"),
+        ),
+        doc(
+            Field::new("updated", ts(), true),
+            &format!("{series}: newest end time applied"),
+        ),
+        doc(
+            Field::new("value", DataType::Float64, true),
+            "counter total (series) or last cumulative counter value (cumulative streams)",
+        ),
+        doc(
+            Field::new("int_total", DataType::UInt64, true),
+            "integer part of value, kept exact",
+        ),
+        doc(
+            Field::new("float_total", DataType::Float64, true),
+            "floating-point part of value",
+        ),
+        doc(
+            Field::new("count", DataType::UInt64, true),
+            "histogram observation count (series, or last cumulative point)",
+        ),
+        doc(
+            Field::new("sum", DataType::Float64, true),
+            "histogram sum of observations",
+        ),
+        doc(
+            Field::new("bucket_bounds", list(DataType::Float64), true),
+            "explicit upper bounds, ascending, +Inf implied",
+        ),
+        doc(
+            Field::new("bucket_counts", list(DataType::UInt64), true),
+            "per-bucket (not cumulative) counts, +Inf last",
+        ),
+        doc(
+            Field::new("series_key_lo", DataType::UInt64, true),
+            "stream rows: key_lo of the series the stream feeds; null if none",
+        ),
+        doc(
+            Field::new("series_key_hi", DataType::UInt32, true),
+            "stream rows: key_hi of that series",
+        ),
+        doc(
+            Field::new("temporality", dict(), true),
+            "stream rows: delta or cumulative",
+        ),
+        doc(
+            Field::new("applied", list(DataType::Struct(range_fields())), true),
+            "delta streams: disjoint [start, end) ns ranges already applied, oldest first",
+        ),
+        doc(
+            Field::new("last_start", ts(), true),
+            "cumulative streams: start time of the last point",
+        ),
+        doc(
+            Field::new("last_end", ts(), true),
+            "cumulative streams: time of the last point",
+        ),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+fn ns(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// Column builders for one batch.
+struct Builders {
+    record: StringDictionaryBuilder<Int32Type>,
+    shard: UInt32Builder,
+    key_lo: UInt64Builder,
+    key_hi: UInt32Builder,
+    family: [StringDictionaryBuilder<Int32Type>; 5],
+    fixed: Vec<StringDictionaryBuilder<Int32Type>>,
+    labels: MapBuilder<StringBuilder, StringBuilder>,
+    created: TimestampNanosecondBuilder,
+    updated: TimestampNanosecondBuilder,
+    value: Float64Builder,
+    int_total: UInt64Builder,
+    float_total: Float64Builder,
+    count: UInt64Builder,
+    sum: Float64Builder,
+    bounds: ListBuilder<Float64Builder>,
+    counts: ListBuilder<UInt64Builder>,
+    series_lo: UInt64Builder,
+    series_hi: UInt32Builder,
+    temporality: StringDictionaryBuilder<Int32Type>,
+    applied: ListBuilder<StructBuilder>,
+    last_start: TimestampNanosecondBuilder,
+    last_end: TimestampNanosecondBuilder,
+}
+
+impl Builders {
+    fn new() -> Self {
+        let t = || TimestampNanosecondBuilder::new().with_timezone("UTC");
+        let d = StringDictionaryBuilder::<Int32Type>::new;
+        let range = StructBuilder::from_fields(range_fields(), 0);
+        Self {
+            record: d(),
+            shard: UInt32Builder::new(),
+            key_lo: UInt64Builder::new(),
+            key_hi: UInt32Builder::new(),
+            family: [d(), d(), d(), d(), d()],
+            fixed: FIXED_LABELS.iter().map(|_| d()).collect(),
+            labels: MapBuilder::new(None, StringBuilder::new(), StringBuilder::new()),
+            created: t(),
+            updated: t(),
+            value: Float64Builder::new(),
+            int_total: UInt64Builder::new(),
+            float_total: Float64Builder::new(),
+            count: UInt64Builder::new(),
+            sum: Float64Builder::new(),
+            bounds: ListBuilder::new(Float64Builder::new()),
+            counts: ListBuilder::new(UInt64Builder::new()),
+            series_lo: UInt64Builder::new(),
+            series_hi: UInt32Builder::new(),
+            temporality: d(),
+            applied: ListBuilder::new(range),
+            last_start: t(),
+            last_end: t(),
+        }
+    }
+
+    fn key(&mut self, record: &str, shard: u32, key: u128) {
+        self.record.append_value(record);
+        self.shard.append_value(shard);
+        self.key_lo.append_value(key as u64);
+        self.key_hi.append_value((key >> 96) as u32);
+    }
+
+    fn no_series_columns(&mut self) -> Result<(), ArrowError> {
+        self.family.iter_mut().for_each(|b| b.append_null());
+        self.fixed.iter_mut().for_each(|b| b.append_null());
+        self.labels.append(false)?;
+        self.created.append_null();
+        self.updated.append_null();
+        Ok(())
+    }
+
+    fn no_stream_columns(&mut self) {
+        self.series_lo.append_null();
+        self.series_hi.append_null();
+        self.temporality.append_null();
+        self.applied.append_null();
+        self.last_start.append_null();
+        self.last_end.append_null();
+    }
+
+    fn counter(&mut self, int: Option<u64>, float: Option<f64>) {
+        let any = int.is_some() || float.is_some();
+        self.value
+            .append_option(any.then(|| int.unwrap_or(0) as f64 + float.unwrap_or(0.0)));
+        self.int_total.append_option(int);
+        self.float_total.append_option(float);
+        self.count.append_null();
+        self.sum.append_null();
+        self.bounds.append_null();
+        self.counts.append_null();
+    }
+
+    fn histogram(&mut self, bounds: &[f64], counts: impl Iterator<Item = u64>, sum: f64, n: u64) {
+        self.value.append_null();
+        self.int_total.append_null();
+        self.float_total.append_null();
+        self.count.append_value(n);
+        self.sum.append_value(sum);
+        self.bounds.values().append_slice(bounds);
+        self.bounds.append(true);
+        counts.for_each(|c| self.counts.values().append_value(c));
+        self.counts.append(true);
+    }
+
+    fn finish(mut self) -> Result<RecordBatch, ArrowError> {
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(self.record.finish()),
+            Arc::new(self.shard.finish()),
+            Arc::new(self.key_lo.finish()),
+            Arc::new(self.key_hi.finish()),
+        ];
+        cols.extend(
+            self.family
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
+        cols.extend(
+            self.fixed
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
+        cols.extend([
+            Arc::new(self.labels.finish()) as ArrayRef,
+            Arc::new(self.created.finish()),
+            Arc::new(self.updated.finish()),
+            Arc::new(self.value.finish()),
+            Arc::new(self.int_total.finish()),
+            Arc::new(self.float_total.finish()),
+            Arc::new(self.count.finish()),
+            Arc::new(self.sum.finish()),
+            Arc::new(self.bounds.finish()),
+            Arc::new(self.counts.finish()),
+            Arc::new(self.series_lo.finish()),
+            Arc::new(self.series_hi.finish()),
+            Arc::new(self.temporality.finish()),
+            Arc::new(self.applied.finish()),
+            Arc::new(self.last_start.finish()),
+            Arc::new(self.last_end.finish()),
+        ]);
+        RecordBatch::try_new(checkpoint_schema(), cols)
+    }
+}
+
+/// A shard's series rows and stream rows (two batches), built on the shard's thread.
+pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 2], ArrowError> {
+    let mut b = Builders::new();
+    for r in state.series_records() {
+        b.key("series", shard, r.key);
+        let f = r.family;
+        let kind = match f.kind {
+            Kind::Counter => "counter",
+            Kind::Histogram => "histogram",
+        };
+        for (col, v) in b
+            .family
+            .iter_mut()
+            .zip([&*f.name, &*f.otel_name, kind, &*f.unit, &*f.help])
+        {
+            col.append_value(v);
+        }
+        let mut present = [None; FIXED_LABELS.len()];
+        for (k, v) in state.labels(&r.series.labels) {
+            match FIXED_LABELS.iter().position(|f| *f == k) {
+                Some(i) => present[i] = Some(v),
+                None => {
+                    b.labels.keys().append_value(k);
+                    b.labels.values().append_value(v);
+                }
+            }
+        }
+        b.labels.append(true)?;
+        for (col, v) in b.fixed.iter_mut().zip(present) {
+            col.append_option(v);
+        }
+        b.created.append_value(ns(r.series.created_ns));
+        b.updated.append_value(ns(r.series.updated_ns));
+        match &r.series.value {
+            SeriesValue::Counter(c) => b.counter(Some(c.int), Some(c.float)),
+            SeriesValue::Histogram { counts, sum, .. } => {
+                b.histogram(r.bounds, counts.iter(), *sum, counts.iter().sum())
+            }
+        }
+        b.no_stream_columns();
+    }
+    let series = b.finish()?;
+
+    let mut b = Builders::new();
+    for (key, series_key, state) in state.stream_records() {
+        b.key("stream", shard, key);
+        b.no_series_columns()?;
+        b.series_lo.append_option(series_key.map(|k| k as u64));
+        b.series_hi
+            .append_option(series_key.map(|k| (k >> 96) as u32));
+        match state {
+            StreamState::Delta(w) => {
+                b.temporality.append_value("delta");
+                b.counter(None, None);
+                for &(s, e) in w.ranges() {
+                    let r = b.applied.values();
+                    r.field_builder::<UInt64Builder>(0)
+                        .ok_or_else(|| ArrowError::SchemaError("applied.start".into()))?
+                        .append_value(s);
+                    r.field_builder::<UInt64Builder>(1)
+                        .ok_or_else(|| ArrowError::SchemaError("applied.end".into()))?
+                        .append_value(e);
+                    r.append(true);
+                }
+                b.applied.append(true);
+                b.last_start.append_null();
+                b.last_end.append_null();
+            }
+            StreamState::Cumulative(last) => {
+                b.temporality.append_value("cumulative");
+                match &last.value {
+                    CumulativeValue::Int(i) => b.counter(Some(*i), None),
+                    CumulativeValue::Float(f) => b.counter(None, Some(*f)),
+                    CumulativeValue::Histogram {
+                        bounds,
+                        counts,
+                        sum,
+                        count,
+                    } => b.histogram(bounds, counts.iter().copied(), *sum, *count),
+                }
+                b.applied.append_null();
+                b.last_start.append_value(ns(last.start_ns));
+                b.last_end.append_value(ns(last.end_ns));
+            }
+        }
+    }
+    let streams = b.finish()?;
+    Ok([series, streams])
+}
+
+/// Why a batch could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("column `{0}` is missing or has the wrong type")]
+    Column(&'static str),
+    #[error("row {row}: {what}")]
+    Row { row: usize, what: String },
+}
+
+fn row_err(row: usize, what: impl std::fmt::Display) -> ReadError {
+    ReadError::Row {
+        row,
+        what: what.to_string(),
+    }
+}
+
+/// Typed access to the columns of one checkpoint batch.
+pub struct Columns<'a> {
+    b: &'a RecordBatch,
+}
+
+/// A string from a dictionary column.
+fn dict_str<'a>(
+    b: &'a RecordBatch,
+    name: &'static str,
+    i: usize,
+) -> Result<Option<&'a str>, ReadError> {
+    let col = b.column_by_name(name).ok_or(ReadError::Column(name))?;
+    let d = col
+        .as_dictionary_opt::<Int32Type>()
+        .ok_or(ReadError::Column(name))?;
+    if d.is_null(i) {
+        return Ok(None);
+    }
+    let values = d
+        .values()
+        .as_string_opt::<i32>()
+        .ok_or(ReadError::Column(name))?;
+    let k = usize::try_from(d.keys().value(i)).map_err(|_| ReadError::Column(name))?;
+    if k >= values.len() {
+        return Err(ReadError::Column(name));
+    }
+    Ok(Some(values.value(k)))
+}
+
+fn prim<'a, T: arrow_array::types::ArrowPrimitiveType>(
+    b: &'a RecordBatch,
+    name: &'static str,
+) -> Result<&'a arrow_array::PrimitiveArray<T>, ReadError> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_primitive_opt::<T>())
+        .ok_or(ReadError::Column(name))
+}
+
+fn opt<T: arrow_array::types::ArrowPrimitiveType>(
+    a: &arrow_array::PrimitiveArray<T>,
+    i: usize,
+) -> Option<T::Native> {
+    a.is_valid(i).then(|| a.value(i))
+}
+
+fn list_values<T: arrow_array::types::ArrowPrimitiveType>(
+    b: &RecordBatch,
+    name: &'static str,
+    i: usize,
+) -> Result<Option<Vec<T::Native>>, ReadError> {
+    let l = b
+        .column_by_name(name)
+        .and_then(|c| c.as_list_opt::<i32>())
+        .ok_or(ReadError::Column(name))?;
+    if l.is_null(i) {
+        return Ok(None);
+    }
+    let v = l.value(i);
+    let p = v.as_primitive_opt::<T>().ok_or(ReadError::Column(name))?;
+    if p.null_count() > 0 {
+        return Err(row_err(i, format!("null inside `{name}`")));
+    }
+    Ok(Some(p.values().to_vec()))
+}
+
+impl<'a> Columns<'a> {
+    pub fn new(b: &'a RecordBatch) -> Self {
+        Self { b }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.b.num_rows()
+    }
+
+    pub fn record(&self, i: usize) -> Result<&'a str, ReadError> {
+        dict_str(self.b, "record", i)?.ok_or_else(|| row_err(i, "record is null"))
+    }
+
+    pub fn shard(&self, i: usize) -> Result<u32, ReadError> {
+        Ok(prim::<UInt32Type>(self.b, "shard")?.value(i))
+    }
+
+    fn key(&self, lo: &'static str, hi: &'static str, i: usize) -> Result<Option<u128>, ReadError> {
+        let lo = opt(prim::<UInt64Type>(self.b, lo)?, i);
+        let hi = opt(prim::<UInt32Type>(self.b, hi)?, i);
+        Ok(lo
+            .zip(hi)
+            .map(|(lo, hi)| u128::from(lo) | (u128::from(hi) << 96)))
+    }
+
+    pub fn row_key(&self, i: usize) -> Result<u128, ReadError> {
+        self.key("key_lo", "key_hi", i)?
+            .ok_or_else(|| row_err(i, "key is null"))
+    }
+
+    pub fn series_key(&self, i: usize) -> Result<Option<u128>, ReadError> {
+        self.key("series_key_lo", "series_key_hi", i)
+    }
+
+    pub fn family(&self, i: usize) -> Result<FamilyDesc, ReadError> {
+        let get = |name| {
+            dict_str(self.b, name, i)?.ok_or_else(|| row_err(i, format!("`{name}` is null")))
+        };
+        let kind = match get("kind")? {
+            "counter" => Kind::Counter,
+            "histogram" => Kind::Histogram,
+            other => return Err(row_err(i, format!("unknown kind `{other}`"))),
+        };
+        Ok(FamilyDesc {
+            name: get("metric")?.into(),
+            kind,
+            otel_name: get("otel_metric")?.into(),
+            unit: get("unit")?.into(),
+            help: get("help")?.into(),
+        })
+    }
+
+    pub fn labels(&self, i: usize) -> Result<Vec<(String, String)>, ReadError> {
+        let mut out = Vec::new();
+        for name in FIXED_LABELS {
+            if let Some(v) = dict_str(self.b, name, i)? {
+                out.push((name.to_owned(), v.to_owned()));
+            }
+        }
+        let map = self
+            .b
+            .column_by_name("labels")
+            .and_then(|c| c.as_map_opt())
+            .ok_or(ReadError::Column("labels"))?;
+        if map.is_valid(i) {
+            let entries = map.value(i);
+            let keys = entries
+                .column(0)
+                .as_string_opt::<i32>()
+                .ok_or(ReadError::Column("labels"))?;
+            let values = entries
+                .column(1)
+                .as_string_opt::<i32>()
+                .ok_or(ReadError::Column("labels"))?;
+            for j in 0..entries.len() {
+                out.push((keys.value(j).to_owned(), values.value(j).to_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn times(
+        &self,
+        start: &'static str,
+        end: &'static str,
+        i: usize,
+    ) -> Result<(u64, u64), ReadError> {
+        let get = |name| -> Result<u64, ReadError> {
+            let v = opt(prim::<TimestampNanosecondType>(self.b, name)?, i)
+                .ok_or_else(|| row_err(i, format!("`{name}` is null")))?;
+            u64::try_from(v).map_err(|_| row_err(i, format!("`{name}` is negative")))
+        };
+        Ok((get(start)?, get(end)?))
+    }
+
+    /// The value columns: `Counter` for int/float totals, else a histogram
+    /// (bounds, counts, sum, count).
+    pub fn value(&self, i: usize) -> Result<Value, ReadError> {
+        let int = opt(prim::<UInt64Type>(self.b, "int_total")?, i);
+        let float = opt(prim::<Float64Type>(self.b, "float_total")?, i);
+        if int.is_some() || float.is_some() {
+            return Ok(Value::Counter(int, float));
+        }
+        let bounds = list_values::<Float64Type>(self.b, "bucket_bounds", i)?;
+        let counts = list_values::<UInt64Type>(self.b, "bucket_counts", i)?;
+        let sum = opt(prim::<Float64Type>(self.b, "sum")?, i);
+        let count = opt(prim::<UInt64Type>(self.b, "count")?, i);
+        match (bounds, counts, sum, count) {
+            (Some(bounds), Some(counts), Some(sum), Some(count)) => Ok(Value::Histogram {
+                bounds,
+                counts,
+                sum,
+                count,
+            }),
+            _ => Ok(Value::None),
+        }
+    }
+
+    pub fn temporality(&self, i: usize) -> Result<Option<&'a str>, ReadError> {
+        dict_str(self.b, "temporality", i)
+    }
+
+    pub fn applied(&self, i: usize) -> Result<Option<Window>, ReadError> {
+        let l = self
+            .b
+            .column_by_name("applied")
+            .and_then(|c| c.as_list_opt::<i32>())
+            .ok_or(ReadError::Column("applied"))?;
+        if l.is_null(i) {
+            return Ok(None);
+        }
+        let v = l.value(i);
+        let s = v.as_struct_opt().ok_or(ReadError::Column("applied"))?;
+        let starts = s
+            .column(0)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or(ReadError::Column("applied"))?;
+        let ends = s
+            .column(1)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or(ReadError::Column("applied"))?;
+        let ranges: Vec<(u64, u64)> = starts
+            .values()
+            .iter()
+            .copied()
+            .zip(ends.values().iter().copied())
+            .collect();
+        Window::from_ranges(&ranges)
+            .map(Some)
+            .ok_or_else(|| row_err(i, "applied ranges are empty or not disjoint and sorted"))
+    }
+}
+
+/// The value columns of one row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Counter(Option<u64>, Option<f64>),
+    Histogram {
+        bounds: Vec<f64>,
+        counts: Vec<u64>,
+        sum: f64,
+        count: u64,
+    },
+    None,
+}
+
+/// Restores one series row into `state`.
+pub fn restore_series_row(
+    state: &mut ShardState,
+    c: &Columns<'_>,
+    i: usize,
+) -> Result<(), ReadError> {
+    let key = c.row_key(i)?;
+    let family = c.family(i)?;
+    let mut labels = c.labels(i)?;
+    let (created, updated) = c.times("created", "updated", i)?;
+    let value = c.value(i)?;
+    let record = match (&value, family.kind) {
+        (Value::Counter(int, float), Kind::Counter) => ValueRecord::Counter(CounterValue {
+            int: int.unwrap_or(0),
+            float: float.unwrap_or(0.0),
+        }),
+        (
+            Value::Histogram {
+                bounds,
+                counts,
+                sum,
+                ..
+            },
+            Kind::Histogram,
+        ) => ValueRecord::Histogram {
+            bounds,
+            counts,
+            sum: *sum,
+        },
+        _ => return Err(row_err(i, "value columns do not match the kind")),
+    };
+    state
+        .restore_series(key, &family, &mut labels, record, created, updated)
+        .map_err(|e| row_err(i, e))
+}
+
+/// Restores one stream row into `state` (after its series).
+pub fn restore_stream_row(
+    state: &mut ShardState,
+    c: &Columns<'_>,
+    i: usize,
+) -> Result<(), ReadError> {
+    let key = c.row_key(i)?;
+    let series_key = c.series_key(i)?;
+    let stream = match c.temporality(i)? {
+        Some("delta") => StreamState::Delta(
+            c.applied(i)?
+                .ok_or_else(|| row_err(i, "delta stream without applied ranges"))?,
+        ),
+        Some("cumulative") => {
+            let (start_ns, end_ns) = c.times("last_start", "last_end", i)?;
+            let value = match c.value(i)? {
+                Value::Counter(Some(v), None) => CumulativeValue::Int(v),
+                Value::Counter(None, Some(v)) => CumulativeValue::Float(v),
+                Value::Histogram {
+                    bounds,
+                    counts,
+                    sum,
+                    count,
+                } => CumulativeValue::Histogram {
+                    bounds: bounds.into(),
+                    counts: counts.into(),
+                    sum,
+                    count,
+                },
+                _ => return Err(row_err(i, "cumulative stream without a value")),
+            };
+            StreamState::Cumulative(CumulativeState {
+                start_ns,
+                end_ns,
+                value,
+            })
+        }
+        other => return Err(row_err(i, format!("unknown temporality {other:?}"))),
+    };
+    state
+        .restore_stream(key, series_key, stream)
+        .map_err(|e| row_err(i, e))
+}

@@ -1,0 +1,383 @@
+//! Durable state: the data directory (`wal/` and `checkpoints/`, one process at a time), what to
+//! restore at start, periodic and final checkpoints, and the metrics that tell how it goes.
+//!
+//! The rule that keeps restarts honest (DESIGN §4): never serve a counter lower than one already
+//! served. So a checkpoint is restored only when the WAL from its position on is still there
+//! (`durability: wal`), or when a clean shutdown wrote it. Otherwise the state starts empty, with
+//! a new start time: a reset Prometheus handles, never a stale value it would count twice.
+
+pub mod checkpoint;
+pub mod columns;
+pub mod inspect;
+mod metrics;
+pub mod replay;
+pub mod wal;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+pub use metrics::StorageMetrics;
+
+use crate::aggregate::shard::ShardState;
+use crate::aggregate::table::Table;
+use crate::config::Durability;
+use checkpoint::{CheckpointError, Meta};
+use wal::{Position, Wal};
+
+/// Makes a rename or a new file in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
+
+/// Why the data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data directory {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
+    #[error("data directory {0} is in use by another spanagg (its LOCK file is held)")]
+    Locked(PathBuf),
+}
+
+/// What start-up found and rebuilt.
+pub struct Restored {
+    /// Shards to start the table with.
+    pub states: Vec<ShardState>,
+    /// Start of the state: the original one when restored, else now.
+    pub state_start_ns: u64,
+    /// Replay the WAL from here before serving; `None`: nothing to replay.
+    pub replay_from: Option<Position>,
+    /// The checkpoint restored, if any.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The data directory of a running spanagg.
+pub struct Storage {
+    wal_dir: PathBuf,
+    checkpoint_dir: PathBuf,
+    durability: Durability,
+    keep: usize,
+    segment_size: u64,
+    state_start_ns: u64,
+    next_checkpoint: AtomicU64,
+    wal: Option<Arc<Wal>>,
+    metrics: StorageMetrics,
+    /// One checkpoint at a time (the periodic one and the final one can meet at shutdown).
+    busy: tokio::sync::Mutex<()>,
+    _lock: File,
+}
+
+impl Storage {
+    /// Locks the data directory and rebuilds the state. `make_states(start)` returns fresh
+    /// shards whose state began at `start`.
+    pub fn open(
+        data_dir: &Path,
+        durability: Durability,
+        keep: usize,
+        segment_size: u64,
+        metrics: StorageMetrics,
+        make_states: impl Fn(u64) -> Vec<ShardState>,
+    ) -> Result<(Self, Restored), OpenError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |cause| OpenError::Io { path, cause }
+        };
+        let wal_dir = data_dir.join("wal");
+        let checkpoint_dir = data_dir.join("checkpoints");
+        for d in [data_dir, &wal_dir, &checkpoint_dir] {
+            std::fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        let lock_path = data_dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(OpenError::Locked(data_dir.to_owned()));
+        }
+        let temps = checkpoint::remove_temps(&checkpoint_dir).map_err(io_err(&checkpoint_dir))?;
+        if temps > 0 {
+            tracing::warn!(
+                files = temps,
+                "removed checkpoint temp files a crash left behind"
+            );
+        }
+        let t = Instant::now();
+        let restored = restore(
+            &checkpoint_dir,
+            &wal_dir,
+            durability,
+            &metrics,
+            &make_states,
+        )
+        .map_err(io_err(data_dir))?;
+        metrics.restore_duration.set(t.elapsed().as_secs_f64());
+        let last = checkpoint::list(&checkpoint_dir)
+            .map_err(io_err(&checkpoint_dir))?
+            .last()
+            .map_or(0, |(seq, _)| *seq);
+        let storage = Self {
+            wal_dir,
+            checkpoint_dir,
+            durability,
+            keep,
+            segment_size,
+            state_start_ns: restored.state_start_ns,
+            next_checkpoint: AtomicU64::new(last + 1),
+            wal: None,
+            metrics,
+            busy: tokio::sync::Mutex::new(()),
+            _lock: lock,
+        };
+        Ok((storage, restored))
+    }
+
+    pub fn wal_dir(&self) -> &Path {
+        &self.wal_dir
+    }
+
+    pub fn metrics(&self) -> &StorageMetrics {
+        &self.metrics
+    }
+
+    /// Starts the WAL writer (with `durability: wal`) after replay: new records go to a new
+    /// segment after every existing one.
+    pub fn start_wal(&mut self) -> io::Result<()> {
+        if self.durability != Durability::Wal {
+            return Ok(());
+        }
+        let last = wal::segments(&self.wal_dir)?
+            .last()
+            .map_or(0, |(seq, _)| *seq);
+        self.wal = Some(Arc::new(Wal::start(
+            &self.wal_dir,
+            last + 1,
+            self.state_start_ns,
+            self.segment_size,
+            self.metrics.clone(),
+        )?));
+        Ok(())
+    }
+
+    pub fn wal(&self) -> Option<Arc<Wal>> {
+        self.wal.clone()
+    }
+
+    /// Writes a checkpoint of `table`. Failures are counted and logged by the caller's choice;
+    /// the previous checkpoints stay either way.
+    pub async fn checkpoint(
+        &self,
+        table: &Table,
+        clean: bool,
+    ) -> Result<(PathBuf, u64), CheckpointError> {
+        let _busy = self.busy.lock().await;
+        let t = Instant::now();
+        let result = self.checkpoint_inner(table, clean).await;
+        match &result {
+            Ok((path, size)) => {
+                self.metrics
+                    .checkpoint_duration
+                    .observe(t.elapsed().as_secs_f64());
+                self.metrics.checkpoint_size.set(*size as i64);
+                self.metrics.checkpoint_success(now_ns());
+                tracing::info!(path = %path.display(), bytes = size, seconds = t.elapsed().as_secs_f64(), clean, "checkpoint written");
+            }
+            Err(e) => {
+                self.metrics.checkpoint_failed(e.reason());
+                tracing::error!(error = %e, "checkpoint failed: the previous one stays, ingestion goes on");
+            }
+        }
+        result
+    }
+
+    async fn checkpoint_inner(
+        &self,
+        table: &Table,
+        clean: bool,
+    ) -> Result<(PathBuf, u64), CheckpointError> {
+        // Every request logged before this position was applied before it was logged, so the
+        // shard reads below include it.
+        let wal_position = match &self.wal {
+            Some(w) => Some(
+                w.rotate()
+                    .await
+                    .map_err(|e| CheckpointError::Io(io::Error::other(e)))?,
+            ),
+            None => None,
+        };
+        let parts = crate::export::gather_indexed(table, |i, s: &ShardState| {
+            columns::shard_batches(s, i as u32)
+        })
+        .await
+        .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
+        let mut batches = Vec::with_capacity(parts.len() * 2);
+        for p in parts {
+            batches.extend(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
+        }
+        let rows = |i: usize| -> u64 {
+            batches
+                .iter()
+                .skip(i)
+                .step_by(2)
+                .map(|b| b.num_rows() as u64)
+                .sum()
+        };
+        let meta = Meta {
+            format_version: checkpoint::FORMAT_VERSION,
+            schema_hash: checkpoint::schema_hash(),
+            created_ns: now_ns(),
+            wal_position,
+            state_start_ns: self.state_start_ns,
+            clean_shutdown: clean,
+            shards: table.len() as u32,
+            series: rows(0),
+            streams: rows(1),
+        };
+        let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
+        let dir = self.checkpoint_dir.clone();
+        let written =
+            tokio::task::spawn_blocking(move || checkpoint::write(&dir, seq, &meta, &batches))
+                .await
+                .map_err(|e| CheckpointError::Io(io::Error::other(e.to_string())))??;
+        if let Err(e) = self.prune() {
+            tracing::warn!(error = %e, "could not prune old checkpoints or WAL segments");
+        }
+        Ok(written)
+    }
+
+    /// Keeps the newest `keep` checkpoints, and the WAL from the second newest on, so that
+    /// falling back to it (if the newest turns out unreadable) still replays exactly.
+    fn prune(&self) -> io::Result<()> {
+        let files = checkpoint::list(&self.checkpoint_dir)?;
+        let excess = files.len().saturating_sub(self.keep);
+        for (_, path) in files.iter().take(excess) {
+            std::fs::remove_file(path)?;
+        }
+        if excess > 0 {
+            sync_dir(&self.checkpoint_dir)?;
+        }
+        if self.wal.is_none() {
+            return Ok(());
+        }
+        let floor = match files.len() {
+            0 | 1 => None,
+            n => files
+                .get(n - 2)
+                .and_then(|(_, p)| checkpoint::read_meta(p).ok())
+                .and_then(|m| m.wal_position),
+        };
+        if let Some(p) = floor {
+            wal::remove_before(&self.wal_dir, p.segment)?;
+        }
+        Ok(())
+    }
+}
+
+/// Picks and loads the checkpoint to start from.
+fn restore(
+    checkpoint_dir: &Path,
+    wal_dir: &Path,
+    durability: Durability,
+    metrics: &StorageMetrics,
+    make_states: &impl Fn(u64) -> Vec<ShardState>,
+) -> io::Result<Restored> {
+    let files = checkpoint::list(checkpoint_dir)?;
+    let segments = wal::segments(wal_dir)?;
+    let fresh = |start: u64| Restored {
+        states: make_states(start),
+        state_start_ns: start,
+        replay_from: None,
+        checkpoint: None,
+    };
+    // Newest first. With a WAL the two newest are restorable (the WAL is kept from the second
+    // newest on); without one only a clean-shutdown checkpoint that is the newest file is.
+    let candidates = match durability {
+        Durability::Wal => 2,
+        Durability::None => 1,
+    };
+    for (rank, (_, path)) in files.iter().rev().enumerate() {
+        let meta = match checkpoint::read_meta(path) {
+            Ok(m) => m,
+            Err(e) => {
+                set_aside(path, &e, metrics);
+                continue;
+            }
+        };
+        if rank >= candidates {
+            break;
+        }
+        let usable = match durability {
+            Durability::Wal => meta.clean_shutdown || meta.wal_position.is_some(),
+            Durability::None => meta.clean_shutdown,
+        };
+        if !usable {
+            tracing::warn!(path = %path.display(), "newest checkpoint was not written by a clean shutdown and there is no WAL: starting every series from zero");
+            break;
+        }
+        let mut states = make_states(meta.state_start_ns);
+        match checkpoint::load(path, &mut states) {
+            Ok(meta) => {
+                let replay_from = match durability {
+                    Durability::Wal => Some(meta.wal_position.unwrap_or(Position {
+                        segment: u64::MAX,
+                        offset: 0,
+                    })),
+                    Durability::None => None,
+                };
+                tracing::info!(path = %path.display(), series = meta.series, streams = meta.streams, "restored checkpoint");
+                metrics.restored_series.set(meta.series as i64);
+                return Ok(Restored {
+                    states,
+                    state_start_ns: meta.state_start_ns,
+                    replay_from,
+                    checkpoint: Some(path.clone()),
+                });
+            }
+            Err(e) => set_aside(path, &e, metrics),
+        }
+    }
+    let had_history = !files.is_empty();
+    match durability {
+        // Nothing was ever checkpointed (so no segment was ever deleted): the whole WAL is the
+        // whole history.
+        Durability::Wal if !had_history => {
+            let start = segments
+                .first()
+                .and_then(|(_, p)| wal::segment_state_start(p).ok())
+                .unwrap_or_else(now_ns);
+            let mut r = fresh(start);
+            r.replay_from = Some(Position::default());
+            Ok(r)
+        }
+        _ => {
+            if !segments.is_empty() {
+                tracing::warn!(segments = segments.len(), "WAL cannot be replayed onto an empty state (the checkpoint it continues is gone): deleting it");
+                wal::remove_before(wal_dir, u64::MAX)?;
+            }
+            Ok(fresh(now_ns()))
+        }
+    }
+}
+
+fn set_aside(path: &Path, e: &CheckpointError, metrics: &StorageMetrics) {
+    metrics.checkpoints_set_aside.inc();
+    match checkpoint::set_aside(path) {
+        Ok(to) => {
+            tracing::error!(path = %path.display(), set_aside_as = %to.display(), error = %e, "unreadable checkpoint set aside")
+        }
+        Err(re) => {
+            tracing::error!(path = %path.display(), error = %e, rename_error = %re, "unreadable checkpoint could not be set aside")
+        }
+    }
+}

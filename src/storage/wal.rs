@@ -1,0 +1,441 @@
+//! The write-ahead log: every accepted export request, as the protobuf the client sent (after
+//! decompression), appended to numbered segment files and fsynced before the client hears back.
+//!
+//! A request is logged *after* every shard applied it. So everything logged before a position
+//! `P` is in any state read after `P` was taken, and a checkpoint that records `P` needs only the
+//! records from `P` on replayed (replay is idempotent: the exactly-once windows and the
+//! cumulative last values in the checkpoint turn a record applied twice into duplicates).
+//!
+//! One writer thread owns the open segment. Appends queue to it; it writes everything queued,
+//! syncs once, and answers all of them (group commit). After an I/O error the segment is
+//! abandoned and the next group opens a new one, so one bad write never poisons later ones.
+//!
+//! Segment: `SPANWAL\0`, format version (u32 LE), state start (u64 LE ns), then records:
+//! payload length (u32 LE), CRC-32 (u32 LE) of the rest, record version (u8), kind (u8),
+//! payload. A record that is short or fails its CRC is a torn tail: replay truncates the segment
+//! there and counts it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+
+use super::{sync_dir, StorageMetrics};
+
+const MAGIC: &[u8; 8] = b"SPANWAL\0";
+const SEGMENT_VERSION: u32 = 1;
+/// Bytes before the first record of a segment.
+pub const HEADER_LEN: u64 = 8 + 4 + 8;
+const RECORD_VERSION: u8 = 1;
+const RECORD_HEADER: usize = 4 + 4 + 1 + 1;
+/// The only record kind so far: an `ExportMetricsServiceRequest`.
+pub const KIND_METRICS: u8 = 1;
+/// Requests waiting for the writer before exports are refused (retryably).
+const QUEUE: usize = 4096;
+/// A group stops growing here, so one sync never waits behind an unbounded write.
+const GROUP_BYTES: usize = 16 << 20;
+
+/// A place in the log: segment number and byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.segment, self.offset)
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (seg, off) = s.split_once(':').ok_or("expected segment:offset")?;
+        Ok(Self {
+            segment: seg.parse().map_err(|_| "bad segment number")?,
+            offset: off.parse().map_err(|_| "bad offset")?,
+        })
+    }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}.wal"))
+}
+
+/// Segment files in `dir`, oldest first.
+pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".wal"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Why an append was not made durable.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("write-ahead log I/O error: {0}")]
+    Io(String),
+    #[error("write-ahead log queue is full")]
+    Busy,
+    #[error("write-ahead log is closed")]
+    Closed,
+}
+
+type Reply<T> = tokio::sync::oneshot::Sender<T>;
+
+enum Msg {
+    Append(Bytes, Reply<Result<(), WalError>>),
+    /// Start a new segment; answers the position where the next record will go.
+    Rotate(Reply<Position>),
+}
+
+/// The log's writer side.
+pub struct Wal {
+    tx: Option<Sender<Msg>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Segment {
+    file: File,
+    offset: u64,
+}
+
+struct Writer {
+    dir: PathBuf,
+    next_seq: u64,
+    state_start_ns: u64,
+    segment_size: u64,
+    open: Option<Segment>,
+    metrics: StorageMetrics,
+    buf: Vec<u8>,
+}
+
+impl Wal {
+    /// Starts the writer; the first record goes to segment `next_seq`.
+    pub fn start(
+        dir: &Path,
+        next_seq: u64,
+        state_start_ns: u64,
+        segment_size: u64,
+        metrics: StorageMetrics,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let (tx, rx) = bounded(QUEUE);
+        let mut w = Writer {
+            dir: dir.to_owned(),
+            next_seq: next_seq.max(1),
+            state_start_ns,
+            segment_size,
+            open: None,
+            metrics,
+            buf: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("spanagg-wal".into())
+            .spawn(move || w.run(rx))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Appends one request and waits until it is on disk.
+    pub async fn append(&self, payload: Bytes) -> Result<(), WalError> {
+        let tx = self.tx.as_ref().ok_or(WalError::Closed)?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        match tx.try_send(Msg::Append(payload, reply)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(WalError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(WalError::Closed),
+        }
+        rx.await.unwrap_or(Err(WalError::Closed))
+    }
+
+    /// Closes the current segment; every record appended from now on is at or after the
+    /// returned position.
+    pub async fn rotate(&self) -> Result<Position, WalError> {
+        let tx = self.tx.as_ref().ok_or(WalError::Closed)?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(Msg::Rotate(reply)).map_err(|_| WalError::Closed)?;
+        rx.await.map_err(|_| WalError::Closed)
+    }
+
+    /// Stops the writer after it has written what is queued.
+    pub fn close(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Msg>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Append(payload, reply) => {
+                        bytes += payload.len();
+                        group.push((payload, reply));
+                    }
+                    Msg::Rotate(reply) => {
+                        // Records queued before the rotation belong before its position.
+                        self.commit(std::mem::take(&mut group));
+                        bytes = 0;
+                        let _ = reply.send(self.rotate());
+                    }
+                }
+                if bytes < GROUP_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(group);
+        }
+        if let Some(seg) = self.open.take() {
+            let _ = seg.file.sync_all();
+        }
+    }
+
+    fn rotate(&mut self) -> Position {
+        if let Some(seg) = self.open.take() {
+            let _ = seg.file.sync_all();
+        }
+        Position {
+            segment: self.next_seq,
+            offset: HEADER_LEN,
+        }
+    }
+
+    fn commit(&mut self, group: Vec<(Bytes, Reply<Result<(), WalError>>)>) {
+        if group.is_empty() {
+            return;
+        }
+        let result = self.write_group(&group);
+        if let Err(e) = &result {
+            self.metrics.wal_errors.inc();
+            tracing::error!(error = %e, "write-ahead log write failed: exports get a retryable error");
+            // The file's state after a failed write or sync is unknown: start a new one.
+            self.open = None;
+        }
+        for (_, reply) in group {
+            let _ = reply.send(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| WalError::Io(e.to_string())),
+            );
+        }
+    }
+
+    fn write_group(&mut self, group: &[(Bytes, Reply<Result<(), WalError>>)]) -> io::Result<()> {
+        let mut seg = match self.open.take() {
+            Some(s) => s,
+            None => self.open_segment()?,
+        };
+        self.buf.clear();
+        for (payload, _) in group {
+            encode_record(&mut self.buf, KIND_METRICS, payload)?;
+        }
+        seg.file.write_all(&self.buf)?;
+        let t = Instant::now();
+        seg.file.sync_data()?;
+        self.metrics.wal_fsync.observe(t.elapsed().as_secs_f64());
+        seg.offset += self.buf.len() as u64;
+        self.metrics.wal_bytes.inc_by(self.buf.len() as u64);
+        self.metrics.wal_records.inc_by(group.len() as u64);
+        if seg.offset < self.segment_size {
+            self.open = Some(seg);
+        }
+        if self.buf.capacity() > GROUP_BYTES * 2 {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn open_segment(&mut self) -> io::Result<Segment> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let path = segment_path(&self.dir, seq);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let mut header = Vec::with_capacity(HEADER_LEN as usize);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        header.extend_from_slice(&self.state_start_ns.to_le_bytes());
+        file.write_all(&header)?;
+        file.sync_all()?;
+        sync_dir(&self.dir)?;
+        self.metrics.wal_segments_created.inc();
+        Ok(Segment {
+            file,
+            offset: HEADER_LEN,
+        })
+    }
+}
+
+fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record over 4 GiB"))?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&[RECORD_VERSION, kind]);
+    crc.update(payload);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&crc.finalize().to_le_bytes());
+    buf.push(RECORD_VERSION);
+    buf.push(kind);
+    buf.extend_from_slice(payload);
+    Ok(())
+}
+
+/// The state start recorded in a segment's header.
+pub fn segment_state_start(path: &Path) -> io::Result<u64> {
+    use std::io::Read;
+    let mut header = [0u8; HEADER_LEN as usize];
+    File::open(path)?.read_exact(&mut header)?;
+    if &header[..8] != MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a WAL segment",
+        ));
+    }
+    let mut start = [0u8; 8];
+    start.copy_from_slice(&header[12..20]);
+    Ok(u64::from_le_bytes(start))
+}
+
+/// What replay found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Records handed to the callback.
+    pub records: u64,
+    /// Torn or corrupt tails cut off (one per segment at most).
+    pub truncated: u64,
+    /// Records skipped because a newer spanagg wrote them (unknown version or kind).
+    pub skipped: u64,
+    /// The greatest segment number seen; new segments start after it.
+    pub last_segment: u64,
+    /// State start recorded in the oldest segment read, if any.
+    pub state_start_ns: Option<u64>,
+}
+
+/// Reads every record at or after `from`, oldest first, truncating torn tails.
+pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::Result<ReplayStats> {
+    let mut stats = ReplayStats::default();
+    for (seq, path) in segments(dir)? {
+        stats.last_segment = stats.last_segment.max(seq);
+        if seq < from.segment {
+            continue;
+        }
+        // Only regular files: a device or FIFO under a segment's name could read forever.
+        if !std::fs::symlink_metadata(&path)?.file_type().is_file() {
+            tracing::warn!(path = %path.display(), "not a regular file: skipped");
+            continue;
+        }
+        let data = std::fs::read(&path)?;
+        if data.len() < HEADER_LEN as usize || &data[..8] != MAGIC {
+            // Torn while being created (nothing in it was ever acknowledged) or not ours.
+            tracing::warn!(path = %path.display(), "WAL segment without a valid header: set aside");
+            std::fs::rename(&path, path.with_extension("wal.corrupt"))?;
+            stats.truncated += 1;
+            continue;
+        }
+        let mut u64_at = [0u8; 8];
+        u64_at.copy_from_slice(&data[12..20]);
+        stats
+            .state_start_ns
+            .get_or_insert(u64::from_le_bytes(u64_at));
+        let start = if seq == from.segment {
+            from.offset.max(HEADER_LEN)
+        } else {
+            HEADER_LEN
+        };
+        let mut off = usize::try_from(start).unwrap_or(usize::MAX);
+        while off < data.len() {
+            match decode_record(&data[off..]) {
+                Some((version, kind, payload, used)) => {
+                    if version == RECORD_VERSION && kind == KIND_METRICS {
+                        f(kind, payload);
+                        stats.records += 1;
+                    } else {
+                        stats.skipped += 1;
+                    }
+                    off += used;
+                }
+                None => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = off,
+                        dropped_bytes = data.len() - off,
+                        "torn WAL tail: truncated (those requests were never acknowledged)"
+                    );
+                    let file = OpenOptions::new().write(true).open(&path)?;
+                    file.set_len(off as u64)?;
+                    file.sync_all()?;
+                    stats.truncated += 1;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// One record at the start of `data`: (version, kind, payload, bytes used), or `None` if it is
+/// short or its CRC does not match.
+fn decode_record(data: &[u8]) -> Option<(u8, u8, &[u8], usize)> {
+    let head = data.get(..RECORD_HEADER)?;
+    let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
+    let body = data.get(8..RECORD_HEADER.checked_add(len)?)?;
+    (crc32fast::hash(body) == crc).then(|| (body[0], body[1], &body[2..], RECORD_HEADER + len))
+}
+
+/// Deletes segments numbered below `before` (covered by checkpoints); returns how many.
+pub fn remove_before(dir: &Path, before: u64) -> io::Result<usize> {
+    let mut n = 0;
+    for (seq, path) in segments(dir)? {
+        if seq < before {
+            std::fs::remove_file(&path)?;
+            n += 1;
+        }
+    }
+    if n > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+#[path = "wal_tests.rs"]
+mod tests;

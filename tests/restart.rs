@@ -1,0 +1,419 @@
+//! Restarts of the real binary on its own data directory: clean stops, `kill -9` under load and
+//! during checkpoints, `durability: none`, and I/O errors on the WAL and checkpoint paths.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{now_ns, Spanagg};
+use opentelemetry_proto::tonic::metrics::v1::{metric::Data, AggregationTemporality};
+use prost::Message;
+use spanagg::workload::{request, Shape};
+
+const ROUTES: usize = 20;
+const SHAPE: Shape = Shape {
+    services: 1,
+    routes: ROUTES,
+    bounds: 4,
+    counters: true,
+};
+/// Calls (and histogram observations) per route in one `workload::request`.
+const PER_REQUEST: u64 = 5;
+
+/// One POST; `None` when the server is not there (refused, reset, killed mid-request).
+fn try_post(addr: SocketAddr, body: &[u8]) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let head = format!(
+        "POST /v1/metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: \
+         application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let line = String::from_utf8_lossy(&raw);
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sum of every sample of a family in a scrape.
+fn total(scrape: &str, prefix: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn calls(s: &Spanagg) -> f64 {
+    total(&s.scrape(), "traces_span_metrics_calls_total{")
+}
+
+fn observations(s: &Spanagg) -> f64 {
+    total(
+        &s.scrape(),
+        "traces_span_metrics_duration_milliseconds_count{",
+    )
+}
+
+fn delta(pod: usize, k: u64, t0: u64) -> Vec<u8> {
+    let start = t0 + k * 1_000_000;
+    request(&SHAPE, pod, start, start + 1_000_000).encode_to_vec()
+}
+
+fn cumulative(pod: usize, start: u64, end: u64, calls: i64) -> Vec<u8> {
+    let mut req = request(&SHAPE, pod, start, end);
+    for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
+        if let Some(Data::Sum(sum)) = m.data.as_mut() {
+            sum.aggregation_temporality = AggregationTemporality::Cumulative as i32;
+            for p in &mut sum.data_points {
+                p.value = Some(
+                    opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(calls),
+                );
+            }
+        }
+    }
+    // Only the counter: a cumulative histogram is not needed for the point being made.
+    req.resource_metrics[0].scope_metrics[0]
+        .metrics
+        .retain(|m| matches!(m.data, Some(Data::Sum(_))));
+    req.encode_to_vec()
+}
+
+fn post_ok(s: &Spanagg, body: &[u8]) {
+    assert_eq!(try_post(s.otlp_http, body), Some(200));
+}
+
+fn checkpoints(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("data/checkpoints"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_clean_restart_serves_exactly_the_same_scrape_and_keeps_exactly_once() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    for pod in 0..3 {
+        for k in 0..4 {
+            post_ok(&s, &delta(pod, k, t0));
+        }
+    }
+    // A cumulative stream that started after spanagg did: its first point counts.
+    let cstart = now_ns();
+    post_ok(&s, &cumulative(7, cstart, cstart + 1_000, 10));
+    let before = s.scrape();
+    let dir = s.stop_keep();
+    assert!(
+        checkpoints(&dir).iter().any(|f| f.ends_with(".parquet")),
+        "a clean stop writes a checkpoint: {:?}",
+        checkpoints(&dir)
+    );
+
+    let s = Spanagg::start_in(dir, "");
+    assert_eq!(
+        s.scrape(),
+        before,
+        "the whole scrape is the same after a clean restart"
+    );
+    // Retries of deltas applied before the restart are still duplicates.
+    post_ok(&s, &delta(0, 2, t0));
+    assert_eq!(s.scrape(), before);
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"duplicate\"}"),
+        40.0
+    );
+    // The cumulative stream continues from its last value (a difference, not a reset).
+    post_ok(&s, &cumulative(7, cstart, cstart + 2_000, 13));
+    let expected = 3.0 * 4.0 * PER_REQUEST as f64 * ROUTES as f64 + 13.0 * ROUTES as f64;
+    assert_eq!(calls(&s), expected);
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"cumulative_reset\"}"),
+        0.0
+    );
+}
+
+/// Pods sending deltas as fast as they are acknowledged, each retrying until it is, across
+/// restarts (like an OTLP exporter's retry queue). Returns the acknowledged request count.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: Arc<Mutex<SocketAddr>>, pods: usize, t0: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let threads = (0..pods)
+            .map(|pod| {
+                let (stop, acked, addr) = (stop.clone(), acked.clone(), addr.clone());
+                std::thread::spawn(move || {
+                    let mut k = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = delta(100 + pod, k, t0);
+                        // Retried until acknowledged, even past `stop`: an unacknowledged
+                        // request may or may not have been applied, and only the retry settles it.
+                        loop {
+                            let a = *addr.lock().unwrap();
+                            if try_post(a, &body) == Some(200) {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        k += 1;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            acked,
+            threads,
+        }
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits (bounded) until the checkpoint directory holds a temp file, i.e. a checkpoint is being
+/// written; returns whether one was seen.
+fn wait_for_temp(dir: &std::path::Path, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if checkpoints(dir).iter().any(|f| f.ends_with(".tmp")) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    false
+}
+
+#[test]
+fn kill_9_under_load_and_mid_checkpoint_loses_and_doubles_nothing() {
+    // Many series make a checkpoint take long enough to be killed in the middle of one.
+    let cfg = "checkpoint_interval: 300ms\n";
+    let s = Spanagg::start(cfg);
+    let t0 = now_ns() - 60_000_000_000;
+    let wide = Shape {
+        services: 1,
+        routes: 20_000,
+        bounds: 4,
+        counters: true,
+    };
+    let big = request(&wide, 999, t0, t0 + 1_000_000).encode_to_vec();
+    post_ok(&s, &big);
+    let base = 20_000.0 * PER_REQUEST as f64;
+
+    let addr = Arc::new(Mutex::new(s.otlp_http));
+    let load = Load::start(addr.clone(), 4, t0);
+    std::thread::sleep(Duration::from_millis(800));
+    let dir = s.kill9();
+    let s = Spanagg::start_in(dir, cfg);
+    *addr.lock().unwrap() = s.otlp_http;
+    std::thread::sleep(Duration::from_millis(500));
+    wait_for_temp(&s.dir, Duration::from_secs(10));
+    let dir = s.kill9();
+    let mid_checkpoint = checkpoints(&dir).iter().any(|f| f.ends_with(".tmp"));
+    let s = Spanagg::start_in(dir, cfg);
+    if mid_checkpoint {
+        assert!(
+            s.log_text().contains("removed checkpoint temp files"),
+            "the killed checkpoint's temp file is cleaned up at start"
+        );
+    }
+    *addr.lock().unwrap() = s.otlp_http;
+    std::thread::sleep(Duration::from_millis(500));
+    let acked = load.finish();
+    assert!(acked > 20, "the load ran: {acked} requests");
+
+    let expected = base + acked as f64 * PER_REQUEST as f64 * ROUTES as f64;
+    assert_eq!(
+        calls(&s),
+        expected,
+        "calls: every acknowledged delta exactly once"
+    );
+    assert_eq!(observations(&s), expected, "histogram counts likewise");
+    assert!(s.log_text().contains("replayed the write-ahead log"));
+    eprintln!("killed mid-checkpoint: {mid_checkpoint}, acknowledged requests: {acked}");
+}
+
+#[test]
+fn without_a_wal_a_crash_starts_from_zero_and_a_clean_stop_restores() {
+    let cfg = "durability: none\ncheckpoint_interval: 200ms\n";
+    let s = Spanagg::start(cfg);
+    let t0 = now_ns() - 60_000_000_000;
+    post_ok(&s, &delta(0, 0, t0));
+    let clean_value = calls(&s);
+    let dir = s.stop_keep();
+    let s = Spanagg::start_in(dir, cfg);
+    assert_eq!(
+        calls(&s),
+        clean_value,
+        "a clean stop's checkpoint is restored"
+    );
+    post_ok(&s, &delta(0, 1, t0));
+    // Let a periodic checkpoint hold the newer value, then crash.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        !std::fs::read_dir(s.dir.join("data/wal"))
+            .unwrap()
+            .any(|_| true),
+        "no WAL kept"
+    );
+    let dir = s.kill9();
+    let s = Spanagg::start_in(dir, cfg);
+    assert_eq!(calls(&s), 0.0, "no stale value after a crash without a WAL");
+    post_ok(&s, &delta(0, 2, t0));
+    assert_eq!(
+        calls(&s),
+        PER_REQUEST as f64 * ROUTES as f64,
+        "counting starts over"
+    );
+}
+
+#[test]
+fn wal_write_errors_refuse_retryably_and_the_retry_counts_once() {
+    let s = Spanagg::start("");
+    // The first WAL segment is a file every write to fails, as on a full disk.
+    let seg1 = s.dir.join(format!("data/wal/{:020}.wal", 1));
+    std::os::unix::fs::symlink("/dev/full", &seg1).unwrap();
+    let t0 = now_ns() - 60_000_000_000;
+    let body = delta(0, 0, t0);
+    assert_eq!(
+        try_post(s.otlp_http, &body),
+        Some(503),
+        "not durable: retryable refusal"
+    );
+    assert_eq!(s.internal("spanagg_wal_write_errors_total"), 1.0);
+    assert_eq!(
+        try_post(s.otlp_http, &body),
+        Some(200),
+        "the retry goes to a new segment"
+    );
+    assert_eq!(
+        calls(&s),
+        PER_REQUEST as f64 * ROUTES as f64,
+        "applied once, not twice"
+    );
+    std::fs::remove_file(&seg1).unwrap();
+    let dir = s.kill9();
+    let s = Spanagg::start_in(dir, "");
+    assert_eq!(
+        calls(&s),
+        PER_REQUEST as f64 * ROUTES as f64,
+        "the retry was logged"
+    );
+}
+
+#[test]
+fn checkpoint_io_errors_are_counted_and_ingestion_goes_on() {
+    let s = Spanagg::start("checkpoint_interval: 200ms\n");
+    let t0 = now_ns() - 60_000_000_000;
+    post_ok(&s, &delta(0, 0, t0));
+    let dir = s.dir.join("data/checkpoints");
+    let moved = s.dir.join("data/checkpoints.moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.internal("spanagg_checkpoint_failures_total{reason=\"io\"}") == 0.0 {
+        assert!(Instant::now() < deadline, "no checkpoint failure counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    post_ok(&s, &delta(0, 1, t0));
+    assert_eq!(calls(&s), 2.0 * PER_REQUEST as f64 * ROUTES as f64);
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&moved, &dir).unwrap();
+    let failed_at = s.internal("spanagg_checkpoint_failures_total{reason=\"io\"}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while checkpoints(&s.dir).is_empty() {
+        assert!(Instant::now() < deadline, "checkpoints did not resume");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.internal("spanagg_checkpoint_last_success_timestamp_seconds") > 0.0);
+    assert!(failed_at >= 1.0);
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_plus_wal_is_exact() {
+    let cfg = "checkpoint_interval: 200ms\n";
+    let s = Spanagg::start(cfg);
+    let t0 = now_ns() - 60_000_000_000;
+    for k in 0..3 {
+        post_ok(&s, &delta(0, k, t0));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let expected = calls(&s);
+    let dir = s.stop_keep();
+    let files: Vec<String> = checkpoints(&dir);
+    assert!(files.len() >= 2, "{files:?}");
+    let newest = dir.join("data/checkpoints").join(files.last().unwrap());
+    let len = std::fs::metadata(&newest).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let s = Spanagg::start_in(dir, cfg);
+    assert_eq!(
+        calls(&s),
+        expected,
+        "previous checkpoint + WAL replay is exact"
+    );
+    assert_eq!(s.internal("spanagg_checkpoints_set_aside_total"), 1.0);
+    assert!(checkpoints(&s.dir).iter().any(|f| f.ends_with(".corrupt")));
+}
+
+#[test]
+fn inspect_prints_the_footer_and_a_summary() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    post_ok(&s, &delta(0, 0, t0));
+    let dir = s.stop_keep();
+    let file = checkpoints(&dir).pop().unwrap();
+    let path = dir.join("data/checkpoints").join(file);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("clean_shutdown"), "{text}");
+    assert!(text.contains("traces_span_metrics_calls"), "{text}");
+    assert!(text.contains("service-0"), "{text}");
+    assert!(text.contains(&format!("{ROUTES}")), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .arg("inspect")
+        .arg("/etc/hostname")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("spanagg:"));
+}

@@ -27,12 +27,15 @@ def http_get(url, headers=None, timeout=10):
 class Spanagg:
     """One spanagg process on ephemeral ports."""
 
-    def __init__(self, extra_yaml=""):
-        self.dir = tempfile.mkdtemp(prefix="spanagg-e2e-")
+    def __init__(self, extra_yaml="", dir=None, ports=(0, 0, 0)):
+        """`dir` restarts on an earlier run's state; fixed `ports` keep scrape targets stable."""
+        self.dir = dir or tempfile.mkdtemp(prefix="spanagg-e2e-")
+        self.extra_yaml, self.ports = extra_yaml, ports
         cfg = pathlib.Path(self.dir) / "spanagg.yaml"
+        grpc, otlp, http = ports
         cfg.write_text(
-            "grpc_listen: 127.0.0.1:0\notlp_http_listen: 127.0.0.1:0\n"
-            f"http_listen: 127.0.0.1:0\ndata_dir: {self.dir}/data\n{extra_yaml}"
+            f"grpc_listen: 127.0.0.1:{grpc}\notlp_http_listen: 127.0.0.1:{otlp}\n"
+            f"http_listen: 127.0.0.1:{http}\ndata_dir: {self.dir}/data\n{extra_yaml}"
         )
         self.proc = subprocess.Popen(
             [BIN, "serve", "--config", str(cfg)],
@@ -66,11 +69,21 @@ class Spanagg:
     def internal(self):
         return http_get(f"http://{self.http}/internal/metrics")[2].decode()
 
-    def stop(self):
+    def stop(self, keep=False):
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(30)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
         return code
+
+    def restart(self, kill=False):
+        """Stops (SIGTERM, or SIGKILL with `kill`) and starts again on the same state and ports."""
+        if kill:
+            self.proc.kill()
+            self.proc.wait(30)
+        else:
+            assert self.stop(keep=True) == 0, "".join(self.log)
+        return Spanagg(self.extra_yaml, dir=self.dir, ports=self.ports)
 
 
 @pytest.fixture

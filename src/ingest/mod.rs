@@ -16,7 +16,7 @@ use prost::Message;
 
 use crate::aggregate::shard::{Batch, BatchResult, Outcome};
 use crate::aggregate::table::{SendError, Table};
-use crate::storage::wal::Wal;
+use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_SNAPPY};
 use crate::telemetry::{Protocol, RequestOutcome, Telemetry};
 use otlp::{prepare, Projection, RequestLabels};
 
@@ -152,7 +152,11 @@ impl Ingestor {
         // applied and then failed to log.
         if let (Some(wal), true) = (&self.wal, logged) {
             let raw = raw.unwrap_or_else(|| Bytes::from(req.encode_to_vec()));
-            wal.append(raw)
+            let (kind, record) = match snap::raw::Encoder::new().compress_vec(&raw) {
+                Ok(z) => (KIND_METRICS_SNAPPY, Bytes::from(z)),
+                Err(_) => (KIND_METRICS, raw),
+            };
+            wal.append(kind, record)
                 .await
                 .map_err(|e| IngestError::NotDurable(e.to_string()))?;
         }

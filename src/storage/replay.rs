@@ -19,16 +19,24 @@ pub async fn replay(
     ingestor: &Ingestor,
     metrics: &StorageMetrics,
 ) -> std::io::Result<ReplayStats> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(64);
     let reader = tokio::task::spawn_blocking(move || {
-        wal::replay(&dir, from, |_, payload| {
+        wal::replay(&dir, from, |kind, payload| {
+            let record = match kind {
+                wal::KIND_METRICS_SNAPPY => snap::raw::Decoder::new().decompress_vec(payload).ok(),
+                _ => Some(payload.to_vec()),
+            };
             // The receiver only goes away if the start is abandoned.
-            let _ = tx.blocking_send(payload.to_vec());
+            let _ = tx.blocking_send(record);
         })
     });
     let mut undecodable = 0u64;
-    while let Some(payload) = rx.recv().await {
+    while let Some(record) = rx.recv().await {
         metrics.wal_replayed.inc();
+        let Some(payload) = record else {
+            undecodable += 1;
+            continue;
+        };
         // Decoded per attempt: a retry (full shard queue) is rare, a clone per record is not.
         loop {
             let Ok(req) = ExportMetricsServiceRequest::decode(&payload[..]) else {

@@ -31,8 +31,11 @@ const SEGMENT_VERSION: u32 = 1;
 pub const HEADER_LEN: u64 = 8 + 4 + 8;
 const RECORD_VERSION: u8 = 1;
 const RECORD_HEADER: usize = 4 + 4 + 1 + 1;
-/// The only record kind so far: an `ExportMetricsServiceRequest`.
+/// Record kinds: an `ExportMetricsServiceRequest`, as is or Snappy-compressed (the raw
+/// protobuf repeats every attribute key per point and compresses several-fold; writing less is
+/// what keeps the log's cost on ingest small).
 pub const KIND_METRICS: u8 = 1;
+pub const KIND_METRICS_SNAPPY: u8 = 2;
 /// Requests waiting for the writer before exports are refused (retryably).
 const QUEUE: usize = 4096;
 /// A group stops growing here, so one sync never waits behind an unbounded write.
@@ -101,9 +104,10 @@ pub enum WalError {
 }
 
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
+type Pending = (u8, Bytes, Reply<Result<(), WalError>>);
 
 enum Msg {
-    Append(Bytes, Reply<Result<(), WalError>>),
+    Append(u8, Bytes, Reply<Result<(), WalError>>),
     /// Start a new segment; answers the position where the next record will go.
     Rotate(Reply<Position>),
 }
@@ -158,11 +162,11 @@ impl Wal {
         })
     }
 
-    /// Appends one request and waits until it is on disk.
-    pub async fn append(&self, payload: Bytes) -> Result<(), WalError> {
+    /// Appends one record of `kind` and waits until it is on disk.
+    pub async fn append(&self, kind: u8, payload: Bytes) -> Result<(), WalError> {
         let tx = self.tx.as_ref().ok_or(WalError::Closed)?;
         let (reply, rx) = tokio::sync::oneshot::channel();
-        match tx.try_send(Msg::Append(payload, reply)) {
+        match tx.try_send(Msg::Append(kind, payload, reply)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(WalError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(WalError::Closed),
@@ -202,9 +206,9 @@ impl Writer {
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Append(payload, reply) => {
+                    Msg::Append(kind, payload, reply) => {
                         bytes += payload.len();
-                        group.push((payload, reply));
+                        group.push((kind, payload, reply));
                     }
                     Msg::Rotate(reply) => {
                         // Records queued before the rotation belong before its position.
@@ -234,7 +238,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, group: Vec<(Bytes, Reply<Result<(), WalError>>)>) {
+    fn commit(&mut self, group: Vec<Pending>) {
         if group.is_empty() {
             return;
         }
@@ -245,7 +249,7 @@ impl Writer {
             // The file's state after a failed write or sync is unknown: start a new one.
             self.open = None;
         }
-        for (_, reply) in group {
+        for (_, _, reply) in group {
             let _ = reply.send(
                 result
                     .as_ref()
@@ -255,14 +259,14 @@ impl Writer {
         }
     }
 
-    fn write_group(&mut self, group: &[(Bytes, Reply<Result<(), WalError>>)]) -> io::Result<()> {
+    fn write_group(&mut self, group: &[Pending]) -> io::Result<()> {
         let mut seg = match self.open.take() {
             Some(s) => s,
             None => self.open_segment()?,
         };
         self.buf.clear();
-        for (payload, _) in group {
-            encode_record(&mut self.buf, KIND_METRICS, payload)?;
+        for (kind, payload, _) in group {
+            encode_record(&mut self.buf, *kind, payload)?;
         }
         seg.file.write_all(&self.buf)?;
         let t = Instant::now();
@@ -384,7 +388,9 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
         while off < data.len() {
             match decode_record(&data[off..]) {
                 Some((version, kind, payload, used)) => {
-                    if version == RECORD_VERSION && kind == KIND_METRICS {
+                    if version == RECORD_VERSION
+                        && (kind == KIND_METRICS || kind == KIND_METRICS_SNAPPY)
+                    {
                         f(kind, payload);
                         stats.records += 1;
                     } else {

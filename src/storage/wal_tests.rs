@@ -45,7 +45,9 @@ fn appended_records_replay_in_order_across_segments() {
     let records: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 300]).collect();
     rt.block_on(async {
         for r in &records {
-            wal.append(Bytes::from(r.clone())).await.expect("append");
+            wal.append(KIND_METRICS, Bytes::from(r.clone()))
+                .await
+                .expect("append");
         }
     });
     drop(wal);
@@ -65,9 +67,13 @@ fn a_rotation_position_skips_everything_before_it() {
     let rt = runtime();
     let wal = Wal::start(&d.0, 1, 0, 1 << 20, StorageMetrics::default()).expect("start");
     let pos = rt.block_on(async {
-        wal.append(Bytes::from_static(b"before")).await.unwrap();
+        wal.append(KIND_METRICS, Bytes::from_static(b"before"))
+            .await
+            .unwrap();
         let pos = wal.rotate().await.unwrap();
-        wal.append(Bytes::from_static(b"after")).await.unwrap();
+        wal.append(KIND_METRICS, Bytes::from_static(b"after"))
+            .await
+            .unwrap();
         pos
     });
     drop(wal);
@@ -85,7 +91,9 @@ fn a_torn_tail_is_truncated_and_counted_and_earlier_records_survive() {
     let wal = Wal::start(&d.0, 1, 0, 1 << 20, StorageMetrics::default()).expect("start");
     rt.block_on(async {
         for i in 0..3u8 {
-            wal.append(Bytes::from(vec![i; 100])).await.unwrap();
+            wal.append(KIND_METRICS, Bytes::from(vec![i; 100]))
+                .await
+                .unwrap();
         }
     });
     drop(wal);
@@ -116,7 +124,9 @@ fn a_flipped_bit_fails_the_crc_and_ends_the_segment_there() {
     let wal = Wal::start(&d.0, 1, 0, 1 << 20, StorageMetrics::default()).expect("start");
     rt.block_on(async {
         for i in 0..3u8 {
-            wal.append(Bytes::from(vec![i; 100])).await.unwrap();
+            wal.append(KIND_METRICS, Bytes::from(vec![i; 100]))
+                .await
+                .unwrap();
         }
     });
     drop(wal);
@@ -149,9 +159,12 @@ fn a_write_error_is_reported_and_the_next_append_uses_a_new_segment() {
     let metrics = StorageMetrics::default();
     let wal = Wal::start(&d.0, 1, 0, 1 << 20, metrics.clone()).expect("start");
     rt.block_on(async {
-        let err = wal.append(Bytes::from_static(b"lost")).await.unwrap_err();
+        let err = wal
+            .append(KIND_METRICS, Bytes::from_static(b"lost"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, WalError::Io(_)), "{err}");
-        wal.append(Bytes::from_static(b"kept"))
+        wal.append(KIND_METRICS, Bytes::from_static(b"kept"))
             .await
             .expect("second try");
     });

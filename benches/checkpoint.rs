@@ -1,0 +1,95 @@
+//! Checkpoint write and restore for 100,000 output series (16 and 50 buckets) fed by
+//! 1,000,000 source streams (10 pods per series): build the Arrow batches from a shard, write
+//! the Parquet file (with fsync), and load it back into fresh shards.
+//!
+//! `cargo bench --bench checkpoint` (prints the file size once per layout).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use spanagg::aggregate::shard::{ShardConfig, ShardState};
+use spanagg::ingest::otlp::Projection;
+use spanagg::storage::checkpoint::{self, Meta};
+use spanagg::storage::columns::shard_batches;
+use spanagg::workload::{request, single_shard_batch, Shape};
+
+const T: u64 = 1_700_000_000_000_000_000;
+
+fn cfg() -> ShardConfig {
+    ShardConfig {
+        late_ns: 600_000_000_000,
+        ttl_secs: 900,
+        process_start_ns: 0,
+        bounds: HashMap::new(),
+    }
+}
+
+/// 100 pods over 10 services, 10,000 routes each: 100k histogram series, 1M delta streams.
+fn state(bounds: usize) -> ShardState {
+    let projection = Arc::new(Projection::new(
+        &["service.name".to_owned()],
+        &["service.instance.id".to_owned()],
+    ));
+    let shape = Shape {
+        services: 10,
+        routes: 10_000,
+        bounds,
+        counters: false,
+    };
+    let mut s = ShardState::new(cfg());
+    s.now_ns = T;
+    for pod in 0..100 {
+        s.apply(&single_shard_batch(
+            request(&shape, pod, T - 10_000_000_000, T),
+            &projection,
+        ));
+    }
+    assert_eq!(s.series_len(), 100_000);
+    assert_eq!(s.sources_len(), 1_000_000);
+    s
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("spanagg-bench-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut g = c.benchmark_group("checkpoint_100k_series_1M_streams");
+    g.sample_size(10);
+    for bounds in [15, 49] {
+        let s = state(bounds);
+        let write = |seq: u64| {
+            let [a, b] = shard_batches(&s, 0).unwrap();
+            let meta = Meta {
+                format_version: checkpoint::FORMAT_VERSION,
+                schema_hash: checkpoint::schema_hash(),
+                created_ns: T,
+                wal_position: None,
+                state_start_ns: 0,
+                clean_shutdown: true,
+                shards: 1,
+                series: a.num_rows() as u64,
+                streams: b.num_rows() as u64,
+            };
+            checkpoint::write(&dir, seq, &meta, &[a, b]).unwrap()
+        };
+        let (path, size) = write(0);
+        println!("{} buckets: checkpoint file {size} bytes", bounds + 1);
+        g.bench_function(format!("write_{}_buckets", bounds + 1), |b| {
+            b.iter(|| write(1))
+        });
+        g.bench_function(format!("restore_{}_buckets", bounds + 1), |b| {
+            b.iter(|| {
+                let mut states = vec![ShardState::new(cfg())];
+                checkpoint::load(&path, &mut states).unwrap();
+                states
+            })
+        });
+    }
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

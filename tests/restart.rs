@@ -417,3 +417,33 @@ fn inspect_prints_the_footer_and_a_summary() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("spanagg:"));
 }
+
+#[test]
+fn requests_from_every_transport_and_encoding_are_replayed_after_a_kill() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    // OTLP/HTTP protobuf (logged Snappy-compressed), gzip (logged as sent), JSON (re-encoded).
+    let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &delta(0, 0, t0));
+    assert_eq!(status, 200);
+    let gz = common::gzip(&delta(0, 1, t0));
+    let (status, _, _) = s.post_otlp(
+        "application/x-protobuf",
+        &[("Content-Encoding", "gzip")],
+        &gz,
+    );
+    assert_eq!(status, 200);
+    let start = t0 + 2_000_000;
+    let json = serde_json::to_vec(&request(&SHAPE, 0, start, start + 1_000_000)).unwrap();
+    let (status, _, _) = s.post_otlp("application/json", &[], &json);
+    assert_eq!(status, 200);
+    let expected = 3.0 * PER_REQUEST as f64 * ROUTES as f64;
+    assert_eq!(calls(&s), expected);
+    let dir = s.kill9();
+    let s = Spanagg::start_in(dir, "");
+    assert_eq!(calls(&s), expected, "all three records replayed");
+    assert_eq!(s.internal("spanagg_wal_replayed_records_total"), 3.0);
+    assert_eq!(
+        s.internal("spanagg_points_received_total{protocol=\"wal_replay\"}"),
+        3.0 * 2.0 * ROUTES as f64
+    );
+}

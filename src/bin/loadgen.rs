@@ -63,6 +63,10 @@ struct Args {
     /// Concurrent requests in flight.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// gzip each request body up front (OTLP/HTTP only), as the Collector's exporter does by
+    /// default; the server then pays for decompression.
+    #[arg(long)]
+    gzip: bool,
     /// Stop after this long even if requests are left.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -157,11 +161,20 @@ async fn run(
 ) -> anyhow::Result<()> {
     let counts = Arc::new(Counts::default());
     let total = requests.len();
+    let gzip = args.gzip && matches!(args.protocol, Protocol::Http);
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         requests
             .iter()
-            .map(|r| Bytes::from(r.encode_to_vec()))
-            .collect(),
+            .map(|r| {
+                let raw = r.encode_to_vec();
+                if !gzip {
+                    return Ok(Bytes::from(raw));
+                }
+                let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                std::io::Write::write_all(&mut z, &raw)?;
+                Ok(Bytes::from(z.finish()?))
+            })
+            .collect::<std::io::Result<_>>()?,
     );
     drop(requests);
     let next = Arc::new(AtomicU64::new(0));
@@ -207,9 +220,12 @@ async fn run(
                             .map(|r| r.into_inner())
                     }
                     None => {
-                        let req = http::Request::post(&url)
-                            .header("content-type", "application/x-protobuf")
-                            .body(Full::new(bodies[i].clone()))?;
+                        let mut req = http::Request::post(&url)
+                            .header("content-type", "application/x-protobuf");
+                        if gzip {
+                            req = req.header("content-encoding", "gzip");
+                        }
+                        let req = req.body(Full::new(bodies[i].clone()))?;
                         match http.request(req).await {
                             Ok(res) if res.status().is_success() => {
                                 let body = res.into_body().collect().await.map(|b| b.to_bytes());

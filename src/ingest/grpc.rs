@@ -17,7 +17,7 @@ use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
-use super::{IngestError, Ingestor};
+use super::{IngestError, Ingestor, Logged};
 use crate::telemetry::Protocol;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
@@ -106,7 +106,10 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
                     return Err(status_of(&err));
                 }
             };
-            match ingestor.export(Protocol::Grpc, req, Some(body)).await {
+            match ingestor
+                .export(Protocol::Grpc, req, Some(Logged::Protobuf(body)))
+                .await
+            {
                 Ok(reply) => Ok(Response::new(ExportMetricsServiceResponse {
                     partial_success: (reply.rejected > 0).then(|| ExportMetricsPartialSuccess {
                         rejected_data_points: i64::try_from(reply.rejected).unwrap_or(i64::MAX),

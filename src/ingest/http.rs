@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 use prost::Message;
 
 use super::body::{decode, Encoding};
-use super::{IngestError, Ingestor};
+use super::{IngestError, Ingestor, Logged};
 use crate::telemetry::Protocol;
 
 /// How long a client should wait before retrying a refused export.
@@ -143,7 +143,7 @@ async fn read_request(
     format: Format,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(ExportMetricsServiceRequest, Option<Bytes>), IngestError> {
+) -> Result<(ExportMetricsServiceRequest, Option<Logged>), IngestError> {
     let limit = ingestor.max_request_bytes;
     let encoding = Encoding::parse(
         headers
@@ -161,11 +161,17 @@ async fn read_request(
             }
         })?
         .to_bytes();
-    let bytes = decode(raw, encoding, limit)?;
+    let bytes = decode(raw.clone(), encoding, limit)?;
     match format {
         // The protobuf body is what the WAL keeps; a JSON one is re-encoded only if logged.
         Format::Protobuf => ExportMetricsServiceRequest::decode(&bytes[..])
-            .map(|r| (r, Some(Bytes::from(bytes))))
+            .map(|r| {
+                let logged = match encoding {
+                    Encoding::Gzip => Logged::Gzip(raw),
+                    Encoding::Identity => Logged::Protobuf(Bytes::from(bytes)),
+                };
+                (r, Some(logged))
+            })
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}"))),
         Format::Json => serde_json::from_slice(&bytes)
             .map(|r| (r, None))

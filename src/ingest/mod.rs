@@ -16,7 +16,7 @@ use prost::Message;
 
 use crate::aggregate::shard::{Batch, BatchResult, Outcome};
 use crate::aggregate::table::{SendError, Table};
-use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_SNAPPY};
+use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY};
 use crate::telemetry::{Protocol, RequestOutcome, Telemetry};
 use otlp::{prepare, Projection, RequestLabels};
 
@@ -37,6 +37,15 @@ pub enum IngestError {
     ShuttingDown,
     #[error("applied but not durable, retry: {0}")]
     NotDurable(String),
+}
+
+/// A request's bytes as the WAL keeps them, when the transport has them.
+#[derive(Debug, Clone)]
+pub enum Logged {
+    /// Protobuf, uncompressed: compressed with Snappy before logging.
+    Protobuf(Bytes),
+    /// Protobuf as the client gzip-compressed it: logged as it came.
+    Gzip(Bytes),
 }
 
 /// What to tell the client about an accepted request.
@@ -88,12 +97,12 @@ impl Ingestor {
     }
 
     /// Applies a decoded request; returns once every accepted point is applied (and, with a
-    /// WAL, logged). `raw` is the request's protobuf encoding if the transport has it.
+    /// WAL, logged). `raw` is the request's encoding if the transport has it.
     pub async fn export(
         &self,
         protocol: Protocol,
         req: ExportMetricsServiceRequest,
-        raw: Option<Bytes>,
+        raw: Option<Logged>,
     ) -> Result<ExportReply, IngestError> {
         let result = self.export_inner(protocol, req, raw).await;
         let outcome = match &result {
@@ -109,7 +118,7 @@ impl Ingestor {
         &self,
         protocol: Protocol,
         req: ExportMetricsServiceRequest,
-        raw: Option<Bytes>,
+        raw: Option<Logged>,
     ) -> Result<ExportReply, IngestError> {
         let table = &self.table;
         let prepared = prepare(&req, &self.projection, table.len(), |k| table.shard_of(k));
@@ -151,10 +160,17 @@ impl Ingestor {
         // holds it (see `storage::wal`). Duplicates are logged too: the first try may have been
         // applied and then failed to log.
         if let (Some(wal), true) = (&self.wal, logged) {
-            let raw = raw.unwrap_or_else(|| Bytes::from(req.encode_to_vec()));
-            let (kind, record) = match snap::raw::Encoder::new().compress_vec(&raw) {
-                Ok(z) => (KIND_METRICS_SNAPPY, Bytes::from(z)),
-                Err(_) => (KIND_METRICS, raw),
+            let raw = match raw {
+                Some(Logged::Gzip(b)) => Logged::Gzip(b),
+                Some(Logged::Protobuf(b)) => Logged::Protobuf(b),
+                None => Logged::Protobuf(Bytes::from(req.encode_to_vec())),
+            };
+            let (kind, record) = match raw {
+                Logged::Gzip(b) => (KIND_METRICS_GZIP, b),
+                Logged::Protobuf(b) => match snap::raw::Encoder::new().compress_vec(&b) {
+                    Ok(z) => (KIND_METRICS_SNAPPY, Bytes::from(z)),
+                    Err(_) => (KIND_METRICS, b),
+                },
             };
             wal.append(kind, record)
                 .await

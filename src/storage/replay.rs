@@ -9,6 +9,7 @@ use prost::Message;
 
 use super::wal::{self, Position, ReplayStats};
 use super::StorageMetrics;
+use crate::ingest::body::{decode, Encoding};
 use crate::ingest::{IngestError, Ingestor};
 use crate::telemetry::Protocol;
 
@@ -19,21 +20,23 @@ pub async fn replay(
     ingestor: &Ingestor,
     metrics: &StorageMetrics,
 ) -> std::io::Result<ReplayStats> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Vec<u8>)>(64);
     let reader = tokio::task::spawn_blocking(move || {
         wal::replay(&dir, from, |kind, payload| {
-            let record = match kind {
-                wal::KIND_METRICS_SNAPPY => snap::raw::Decoder::new().decompress_vec(payload).ok(),
-                _ => Some(payload.to_vec()),
-            };
             // The receiver only goes away if the start is abandoned.
-            let _ = tx.blocking_send(record);
+            let _ = tx.blocking_send((kind, payload.to_vec()));
         })
     });
     let mut undecodable = 0u64;
-    while let Some(record) = rx.recv().await {
+    let limit = ingestor.max_request_bytes;
+    while let Some((kind, record)) = rx.recv().await {
         metrics.wal_replayed.inc();
-        let Some(payload) = record else {
+        let payload = match kind {
+            wal::KIND_METRICS_SNAPPY => snap::raw::Decoder::new().decompress_vec(&record).ok(),
+            wal::KIND_METRICS_GZIP => decode(record.into(), Encoding::Gzip, limit).ok(),
+            _ => Some(record),
+        };
+        let Some(payload) = payload else {
             undecodable += 1;
             continue;
         };

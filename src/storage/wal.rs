@@ -36,6 +36,8 @@ const RECORD_HEADER: usize = 4 + 4 + 1 + 1;
 /// what keeps the log's cost on ingest small).
 pub const KIND_METRICS: u8 = 1;
 pub const KIND_METRICS_SNAPPY: u8 = 2;
+/// The request body exactly as a client gzip-compressed it (nothing to compress again).
+pub const KIND_METRICS_GZIP: u8 = 3;
 /// Requests waiting for the writer before exports are refused (retryably).
 const QUEUE: usize = 4096;
 /// A group stops growing here, so one sync never waits behind an unbounded write.
@@ -389,7 +391,7 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
             match decode_record(&data[off..]) {
                 Some((version, kind, payload, used)) => {
                     if version == RECORD_VERSION
-                        && (kind == KIND_METRICS || kind == KIND_METRICS_SNAPPY)
+                        && matches!(kind, KIND_METRICS | KIND_METRICS_SNAPPY | KIND_METRICS_GZIP)
                     {
                         f(kind, payload);
                         stats.records += 1;

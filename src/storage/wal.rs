@@ -6,8 +6,10 @@
 //! records from `P` on replayed (replay is idempotent: the exactly-once windows and the
 //! cumulative last values in the checkpoint turn a record applied twice into duplicates).
 //!
-//! One writer thread owns the open segment. Appends queue to it; it writes everything queued,
-//! syncs once, and answers all of them (group commit). After an I/O error the segment is
+//! One writer thread owns the open segment: it writes everything queued as one group and hands
+//! the group to a syncer thread, which syncs once for every group written meanwhile and then
+//! answers them (group commit, pipelined: the next group is written while the last one syncs,
+//! so a request waits for about one fsync, not two). After an I/O error the segment is
 //! abandoned and the next group opens a new one, so one bad write never poisons later ones.
 //!
 //! Segment: `SPANWAL\0`, format version (u32 LE), state start (u64 LE ns), then records:
@@ -18,6 +20,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -121,8 +125,15 @@ pub struct Wal {
 }
 
 struct Segment {
-    file: File,
+    file: Arc<File>,
     offset: u64,
+}
+
+/// A written group waiting for its fsync.
+struct SyncJob {
+    file: Arc<File>,
+    replies: Vec<Reply<Result<(), WalError>>>,
+    bytes: u64,
 }
 
 struct Writer {
@@ -133,6 +144,9 @@ struct Writer {
     open: Option<Segment>,
     metrics: StorageMetrics,
     buf: Vec<u8>,
+    syncer: Option<Sender<SyncJob>>,
+    /// Set by the syncer after a failed sync: the open segment must not be written again.
+    sync_failed: Arc<AtomicBool>,
 }
 
 impl Wal {
@@ -146,6 +160,14 @@ impl Wal {
     ) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let (tx, rx) = bounded(QUEUE);
+        let (sync_tx, sync_rx) = crossbeam_channel::unbounded();
+        let sync_failed = Arc::new(AtomicBool::new(false));
+        let syncer = {
+            let (metrics, failed) = (metrics.clone(), sync_failed.clone());
+            std::thread::Builder::new()
+                .name("spanagg-wal-sync".into())
+                .spawn(move || sync_loop(sync_rx, metrics, failed))?
+        };
         let mut w = Writer {
             dir: dir.to_owned(),
             next_seq: next_seq.max(1),
@@ -154,10 +176,18 @@ impl Wal {
             open: None,
             metrics,
             buf: Vec::new(),
+            syncer: Some(sync_tx),
+            sync_failed,
         };
         let thread = std::thread::Builder::new()
             .name("spanagg-wal".into())
-            .spawn(move || w.run(rx))?;
+            .spawn(move || {
+                w.run(rx);
+                // Dropping the writer closes the syncer's queue: it answers what it holds and
+                // stops.
+                drop(w);
+                let _ = syncer.join();
+            })?;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
@@ -244,24 +274,35 @@ impl Writer {
         if group.is_empty() {
             return;
         }
-        let result = self.write_group(&group);
-        if let Err(e) = &result {
-            self.metrics.wal_errors.inc();
-            tracing::error!(error = %e, "write-ahead log write failed: exports get a retryable error");
-            // The file's state after a failed write or sync is unknown: start a new one.
+        if self.sync_failed.swap(false, Ordering::Relaxed) {
+            // The file's state after a failed sync is unknown: start a new one.
             self.open = None;
         }
-        for (_, _, reply) in group {
-            let _ = reply.send(
-                result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| WalError::Io(e.to_string())),
-            );
+        let written = self.write_group(&group);
+        let replies = group.into_iter().map(|(_, _, reply)| reply).collect();
+        match written {
+            Ok((file, bytes)) => {
+                let job = SyncJob {
+                    file,
+                    replies,
+                    bytes,
+                };
+                if let Some(Err(e)) = self.syncer.as_ref().map(|s| s.send(job)) {
+                    fail(e.into_inner().replies, "WAL syncer stopped");
+                }
+            }
+            Err(e) => {
+                self.metrics.wal_errors.inc();
+                tracing::error!(error = %e, "write-ahead log write failed: exports get a retryable error");
+                // The file's state after a failed write is unknown: start a new one.
+                self.open = None;
+                fail(replies, &e.to_string());
+            }
         }
     }
 
-    fn write_group(&mut self, group: &[Pending]) -> io::Result<()> {
+    /// Writes a group to the open segment (opening one if needed); returns the file to sync.
+    fn write_group(&mut self, group: &[Pending]) -> io::Result<(Arc<File>, u64)> {
         let mut seg = match self.open.take() {
             Some(s) => s,
             None => self.open_segment()?,
@@ -270,20 +311,18 @@ impl Writer {
         for (kind, payload, _) in group {
             encode_record(&mut self.buf, *kind, payload)?;
         }
-        seg.file.write_all(&self.buf)?;
-        let t = Instant::now();
-        seg.file.sync_data()?;
-        self.metrics.wal_fsync.observe(t.elapsed().as_secs_f64());
-        seg.offset += self.buf.len() as u64;
-        self.metrics.wal_bytes.inc_by(self.buf.len() as u64);
+        (&*seg.file).write_all(&self.buf)?;
+        let bytes = self.buf.len() as u64;
+        seg.offset += bytes;
         self.metrics.wal_records.inc_by(group.len() as u64);
+        let file = seg.file.clone();
         if seg.offset < self.segment_size {
             self.open = Some(seg);
         }
         if self.buf.capacity() > GROUP_BYTES * 2 {
             self.buf = Vec::new();
         }
-        Ok(())
+        Ok((file, bytes))
     }
 
     fn open_segment(&mut self) -> io::Result<Segment> {
@@ -304,9 +343,52 @@ impl Writer {
         sync_dir(&self.dir)?;
         self.metrics.wal_segments_created.inc();
         Ok(Segment {
-            file,
+            file: Arc::new(file),
             offset: HEADER_LEN,
         })
+    }
+}
+
+fn fail(replies: Vec<Reply<Result<(), WalError>>>, why: &str) {
+    for r in replies {
+        let _ = r.send(Err(WalError::Io(why.to_owned())));
+    }
+}
+
+/// Syncs written groups: one fsync per file for everything written since the last one.
+fn sync_loop(rx: Receiver<SyncJob>, metrics: StorageMetrics, failed: Arc<AtomicBool>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        // Usually one file; after a segment roll, the old one's jobs come first.
+        while let Some(file) = jobs.first().map(|j| j.file.clone()) {
+            let n = jobs
+                .iter()
+                .take_while(|j| Arc::ptr_eq(&j.file, &file))
+                .count();
+            let t = Instant::now();
+            let result = file.sync_data();
+            metrics.wal_fsync.observe(t.elapsed().as_secs_f64());
+            let batch: Vec<SyncJob> = jobs.drain(..n).collect();
+            match result {
+                Ok(()) => {
+                    for job in batch {
+                        metrics.wal_bytes.inc_by(job.bytes);
+                        for r in job.replies {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                }
+                Err(e) => {
+                    metrics.wal_errors.inc();
+                    failed.store(true, Ordering::Relaxed);
+                    tracing::error!(error = %e, "write-ahead log fsync failed: exports get a retryable error");
+                    for job in batch {
+                        fail(job.replies, &e.to_string());
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -29,8 +29,8 @@ struct Cli {
 enum Command {
     /// Run the service (the default when no subcommand is given).
     Serve(ServeArgs),
-    /// Print the cardinality report of a running spanagg: series and source streams per
-    /// service, metric and label, and the reduction factor.
+    /// Print the cardinality report of a running spanagg (or of a checkpoint file, offline):
+    /// series and source streams per service, metric and label, and the reduction factor.
     Cardinality(CardinalityArgs),
     /// Print a checkpoint file's footer metadata and a summary of its state (series and
     /// source streams per metric and service, time range).
@@ -45,6 +45,9 @@ struct CardinalityArgs {
     /// Base URL of spanagg's HTTP listener.
     #[arg(long, default_value = "http://127.0.0.1:9464")]
     url: String,
+    /// Report on this checkpoint file instead of a running server.
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with = "url")]
+    file: Option<PathBuf>,
     /// Only this service (its service_name label).
     #[arg(long)]
     service: Option<String>,
@@ -90,11 +93,27 @@ async fn fetch_report(args: &CardinalityArgs) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// The report over a checkpoint file: the same summaries, over shards rebuilt from the file.
+fn file_report(args: &CardinalityArgs, path: &std::path::Path) -> anyhow::Result<String> {
+    use spanagg::cardinality::{Report, Scope, ShardSummary};
+    let (_, states) = spanagg::storage::inspect::load_file(path)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let scope = Scope {
+        service: args.service.clone(),
+        metric: args.metric.clone(),
+    };
+    let parts = states.iter().map(|s| ShardSummary::of(s, &scope)).collect();
+    Ok(serde_json::to_string_pretty(&Report::merge(parts, args.top.max(1)))?)
+}
+
 fn cardinality(args: CardinalityArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let text = runtime.block_on(fetch_report(&args))?;
+    let text = match &args.file {
+        Some(path) => file_report(&args, path)?,
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(fetch_report(&args))?,
+    };
     if args.json {
         println!("{text}");
     } else {

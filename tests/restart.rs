@@ -447,3 +447,36 @@ fn requests_from_every_transport_and_encoding_are_replayed_after_a_kill() {
         3.0 * 2.0 * ROUTES as f64
     );
 }
+
+#[test]
+fn the_cardinality_report_from_a_checkpoint_file_equals_the_live_one() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    for pod in 0..3 {
+        post_ok(&s, &delta(pod, 0, t0));
+    }
+    // A cumulative stream only baselined (it started before spanagg): tracked, feeds nothing.
+    post_ok(&s, &cumulative(8, 1_000, t0, 10));
+    let (status, live) = s.get("/api/v1/cardinality?top=100");
+    assert_eq!(status, 200);
+    let dir = s.stop_keep();
+    let file = checkpoints(&dir).pop().unwrap();
+    let path = dir.join("data/checkpoints").join(file);
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+            .args(["cardinality", "--top", "100", "--file"])
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let offline: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    let live: serde_json::Value = serde_json::from_str(&live).unwrap();
+    assert_eq!(offline, live, "the CLI on the checkpoint says what the server said");
+    assert_eq!(live["totals"]["source_streams"], 3 * 2 * ROUTES as u64);
+    assert_eq!(live["totals"]["source_streams_tracked"], 3 * 2 * ROUTES as u64 + ROUTES as u64);
+    assert!(run(&[]).contains("service-0"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

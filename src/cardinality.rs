@@ -1,7 +1,9 @@
 //! The cardinality report: how many output series and input (per-pod) source streams there are,
 //! per service, per metric and per span name, the reduction factor, and the distinct values of
-//! every label. Each shard summarises its own series (`ShardSummary::of`) on its own thread;
-//! `Report::merge` joins the summaries.
+//! every label, flagging labels whose values look unbounded. Each shard summarises its own
+//! series (`ShardSummary::of`) on its own thread; `Merged` joins the summaries and answers both
+//! the report and the Mimir-style label questions (label names with value counts, values of one
+//! label with series counts).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -34,7 +36,45 @@ pub struct ShardSummary {
     streams_total: u64,
     services: HashMap<String, (Counts, HashMap<String, Counts>)>,
     metrics: HashMap<String, (String, Counts)>,
-    labels: HashMap<String, (u64, HashSet<String>)>,
+    labels: HashMap<String, LabelAcc>,
+}
+
+/// What one label looks like across series.
+#[derive(Debug, Default)]
+struct LabelAcc {
+    series: u64,
+    /// Series carrying the label that one source stream (one pod) feeds.
+    single_source: u64,
+    /// Value → series with it.
+    values: HashMap<String, u64>,
+    /// Service → hashes of the distinct values it sends.
+    by_service: HashMap<String, HashSet<u64>>,
+}
+
+impl LabelAcc {
+    fn add(&mut self, other: LabelAcc) {
+        self.series += other.series;
+        self.single_source += other.single_source;
+        for (v, n) in other.values {
+            *self.values.entry(v).or_default() += n;
+        }
+        for (svc, hashes) in other.by_service {
+            self.by_service.entry(svc).or_default().extend(hashes);
+        }
+    }
+}
+
+/// A label with at least this many distinct values can be flagged as unbounded.
+pub const UNBOUNDED_MIN_VALUES: u64 = 100;
+
+/// Whether a label value looks like an id: a run of 4+ digits, a hex run of 8+ characters with
+/// a digit in it, or a UUID. Ids in span names (`GET /users/12345`) are the classic explosion.
+pub fn looks_like_id(v: &str) -> bool {
+    v.split(|c: char| !c.is_ascii_alphanumeric()).any(|tok| {
+        let digits = tok.bytes().filter(u8::is_ascii_digit).count();
+        (tok.len() >= 4 && digits == tok.len())
+            || (tok.len() >= 8 && digits > 0 && tok.bytes().all(|b| b.is_ascii_hexdigit()))
+    })
 }
 
 impl ShardSummary {
@@ -66,10 +106,20 @@ impl ShardSummary {
                 .add(1, streams);
             for (k, v) in state.labels(&series.labels) {
                 let l = s.labels.entry(k.to_owned()).or_default();
-                l.0 += 1;
-                if !l.1.contains(v) {
-                    l.1.insert(v.to_owned());
+                l.series += 1;
+                if streams == 1 {
+                    l.single_source += 1;
                 }
+                match l.values.get_mut(v) {
+                    Some(n) => *n += 1,
+                    None => {
+                        l.values.insert(v.to_owned(), 1);
+                    }
+                }
+                l.by_service
+                    .entry(service.to_owned())
+                    .or_default()
+                    .insert(xxhash_rust::xxh3::xxh3_64(v.as_bytes()));
             }
         }
         s
@@ -119,6 +169,56 @@ pub struct LabelReport {
     pub label: String,
     pub distinct_values: u64,
     pub output_series: u64,
+    /// Series with this label that a single source stream (one pod) feeds.
+    pub single_source_series: u64,
+    /// Distinct values that look like ids (digit runs, hex, UUIDs).
+    pub id_like_values: u64,
+    /// Why the values look unbounded, when they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unbounded: Option<String>,
+    /// Services sending the most distinct values of this label, most first.
+    pub top_services: Vec<ServiceValues>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceValues {
+    pub service: String,
+    pub distinct_values: u64,
+}
+
+/// Mimir's `GET /api/v1/cardinality/label_names` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelNames {
+    pub label_values_count_total: u64,
+    pub label_names_count: u64,
+    pub cardinality: Vec<LabelNameCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelNameCount {
+    pub label_name: String,
+    pub label_values_count: u64,
+}
+
+/// Mimir's `GET /api/v1/cardinality/label_values` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelValues {
+    pub series_count_total: u64,
+    pub labels: Vec<LabelValuesOf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelValuesOf {
+    pub label_name: String,
+    pub label_values_count: u64,
+    pub series_count: u64,
+    pub cardinality: Vec<ValueCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValueCount {
+    pub label_value: String,
+    pub series_count: u64,
 }
 
 /// The whole report, as served on `/api/v1/cardinality`.
@@ -148,17 +248,29 @@ fn by_count<T>(v: &mut [T], key: impl Fn(&T) -> (u64, &str)) {
     });
 }
 
-impl Report {
-    /// Joins the shards' summaries; lists are cut to `top` entries.
-    pub fn merge(parts: Vec<ShardSummary>, top: usize) -> Self {
-        let mut series = 0;
-        let mut tracked = 0;
-        let mut services: BTreeMap<String, (Counts, HashMap<String, Counts>)> = BTreeMap::new();
-        let mut metrics: BTreeMap<String, (String, Counts)> = BTreeMap::new();
-        let mut labels: BTreeMap<String, (u64, HashSet<String>)> = BTreeMap::new();
+/// The shards' summaries joined, before anything is cut to a top-N.
+#[derive(Debug, Default)]
+pub struct Merged {
+    series: u64,
+    tracked: u64,
+    services: BTreeMap<String, (Counts, HashMap<String, Counts>)>,
+    metrics: BTreeMap<String, (String, Counts)>,
+    labels: BTreeMap<String, LabelAcc>,
+}
+
+impl Merged {
+    pub fn new(parts: Vec<ShardSummary>) -> Self {
+        let mut m = Merged::default();
+        let Merged {
+            series,
+            tracked,
+            services,
+            metrics,
+            labels,
+        } = &mut m;
         for p in parts {
-            series += p.series;
-            tracked += p.streams_total;
+            *series += p.series;
+            *tracked += p.streams_total;
             for (name, (c, spans)) in p.services {
                 let e = services.entry(name).or_default();
                 e.0.add(c.output_series, c.source_streams);
@@ -175,12 +287,77 @@ impl Report {
                     .1
                     .add(c.output_series, c.source_streams);
             }
-            for (name, (n, values)) in p.labels {
-                let e = labels.entry(name).or_default();
-                e.0 += n;
-                e.1.extend(values);
+            for (name, acc) in p.labels {
+                labels.entry(name).or_default().add(acc);
             }
         }
+        m
+    }
+
+    /// Label names with their distinct value counts, most first (Mimir's `label_names`).
+    pub fn label_names(&self, limit: usize) -> LabelNames {
+        let mut cardinality: Vec<LabelNameCount> = self
+            .labels
+            .iter()
+            .map(|(name, acc)| LabelNameCount {
+                label_name: name.clone(),
+                label_values_count: acc.values.len() as u64,
+            })
+            .collect();
+        by_count(&mut cardinality, |c| (c.label_values_count, &c.label_name));
+        let total = cardinality.iter().map(|c| c.label_values_count).sum();
+        let names = cardinality.len() as u64;
+        cardinality.truncate(limit);
+        LabelNames {
+            label_values_count_total: total,
+            label_names_count: names,
+            cardinality,
+        }
+    }
+
+    /// Values of each named label with their series counts, most first (Mimir's
+    /// `label_values`).
+    pub fn label_values(&self, names: &[String], limit: usize) -> LabelValues {
+        let labels = names
+            .iter()
+            .map(|name| {
+                let acc = self.labels.get(name);
+                let mut cardinality: Vec<ValueCount> = acc
+                    .map(|a| {
+                        a.values
+                            .iter()
+                            .map(|(v, n)| ValueCount {
+                                label_value: v.clone(),
+                                series_count: *n,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                by_count(&mut cardinality, |c| (c.series_count, &c.label_value));
+                cardinality.truncate(limit);
+                LabelValuesOf {
+                    label_name: name.clone(),
+                    label_values_count: acc.map_or(0, |a| a.values.len() as u64),
+                    series_count: acc.map_or(0, |a| a.series),
+                    cardinality,
+                }
+            })
+            .collect();
+        LabelValues {
+            series_count_total: self.series,
+            labels,
+        }
+    }
+
+    /// The report, lists cut to `top` entries.
+    pub fn report(self, top: usize) -> Report {
+        let Merged {
+            series,
+            tracked,
+            services,
+            metrics,
+            labels,
+        } = self;
         let streams: u64 = services.values().map(|(c, _)| c.source_streams).sum();
         let mut services: Vec<ServiceReport> = services
             .into_iter()
@@ -220,11 +397,7 @@ impl Report {
         by_count(&mut metrics, |m| (m.output_series, &m.metric));
         let mut labels: Vec<LabelReport> = labels
             .into_iter()
-            .map(|(label, (n, values))| LabelReport {
-                label,
-                distinct_values: values.len() as u64,
-                output_series: n,
-            })
+            .map(|(label, acc)| label_report(label, acc, top))
             .collect();
         by_count(&mut labels, |l| (l.distinct_values, &l.label));
         labels.truncate(top);
@@ -239,6 +412,57 @@ impl Report {
             metrics,
             labels,
         }
+    }
+}
+
+fn label_report(label: String, acc: LabelAcc, top: usize) -> LabelReport {
+    let distinct = acc.values.len() as u64;
+    let id_like = acc.values.keys().filter(|v| looks_like_id(v)).count() as u64;
+    // service_name is what the report is broken down by, not a suspect.
+    let unbounded = (distinct >= UNBOUNDED_MIN_VALUES && label != "service_name")
+        .then(|| {
+            if id_like * 2 >= distinct {
+                Some(format!("{id_like} of {distinct} values look like ids"))
+            } else if acc.single_source * 5 >= acc.series * 4 {
+                Some(format!(
+                    "{}% of its series are fed by a single pod",
+                    acc.single_source * 100 / acc.series.max(1)
+                ))
+            } else {
+                None
+            }
+        })
+        .flatten();
+    let mut top_services: Vec<ServiceValues> = acc
+        .by_service
+        .into_iter()
+        .map(|(service, values)| ServiceValues {
+            service,
+            distinct_values: values.len() as u64,
+        })
+        .collect();
+    by_count(&mut top_services, |s| (s.distinct_values, &s.service));
+    top_services.truncate(top.min(5));
+    LabelReport {
+        label,
+        distinct_values: distinct,
+        output_series: acc.series,
+        single_source_series: acc.single_source,
+        id_like_values: id_like,
+        unbounded,
+        top_services,
+    }
+}
+
+impl Report {
+    /// Joins the shards' summaries; lists are cut to `top` entries.
+    pub fn merge(parts: Vec<ShardSummary>, top: usize) -> Self {
+        Merged::new(parts).report(top)
+    }
+
+    /// Labels flagged as unbounded, with why.
+    pub fn unbounded_labels(&self) -> impl Iterator<Item = &LabelReport> {
+        self.labels.iter().filter(|l| l.unbounded.is_some())
     }
 }
 
@@ -289,15 +513,27 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n{:<32} {:>16} {:>14}",
+            "\n{:<32} {:>16} {:>14}  top services (distinct values)",
             "LABEL", "DISTINCT VALUES", "OUTPUT SERIES"
         );
         for l in &self.labels {
+            let top: Vec<String> = l
+                .top_services
+                .iter()
+                .take(3)
+                .map(|s| format!("{} ({})", s.service, s.distinct_values))
+                .collect();
             let _ = writeln!(
                 out,
-                "{:<32} {:>16} {:>14}",
-                l.label, l.distinct_values, l.output_series
+                "{:<32} {:>16} {:>14}  {}",
+                l.label,
+                l.distinct_values,
+                l.output_series,
+                top.join(", ")
             );
+            if let Some(why) = &l.unbounded {
+                let _ = writeln!(out, "  ^ likely unbounded: {why}");
+            }
         }
         out
     }
@@ -315,12 +551,34 @@ mod tests {
             "services":[{"service":"checkout","output_series":4,"source_streams":12,"reduction":3.0,
             "top_span_names":[{"name":"GET /cart","output_series":2,"source_streams":6}],"span_names":2}],
             "metrics":[{"metric":"traces_span_metrics_calls","otel_metric":"traces.span.metrics.calls","output_series":2,"source_streams":6}],
-            "labels":[{"label":"span_name","distinct_values":2,"output_series":4}]}"#;
+            "labels":[{"label":"span_name","distinct_values":2,"output_series":4,"single_source_series":0,
+            "id_like_values":0,"unbounded":"2 of 2 values look like ids","top_services":[{"service":"checkout","distinct_values":2}]}]}"#;
         let report: Report = serde_json::from_str(json).unwrap();
         let t = report.table();
         assert!(t.contains("reduction 3.0x"), "{t}");
         assert!(t.contains("checkout") && t.contains("GET /cart (2)"), "{t}");
         assert!(t.contains("traces_span_metrics_calls"), "{t}");
         assert!(t.contains("span_name"), "{t}");
+        assert!(t.contains("likely unbounded: 2 of 2"), "{t}");
+        assert!(t.contains("checkout (2)"), "{t}");
+    }
+
+    #[test]
+    fn ids_are_recognised_and_routes_are_not() {
+        for id in [
+            "GET /users/12345",
+            "/orders/9f86d081884c7d65",
+            "/x/123e4567-e89b-12d3-a456-426614174000",
+        ] {
+            assert!(looks_like_id(id), "{id}");
+        }
+        for route in [
+            "GET /users/{id}",
+            "POST /checkout",
+            "GET /api/v1/route",
+            "deadbeef",
+        ] {
+            assert!(!looks_like_id(route), "{route}");
+        }
     }
 }

@@ -103,7 +103,10 @@ fn file_report(args: &CardinalityArgs, path: &std::path::Path) -> anyhow::Result
         metric: args.metric.clone(),
     };
     let parts = states.iter().map(|s| ShardSummary::of(s, &scope)).collect();
-    Ok(serde_json::to_string_pretty(&Report::merge(parts, args.top.max(1)))?)
+    Ok(serde_json::to_string_pretty(&Report::merge(
+        parts,
+        args.top.max(1),
+    ))?)
 }
 
 fn cardinality(args: CardinalityArgs) -> anyhow::Result<()> {

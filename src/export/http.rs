@@ -17,7 +17,6 @@ use super::arrow::{ipc_stream, shard_batch, Filter};
 use super::gather;
 use super::prometheus::{encode_shard, stitch, Format};
 use crate::aggregate::table::Table;
-use crate::cardinality::{Report, Scope, ShardSummary};
 use crate::telemetry::Telemetry;
 
 /// What the HTTP handlers share.
@@ -32,7 +31,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/internal/metrics", get(internal_metrics))
         .route("/api/v1/snapshot", get(snapshot))
-        .route("/api/v1/cardinality", get(cardinality))
+        .route("/api/v1/cardinality", get(super::report::cardinality))
+        .route(
+            "/api/v1/cardinality/label_names",
+            get(super::report::label_names),
+        )
+        .route(
+            "/api/v1/cardinality/label_values",
+            get(super::report::label_values),
+        )
         .route("/-/healthy", get(|| async { "spanagg is healthy\n" }))
         .route("/-/ready", get(ready))
         .with_state(state)
@@ -161,48 +168,6 @@ async fn snapshot(State(state): State<Arc<AppState>>, Query(q): Query<SnapshotQu
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("snapshot failed: {e}\n"),
-        )
-            .into_response(),
-    }
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct CardinalityQuery {
-    service: Option<String>,
-    metric: Option<String>,
-    top: Option<usize>,
-}
-
-/// Default length of the report's lists.
-const DEFAULT_TOP: usize = 10;
-
-/// The cardinality report as JSON, summarised shard by shard.
-async fn cardinality(
-    State(state): State<Arc<AppState>>,
-    Query(q): Query<CardinalityQuery>,
-) -> Response {
-    let scope = Arc::new(Scope {
-        service: q.service,
-        metric: q.metric,
-    });
-    let Some(parts) = gather(&state.table, move |s| ShardSummary::of(s, &scope)).await else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shards are shutting down\n",
-        )
-            .into_response();
-    };
-    let report = Report::merge(parts, q.top.unwrap_or(DEFAULT_TOP).max(1));
-    match serde_json::to_vec_pretty(&report) {
-        Ok(body) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("report failed: {e}\n"),
         )
             .into_response(),
     }

@@ -5,6 +5,7 @@ pub mod arrow;
 pub mod flight;
 pub mod http;
 pub mod prometheus;
+pub mod report;
 
 use crate::aggregate::shard::ShardState;
 use crate::aggregate::table::Table;

@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
     for bounds in [15, 49] {
         let s = state(bounds);
         let write = |seq: u64| {
-            let [a, b] = shard_batches(&s, 0).unwrap();
+            let [a, b, pods] = shard_batches(&s, 0).unwrap();
             let meta = Meta {
                 format_version: checkpoint::FORMAT_VERSION,
                 schema_hash: checkpoint::schema_hash(),
@@ -72,7 +72,7 @@ fn bench(c: &mut Criterion) {
                 series: a.num_rows() as u64,
                 streams: b.num_rows() as u64,
             };
-            checkpoint::write(&dir, seq, &meta, &[a, b]).unwrap()
+            checkpoint::write(&dir, seq, &meta, &[a, b, pods]).unwrap()
         };
         let (path, size) = write(0);
         println!("{} buckets: checkpoint file {size} bytes", bounds + 1);

@@ -37,6 +37,8 @@ pub struct ShardSummary {
     services: HashMap<String, (Counts, HashMap<String, Counts>)>,
     metrics: HashMap<String, (String, Counts)>,
     labels: HashMap<String, LabelAcc>,
+    /// Service → resource identities (pods) seen sending to it.
+    pods: HashMap<String, HashSet<u64>>,
 }
 
 /// What one label looks like across series.
@@ -84,6 +86,11 @@ impl ShardSummary {
             streams_total: state.sources_len() as u64,
             ..Default::default()
         };
+        for (pod, service) in state.pods() {
+            if scope.service.as_deref().is_none_or(|want| want == service) {
+                s.pods.entry(service.to_owned()).or_default().insert(pod);
+            }
+        }
         for (series, fam, streams) in state.select(scope) {
             let mut service = "";
             let mut span = "";
@@ -151,6 +158,8 @@ pub struct ServiceReport {
     pub output_series: u64,
     pub source_streams: u64,
     pub reduction: f64,
+    /// Distinct resource identities (pods) sending to the service within `series_ttl`.
+    pub pods: u64,
     /// Span names with the most output series, most first.
     pub top_span_names: Vec<NameCounts>,
     pub span_names: u64,
@@ -256,6 +265,7 @@ pub struct Merged {
     services: BTreeMap<String, (Counts, HashMap<String, Counts>)>,
     metrics: BTreeMap<String, (String, Counts)>,
     labels: BTreeMap<String, LabelAcc>,
+    pods: HashMap<String, HashSet<u64>>,
 }
 
 impl Merged {
@@ -267,6 +277,7 @@ impl Merged {
             services,
             metrics,
             labels,
+            pods,
         } = &mut m;
         for p in parts {
             *series += p.series;
@@ -289,6 +300,9 @@ impl Merged {
             }
             for (name, acc) in p.labels {
                 labels.entry(name).or_default().add(acc);
+            }
+            for (service, set) in p.pods {
+                pods.entry(service).or_default().extend(set);
             }
         }
         m
@@ -357,6 +371,7 @@ impl Merged {
             services,
             metrics,
             labels,
+            pods,
         } = self;
         let streams: u64 = services.values().map(|(c, _)| c.source_streams).sum();
         let mut services: Vec<ServiceReport> = services
@@ -374,6 +389,7 @@ impl Merged {
                 by_count(&mut top_span_names, |n| (n.output_series, &n.name));
                 top_span_names.truncate(top);
                 ServiceReport {
+                    pods: pods.get(&service).map_or(0, |p| p.len() as u64),
                     service,
                     output_series: c.output_series,
                     source_streams: c.source_streams,
@@ -478,8 +494,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<32} {:>14} {:>14} {:>10} {:>10}  top span names",
-            "SERVICE", "OUTPUT SERIES", "SOURCE STREAMS", "REDUCTION", "SPAN NAMES"
+            "{:<32} {:>6} {:>14} {:>14} {:>10} {:>10}  top span names",
+            "SERVICE", "PODS", "OUTPUT SERIES", "SOURCE STREAMS", "REDUCTION", "SPAN NAMES"
         );
         for s in &self.services {
             let top: Vec<String> = s
@@ -490,8 +506,9 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<32} {:>14} {:>14} {:>9.1}x {:>10}  {}",
+                "{:<32} {:>6} {:>14} {:>14} {:>9.1}x {:>10}  {}",
                 s.service,
+                s.pods,
                 s.output_series,
                 s.source_streams,
                 s.reduction,
@@ -548,7 +565,7 @@ mod tests {
         let report = Report::merge(Vec::new(), 5);
         assert!(report.table().contains("output series 0"));
         let json = r#"{"totals":{"output_series":4,"source_streams":12,"source_streams_tracked":12,"reduction":3.0},
-            "services":[{"service":"checkout","output_series":4,"source_streams":12,"reduction":3.0,
+            "services":[{"service":"checkout","output_series":4,"source_streams":12,"reduction":3.0,"pods":3,
             "top_span_names":[{"name":"GET /cart","output_series":2,"source_streams":6}],"span_names":2}],
             "metrics":[{"metric":"traces_span_metrics_calls","otel_metric":"traces.span.metrics.calls","output_series":2,"source_streams":6}],
             "labels":[{"label":"span_name","distinct_values":2,"output_series":4,"single_source_series":0,

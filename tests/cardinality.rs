@@ -109,6 +109,9 @@ fn ids_in_span_names_are_flagged_and_traced_to_their_service() {
         }
     }
     assert_eq!(r["services"][0]["service"], "explode");
+    assert_eq!(r["services"][0]["pods"], 1);
+    assert_eq!(r["services"][1]["service"], "cart");
+    assert_eq!(r["services"][1]["pods"], 3);
     assert_eq!(r["services"][1]["reduction"], 3.0);
 
     // Mimir-style: label names with value counts, then the values of one label.

@@ -79,6 +79,7 @@ fn send(table: &Table, deltas: &[Delta]) -> BatchResult {
             points.push(Point {
                 series,
                 source,
+                resource: 0,
                 family: fi as u32,
                 label_ref: [d.route, 0, 0, 0],
                 start_ns: d.start,

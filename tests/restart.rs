@@ -484,6 +484,10 @@ fn the_cardinality_report_from_a_checkpoint_file_equals_the_live_one() {
     );
     assert_eq!(live["totals"]["source_streams"], 3 * 2 * ROUTES as u64);
     assert_eq!(
+        live["services"][0]["pods"], 4,
+        "three delta pods and the cumulative one"
+    );
+    assert_eq!(
         live["totals"]["source_streams_tracked"],
         3 * 2 * ROUTES as u64 + ROUTES as u64
     );

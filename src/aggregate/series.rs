@@ -32,6 +32,8 @@ pub struct Point {
     pub series: u128,
     /// Source key: one pod's stream.
     pub source: u128,
+    /// Hash of the resource identity (every resource attribute): which pod sent it.
+    pub resource: u64,
     /// Index into the batch's families.
     pub family: u32,
     /// Opaque handle the batch's label resolver turns into labels for a new series.

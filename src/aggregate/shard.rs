@@ -56,6 +56,13 @@ struct IdSlot {
 }
 type FoldResult = Result<Arc<[u16]>, LayoutMismatch>;
 
+/// A pod as the shard saw it.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub service: Box<str>,
+    touched: u32,
+}
+
 /// A value to add, borrowed from a batch or a cumulative difference.
 enum Add<'a> {
     Int(u64),
@@ -80,6 +87,8 @@ pub struct ShardState {
     deltas: KeyTable<Window>,
     /// Cumulative streams: their last point.
     cumulative: Map<u128, CumulativeSource>,
+    /// Pods (resource identities) seen: their service and when last seen (shard clock).
+    pods: Map<u64, Pod>,
     /// Series ids (the series table's tags, also held by the sources that feed a series):
     /// whether the series still exists, and how many sources hold the id. An id is reused only
     /// when both are gone, so a source never counts toward the wrong series.
@@ -108,6 +117,7 @@ impl ShardState {
             series: KeyTable::default(),
             deltas: KeyTable::default(),
             cumulative: Map::default(),
+            pods: Map::default(),
             ids: Chunked::default(),
             free_ids: Vec::new(),
             strings: Interner::default(),
@@ -264,7 +274,13 @@ impl ShardState {
         let mut result = BatchResult::default();
         let mut fam_ids: Vec<Option<u32>> = vec![None; batch.families.len()];
         let mut layout_ids: Vec<Option<u32>> = vec![None; batch.layouts.len()];
+        let mut last_pod = None;
         for p in &batch.points {
+            // Points of one resource come together: one lookup per pod and batch.
+            if last_pod != Some(p.resource) {
+                last_pod = Some(p.resource);
+                self.saw_pod(batch, p);
+            }
             let Some(desc) = batch.families.get(p.family as usize) else {
                 continue;
             };
@@ -283,6 +299,44 @@ impl ShardState {
             result.counts[outcome as usize] += 1;
         }
         result
+    }
+
+    fn saw_pod(&mut self, batch: &Batch, p: &Point) {
+        let clock = self.clock;
+        if let Some(pod) = self.pods.get_mut(&p.resource) {
+            pod.touched = clock;
+            return;
+        }
+        let service = batch
+            .labels
+            .labels(p.label_ref)
+            .into_iter()
+            .find(|(k, _)| k == "service_name")
+            .map_or_else(String::new, |(_, v)| v);
+        self.pods.insert(
+            p.resource,
+            Pod {
+                service: service.into(),
+                touched: clock,
+            },
+        );
+    }
+
+    /// Pods seen within the TTL: resource identity hash and service.
+    pub fn pods(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.pods.iter().map(|(k, p)| (*k, &*p.service))
+    }
+
+    /// Records a pod read back from a checkpoint.
+    pub fn restore_pod(&mut self, resource: u64, service: &str) {
+        let touched = self.clock;
+        self.pods.insert(
+            resource,
+            Pod {
+                service: service.into(),
+                touched,
+            },
+        );
     }
 
     fn batch_add<'a>(
@@ -593,6 +647,7 @@ impl ShardState {
         let ttl = self.cfg.ttl_secs;
         let idle = |touched: u32| now.saturating_sub(touched) > ttl;
         let sources_before = self.sources_len();
+        self.pods.retain(|_, p| !idle(p.touched));
         let mut released: Vec<u32> = Vec::new();
         self.cumulative.retain(|_, s| {
             let keep = !idle(s.touched);

@@ -340,6 +340,7 @@ pub fn prepare(
                     kept: &kept,
                     kept_hash,
                     projection,
+                    resource: identity.finish(0) as u64,
                     seed,
                     src_seed,
                     family,
@@ -422,6 +423,8 @@ struct MetricCtx<'a> {
     kept: &'a [(&'a str, u128)],
     kept_hash: SetHash,
     projection: &'a Projection,
+    /// The resource identity (the pod), as points carry it.
+    resource: u64,
     seed: u64,
     src_seed: u64,
     family: u32,
@@ -497,6 +500,7 @@ fn number_point(
     Ok(Some(Point {
         series,
         source,
+        resource: ctx.resource,
         family: ctx.family,
         label_ref,
         start_ns: p.start_time_unix_nano,
@@ -561,6 +565,7 @@ fn histogram_point(
     target.points.push(Point {
         series,
         source,
+        resource: ctx.resource,
         family: ctx.family,
         label_ref,
         start_ns: p.start_time_unix_nano,

@@ -16,7 +16,9 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::columns::{checkpoint_schema, restore_series_row, restore_stream_row, Columns};
+use super::columns::{
+    checkpoint_schema, restore_pod_row, restore_series_row, restore_stream_row, Columns,
+};
 use super::sync_dir;
 use super::wal::Position;
 use crate::aggregate::shard::ShardState;
@@ -301,6 +303,7 @@ pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointEr
                     restore_stream_row(state, &c, i).map_err(bad)?;
                     streams += 1;
                 }
+                "pod" => restore_pod_row(state, &c, i).map_err(bad)?,
                 other => return Err(CheckpointError::Format(format!("record kind `{other}`"))),
             }
         }

@@ -127,9 +127,9 @@ fn meta(shards: u32, series: u64, streams: u64) -> Meta {
 }
 
 fn write_state(dir: &Path, s: &ShardState) -> PathBuf {
-    let [a, b] = super::super::columns::shard_batches(s, 0).expect("batches");
+    let [a, b, c] = super::super::columns::shard_batches(s, 0).expect("batches");
     let m = meta(1, a.num_rows() as u64, b.num_rows() as u64);
-    write(dir, 1, &m, &[a, b]).expect("write").0
+    write(dir, 1, &m, &[a, b, c]).expect("write").0
 }
 
 fn scratch() -> PathBuf {
@@ -160,6 +160,17 @@ fn state_to_parquet_to_state_is_identical() {
     let m = load(&path, &mut states).expect("load");
     assert_eq!(m, meta(1, series.len() as u64, streams.len() as u64));
     assert_eq!(dump(&states[0]), (series, streams));
+    let pods = |s: &ShardState| {
+        let mut v: Vec<(u64, String)> = s.pods().map(|(k, v)| (k, v.to_owned())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(pods(&states[0]), pods(&before));
+    assert_eq!(
+        pods(&before).len(),
+        5,
+        "four delta pods and one cumulative pod"
+    );
 
     // Restored into more shards, every series and stream is still there exactly once.
     let mut four: Vec<ShardState> = (0..4).map(|_| ShardState::new(cfg())).collect();
@@ -236,8 +247,8 @@ fn truncated_and_corrupt_files_are_errors_not_panics() {
     std::fs::write(&path, &bytes).unwrap();
     let mut m = read_meta(&path).unwrap();
     m.schema_hash = "0000".into();
-    let [a, b] = super::super::columns::shard_batches(&populated(), 0).unwrap();
-    let other = write(&dir, 2, &m, &[a, b]).unwrap().0;
+    let [a, b, c] = super::super::columns::shard_batches(&populated(), 0).unwrap();
+    let other = write(&dir, 2, &m, &[a, b, c]).unwrap().0;
     let err = load(&other, &mut fresh()).unwrap_err().to_string();
     assert!(err.contains("schema hash"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();

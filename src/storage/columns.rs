@@ -69,7 +69,7 @@ pub fn checkpoint_schema() -> SchemaRef {
     let mut fields = vec![
         doc(
             Field::new("record", dict(), false),
-            "series (an output series) or stream (a source stream's exactly-once state)",
+            "series (an output series), stream (a source stream's exactly-once state) or pod (a resource identity seen; key_lo is its hash, service_name its service)",
         ),
         doc(
             Field::new("shard", DataType::UInt32, false),
@@ -332,8 +332,8 @@ impl Builders {
     }
 }
 
-/// A shard's series rows and stream rows (two batches), built on the shard's thread.
-pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 2], ArrowError> {
+/// A shard's series, stream and pod rows (three batches), built on the shard's thread.
+pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3], ArrowError> {
     let mut b = Builders::new();
     for r in state.series_records() {
         b.key("series", shard, r.key);
@@ -419,7 +419,22 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 2],
         }
     }
     let streams = b.finish()?;
-    Ok([series, streams])
+
+    let mut b = Builders::new();
+    for (pod, service) in state.pods() {
+        b.key("pod", shard, u128::from(pod));
+        b.family.iter_mut().for_each(|c| c.append_null());
+        for (i, col) in b.fixed.iter_mut().enumerate() {
+            col.append_option((i == 0).then_some(service));
+        }
+        b.labels.append(false)?;
+        b.created.append_null();
+        b.updated.append_null();
+        b.counter(None, None);
+        b.no_stream_columns();
+    }
+    let pods = b.finish()?;
+    Ok([series, streams, pods])
 }
 
 /// Why a batch could not be read back.
@@ -703,6 +718,14 @@ pub fn restore_series_row(
     state
         .restore_series(key, &family, &mut labels, record, created, updated)
         .map_err(|e| row_err(i, e))
+}
+
+/// Restores one pod row into `state`.
+pub fn restore_pod_row(state: &mut ShardState, c: &Columns<'_>, i: usize) -> Result<(), ReadError> {
+    let key = c.row_key(i)?;
+    let service = dict_str(c.b, "service_name", i)?.unwrap_or("");
+    state.restore_pod(key as u64, service);
+    Ok(())
 }
 
 /// Restores one stream row into `state` (after its series).

@@ -221,7 +221,7 @@ impl Storage {
         })
         .await
         .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
-        let mut batches = Vec::with_capacity(parts.len() * 2);
+        let mut batches = Vec::with_capacity(parts.len() * 3);
         for p in parts {
             batches.extend(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
         }
@@ -229,7 +229,7 @@ impl Storage {
             batches
                 .iter()
                 .skip(i)
-                .step_by(2)
+                .step_by(3)
                 .map(|b| b.num_rows() as u64)
                 .sum()
         };

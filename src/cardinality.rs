@@ -29,6 +29,65 @@ impl Counts {
     }
 }
 
+/// Estimated scrape cost: samples and exposition bytes per scrape, before aggregation (every
+/// pod's series, as a per-pod scrape or the Prometheus tier spanagg replaces would see them)
+/// and after (what spanagg serves). Bytes assume the output labels on both sides (per-pod series
+/// carry more, so `bytes_before` is a floor).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    pub samples_before: u64,
+    pub samples_after: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Histogram samples `histogram.output_bounds` (or coarser merge bounds) saves after
+    /// aggregation: input buckets minus served buckets.
+    pub samples_saved_by_output_bounds: u64,
+}
+
+impl Cost {
+    fn add(&mut self, o: &Cost) {
+        self.samples_before += o.samples_before;
+        self.samples_after += o.samples_after;
+        self.bytes_before += o.bytes_before;
+        self.bytes_after += o.bytes_after;
+        self.samples_saved_by_output_bounds += o.samples_saved_by_output_bounds;
+    }
+
+    /// One output series fed by `streams` source streams.
+    fn of(
+        series: &crate::aggregate::series::Series,
+        family: &str,
+        labels: u64,
+        streams: u64,
+    ) -> Cost {
+        use crate::aggregate::series::SeriesValue;
+        // name{labels} value\n; histogram lines add a suffix and an `le` label.
+        let (after, input, line) = match &series.value {
+            SeriesValue::Counter(_) => (1, 1, family.len() as u64 + 6 + labels + 12),
+            SeriesValue::Histogram {
+                counts,
+                input_buckets,
+                ..
+            } => {
+                let served = counts.len() as u64;
+                let input = u64::from(*input_buckets).max(served);
+                (
+                    served + 2,
+                    input + 2,
+                    family.len() as u64 + 7 + labels + 12 + 10,
+                )
+            }
+        };
+        Cost {
+            samples_before: streams * input,
+            samples_after: after,
+            bytes_before: streams * input * line,
+            bytes_after: after * line,
+            samples_saved_by_output_bounds: input - after,
+        }
+    }
+}
+
 /// One shard's share of a report.
 #[derive(Debug, Default)]
 pub struct ShardSummary {
@@ -39,6 +98,7 @@ pub struct ShardSummary {
     labels: HashMap<String, LabelAcc>,
     /// Service → resource identities (pods) seen sending to it.
     pods: HashMap<String, HashSet<u64>>,
+    costs: HashMap<String, Cost>,
 }
 
 /// What one label looks like across series.
@@ -102,6 +162,14 @@ impl ShardSummary {
                 }
             }
             let streams = u64::from(streams);
+            let label_bytes: u64 = state
+                .labels(&series.labels)
+                .map(|(k, v)| (k.len() + v.len() + 4) as u64)
+                .sum();
+            s.costs
+                .entry(service.to_owned())
+                .or_default()
+                .add(&Cost::of(series, &fam.name, label_bytes, streams));
             s.series += 1;
             let svc = s.services.entry(service.to_owned()).or_default();
             svc.0.add(1, streams);
@@ -143,6 +211,7 @@ pub struct Totals {
     pub source_streams_tracked: u64,
     /// source_streams ÷ output_series: how many pod series each served series replaces.
     pub reduction: f64,
+    pub scrape: Cost,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +229,7 @@ pub struct ServiceReport {
     pub reduction: f64,
     /// Distinct resource identities (pods) sending to the service within `series_ttl`.
     pub pods: u64,
+    pub scrape: Cost,
     /// Span names with the most output series, most first.
     pub top_span_names: Vec<NameCounts>,
     pub span_names: u64,
@@ -266,6 +336,7 @@ pub struct Merged {
     metrics: BTreeMap<String, (String, Counts)>,
     labels: BTreeMap<String, LabelAcc>,
     pods: HashMap<String, HashSet<u64>>,
+    costs: HashMap<String, Cost>,
 }
 
 impl Merged {
@@ -278,6 +349,7 @@ impl Merged {
             metrics,
             labels,
             pods,
+            costs,
         } = &mut m;
         for p in parts {
             *series += p.series;
@@ -303,6 +375,9 @@ impl Merged {
             }
             for (service, set) in p.pods {
                 pods.entry(service).or_default().extend(set);
+            }
+            for (service, c) in p.costs {
+                costs.entry(service).or_default().add(&c);
             }
         }
         m
@@ -372,8 +447,13 @@ impl Merged {
             metrics,
             labels,
             pods,
+            costs,
         } = self;
         let streams: u64 = services.values().map(|(c, _)| c.source_streams).sum();
+        let mut scrape = Cost::default();
+        for c in costs.values() {
+            scrape.add(c);
+        }
         let mut services: Vec<ServiceReport> = services
             .into_iter()
             .map(|(service, (c, spans))| {
@@ -390,6 +470,7 @@ impl Merged {
                 top_span_names.truncate(top);
                 ServiceReport {
                     pods: pods.get(&service).map_or(0, |p| p.len() as u64),
+                    scrape: costs.get(&service).copied().unwrap_or_default(),
                     service,
                     output_series: c.output_series,
                     source_streams: c.source_streams,
@@ -423,6 +504,7 @@ impl Merged {
                 source_streams: streams,
                 source_streams_tracked: tracked,
                 reduction: ratio(streams, series),
+                scrape,
             },
             services,
             metrics,
@@ -491,6 +573,17 @@ impl Report {
             out,
             "output series {}   source streams {}   reduction {:.1}x   (streams tracked {})\n",
             t.output_series, t.source_streams, t.reduction, t.source_streams_tracked
+        );
+        let c = &t.scrape;
+        let _ = writeln!(
+            out,
+            "samples per scrape {} before aggregation, {} after ({} saved by output bounds); \
+             about {} KiB before, {} KiB after\n",
+            c.samples_before,
+            c.samples_after,
+            c.samples_saved_by_output_bounds,
+            c.bytes_before / 1024,
+            c.bytes_after / 1024
         );
         let _ = writeln!(
             out,
@@ -564,8 +657,10 @@ mod tests {
     fn the_table_shows_every_service_metric_and_label() {
         let report = Report::merge(Vec::new(), 5);
         assert!(report.table().contains("output series 0"));
-        let json = r#"{"totals":{"output_series":4,"source_streams":12,"source_streams_tracked":12,"reduction":3.0},
+        let json = r#"{"totals":{"output_series":4,"source_streams":12,"source_streams_tracked":12,"reduction":3.0,
+            "scrape":{"samples_before":36,"samples_after":12,"bytes_before":3600,"bytes_after":1200,"samples_saved_by_output_bounds":0}},
             "services":[{"service":"checkout","output_series":4,"source_streams":12,"reduction":3.0,"pods":3,
+            "scrape":{"samples_before":36,"samples_after":12,"bytes_before":3600,"bytes_after":1200,"samples_saved_by_output_bounds":0},
             "top_span_names":[{"name":"GET /cart","output_series":2,"source_streams":6}],"span_names":2}],
             "metrics":[{"metric":"traces_span_metrics_calls","otel_metric":"traces.span.metrics.calls","output_series":2,"source_streams":6}],
             "labels":[{"label":"span_name","distinct_values":2,"output_series":4,"single_source_series":0,

@@ -145,3 +145,43 @@ fn ids_in_span_names_are_flagged_and_traced_to_their_service() {
     assert_eq!(s.get("/api/v1/cardinality?top=many").0, 400);
     assert_eq!(s.get("/api/v1/cardinality?colour=red").0, 400);
 }
+
+#[test]
+fn scrape_cost_before_and_after_counts_samples_exactly_and_what_output_bounds_saves() {
+    // Input bounds [1, 1.5, 2.25, 3.375] (5 buckets); serve [1.5, 3.375] (3 buckets).
+    let s = Spanagg::start(
+        "histogram:\n  output_bounds:\n    traces.span.metrics.duration: [1.5, 3.375]\n",
+    );
+    let t0 = now_ns() - 60_000_000_000;
+    let shape = Shape {
+        services: 1,
+        routes: 5,
+        bounds: 4,
+        counters: true,
+    };
+    for pod in 0..3 {
+        let (status, _, _) = s.post_otlp(
+            "application/x-protobuf",
+            &[],
+            &service_request("cart", &shape, pod, t0),
+        );
+        assert_eq!(status, 200);
+    }
+    let r = get_json(&s, "/api/v1/cardinality");
+    let cost = &r["services"][0]["scrape"];
+    // Before: 15 counter streams × 1 + 15 histogram streams × (5 buckets + sum + count).
+    assert_eq!(cost["samples_before"], 15 + 15 * 7);
+    // After: 5 counters + 5 histograms × (3 buckets + sum + count).
+    assert_eq!(cost["samples_after"], 5 + 5 * 5);
+    assert_eq!(cost["samples_saved_by_output_bounds"], 5 * 2);
+    let (before, after) = (
+        cost["bytes_before"].as_u64().unwrap(),
+        cost["bytes_after"].as_u64().unwrap(),
+    );
+    assert!(before > 4 * after && after > 30 * 40, "{cost}");
+    assert_eq!(
+        r["totals"]["scrape"], *cost,
+        "one service: totals are its numbers"
+    );
+    assert_eq!(r["services"][0]["pods"], 3);
+}

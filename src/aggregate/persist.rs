@@ -40,6 +40,7 @@ pub enum ValueRecord<'a> {
         bounds: &'a [f64],
         counts: &'a [u64],
         sum: f64,
+        input_buckets: u16,
     },
 }
 
@@ -103,6 +104,7 @@ impl ShardState {
                 bounds,
                 counts,
                 sum,
+                input_buckets,
             } => {
                 BucketLayout::check(bounds).map_err(|e| RestoreError::Bounds(e.to_string()))?;
                 if counts.len() != bounds.len() + 1 {
@@ -115,6 +117,7 @@ impl ShardState {
                     layout: self.layout_id(bounds),
                     counts: BucketCounts::from_counts(counts),
                     sum,
+                    input_buckets,
                 }
             }
         };

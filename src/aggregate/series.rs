@@ -71,6 +71,9 @@ pub enum SeriesValue {
         /// ingest), so it is not stored.
         counts: BucketCounts,
         sum: f64,
+        /// Most buckets an input point had (more than `counts` when finer or `output_bounds`
+        /// layouts are folded): what the report counts as the per-pod cost.
+        input_buckets: u16,
     },
 }
 

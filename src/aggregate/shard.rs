@@ -571,10 +571,13 @@ impl ShardState {
                 SeriesValue::Histogram {
                     counts: out,
                     sum: osum,
+                    input_buckets,
                     ..
                 },
                 Add::Hist { counts, sum, .. },
             ) => {
+                let n = u16::try_from(counts.len()).unwrap_or(u16::MAX);
+                *input_buckets = (*input_buckets).max(n);
                 match fold {
                     None if counts.len() == out.len() => {
                         for (i, c) in counts.iter().enumerate() {
@@ -625,6 +628,7 @@ impl ShardState {
                     layout: out,
                     counts: BucketCounts::zeros(self.layout(out).len() + 1),
                     sum: 0.0,
+                    input_buckets: 0,
                 }
             }
         };

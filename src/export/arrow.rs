@@ -173,6 +173,7 @@ pub fn shard_batch(state: &ShardState, filter: &Filter) -> Result<RecordBatch, A
                 layout,
                 counts: c,
                 sum: total,
+                ..
             } => {
                 value.append_null();
                 count.append_value(c.iter().sum());

@@ -169,6 +169,7 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
                 layout,
                 counts,
                 sum,
+                ..
             } => {
                 let les = le_cache.entry(*layout).or_insert_with(|| {
                     let bounds = state.layout(*layout);

@@ -12,10 +12,12 @@ use std::sync::Arc;
 
 use arrow_array::builder::{
     Float64Builder, ListBuilder, MapBuilder, StringBuilder, StringDictionaryBuilder, StructBuilder,
-    TimestampNanosecondBuilder, UInt32Builder, UInt64Builder,
+    TimestampNanosecondBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
 };
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float64Type, Int32Type, TimestampNanosecondType, UInt32Type, UInt64Type};
+use arrow_array::types::{
+    Float64Type, Int32Type, TimestampNanosecondType, UInt16Type, UInt32Type, UInt64Type,
+};
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
@@ -156,6 +158,10 @@ pub fn checkpoint_schema() -> SchemaRef {
             "per-bucket (not cumulative) counts, +Inf last",
         ),
         doc(
+            Field::new("input_buckets", DataType::UInt16, true),
+            "histogram series: most buckets an input (per-pod) point had, before folding to these",
+        ),
+        doc(
             Field::new("series_key_lo", DataType::UInt64, true),
             "stream rows: key_lo of the series the stream feeds; null if none",
         ),
@@ -205,6 +211,7 @@ struct Builders {
     sum: Float64Builder,
     bounds: ListBuilder<Float64Builder>,
     counts: ListBuilder<UInt64Builder>,
+    input_buckets: UInt16Builder,
     series_lo: UInt64Builder,
     series_hi: UInt32Builder,
     temporality: StringDictionaryBuilder<Int32Type>,
@@ -235,6 +242,7 @@ impl Builders {
             sum: Float64Builder::new(),
             bounds: ListBuilder::new(Float64Builder::new()),
             counts: ListBuilder::new(UInt64Builder::new()),
+            input_buckets: UInt16Builder::new(),
             series_lo: UInt64Builder::new(),
             series_hi: UInt32Builder::new(),
             temporality: d(),
@@ -279,9 +287,18 @@ impl Builders {
         self.sum.append_null();
         self.bounds.append_null();
         self.counts.append_null();
+        self.input_buckets.append_null();
     }
 
-    fn histogram(&mut self, bounds: &[f64], counts: impl Iterator<Item = u64>, sum: f64, n: u64) {
+    fn histogram(
+        &mut self,
+        bounds: &[f64],
+        counts: impl Iterator<Item = u64>,
+        sum: f64,
+        n: u64,
+        input_buckets: Option<u16>,
+    ) {
+        self.input_buckets.append_option(input_buckets);
         self.value.append_null();
         self.int_total.append_null();
         self.float_total.append_null();
@@ -321,6 +338,7 @@ impl Builders {
             Arc::new(self.sum.finish()),
             Arc::new(self.bounds.finish()),
             Arc::new(self.counts.finish()),
+            Arc::new(self.input_buckets.finish()),
             Arc::new(self.series_lo.finish()),
             Arc::new(self.series_hi.finish()),
             Arc::new(self.temporality.finish()),
@@ -367,9 +385,18 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
         b.updated.append_value(ns(r.series.updated_ns));
         match &r.series.value {
             SeriesValue::Counter(c) => b.counter(Some(c.int), Some(c.float)),
-            SeriesValue::Histogram { counts, sum, .. } => {
-                b.histogram(r.bounds, counts.iter(), *sum, counts.iter().sum())
-            }
+            SeriesValue::Histogram {
+                counts,
+                sum,
+                input_buckets,
+                ..
+            } => b.histogram(
+                r.bounds,
+                counts.iter(),
+                *sum,
+                counts.iter().sum(),
+                Some(*input_buckets),
+            ),
         }
         b.no_stream_columns();
     }
@@ -410,7 +437,7 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
                         counts,
                         sum,
                         count,
-                    } => b.histogram(bounds, counts.iter().copied(), *sum, *count),
+                    } => b.histogram(bounds, counts.iter().copied(), *sum, *count, None),
                 }
                 b.applied.append_null();
                 b.last_start.append_value(ns(last.start_ns));
@@ -712,6 +739,7 @@ pub fn restore_series_row(
             bounds,
             counts,
             sum: *sum,
+            input_buckets: opt(prim::<UInt16Type>(c.b, "input_buckets")?, i).unwrap_or(0),
         },
         _ => return Err(row_err(i, "value columns do not match the kind")),
     };

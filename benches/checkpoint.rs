@@ -1,6 +1,7 @@
 //! Checkpoint write and restore for 100,000 output series (16 and 50 buckets) fed by
 //! 1,000,000 source streams (10 pods per series): build the Arrow batches from a shard, write
-//! the Parquet file (with fsync), and load it back into fresh shards.
+//! the Parquet file (with fsync), and load it back into fresh shards; and the cardinality report
+//! over the same state (one shard's summary plus the merge).
 //!
 //! `cargo bench --bench checkpoint` (prints the file size once per layout).
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use spanagg::aggregate::shard::{ShardConfig, ShardState};
+use spanagg::cardinality::{Report, Scope, ShardSummary};
 use spanagg::ingest::otlp::Projection;
 use spanagg::storage::checkpoint::{self, Meta};
 use spanagg::storage::columns::shard_batches;
@@ -24,6 +26,7 @@ fn cfg() -> ShardConfig {
         ttl_secs: 900,
         process_start_ns: 0,
         bounds: HashMap::new(),
+        limits: Default::default(),
     }
 }
 
@@ -71,6 +74,7 @@ fn bench(c: &mut Criterion) {
                 shards: 1,
                 series: a.num_rows() as u64,
                 streams: b.num_rows() as u64,
+                series_budget: 0,
             };
             checkpoint::write(&dir, seq, &meta, &[a, b, pods]).unwrap()
         };
@@ -78,6 +82,12 @@ fn bench(c: &mut Criterion) {
         println!("{} buckets: checkpoint file {size} bytes", bounds + 1);
         g.bench_function(format!("write_{}_buckets", bounds + 1), |b| {
             b.iter(|| write(1))
+        });
+        g.bench_function(format!("cardinality_report_{}_buckets", bounds + 1), |b| {
+            b.iter(|| {
+                let part = ShardSummary::of(&s, &Scope::default());
+                Report::merge(vec![part], 10)
+            })
         });
         g.bench_function(format!("restore_{}_buckets", bounds + 1), |b| {
             b.iter(|| {

@@ -35,6 +35,7 @@ fn shard() -> ShardState {
         ttl_secs: 900,
         process_start_ns: 0,
         bounds: Default::default(),
+        limits: Default::default(),
     })
 }
 

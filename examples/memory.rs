@@ -36,6 +36,7 @@ fn main() {
         ttl_secs: 900,
         process_start_ns: 0,
         bounds: Default::default(),
+        limits: Default::default(),
     });
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -99,6 +99,10 @@ pub struct ShardSummary {
     /// Service → resource identities (pods) seen sending to it.
     pods: HashMap<String, HashSet<u64>>,
     costs: HashMap<String, Cost>,
+    /// Service → points sent to its overflow series (by this shard).
+    overflowed: HashMap<String, u64>,
+    /// This shard's share of `limits.max_series_per_service`.
+    budget_share: u64,
 }
 
 /// What one label looks like across series.
@@ -146,6 +150,12 @@ impl ShardSummary {
             streams_total: state.sources_len() as u64,
             ..Default::default()
         };
+        s.budget_share = state.limits().series_per_service;
+        for (service, u) in state.service_use() {
+            if u.overflowed > 0 && scope.service.as_deref().is_none_or(|want| want == service) {
+                *s.overflowed.entry(service.to_owned()).or_default() += u.overflowed;
+            }
+        }
         for (pod, service) in state.pods() {
             if scope.service.as_deref().is_none_or(|want| want == service) {
                 s.pods.entry(service.to_owned()).or_default().insert(pod);
@@ -230,6 +240,11 @@ pub struct ServiceReport {
     /// Distinct resource identities (pods) sending to the service within `series_ttl`.
     pub pods: u64,
     pub scrape: Cost,
+    /// Points merged into the service's overflow series since they were counted (a service
+    /// with any is at its budget).
+    pub overflowed_points: u64,
+    /// Output series over `limits.max_series_per_service`.
+    pub budget_usage: f64,
     /// Span names with the most output series, most first.
     pub top_span_names: Vec<NameCounts>,
     pub span_names: u64,
@@ -337,6 +352,8 @@ pub struct Merged {
     labels: BTreeMap<String, LabelAcc>,
     pods: HashMap<String, HashSet<u64>>,
     costs: HashMap<String, Cost>,
+    overflowed: HashMap<String, u64>,
+    budget: u64,
 }
 
 impl Merged {
@@ -350,6 +367,8 @@ impl Merged {
             labels,
             pods,
             costs,
+            overflowed,
+            budget,
         } = &mut m;
         for p in parts {
             *series += p.series;
@@ -379,6 +398,10 @@ impl Merged {
             for (service, c) in p.costs {
                 costs.entry(service).or_default().add(&c);
             }
+            for (service, n) in p.overflowed {
+                *overflowed.entry(service).or_default() += n;
+            }
+            *budget = budget.saturating_add(p.budget_share);
         }
         m
     }
@@ -448,6 +471,8 @@ impl Merged {
             labels,
             pods,
             costs,
+            overflowed,
+            budget,
         } = self;
         let streams: u64 = services.values().map(|(c, _)| c.source_streams).sum();
         let mut scrape = Cost::default();
@@ -471,6 +496,8 @@ impl Merged {
                 ServiceReport {
                     pods: pods.get(&service).map_or(0, |p| p.len() as u64),
                     scrape: costs.get(&service).copied().unwrap_or_default(),
+                    overflowed_points: overflowed.get(&service).copied().unwrap_or(0),
+                    budget_usage: ratio(c.output_series, budget),
                     service,
                     output_series: c.output_series,
                     source_streams: c.source_streams,
@@ -587,8 +614,14 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<32} {:>6} {:>14} {:>14} {:>10} {:>10}  top span names",
-            "SERVICE", "PODS", "OUTPUT SERIES", "SOURCE STREAMS", "REDUCTION", "SPAN NAMES"
+            "{:<32} {:>6} {:>14} {:>14} {:>10} {:>10} {:>11}  top span names",
+            "SERVICE",
+            "PODS",
+            "OUTPUT SERIES",
+            "SOURCE STREAMS",
+            "REDUCTION",
+            "SPAN NAMES",
+            "OVERFLOWED"
         );
         for s in &self.services {
             let top: Vec<String> = s
@@ -599,13 +632,14 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<32} {:>6} {:>14} {:>14} {:>9.1}x {:>10}  {}",
+                "{:<32} {:>6} {:>14} {:>14} {:>9.1}x {:>10} {:>11}  {}",
                 s.service,
                 s.pods,
                 s.output_series,
                 s.source_streams,
                 s.reduction,
                 s.span_names,
+                s.overflowed_points,
                 top.join(", ")
             );
         }
@@ -661,7 +695,7 @@ mod tests {
             "scrape":{"samples_before":36,"samples_after":12,"bytes_before":3600,"bytes_after":1200,"samples_saved_by_output_bounds":0}},
             "services":[{"service":"checkout","output_series":4,"source_streams":12,"reduction":3.0,"pods":3,
             "scrape":{"samples_before":36,"samples_after":12,"bytes_before":3600,"bytes_after":1200,"samples_saved_by_output_bounds":0},
-            "top_span_names":[{"name":"GET /cart","output_series":2,"source_streams":6}],"span_names":2}],
+            "overflowed_points":7,"budget_usage":1.0,"top_span_names":[{"name":"GET /cart","output_series":2,"source_streams":6}],"span_names":2}],
             "metrics":[{"metric":"traces_span_metrics_calls","otel_metric":"traces.span.metrics.calls","output_series":2,"source_streams":6}],
             "labels":[{"label":"span_name","distinct_values":2,"output_series":4,"single_source_series":0,
             "id_like_values":0,"unbounded":"2 of 2 values look like ids","top_services":[{"service":"checkout","distinct_values":2}]}]}"#;

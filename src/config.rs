@@ -49,6 +49,16 @@ pub struct RawConfig {
     pub wal_segment_size: Option<ByteSize>,
     pub labels: RawLabels,
     pub histogram: RawHistogram,
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_series_per_service: Option<u64>,
+    pub max_series: Option<u64>,
+    pub max_source_streams: Option<u64>,
+    pub max_memory: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +138,16 @@ pub enum Durability {
     None,
 }
 
+fn positive(key: &str, v: u64) -> Result<u64, ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::Invalid {
+            key: key.to_owned(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(v)
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -166,6 +186,22 @@ pub struct Config {
     /// `histogram.output_bounds` if set, else `histogram.bounds`. Default: none (first point
     /// wins). Points merge into it exactly when their bounds contain all of it.
     pub histogram_bounds: BTreeMap<String, BucketLayout>,
+    pub limits: Limits,
+}
+
+/// Guard rails: what keeps memory bounded when a client explodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Output series one service may have; points that would create more go to the service's
+    /// overflow series. Default 100,000.
+    pub max_series_per_service: u64,
+    /// Output series in all. Default 1,000,000.
+    pub max_series: u64,
+    /// Source streams (pods' series) tracked; new ones beyond get a retryable refusal.
+    /// Default 10,000,000 (~0.7 GB).
+    pub max_source_streams: u64,
+    /// Resident memory past which new exports get a retryable refusal. Default: none.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for Config {
@@ -265,6 +301,29 @@ impl Config {
             by: raw.labels.by.unwrap_or_else(|| owned(DEFAULT_BY)),
             without: raw.labels.without.unwrap_or_else(|| owned(DEFAULT_WITHOUT)),
             histogram_bounds,
+            limits: Limits {
+                max_series_per_service: positive(
+                    "limits.max_series_per_service",
+                    raw.limits.max_series_per_service.unwrap_or(100_000),
+                )?,
+                max_series: positive(
+                    "limits.max_series",
+                    raw.limits.max_series.unwrap_or(1_000_000),
+                )?,
+                max_source_streams: positive(
+                    "limits.max_source_streams",
+                    raw.limits.max_source_streams.unwrap_or(10_000_000),
+                )?,
+                max_memory: match raw.limits.max_memory.map(|b| b.as_u64()) {
+                    Some(b) if b < 64 << 20 => {
+                        return Err(invalid(
+                            "limits.max_memory",
+                            "must be at least 64MiB".into(),
+                        ))
+                    }
+                    other => other,
+                },
+            },
         })
     }
 }
@@ -341,6 +400,22 @@ mod tests {
         assert_eq!(c.checkpoint_interval, d.checkpoint_interval);
         assert_eq!(c.checkpoint_keep, d.checkpoint_keep);
         assert_eq!(c.wal_segment_size, d.wal_segment_size);
+        assert_eq!(c.limits, d.limits);
+    }
+
+    #[test]
+    fn limits_parse_and_refuse_nonsense() {
+        let c = parse("limits:\n  max_series_per_service: 10\n  max_memory: 1GiB\n").unwrap();
+        assert_eq!(c.limits.max_series_per_service, 10);
+        assert_eq!(c.limits.max_memory, Some(1 << 30));
+        let err = parse("limits:\n  max_series: 0\n").unwrap_err().to_string();
+        assert!(err.contains("limits.max_series"), "{err}");
+        let err = parse("limits:\n  max_memory: 1KiB\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.max_memory"), "{err}");
+        let err = parse("limits:\n  max_serie: 1\n").unwrap_err().to_string();
+        assert!(err.contains("max_serie"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::aggregate::shard::{ShardConfig, ShardState};
+use crate::aggregate::shard::{ShardConfig, ShardLimits, ShardState};
 use crate::aggregate::table::Table;
 use crate::config::Config;
 use crate::export::http::AppState;
@@ -87,6 +87,12 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
             .iter()
             .map(|(k, v)| (k.clone(), Arc::from(v.bounds())))
             .collect::<HashMap<_, _>>(),
+        limits: ShardLimits::share(
+            config.limits.max_series_per_service,
+            config.limits.max_series,
+            config.limits.max_source_streams,
+            config.shards.get(),
+        ),
     };
     let n = config.shards.get();
     let metrics = StorageMetrics::default();
@@ -111,7 +117,11 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
         Table::start_with(restored.states, config.shard_queue_capacity.get())
             .map_err(ServeError::Shards)?,
     );
-    let telemetry = Arc::new(Telemetry::new(table.stats(), metrics.clone()));
+    let telemetry = Arc::new(Telemetry::new(
+        table.stats(),
+        metrics.clone(),
+        config.limits,
+    ));
     if let Some(from) = restored.replay_from {
         let replayer = Ingestor::new(
             table.clone(),
@@ -132,6 +142,33 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
     }
     storage.start_wal().map_err(ServeError::Wal)?;
     Ok((table, telemetry, storage))
+}
+
+/// Keeps `over` true while resident memory is past `limit`, so new exports are refused
+/// (retryably) before the process grows further.
+async fn watch_memory(
+    limit: u64,
+    over: Arc<std::sync::atomic::AtomicBool>,
+    stop: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {
+                let Some(rss) = crate::telemetry::resident_bytes() else { continue };
+                let now = rss > limit;
+                if over.swap(now, Ordering::Relaxed) != now {
+                    if now {
+                        tracing::warn!(rss, limit, "over limits.max_memory: refusing new exports (retryable)");
+                    } else {
+                        tracing::info!(rss, limit, "back under limits.max_memory: accepting exports");
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn periodic_checkpoints(
@@ -219,6 +256,13 @@ pub async fn serve(
     let otlp_http = tokio::spawn(async move { otlp_http.await.map_err(|e| e.to_string()) });
     let http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
 
+    if let Some(limit) = config.limits.max_memory {
+        tokio::spawn(watch_memory(
+            limit,
+            ingestor.over_memory.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
     let storage = Arc::new(storage);
     let checkpoints = tokio::spawn(periodic_checkpoints(
         storage.clone(),

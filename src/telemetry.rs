@@ -18,6 +18,10 @@ use crate::aggregate::table::{ShardStats, APPLY_BUCKETS};
 use crate::ingest::otlp::{Reason, Rejections};
 use crate::storage::StorageMetrics;
 
+#[path = "telemetry_budget.rs"]
+mod budget;
+pub use budget::{LimitKind, TOP_SERVICES};
+
 fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -94,13 +98,19 @@ pub struct Telemetry {
     pub scrape_bytes: Histogram,
     pub family_conflicts: Counter,
     pub storage: StorageMetrics,
+    budget: budget::BudgetMetrics,
     start_ns: u64,
 }
 
 impl Telemetry {
-    pub fn new(shards: Vec<Arc<ShardStats>>, storage: StorageMetrics) -> Self {
+    pub fn new(
+        shards: Vec<Arc<ShardStats>>,
+        storage: StorageMetrics,
+        limits: crate::config::Limits,
+    ) -> Self {
         let mut registry = Registry::with_prefix("spanagg");
         storage.register(&mut registry);
+        let budget = budget::BudgetMetrics::register(&mut registry, shards.clone(), limits);
         let requests_f = Family::<Labels2, Counter>::default();
         registry.register(
             "requests",
@@ -219,8 +229,19 @@ impl Telemetry {
             scrape_bytes,
             family_conflicts,
             storage,
+            budget,
             start_ns: now_ns(),
         }
+    }
+
+    pub fn overflowed(&self, n: u64) {
+        if n > 0 {
+            self.budget.overflowed.inc_by(n);
+        }
+    }
+
+    pub fn limit_refusal(&self, k: LimitKind) {
+        self.budget.refused(k);
     }
 
     pub fn request(&self, p: Protocol, o: RequestOutcome) {

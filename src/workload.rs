@@ -139,6 +139,7 @@ pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Pro
             req: Arc::new(req),
             projection: projection.clone(),
         }),
+        overflow: false,
         done: Box::new(|_| {}),
     }
 }

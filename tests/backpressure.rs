@@ -27,9 +27,14 @@ async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
         ttl_secs: 900,
         process_start_ns: 0,
         bounds: Default::default(),
+        limits: Default::default(),
     };
     let table = Arc::new(Table::start(cfg, 1, 1).unwrap());
-    let telemetry = Arc::new(Telemetry::new(table.stats(), Default::default()));
+    let telemetry = Arc::new(Telemetry::new(
+        table.stats(),
+        Default::default(),
+        spanagg::config::Config::default().limits,
+    ));
     let ingestor = Arc::new(Ingestor::new(
         table.clone(),
         Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),

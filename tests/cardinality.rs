@@ -185,3 +185,267 @@ fn scrape_cost_before_and_after_counts_samples_exactly_and_what_output_bounds_sa
     );
     assert_eq!(r["services"][0]["pods"], 3);
 }
+
+/// Sum of the samples of `prefix` whose line contains `needle`.
+fn sum_where(scrape: &str, prefix: &str, needle: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_cardinality_explosion_overflows_exactly_and_leaves_other_services_alone() {
+    const BUDGET: u64 = 1_000;
+    const NAMES: usize = 100_000;
+    let s = Spanagg::start(&format!(
+        "limits:\n  max_series_per_service: {BUDGET}\n  max_memory: 1GiB\n"
+    ));
+    let t0 = now_ns() - 60_000_000_000;
+    let narrow = Shape {
+        services: 1,
+        routes: 5,
+        bounds: 4,
+        counters: true,
+    };
+    let cart = |pod: usize, k: u64| {
+        let start = t0 + k * 1_000_000;
+        service_request("cart", &narrow, pod, start)
+    };
+    for pod in 1..=3 {
+        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &cart(pod, 0));
+        assert_eq!(status, 200);
+    }
+    // One client, 100,000 distinct span names, 5,000 per request.
+    let chunk = Shape {
+        services: 1,
+        routes: 5_000,
+        bounds: 4,
+        counters: true,
+    };
+    let mut bodies = Vec::new();
+    for part in 0..NAMES / 5_000 {
+        let mut req = request(&chunk, 0, t0, t0 + 1_000_000);
+        for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
+            let rename = |attrs: &mut Vec<opentelemetry_proto::tonic::common::v1::KeyValue>| {
+                for kv in attrs.iter_mut() {
+                    if let Some(any_value::Value::StringValue(v)) =
+                        kv.value.as_mut().and_then(|v| v.value.as_mut())
+                    {
+                        if kv.key == "span.name" {
+                            *v = format!(
+                                "GET /users/{}",
+                                part * 5_000
+                                    + v.rsplit('/').next().unwrap().parse::<usize>().unwrap()
+                            );
+                        } else if kv.key == "service.name" {
+                            *v = "explode".into();
+                        }
+                    }
+                }
+            };
+            match m.data.as_mut() {
+                Some(Data::Histogram(h)) => h
+                    .data_points
+                    .iter_mut()
+                    .for_each(|p| rename(&mut p.attributes)),
+                Some(Data::Sum(x)) => x
+                    .data_points
+                    .iter_mut()
+                    .for_each(|p| rename(&mut p.attributes)),
+                _ => {}
+            }
+        }
+        if let Some(r) = req.resource_metrics[0].resource.as_mut() {
+            for kv in &mut r.attributes {
+                if kv.key == "service.name" {
+                    kv.value = Some(AnyValue {
+                        value: Some(any_value::Value::StringValue("explode".into())),
+                    });
+                }
+            }
+        }
+        bodies.push(req.encode_to_vec());
+    }
+    for body in &bodies {
+        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], body);
+        assert_eq!(status, 200);
+    }
+    for pod in 1..=3 {
+        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &cart(pod, 1));
+        assert_eq!(status, 200);
+    }
+    // A retry of part of the explosion is recognised, overflow or not.
+    let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &bodies[7]);
+    assert_eq!(status, 200);
+
+    let scrape = s.scrape();
+    let calls = "traces_span_metrics_calls_total{";
+    let sent = (NAMES as u64 * 5) as f64;
+    assert_eq!(
+        sum_where(&scrape, calls, "service_name=\"explode\""),
+        sent,
+        "totals stay exact"
+    );
+    assert_eq!(
+        sum_where(
+            &scrape,
+            "traces_span_metrics_duration_milliseconds_count{",
+            "service_name=\"explode\""
+        ),
+        sent
+    );
+    let overflow = sum_where(&scrape, calls, "otel_metric_overflow=\"true\"");
+    assert!(
+        overflow >= (NAMES as u64 - BUDGET) as f64 * 5.0,
+        "the overflow series took the rest: {overflow}"
+    );
+    let series = scrape
+        .lines()
+        .filter(|l| l.starts_with(calls) && l.contains("service_name=\"explode\""))
+        .count() as u64;
+    assert!(
+        series <= BUDGET + 1,
+        "{series} series for explode: budget {BUDGET} plus its overflow series"
+    );
+    // The other service is untouched: its own series, exact.
+    assert_eq!(
+        sum_where(&scrape, calls, "service_name=\"cart\""),
+        3.0 * 2.0 * 5.0 * 5.0
+    );
+    assert_eq!(
+        scrape
+            .lines()
+            .filter(|l| l.starts_with(calls) && l.contains("service_name=\"cart\""))
+            .count(),
+        5
+    );
+    assert!(!scrape
+        .lines()
+        .any(|l| l.contains("otel_metric_overflow") && l.contains("cart")));
+
+    // Memory stayed bounded, and the report names the service and the label.
+    assert!(
+        s.peak_rss() < 1 << 30,
+        "peak RSS {} MiB",
+        s.peak_rss() >> 20
+    );
+    let r = get_json(&s, "/api/v1/cardinality");
+    let explode = r["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["service"] == "explode")
+        .unwrap();
+    assert!(explode["overflowed_points"].as_u64().unwrap() >= (NAMES as u64 - BUDGET) * 2);
+    assert!(explode["budget_usage"].as_f64().unwrap() >= 1.0);
+    let cart_r = r["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["service"] == "cart")
+        .unwrap();
+    assert_eq!(cart_r["overflowed_points"], 0);
+    let span = r["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["label"] == "span_name")
+        .unwrap();
+    assert!(span["unbounded"].is_string(), "{span}");
+    assert_eq!(span["top_services"][0]["service"], "explode");
+    let internal = s.get("/internal/metrics").1;
+    let overflowed = common::sample_value(&internal, "spanagg_points_overflowed_total").unwrap();
+    assert!(
+        overflowed >= ((NAMES as u64 - BUDGET) * 2) as f64,
+        "{overflowed}"
+    );
+    eprintln!(
+        "peak RSS {} MiB, overflowed points {overflowed}",
+        s.peak_rss() >> 20
+    );
+}
+
+#[test]
+fn new_streams_past_the_stream_limit_are_refused_retryably_and_live_ones_go_on() {
+    let s = Spanagg::start("shards: 1\nlimits:\n  max_source_streams: 20\n");
+    let t0 = now_ns() - 60_000_000_000;
+    let shape = Shape {
+        services: 1,
+        routes: 10,
+        bounds: 4,
+        counters: true,
+    };
+    let post = |pod: usize, k: u64| {
+        s.post_otlp(
+            "application/x-protobuf",
+            &[],
+            &service_request("cart", &shape, pod, t0 + k * 1_000_000),
+        )
+        .0
+    };
+    assert_eq!(post(0, 0), 200, "20 streams: at the limit, all taken");
+    assert_eq!(post(1, 0), 503, "a second pod's 20 new streams do not fit");
+    assert_eq!(
+        post(1, 0),
+        503,
+        "still not: live streams are never evicted for new ones"
+    );
+    assert_eq!(post(0, 1), 200, "the streams already held go on");
+    assert_eq!(
+        s.internal("spanagg_limit_refusals_total{limit=\"source_streams\"}"),
+        2.0
+    );
+    assert_eq!(s.internal("spanagg_source_streams"), 20.0);
+    let scrape = s.scrape();
+    assert_eq!(
+        sum_where(&scrape, "traces_span_metrics_calls_total{", "cart"),
+        2.0 * 10.0 * 5.0
+    );
+}
+
+#[test]
+fn past_the_memory_limit_exports_are_refused_retryably() {
+    let s = Spanagg::start("limits:\n  max_memory: 64MiB\n");
+    let t0 = now_ns() - 60_000_000_000;
+    // Enough series to take the process past 64 MiB.
+    let wide = Shape {
+        services: 1,
+        routes: 50_000,
+        bounds: 30,
+        counters: true,
+    };
+    let (status, _, _) = s.post_otlp(
+        "application/x-protobuf",
+        &[],
+        &service_request("big", &wide, 0, t0),
+    );
+    // Decoding it may already take the process past the limit, and be refused.
+    assert!(status == 200 || status == 503, "{status}");
+    let small = Shape {
+        services: 1,
+        routes: 1,
+        bounds: 4,
+        counters: true,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut k = 1;
+    loop {
+        let body = service_request("small", &small, 1, t0 + k * 1_000_000);
+        let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &body);
+        if status == 503 {
+            assert!(String::from_utf8_lossy(&body).contains("memory limit"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never refused at {} MiB",
+            s.peak_rss() >> 20
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        k += 1;
+    }
+    assert!(s.internal("spanagg_limit_refusals_total{limit=\"memory\"}") >= 1.0);
+    assert_eq!(s.get("/-/ready").0, 200, "still serving scrapes");
+}

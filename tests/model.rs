@@ -102,6 +102,7 @@ fn send(table: &Table, deltas: &[Delta]) -> BatchResult {
             counts,
             points,
             labels: Arc::new(RouteLabels),
+            overflow: false,
             done: Box::new(move |r| tx.send(r).unwrap()),
         };
         assert!(table.try_send(shard, batch).is_ok());
@@ -167,6 +168,7 @@ fn table(shards: usize) -> Table {
         ttl_secs: 3600,
         process_start_ns: 0,
         bounds: Default::default(),
+        limits: Default::default(),
     };
     Table::start(cfg, shards, 64).unwrap()
 }

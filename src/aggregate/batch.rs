@@ -19,6 +19,8 @@ pub struct Batch {
     pub counts: Vec<u64>,
     pub points: Vec<Point>,
     pub labels: Arc<dyn LabelResolver>,
+    /// Points for overflow series, sent on by the ingest task: exempt from series budgets.
+    pub overflow: bool,
     pub done: Box<dyn FnOnce(BatchResult) + Send>,
 }
 
@@ -36,10 +38,12 @@ pub enum Outcome {
     Duplicate,
     TooLate,
     LayoutMismatch,
+    /// A new source stream past `limits.max_source_streams`: refused, retryably.
+    StreamLimit,
 }
 
 impl Outcome {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [Outcome; Self::COUNT] = [
         Self::Applied,
         Self::AppliedAfterGap,
@@ -50,6 +54,7 @@ impl Outcome {
         Self::Duplicate,
         Self::TooLate,
         Self::LayoutMismatch,
+        Self::StreamLimit,
     ];
     /// Why a refused point (reported to the client in the partial success) was refused, as the client reads it; `None` for the rest.
     pub fn explain(self) -> Option<&'static str> {
@@ -75,17 +80,20 @@ impl Outcome {
             Self::Duplicate => "duplicate",
             Self::TooLate => "too_late",
             Self::LayoutMismatch => "layout_mismatch",
+            Self::StreamLimit => "stream_limit",
         }
     }
 }
 
-/// Per-outcome counts of one batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Per-outcome counts of one batch, and the points it hands back for overflow series.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchResult {
     pub counts: [u32; Outcome::COUNT],
+    pub redirect: Option<Box<super::shard::Redirect>>,
 }
 
 impl BatchResult {
+    /// Adds the counts (redirects are taken separately).
     pub fn add(&mut self, other: &BatchResult) {
         for (a, b) in self.counts.iter_mut().zip(other.counts) {
             *a += b;

@@ -12,7 +12,7 @@ use ahash::RandomState;
 
 pub use super::batch::{Batch, BatchResult, LabelResolver, Outcome};
 use super::interner::Interner;
-use super::key::{FamilyDesc, Kind, Labels};
+use super::key::{FamilyDesc, Kind, Labels, SetHash};
 use super::keytable::{stored_key, Chunked, KeyTable};
 use super::layout::{fold_map, LayoutMismatch};
 use super::series::{
@@ -22,8 +22,11 @@ use super::series::{
 };
 use super::window::{Verdict, Window};
 
+#[path = "budget.rs"]
+mod budget;
 #[path = "persist.rs"]
 mod persist;
+pub use budget::{overflow_key, OverflowLabels, Redirect, ServiceUse, ShardLimits, OVERFLOW_LABEL};
 pub use persist::{RestoreError, SeriesRecord, StreamState, ValueRecord};
 
 /// Which series a read (snapshot, report) covers.
@@ -44,6 +47,8 @@ pub struct ShardConfig {
     pub process_start_ns: u64,
     /// Configured output bounds by OTel metric name.
     pub bounds: HashMap<String, Arc<[f64]>>,
+    /// This shard's share of the cardinality budgets.
+    pub limits: ShardLimits,
 }
 
 type Map<K, V> = HashMap<K, V, RandomState>;
@@ -89,6 +94,7 @@ pub struct ShardState {
     cumulative: Map<u128, CumulativeSource>,
     /// Pods (resource identities) seen: their service and when last seen (shard clock).
     pods: Map<u64, Pod>,
+    budget: budget::Budget,
     /// Series ids (the series table's tags, also held by the sources that feed a series):
     /// whether the series still exists, and how many sources hold the id. An id is reused only
     /// when both are gone, so a source never counts toward the wrong series.
@@ -118,6 +124,7 @@ impl ShardState {
             deltas: KeyTable::default(),
             cumulative: Map::default(),
             pods: Map::default(),
+            budget: budget::Budget::default(),
             ids: Chunked::default(),
             free_ids: Vec::new(),
             strings: Interner::default(),
@@ -281,6 +288,11 @@ impl ShardState {
                 last_pod = Some(p.resource);
                 self.saw_pod(batch, p);
             }
+            if let Some(service) = self.overflow_service(batch, p) {
+                let out = result.redirect.get_or_insert_with(Default::default);
+                self.redirect(batch, p, service, out);
+                continue;
+            }
             let Some(desc) = batch.families.get(p.family as usize) else {
                 continue;
             };
@@ -386,6 +398,7 @@ impl ShardState {
             // A stream we do not know (new, or expired after `series_ttl`) whose delta is older
             // than the TTL could be a replay of something applied before it expired.
             None if p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns => Verdict::TooLate,
+            None if !self.stream_room() => return Outcome::StreamLimit,
             None => Verdict::Apply,
         };
         let outcome = match verdict {
@@ -471,6 +484,9 @@ impl ShardState {
                 }
             }
             None => {
+                if self.deltas.get(p.source).is_none() && !self.stream_room() {
+                    return Outcome::StreamLimit;
+                }
                 if let Some((id, _)) = self.deltas.remove(p.source) {
                     self.source_removed(id);
                 }
@@ -548,6 +564,11 @@ impl ShardState {
     ) -> Result<u32, LayoutMismatch> {
         if self.series.get(p.series).is_none() {
             let s = self.new_series(batch, p, fam, &add, start_ns)?;
+            let service: Box<str> = self
+                .labels(&s.labels)
+                .find(|(k, _)| *k == "service_name")
+                .map_or_else(|| "".into(), |(_, v)| v.into());
+            self.series_added(&service);
             let id = self.alloc_id();
             self.series.insert_tagged(p.series, id, s);
         }
@@ -666,21 +687,30 @@ impl ShardState {
         for id in released {
             self.source_removed(id);
         }
-        let mut dead: Vec<u32> = Vec::new();
+        let mut dead: Vec<(u32, Box<str>)> = Vec::new();
         let strings = &mut self.strings;
+        let key_sets = &self.key_sets;
         self.series.retain_or(
             |_, s| !idle(s.touched),
             |id, s| {
-                dead.push(id);
+                let keys = key_sets.get(s.labels.keys as usize).map_or(&[][..], |k| k);
+                let service = keys
+                    .iter()
+                    .zip(s.labels.values.iter())
+                    .find(|(k, _)| strings.get(**k) == "service_name")
+                    .map_or_else(|| "".into(), |(_, v)| strings.get(*v).into());
+                dead.push((id, service));
                 for v in s.labels.values.iter() {
                     strings.release(*v);
                 }
             },
         );
         let dropped = dead.len();
-        for id in dead {
+        for (id, service) in dead {
             self.series_removed(id);
+            self.series_gone(&service);
         }
+        self.sweep_sticky();
         (dropped, sources_before - self.sources_len())
     }
 }

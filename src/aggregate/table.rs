@@ -29,6 +29,17 @@ pub struct ShardStats {
     pub apply_ns_sum: AtomicU64,
     /// Per-bucket counts of `APPLY_BUCKETS`, `+Inf` last.
     pub apply_buckets: [AtomicU64; APPLY_BUCKETS.len() + 1],
+    /// Per-service use, republished after every sweep.
+    pub services: std::sync::Mutex<Vec<ServiceLine>>,
+}
+
+/// One service's numbers in one shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceLine {
+    pub service: Box<str>,
+    pub series: u64,
+    pub streams: u64,
+    pub overflowed: u64,
 }
 
 type Visit = Box<dyn FnOnce(&ShardState) + Send>;
@@ -108,6 +119,8 @@ impl Table {
         shard_for(series, self.shards.len())
     }
 
+    // The batch comes back whole so the caller can retry it without rebuilding it.
+    #[allow(clippy::result_large_err)]
     pub fn try_send(&self, shard: usize, batch: Batch) -> Result<(), (SendError, Batch)> {
         let Some(h) = self.shards.get(shard) else {
             return Err((SendError::Closed, batch));
@@ -208,6 +221,10 @@ fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats
             stats
                 .sources
                 .store(state.sources_len() as u64, Ordering::Relaxed);
+            let lines = state.service_lines();
+            if let Ok(mut s) = stats.services.lock() {
+                *s = lines;
+            }
         }
     }
     // Shutdown: apply what is still queued so no acknowledged request is lost.

@@ -27,9 +27,10 @@ pub fn status_of(e: &IngestError) -> Status {
     match e {
         IngestError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
         IngestError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
-        IngestError::Unavailable | IngestError::ShuttingDown | IngestError::NotDurable(_) => {
-            Status::unavailable(e.to_string())
-        }
+        IngestError::Unavailable
+        | IngestError::ShuttingDown
+        | IngestError::NotDurable(_)
+        | IngestError::Limit(_) => Status::unavailable(e.to_string()),
     }
 }
 

@@ -63,9 +63,10 @@ fn error_response(format: Format, e: &IngestError) -> Response {
     let (status, code) = match e {
         IngestError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, 3),
         IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 8),
-        IngestError::Unavailable | IngestError::ShuttingDown | IngestError::NotDurable(_) => {
-            (StatusCode::SERVICE_UNAVAILABLE, 14)
-        }
+        IngestError::Unavailable
+        | IngestError::ShuttingDown
+        | IngestError::NotDurable(_)
+        | IngestError::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
     };
     let message = e.to_string();
     let body = match format {

@@ -6,6 +6,7 @@ pub mod body;
 pub mod grpc;
 pub mod http;
 pub mod otlp;
+mod overflow;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use prost::Message;
 use crate::aggregate::shard::{Batch, BatchResult, Outcome};
 use crate::aggregate::table::{SendError, Table};
 use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY};
-use crate::telemetry::{Protocol, RequestOutcome, Telemetry};
+use crate::telemetry::{LimitKind, Protocol, RequestOutcome, Telemetry};
 use otlp::{prepare, Projection, RequestLabels};
 
 /// How long an export waits for room in a full shard queue before refusing with a retryable
@@ -37,6 +38,8 @@ pub enum IngestError {
     ShuttingDown,
     #[error("applied but not durable, retry: {0}")]
     NotDurable(String),
+    #[error("{0}: retry later")]
+    Limit(&'static str),
 }
 
 /// A request's bytes as the WAL keeps them, when the transport has them.
@@ -62,6 +65,8 @@ pub struct Ingestor {
     telemetry: Arc<Telemetry>,
     /// With `durability: wal`: where accepted requests are logged before the reply.
     wal: Option<Arc<Wal>>,
+    /// Set while resident memory is over `limits.max_memory` (by `watch_memory`).
+    pub over_memory: Arc<std::sync::atomic::AtomicBool>,
     pub max_request_bytes: usize,
 }
 
@@ -77,6 +82,7 @@ impl Ingestor {
             projection: Arc::new(projection),
             telemetry,
             wal: None,
+            over_memory: Default::default(),
             max_request_bytes,
         }
     }
@@ -120,6 +126,12 @@ impl Ingestor {
         req: ExportMetricsServiceRequest,
         raw: Option<Logged>,
     ) -> Result<ExportReply, IngestError> {
+        if self.over_memory.load(std::sync::atomic::Ordering::Relaxed) {
+            self.telemetry.limit_refusal(LimitKind::Memory);
+            return Err(IngestError::Limit(
+                "memory limit reached (limits.max_memory)",
+            ));
+        }
         let table = &self.table;
         let prepared = prepare(&req, &self.projection, table.len(), |k| table.shard_of(k));
         self.telemetry.received(protocol, prepared.received);
@@ -142,6 +154,7 @@ impl Ingestor {
                 counts: part.counts,
                 points: part.points,
                 labels: resolver.clone(),
+                overflow: false,
                 done: Box::new(move |r: BatchResult| {
                     let _ = tx.send(r);
                 }),
@@ -151,8 +164,16 @@ impl Ingestor {
         }
         let logged = !waits.is_empty();
         let mut total = BatchResult::default();
+        let mut redirects = Vec::new();
         for rx in waits {
-            let r = rx.await.map_err(|_| IngestError::ShuttingDown)?;
+            let mut r = rx.await.map_err(|_| IngestError::ShuttingDown)?;
+            total.add(&r);
+            redirects.extend(r.redirect.take().map(|b| *b));
+        }
+        if !redirects.is_empty() {
+            let r = self
+                .send_overflow(redirects, &prepared.families, &prepared.layouts)
+                .await?;
             total.add(&r);
         }
         self.telemetry.outcomes(&total);
@@ -189,6 +210,14 @@ impl Ingestor {
             message.push_str(&format!("{n} point(s) rejected: {why} ({})", o.as_str()));
             rejected += n;
         }
+        // Everything else is applied (and logged); the client retries the whole request and the
+        // applied part comes back as duplicates.
+        if total.get(Outcome::StreamLimit) > 0 {
+            self.telemetry.limit_refusal(LimitKind::SourceStreams);
+            return Err(IngestError::Limit(
+                "source stream limit reached (limits.max_source_streams)",
+            ));
+        }
         Ok(ExportReply { rejected, message })
     }
 
@@ -214,8 +243,9 @@ fn outcome_of(e: &IngestError) -> RequestOutcome {
     match e {
         IngestError::InvalidArgument(_) => RequestOutcome::InvalidArgument,
         IngestError::TooLarge { .. } => RequestOutcome::TooLarge,
-        IngestError::Unavailable | IngestError::ShuttingDown | IngestError::NotDurable(_) => {
-            RequestOutcome::Unavailable
-        }
+        IngestError::Unavailable
+        | IngestError::ShuttingDown
+        | IngestError::NotDurable(_)
+        | IngestError::Limit(_) => RequestOutcome::Unavailable,
     }
 }

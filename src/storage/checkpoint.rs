@@ -51,6 +51,9 @@ pub struct Meta {
     pub shards: u32,
     pub series: u64,
     pub streams: u64,
+    /// `limits.max_series_per_service` as the shards enforced it (the sum of their shares);
+    /// 0 if unknown.
+    pub series_budget: u64,
 }
 
 const PREFIX: &str = "spanagg.";
@@ -78,6 +81,7 @@ impl Meta {
             kv("shards", self.shards.to_string()),
             kv("series", self.series.to_string()),
             kv("streams", self.streams.to_string()),
+            kv("series_budget", self.series_budget.to_string()),
         ]
     }
 
@@ -115,6 +119,7 @@ impl Meta {
             shards: u32::try_from(num("shards")?).unwrap_or(0),
             series: num("series")?,
             streams: num("streams")?,
+            series_budget: num("series_budget").unwrap_or(0),
         })
     }
 

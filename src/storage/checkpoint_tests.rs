@@ -16,6 +16,7 @@ fn cfg() -> ShardConfig {
         ttl_secs: 900,
         process_start_ns: 0,
         bounds: HashMap::new(),
+        limits: Default::default(),
     }
 }
 
@@ -123,6 +124,7 @@ fn meta(shards: u32, series: u64, streams: u64) -> Meta {
         shards,
         series,
         streams,
+        series_budget: 0,
     }
 }
 

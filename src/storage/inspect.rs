@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::checkpoint::{self, CheckpointError};
-use crate::aggregate::shard::{ShardConfig, ShardState, StreamState};
+use crate::aggregate::shard::{ShardConfig, ShardLimits, ShardState, StreamState};
 
 fn time(ns: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
@@ -21,6 +21,10 @@ pub fn load_file(path: &Path) -> Result<(checkpoint::Meta, Vec<ShardState>), Che
         ttl_secs: u32::MAX,
         process_start_ns: meta.state_start_ns,
         bounds: HashMap::new(),
+        limits: match meta.series_budget {
+            0 => Default::default(),
+            b => ShardLimits::share(b, u64::MAX, u64::MAX, meta.shards.max(1) as usize),
+        },
     };
     let mut states: Vec<ShardState> = (0..meta.shards.max(1))
         .map(|_| ShardState::new(cfg.clone()))

@@ -217,13 +217,18 @@ impl Storage {
             None => None,
         };
         let parts = crate::export::gather_indexed(table, |i, s: &ShardState| {
-            columns::shard_batches(s, i as u32)
+            (
+                columns::shard_batches(s, i as u32),
+                s.limits().series_per_service,
+            )
         })
         .await
         .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
         let mut batches = Vec::with_capacity(parts.len() * 3);
-        for p in parts {
+        let mut series_budget = 0u64;
+        for (p, share) in parts {
             batches.extend(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
+            series_budget = series_budget.saturating_add(share);
         }
         let rows = |i: usize| -> u64 {
             batches
@@ -243,6 +248,7 @@ impl Storage {
             shards: table.len() as u32,
             series: rows(0),
             streams: rows(1),
+            series_budget,
         };
         let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
         let dir = self.checkpoint_dir.clone();

@@ -1,0 +1,237 @@
+//! Cardinality budgets of one shard: output series per service and in all, and source streams.
+//!
+//! Each shard enforces its share of a budget (the limit divided by the shard count, rounded up):
+//! series spread over shards by hash, so a service reaches about its whole budget before any
+//! share is full, and no shard waits on another. A point that would create a series over budget
+//! is not applied here: it is handed back (`Redirect`) and the ingest task sends it on to the
+//! service's overflow series (`otel_metric_overflow="true"`, `service_name`), which lives in the
+//! shard its own key routes to, like any series. Its source stream's exactly-once state lives
+//! there too, so the stream is marked *sticky* here and keeps going to the overflow series until
+//! it has been idle for the TTL (a stream never flips between two series, and a retry of a delta
+//! the overflow series took is still a duplicate).
+
+use super::*;
+
+/// This shard's share of the configured limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLimits {
+    pub series_per_service: u64,
+    pub series: u64,
+    pub streams: u64,
+}
+
+impl Default for ShardLimits {
+    /// No limits.
+    fn default() -> Self {
+        Self {
+            series_per_service: u64::MAX,
+            series: u64::MAX,
+            streams: u64::MAX,
+        }
+    }
+}
+
+impl ShardLimits {
+    /// Each of `shards` shards' share of the limits.
+    pub fn share(series_per_service: u64, series: u64, streams: u64, shards: usize) -> Self {
+        let n = shards.max(1) as u64;
+        Self {
+            series_per_service: series_per_service.div_ceil(n),
+            series: series.div_ceil(n),
+            streams: streams.div_ceil(n),
+        }
+    }
+}
+
+/// One service's use of this shard.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceUse {
+    pub series: u64,
+    /// Points sent on to the service's overflow series.
+    pub overflowed: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Budget {
+    pub(super) services: Map<Box<str>, ServiceUse>,
+    /// Source streams sent to overflow, with the shard clock when last seen.
+    sticky: Map<u128, u32>,
+}
+
+/// Points a shard hands back for their service's overflow series.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Redirect {
+    /// The points as they came, but `label_ref[0]` indexes `services` and histogram ranges
+    /// index `counts`.
+    pub points: Vec<Point>,
+    pub counts: Vec<u64>,
+    pub services: Vec<Box<str>>,
+}
+
+/// The `service_name` label of a point, as its new series would get it.
+fn service_of(batch: &Batch, p: &Point) -> Box<str> {
+    batch
+        .labels
+        .labels(p.label_ref)
+        .into_iter()
+        .find(|(k, _)| k == "service_name")
+        .map_or_else(|| "".into(), |(_, v)| v.into())
+}
+
+impl ShardState {
+    /// Per-service use of this shard.
+    pub fn service_use(&self) -> impl Iterator<Item = (&str, ServiceUse)> {
+        self.budget.services.iter().map(|(k, v)| (&**k, *v))
+    }
+
+    /// Series, source streams and overflowed points per service (one pass over the series).
+    pub fn service_lines(&self) -> Vec<super::super::table::ServiceLine> {
+        let mut streams: Map<&str, u64> = Map::default();
+        for (s, n) in self.series_with_sources() {
+            let service = self
+                .labels(&s.labels)
+                .find(|(k, _)| *k == "service_name")
+                .map_or("", |(_, v)| v);
+            *streams.entry(service).or_default() += u64::from(n);
+        }
+        self.budget
+            .services
+            .iter()
+            .map(|(k, u)| super::super::table::ServiceLine {
+                service: k.clone(),
+                series: u.series,
+                streams: streams.get(&**k).copied().unwrap_or(0),
+                overflowed: u.overflowed,
+            })
+            .collect()
+    }
+
+    /// This shard's share of the budgets.
+    pub fn limits(&self) -> ShardLimits {
+        self.cfg.limits
+    }
+
+    /// Whether `p` goes to its service's overflow series: its stream already does, or it would
+    /// create a series over budget. Returns the service.
+    pub(super) fn overflow_service(&self, batch: &Batch, p: &Point) -> Option<Box<str>> {
+        if batch.overflow {
+            return None;
+        }
+        let sticky = !self.budget.sticky.is_empty()
+            && self.budget.sticky.contains_key(&stored_key(p.source));
+        if !sticky {
+            let lim = &self.cfg.limits;
+            let len = self.series.len() as u64;
+            // The common case: room for any service, or the series exists.
+            if len < lim.series_per_service.min(lim.series) || self.series.get(p.series).is_some() {
+                return None;
+            }
+            let service = service_of(batch, p);
+            let used = self.budget.services.get(&service).map_or(0, |u| u.series);
+            return (used >= lim.series_per_service || len >= lim.series).then_some(service);
+        }
+        Some(service_of(batch, p))
+    }
+
+    /// Hands `p` back for the overflow series of `service`.
+    pub(super) fn redirect(
+        &mut self,
+        batch: &Batch,
+        p: &Point,
+        service: Box<str>,
+        out: &mut Redirect,
+    ) {
+        self.budget.sticky.insert(stored_key(p.source), self.clock);
+        self.budget
+            .services
+            .entry(service.clone())
+            .or_default()
+            .overflowed += 1;
+        let idx = match out.services.iter().position(|s| *s == service) {
+            Some(i) => i,
+            None => {
+                out.services.push(service);
+                out.services.len() - 1
+            }
+        };
+        let mut q = p.clone();
+        q.label_ref = [idx as u32, 0, 0, 0];
+        if let PointValue::Histogram { counts, .. } = &mut q.value {
+            let from = out.counts.len() as u32;
+            out.counts.extend_from_slice(
+                batch
+                    .counts
+                    .get(counts.0 as usize..counts.1 as usize)
+                    .unwrap_or(&[]),
+            );
+            *counts = (from, out.counts.len() as u32);
+        }
+        out.points.push(q);
+    }
+
+    /// Whether a new source stream would pass this shard's stream budget.
+    pub(super) fn stream_room(&self) -> bool {
+        (self.sources_len() as u64) < self.cfg.limits.streams
+    }
+
+    pub(super) fn series_added(&mut self, service: &str) {
+        match self.budget.services.get_mut(service) {
+            Some(u) => u.series += 1,
+            None => {
+                self.budget.services.insert(
+                    service.into(),
+                    ServiceUse {
+                        series: 1,
+                        overflowed: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    pub(super) fn series_gone(&mut self, service: &str) {
+        if let Some(u) = self.budget.services.get_mut(service) {
+            u.series = u.series.saturating_sub(1);
+            if u.series == 0 && u.overflowed == 0 {
+                self.budget.services.remove(service);
+            }
+        }
+    }
+
+    /// Forgets sticky streams idle for longer than the TTL.
+    pub(super) fn sweep_sticky(&mut self) {
+        let (now, ttl) = (self.clock, self.cfg.ttl_secs);
+        self.budget
+            .sticky
+            .retain(|_, touched| now.saturating_sub(*touched) <= ttl);
+    }
+}
+
+/// Resolves the labels of overflow series: `otel_metric_overflow="true"` and the service.
+pub struct OverflowLabels {
+    pub services: Vec<Box<str>>,
+}
+
+/// The label that marks an overflow series (the OpenTelemetry convention).
+pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
+
+impl LabelResolver for OverflowLabels {
+    fn labels(&self, label_ref: [u32; 4]) -> Vec<(String, String)> {
+        let service = self
+            .services
+            .get(label_ref[0] as usize)
+            .map_or("", |s| &**s);
+        vec![
+            (OVERFLOW_LABEL.to_owned(), "true".to_owned()),
+            ("service_name".to_owned(), service.to_owned()),
+        ]
+    }
+}
+
+/// The output key of a service's overflow series in a family (`seed` is the family's key seed).
+pub fn overflow_key(service: &str, seed: u64) -> u128 {
+    let mut set = SetHash::default();
+    set.add(OVERFLOW_LABEL, "true");
+    set.add("service_name", service);
+    set.finish(seed)
+}

@@ -1,0 +1,86 @@
+//! The second hop of points over a series budget: shards hand them back (`Redirect`), and the
+//! ingest task sends them to the shard that owns their service's overflow series, then waits
+//! for that too before replying. See `aggregate/budget.rs` for why the hop exists.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{IngestError, Ingestor};
+use crate::aggregate::key::FamilyDesc;
+use crate::aggregate::series::{Point, PointValue};
+use crate::aggregate::shard::{overflow_key, Batch, BatchResult, OverflowLabels, Redirect};
+
+/// Points bound for one shard's overflow series.
+#[derive(Default)]
+struct Part {
+    points: Vec<Point>,
+    counts: Vec<u64>,
+}
+
+impl Ingestor {
+    /// Applies redirected points to their overflow series; returns their outcomes.
+    pub(super) async fn send_overflow(
+        &self,
+        redirects: Vec<Redirect>,
+        families: &Arc<[FamilyDesc]>,
+        layouts: &Arc<[Arc<[f64]>]>,
+    ) -> Result<BatchResult, IngestError> {
+        let mut services: Vec<Box<str>> = Vec::new();
+        let mut index: HashMap<Box<str>, u32> = HashMap::new();
+        let mut parts: HashMap<usize, Part> = HashMap::new();
+        let mut overflowed = 0u64;
+        for r in redirects {
+            for mut p in r.points {
+                let Some(service) = r.services.get(p.label_ref[0] as usize) else {
+                    continue;
+                };
+                let Some(family) = families.get(p.family as usize) else {
+                    continue;
+                };
+                let idx = *index.entry(service.clone()).or_insert_with(|| {
+                    services.push(service.clone());
+                    (services.len() - 1) as u32
+                });
+                p.series = overflow_key(service, family.key_seed());
+                p.label_ref = [idx, 0, 0, 0];
+                let part = parts.entry(self.table.shard_of(p.series)).or_default();
+                if let PointValue::Histogram { counts, .. } = &mut p.value {
+                    let from = part.counts.len() as u32;
+                    part.counts.extend_from_slice(
+                        r.counts
+                            .get(counts.0 as usize..counts.1 as usize)
+                            .unwrap_or(&[]),
+                    );
+                    *counts = (from, part.counts.len() as u32);
+                }
+                part.points.push(p);
+                overflowed += 1;
+            }
+        }
+        self.telemetry.overflowed(overflowed);
+        let labels = Arc::new(OverflowLabels { services });
+        let mut waits = Vec::new();
+        for (shard, part) in parts {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let batch = Batch {
+                families: families.clone(),
+                layouts: layouts.clone(),
+                counts: part.counts,
+                points: part.points,
+                labels: labels.clone(),
+                overflow: true,
+                done: Box::new(move |r: BatchResult| {
+                    let _ = tx.send(r);
+                }),
+            };
+            self.send(shard, batch).await?;
+            waits.push(rx);
+        }
+        let mut total = BatchResult::default();
+        for rx in waits {
+            let r = rx.await.map_err(|_| IngestError::ShuttingDown)?;
+            total.add(&r);
+        }
+        Ok(total)
+    }
+}

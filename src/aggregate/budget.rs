@@ -198,6 +198,17 @@ impl ShardState {
         }
     }
 
+    /// Source streams that go to overflow series (stored keys).
+    pub fn sticky_streams(&self) -> impl Iterator<Item = u128> + '_ {
+        self.budget.sticky.keys().copied()
+    }
+
+    /// Marks a stream as going to its overflow series (as a checkpoint recorded it).
+    pub fn restore_sticky(&mut self, source: u128) {
+        let clock = self.clock;
+        self.budget.sticky.insert(stored_key(source), clock);
+    }
+
     /// Forgets sticky streams idle for longer than the TTL.
     pub(super) fn sweep_sticky(&mut self) {
         let (now, ttl) = (self.clock, self.cfg.ttl_secs);

@@ -309,6 +309,7 @@ pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointEr
                     streams += 1;
                 }
                 "pod" => restore_pod_row(state, &c, i).map_err(bad)?,
+                "overflowed" => state.restore_sticky(c.row_key(i).map_err(bad)?),
                 other => return Err(CheckpointError::Format(format!("record kind `{other}`"))),
             }
         }

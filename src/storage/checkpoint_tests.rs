@@ -219,6 +219,44 @@ fn a_restored_shard_refuses_the_deltas_it_already_holds() {
 }
 
 #[test]
+fn overflowed_streams_stay_overflowed_across_a_restore() {
+    let dir = scratch();
+    let mut s = ShardState::new(ShardConfig {
+        limits: crate::aggregate::shard::ShardLimits::share(3, u64::MAX, u64::MAX, 1),
+        ..cfg()
+    });
+    s.now_ns = T + 100;
+    let projection = Arc::new(Projection::new(
+        &["service.name".to_owned()],
+        &["service.instance.id".to_owned()],
+    ));
+    let shape = Shape {
+        services: 1,
+        routes: 5,
+        bounds: 4,
+        counters: false,
+    };
+    let r = s.apply(&single_shard_batch(
+        request(&shape, 0, T, T + 10),
+        &projection,
+    ));
+    let redirected = r.redirect.map_or(0, |r| r.points.len());
+    assert_eq!(
+        redirected, 2,
+        "3 series fit the budget, 2 points go to overflow"
+    );
+    let mut before: Vec<u128> = s.sticky_streams().collect();
+    before.sort();
+    let path = write_state(&dir, &s);
+    let mut states = vec![ShardState::new(cfg())];
+    load(&path, &mut states).unwrap();
+    let mut after: Vec<u128> = states[0].sticky_streams().collect();
+    after.sort();
+    assert_eq!(after, before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn truncated_and_corrupt_files_are_errors_not_panics() {
     let dir = scratch();
     let path = write_state(&dir, &populated());

@@ -71,7 +71,7 @@ pub fn checkpoint_schema() -> SchemaRef {
     let mut fields = vec![
         doc(
             Field::new("record", dict(), false),
-            "series (an output series), stream (a source stream's exactly-once state) or pod (a resource identity seen; key_lo is its hash, service_name its service)",
+            "series (an output series), stream (a source stream's exactly-once state), pod (a resource identity seen; key_lo is its hash, service_name its service) or overflowed (a source stream sent to its service's overflow series)",
         ),
         doc(
             Field::new("shard", DataType::UInt32, false),
@@ -350,7 +350,8 @@ impl Builders {
     }
 }
 
-/// A shard's series, stream and pod rows (three batches), built on the shard's thread.
+/// A shard's series, stream, and pod and overflowed-stream rows (three batches), built on the
+/// shard's thread.
 pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3], ArrowError> {
     let mut b = Builders::new();
     for r in state.series_records() {
@@ -457,6 +458,12 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
         b.labels.append(false)?;
         b.created.append_null();
         b.updated.append_null();
+        b.counter(None, None);
+        b.no_stream_columns();
+    }
+    for source in state.sticky_streams() {
+        b.key("overflowed", shard, source);
+        b.no_series_columns()?;
         b.counter(None, None);
         b.no_stream_columns();
     }

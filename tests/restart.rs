@@ -494,3 +494,61 @@ fn the_cardinality_report_from_a_checkpoint_file_equals_the_live_one() {
     assert!(run(&[]).contains("service-0"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn idle_restarts_never_send_new_records_behind_the_replay_position() {
+    // Two clean stops with nothing in between checkpoint the same WAL position and prune the
+    // segments before it; what the third run logs must still be replayed after a crash.
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    post_ok(&s, &delta(0, 0, t0));
+    let s = Spanagg::start_in(s.stop_keep(), "");
+    let s = Spanagg::start_in(s.stop_keep(), "");
+    post_ok(&s, &delta(0, 1, t0));
+    let s = Spanagg::start_in(s.kill9(), "");
+    assert_eq!(calls(&s), 2.0 * PER_REQUEST as f64 * ROUTES as f64);
+}
+
+#[test]
+fn switching_durability_between_runs_neither_loses_nor_doubles() {
+    let t0 = now_ns() - 60_000_000_000;
+    // wal → none: the WAL of the first run is dropped, the clean checkpoint is exact.
+    let s = Spanagg::start("");
+    post_ok(&s, &delta(0, 0, t0));
+    let s = Spanagg::start_in(s.stop_keep(), "durability: none\n");
+    assert_eq!(calls(&s), PER_REQUEST as f64 * ROUTES as f64);
+    // none → wal: what the wal run logs after the none run's clean checkpoint is replayed.
+    let s = Spanagg::start_in(s.stop_keep(), "");
+    post_ok(&s, &delta(0, 1, t0));
+    let s = Spanagg::start_in(s.kill9(), "");
+    assert_eq!(calls(&s), 2.0 * PER_REQUEST as f64 * ROUTES as f64);
+}
+
+#[test]
+fn with_no_exactly_restorable_checkpoint_the_state_starts_from_zero_for_good() {
+    let cfg = "checkpoint_interval: 200ms\n";
+    let s = Spanagg::start(cfg);
+    let t0 = now_ns() - 60_000_000_000;
+    for k in 0..4 {
+        post_ok(&s, &delta(0, k, t0));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let dir = s.stop_keep();
+    let files = checkpoints(&dir);
+    assert!(files.len() >= 3, "{files:?}");
+    // The two newest are unreadable: the oldest one is stale (the WAL after it is gone).
+    for f in &files[files.len() - 2..] {
+        std::fs::write(dir.join("data/checkpoints").join(f), b"garbage").unwrap();
+    }
+    let s = Spanagg::start_in(dir, cfg);
+    assert_eq!(calls(&s), 0.0, "a reset, never a stale value");
+    assert_eq!(s.internal("spanagg_checkpoints_set_aside_total"), 2.0);
+    assert!(checkpoints(&s.dir).iter().any(|f| f.ends_with(".stale")));
+    post_ok(&s, &delta(0, 10, t0));
+    let s = Spanagg::start_in(s.kill9(), cfg);
+    assert_eq!(
+        calls(&s),
+        PER_REQUEST as f64 * ROUTES as f64,
+        "the stale checkpoint stays out"
+    );
+}

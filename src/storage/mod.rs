@@ -68,6 +68,9 @@ pub struct Storage {
     keep: usize,
     segment_size: u64,
     state_start_ns: u64,
+    /// New WAL segments are numbered at least this: replay after a crash starts at the restored
+    /// checkpoint's position, so nothing may be logged before it.
+    min_segment: u64,
     next_checkpoint: AtomicU64,
     wal: Option<Arc<Wal>>,
     metrics: StorageMetrics,
@@ -134,6 +137,7 @@ impl Storage {
             keep,
             segment_size,
             state_start_ns: restored.state_start_ns,
+            min_segment: restored.replay_from.map_or(1, |p| p.segment.max(1)),
             next_checkpoint: AtomicU64::new(last + 1),
             wal: None,
             metrics,
@@ -162,7 +166,7 @@ impl Storage {
             .map_or(0, |(seq, _)| *seq);
         self.wal = Some(Arc::new(Wal::start(
             &self.wal_dir,
-            last + 1,
+            (last + 1).max(self.min_segment),
             self.state_start_ns,
             self.segment_size,
             self.metrics.clone(),
@@ -299,6 +303,12 @@ fn restore(
     make_states: &impl Fn(u64) -> Vec<ShardState>,
 ) -> io::Result<Restored> {
     let files = checkpoint::list(checkpoint_dir)?;
+    if durability == Durability::None && !wal::segments(wal_dir)?.is_empty() {
+        // Records never replayed now could only be replayed wrongly later (onto a state that
+        // already holds them), if the service is switched back to `durability: wal`.
+        tracing::warn!("durability: none: deleting the WAL a `durability: wal` run left");
+        wal::remove_before(wal_dir, u64::MAX)?;
+    }
     let segments = wal::segments(wal_dir)?;
     let fresh = |start: u64| Restored {
         states: make_states(start),
@@ -334,11 +344,10 @@ fn restore(
         let mut states = make_states(meta.state_start_ns);
         match checkpoint::load(path, &mut states) {
             Ok(meta) => {
+                // A checkpoint without a WAL position was written with `durability: none`,
+                // which removes the WAL at start: any segment now there came after it.
                 let replay_from = match durability {
-                    Durability::Wal => Some(meta.wal_position.unwrap_or(Position {
-                        segment: u64::MAX,
-                        offset: 0,
-                    })),
+                    Durability::Wal => Some(meta.wal_position.unwrap_or_default()),
                     Durability::None => None,
                 };
                 tracing::info!(path = %path.display(), series = meta.series, streams = meta.streams, "restored checkpoint");
@@ -370,6 +379,14 @@ fn restore(
             if !segments.is_empty() {
                 tracing::warn!(segments = segments.len(), "WAL cannot be replayed onto an empty state (the checkpoint it continues is gone): deleting it");
                 wal::remove_before(wal_dir, u64::MAX)?;
+            }
+            // Older checkpoints are stale now; restoring one after the next crash would serve
+            // counters below what was scraped.
+            for (_, path) in checkpoint::list(checkpoint_dir)? {
+                let mut to = path.as_os_str().to_owned();
+                to.push(".stale");
+                std::fs::rename(&path, &to)?;
+                tracing::warn!(path = %path.display(), "checkpoint too old to restore exactly: renamed *.stale");
             }
             Ok(fresh(now_ns()))
         }

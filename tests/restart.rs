@@ -552,3 +552,23 @@ fn with_no_exactly_restorable_checkpoint_the_state_starts_from_zero_for_good() {
         "the stale checkpoint stays out"
     );
 }
+
+#[test]
+fn a_second_spanagg_on_the_same_data_dir_is_refused() {
+    let s = Spanagg::start("");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--otlp-http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(s.dir.join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another spanagg"), "{err}");
+    assert_eq!(s.get("/-/ready").0, 200, "the first one is unharmed");
+}

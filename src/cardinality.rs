@@ -111,6 +111,8 @@ struct LabelAcc {
     series: u64,
     /// Series carrying the label that one source stream (one pod) feeds.
     single_source: u64,
+    /// Series carrying the label that were seen only briefly, a while ago (see `is_brief`).
+    brief: u64,
     /// Value → series with it.
     values: HashMap<String, u64>,
     /// Service → hashes of the distinct values it sends.
@@ -121,6 +123,7 @@ impl LabelAcc {
     fn add(&mut self, other: LabelAcc) {
         self.series += other.series;
         self.single_source += other.single_source;
+        self.brief += other.brief;
         for (v, n) in other.values {
             *self.values.entry(v).or_default() += n;
         }
@@ -128,6 +131,17 @@ impl LabelAcc {
             self.by_service.entry(svc).or_default().extend(hashes);
         }
     }
+}
+
+/// A series is *brief* when all its data spans at most this long…
+pub const BRIEF_SPAN_NS: u64 = 120_000_000_000;
+/// …and nothing came for at least this long: a value that appeared once and went (request ids,
+/// per-run names). Such series linger until `series_ttl` and cost all the while.
+pub const BRIEF_QUIET_NS: u64 = 300_000_000_000;
+
+fn is_brief(s: &crate::aggregate::series::Series, now_ns: u64) -> bool {
+    s.updated_ns.saturating_sub(s.created_ns) <= BRIEF_SPAN_NS
+        && now_ns.saturating_sub(s.updated_ns) >= BRIEF_QUIET_NS
 }
 
 /// A label with at least this many distinct values can be flagged as unbounded.
@@ -172,6 +186,7 @@ impl ShardSummary {
                 }
             }
             let streams = u64::from(streams);
+            let brief = is_brief(series, state.now_ns);
             let label_bytes: u64 = state
                 .labels(&series.labels)
                 .map(|(k, v)| (k.len() + v.len() + 4) as u64)
@@ -194,6 +209,9 @@ impl ShardSummary {
                 l.series += 1;
                 if streams == 1 {
                     l.single_source += 1;
+                }
+                if brief {
+                    l.brief += 1;
                 }
                 match l.values.get_mut(v) {
                     Some(n) => *n += 1,
@@ -265,6 +283,9 @@ pub struct LabelReport {
     pub output_series: u64,
     /// Series with this label that a single source stream (one pod) feeds.
     pub single_source_series: u64,
+    /// Series with this label seen only briefly (data spanning at most 2 minutes) and not for
+    /// 5 minutes since.
+    pub brief_series: u64,
     /// Distinct values that look like ids (digit runs, hex, UUIDs).
     pub id_like_values: u64,
     /// Why the values look unbounded, when they do.
@@ -553,6 +574,11 @@ fn label_report(label: String, acc: LabelAcc, top: usize) -> LabelReport {
                     "{}% of its series are fed by a single pod",
                     acc.single_source * 100 / acc.series.max(1)
                 ))
+            } else if acc.brief * 5 >= acc.series * 4 {
+                Some(format!(
+                    "{}% of its series were seen briefly and not since",
+                    acc.brief * 100 / acc.series.max(1)
+                ))
             } else {
                 None
             }
@@ -573,6 +599,7 @@ fn label_report(label: String, acc: LabelAcc, top: usize) -> LabelReport {
         distinct_values: distinct,
         output_series: acc.series,
         single_source_series: acc.single_source,
+        brief_series: acc.brief,
         id_like_values: id_like,
         unbounded,
         top_services,
@@ -697,7 +724,7 @@ mod tests {
             "scrape":{"samples_before":36,"samples_after":12,"bytes_before":3600,"bytes_after":1200,"samples_saved_by_output_bounds":0},
             "overflowed_points":7,"budget_usage":1.0,"top_span_names":[{"name":"GET /cart","output_series":2,"source_streams":6}],"span_names":2}],
             "metrics":[{"metric":"traces_span_metrics_calls","otel_metric":"traces.span.metrics.calls","output_series":2,"source_streams":6}],
-            "labels":[{"label":"span_name","distinct_values":2,"output_series":4,"single_source_series":0,
+            "labels":[{"label":"span_name","distinct_values":2,"output_series":4,"single_source_series":0,"brief_series":0,
             "id_like_values":0,"unbounded":"2 of 2 values look like ids","top_services":[{"service":"checkout","distinct_values":2}]}]}"#;
         let report: Report = serde_json::from_str(json).unwrap();
         let t = report.table();

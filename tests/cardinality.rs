@@ -449,3 +449,53 @@ fn past_the_memory_limit_exports_are_refused_retryably() {
     assert!(s.internal("spanagg_limit_refusals_total{limit=\"memory\"}") >= 1.0);
     assert_eq!(s.get("/-/ready").0, 200, "still serving scrapes");
 }
+
+#[test]
+fn values_seen_once_long_ago_are_flagged_as_unbounded() {
+    let s = Spanagg::start("");
+    // 150 span names without digits, each from two pods, all from one interval 10 minutes ago:
+    // not ids, not single-pod, but never seen again.
+    let t0 = now_ns() - 600_000_000_000;
+    let shape = Shape {
+        services: 1,
+        routes: 150,
+        bounds: 4,
+        counters: false,
+    };
+    for pod in 0..2 {
+        let mut req = request(&shape, pod, t0, t0 + 1_000_000_000);
+        for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
+            if let Some(Data::Histogram(h)) = m.data.as_mut() {
+                for p in &mut h.data_points {
+                    for kv in p.attributes.iter_mut().filter(|kv| kv.key == "span.name") {
+                        if let Some(any_value::Value::StringValue(v)) =
+                            kv.value.as_mut().and_then(|v| v.value.as_mut())
+                        {
+                            let n: usize = v.rsplit('/').next().unwrap().parse().unwrap();
+                            let word: String = [n / 26, n % 26]
+                                .iter()
+                                .map(|d| (b'a' + *d as u8) as char)
+                                .collect();
+                            *v = format!("job run {word}");
+                        }
+                    }
+                }
+            }
+        }
+        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &req.encode_to_vec());
+        assert_eq!(status, 200);
+    }
+    let r = get_json(&s, "/api/v1/cardinality");
+    let span = r["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["label"] == "span_name")
+        .unwrap();
+    assert_eq!(span["distinct_values"], 150);
+    assert_eq!(span["id_like_values"], 0);
+    assert_eq!(span["single_source_series"], 0);
+    assert_eq!(span["brief_series"], 150);
+    let why = span["unbounded"].as_str().expect("flagged");
+    assert!(why.contains("seen briefly"), "{why}");
+}

@@ -30,6 +30,10 @@ pub fn load_file(path: &Path) -> Result<(checkpoint::Meta, Vec<ShardState>), Che
         .map(|_| ShardState::new(cfg.clone()))
         .collect();
     let meta = checkpoint::load(path, &mut states)?;
+    // Reports read "now" as when the checkpoint was written.
+    for s in &mut states {
+        s.now_ns = meta.created_ns;
+    }
     Ok((meta, states))
 }
 

@@ -202,6 +202,19 @@ pub async fn serve(
         path: config.data_dir.clone(),
         cause,
     })?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // The HTTP listener answers health checks while the state is restored (which can take a
+    // while with a long WAL); the rest of it, and the OTLP ports, open once the state is back.
+    let http_l = bind("HTTP (scrape and API)", config.http_listen).await?;
+    let http_addr = http_l.local_addr().unwrap_or(config.http_listen);
+    let lazy: Arc<std::sync::OnceLock<axum::Router>> = Default::default();
+    let http = axum::serve(http_l, crate::export::http::front(lazy.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
+    tracing::info!(http = %http_addr, "restoring state; /-/healthy answers meanwhile");
     let (table, telemetry, storage) = start_state(&config).await?;
     let projection = || Projection::new(&config.by, &config.without);
     let mut ingestor = Ingestor::new(
@@ -217,12 +230,11 @@ pub async fn serve(
 
     let grpc_l = bind("OTLP/gRPC", config.grpc_listen).await?;
     let otlp_l = bind("OTLP/HTTP", config.otlp_http_listen).await?;
-    let http_l = bind("HTTP (scrape and API)", config.http_listen).await?;
     let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
     let bound = Bound {
         grpc: local(&grpc_l, config.grpc_listen),
         otlp_http: local(&otlp_l, config.otlp_http_listen),
-        http: local(&http_l, config.http_listen),
+        http: http_addr,
     };
 
     let app = Arc::new(AppState {
@@ -230,11 +242,6 @@ pub async fn serve(
         telemetry: telemetry.clone(),
         ready: Default::default(),
     });
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
     // h2's default 64 KiB windows stall every request larger than that on WINDOW_UPDATE round
     // trips; sidecar batches are often bigger.
@@ -249,12 +256,10 @@ pub async fn serve(
         );
     let otlp_http = axum::serve(otlp_l, crate::ingest::http::router(ingestor.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let http = axum::serve(http_l, crate::export::http::router(app.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let _ = lazy.set(crate::export::http::router(app.clone()));
 
     let grpc = tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) });
     let otlp_http = tokio::spawn(async move { otlp_http.await.map_err(|e| e.to_string()) });
-    let http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
 
     if let Some(limit) = config.limits.max_memory {
         tokio::spawn(watch_memory(

@@ -572,3 +572,34 @@ fn a_second_spanagg_on_the_same_data_dir_is_refused() {
     assert!(err.contains("in use by another spanagg"), "{err}");
     assert_eq!(s.get("/-/ready").0, 200, "the first one is unharmed");
 }
+
+#[test]
+fn health_answers_while_a_long_wal_is_replayed_and_readiness_waits() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    let wide = Shape {
+        services: 1,
+        routes: 20_000,
+        bounds: 4,
+        counters: true,
+    };
+    for k in 0..10u64 {
+        let start = t0 + k * 1_000_000;
+        post_ok(
+            &s,
+            &request(&wide, 0, start, start + 1_000_000).encode_to_vec(),
+        );
+    }
+    let expected = calls(&s);
+    let mut seen = None;
+    let s = Spanagg::start_in_restoring(s.kill9(), "", |http| {
+        let get = |path: &str| common::http(http, "GET", path, &[], &[]).0;
+        seen = Some((get("/-/healthy"), get("/-/ready"), get("/metrics")));
+    });
+    let (healthy, ready, metrics) = seen.expect("the restoring line names the HTTP address");
+    assert_eq!(healthy, 200, "alive while restoring");
+    assert_eq!(ready, 503, "not ready until the state is back");
+    assert_eq!(metrics, 503, "no partial scrape while restoring");
+    assert_eq!(calls(&s), expected);
+    assert_eq!(s.get("/-/ready").0, 200);
+}

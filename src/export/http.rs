@@ -45,6 +45,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The router the HTTP listener serves from the start: until `app` is set (the state is being
+/// restored) `/-/healthy` says so with 200 and everything else answers 503; then `app` serves.
+pub fn front(app: Arc<std::sync::OnceLock<Router>>) -> Router {
+    Router::new().fallback(dispatch).with_state(app)
+}
+
+async fn dispatch(
+    State(app): State<Arc<std::sync::OnceLock<Router>>>,
+    req: axum::extract::Request,
+) -> Response {
+    match app.get() {
+        Some(router) => match tower_service::Service::call(&mut router.clone(), req).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        },
+        None if req.uri().path() == "/-/healthy" => {
+            (StatusCode::OK, "spanagg is restoring its state\n").into_response()
+        }
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "spanagg is restoring its state\n",
+        )
+            .into_response(),
+    }
+}
+
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "spanagg is ready\n").into_response()

@@ -56,6 +56,16 @@ impl Spanagg {
 
     /// Starts on `dir` (its `data/` holds the state of an earlier run, if any).
     pub fn start_in(dir: PathBuf, extra: &str) -> Self {
+        Self::start_in_restoring(dir, extra, |_| {})
+    }
+
+    /// Like `start_in`; `while_restoring` gets the HTTP address as soon as the process logs that
+    /// it is restoring its state (before it serves).
+    pub fn start_in_restoring(
+        dir: PathBuf,
+        extra: &str,
+        while_restoring: impl FnOnce(SocketAddr),
+    ) -> Self {
         let config = dir.join("spanagg.yaml");
         std::fs::write(
             &config,
@@ -79,6 +89,7 @@ impl Spanagg {
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        let (restoring_tx, restoring_rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
@@ -86,9 +97,17 @@ impl Spanagg {
                 if line.contains("listening:") {
                     let _ = tx.send(line.clone());
                 }
+                if line.contains("restoring state") {
+                    let _ = restoring_tx.send(line.clone());
+                }
                 log2.lock().unwrap().push(line);
             }
         });
+        if let Ok(line) = restoring_rx.recv_timeout(Duration::from_secs(30)) {
+            if let Some(addr) = addr_after(&line, "http=") {
+                while_restoring(addr);
+            }
+        }
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("spanagg did not start: {:?}", log.lock().unwrap()));

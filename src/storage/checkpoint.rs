@@ -16,9 +16,8 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::columns::{
-    checkpoint_schema, restore_pod_row, restore_series_row, restore_stream_row, Columns,
-};
+use super::columns::checkpoint_schema;
+use super::rows::{restore_pod_row, restore_series_row, restore_stream_row, Columns};
 use super::sync_dir;
 use super::wal::Position;
 use crate::aggregate::shard::ShardState;
@@ -280,7 +279,7 @@ pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointEr
     let meta = meta_of(&builder)?;
     let n = states.len();
     let same_layout = meta.shards as usize == n;
-    let bad = |e: super::columns::ReadError| CheckpointError::Format(e.to_string());
+    let bad = |e: super::rows::ReadError| CheckpointError::Format(e.to_string());
     let (mut series, mut streams) = (0u64, 0u64);
     for batch in builder.with_batch_size(16 * 1024).build()? {
         let batch = batch.map_err(|e| CheckpointError::Format(e.to_string()))?;

@@ -11,6 +11,7 @@ pub mod columns;
 pub mod inspect;
 mod metrics;
 pub mod replay;
+pub mod rows;
 pub mod wal;
 
 use std::fs::File;

@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -19,16 +18,6 @@ use spanagg::storage::columns::shard_batches;
 use spanagg::workload::{request, single_shard_batch, Shape};
 
 const T: u64 = 1_700_000_000_000_000_000;
-
-fn cfg() -> ShardConfig {
-    ShardConfig {
-        late_ns: 600_000_000_000,
-        ttl_secs: 900,
-        process_start_ns: 0,
-        bounds: HashMap::new(),
-        limits: Default::default(),
-    }
-}
 
 /// 100 pods over 10 services, 10,000 routes each: 100k histogram series, 1M delta streams.
 fn state(bounds: usize) -> ShardState {
@@ -42,7 +31,7 @@ fn state(bounds: usize) -> ShardState {
         bounds,
         counters: false,
     };
-    let mut s = ShardState::new(cfg());
+    let mut s = ShardState::new(ShardConfig::default());
     s.now_ns = T;
     for pod in 0..100 {
         s.apply(&single_shard_batch(
@@ -91,7 +80,7 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_function(format!("restore_{}_buckets", bounds + 1), |b| {
             b.iter(|| {
-                let mut states = vec![ShardState::new(cfg())];
+                let mut states = vec![ShardState::new(ShardConfig::default())];
                 checkpoint::load(&path, &mut states).unwrap();
                 states
             })

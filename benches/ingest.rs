@@ -30,13 +30,7 @@ fn projection() -> Arc<Projection> {
 }
 
 fn shard() -> ShardState {
-    ShardState::new(ShardConfig {
-        late_ns: 600_000_000_000,
-        ttl_secs: 900,
-        process_start_ns: 0,
-        bounds: Default::default(),
-        limits: Default::default(),
-    })
+    ShardState::new(ShardConfig::default())
 }
 
 /// `n` consecutive intervals of one pod, encoded.

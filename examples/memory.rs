@@ -31,13 +31,7 @@ fn main() {
     };
     let c = spanagg::config::Config::default();
     let projection = Arc::new(Projection::new(&c.by, &c.without));
-    let mut state = ShardState::new(ShardConfig {
-        late_ns: 600_000_000_000,
-        ttl_secs: 900,
-        process_start_ns: 0,
-        bounds: Default::default(),
-        limits: Default::default(),
-    });
+    let mut state = ShardState::new(ShardConfig::default());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -5,7 +5,7 @@
 //! the report and the Mimir-style label questions (label names with value counts, values of one
 //! label with series counts).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,21 +86,44 @@ impl Cost {
     }
 }
 
-/// One shard's share of a report.
+/// One service's numbers in a summary.
+#[derive(Debug, Default)]
+struct ServiceAcc {
+    counts: Counts,
+    spans: HashMap<String, Counts>,
+    /// Resource identities (pods) seen sending to it.
+    pods: HashSet<u64>,
+    cost: Cost,
+    /// Points sent to its overflow series.
+    overflowed: u64,
+}
+
+impl ServiceAcc {
+    fn absorb(&mut self, o: ServiceAcc) {
+        self.counts
+            .add(o.counts.output_series, o.counts.source_streams);
+        for (span, c) in o.spans {
+            self.spans
+                .entry(span)
+                .or_default()
+                .add(c.output_series, c.source_streams);
+        }
+        self.pods.extend(o.pods);
+        self.cost.add(&o.cost);
+        self.overflowed += o.overflowed;
+    }
+}
+
+/// One shard's share of a report, or (absorbed into one another) all shards'.
 #[derive(Debug, Default)]
 pub struct ShardSummary {
     series: u64,
     streams_total: u64,
-    services: HashMap<String, (Counts, HashMap<String, Counts>)>,
+    services: HashMap<String, ServiceAcc>,
     metrics: HashMap<String, (String, Counts)>,
     labels: HashMap<String, LabelAcc>,
-    /// Service → resource identities (pods) seen sending to it.
-    pods: HashMap<String, HashSet<u64>>,
-    costs: HashMap<String, Cost>,
-    /// Service → points sent to its overflow series (by this shard).
-    overflowed: HashMap<String, u64>,
-    /// This shard's share of `limits.max_series_per_service`.
-    budget_share: u64,
+    /// The shards' shares of `limits.max_series_per_service`, summed.
+    series_budget: u64,
 }
 
 /// What one label looks like across series.
@@ -160,43 +183,45 @@ impl ShardSummary {
     pub fn of(state: &ShardState, scope: &Scope) -> Self {
         let mut s = ShardSummary {
             streams_total: state.sources_len() as u64,
+            series_budget: state.limits().series_per_service,
             ..Default::default()
         };
-        s.budget_share = state.limits().series_per_service;
+        let in_scope = |service: &str| scope.service.as_deref().is_none_or(|want| want == service);
         for (service, u) in state.service_use() {
-            if u.overflowed > 0 && scope.service.as_deref().is_none_or(|want| want == service) {
-                *s.overflowed.entry(service.to_owned()).or_default() += u.overflowed;
+            if u.overflowed > 0 && in_scope(service) {
+                s.services.entry(service.to_owned()).or_default().overflowed += u.overflowed;
             }
         }
         for (pod, service) in state.pods() {
-            if scope.service.as_deref().is_none_or(|want| want == service) {
-                s.pods.entry(service.to_owned()).or_default().insert(pod);
+            if in_scope(service) {
+                s.services
+                    .entry(service.to_owned())
+                    .or_default()
+                    .pods
+                    .insert(pod);
             }
         }
         for (series, fam, streams) in state.select(scope) {
-            let mut service = "";
-            let mut span = "";
+            let (mut service, mut span, mut label_bytes) = ("", "", 0u64);
             for (k, v) in state.labels(&series.labels) {
                 match k {
                     "service_name" => service = v,
                     "span_name" => span = v,
                     _ => {}
                 }
+                label_bytes += (k.len() + v.len() + 4) as u64;
             }
             let streams = u64::from(streams);
             let brief = is_brief(series, state.now_ns);
-            let label_bytes: u64 = state
-                .labels(&series.labels)
-                .map(|(k, v)| (k.len() + v.len() + 4) as u64)
-                .sum();
-            s.costs
-                .entry(service.to_owned())
-                .or_default()
-                .add(&Cost::of(series, &fam.name, label_bytes, streams));
             s.series += 1;
             let svc = s.services.entry(service.to_owned()).or_default();
-            svc.0.add(1, streams);
-            svc.1.entry(span.to_owned()).or_default().add(1, streams);
+            svc.counts.add(1, streams);
+            svc.spans
+                .entry(span.to_owned())
+                .or_default()
+                .add(1, streams);
+            svc.cost
+                .add(&Cost::of(series, &fam.name, label_bytes, streams));
             s.metrics
                 .entry(fam.name.to_string())
                 .or_insert_with(|| (fam.otel_name.to_string(), Counts::default()))
@@ -224,6 +249,26 @@ impl ShardSummary {
             }
         }
         s
+    }
+
+    /// Adds another shard's summary to this one.
+    fn absorb(&mut self, o: ShardSummary) {
+        self.series += o.series;
+        self.streams_total += o.streams_total;
+        self.series_budget = self.series_budget.saturating_add(o.series_budget);
+        for (name, acc) in o.services {
+            self.services.entry(name).or_default().absorb(acc);
+        }
+        for (name, (otel, c)) in o.metrics {
+            self.metrics
+                .entry(name)
+                .or_insert_with(|| (otel, Counts::default()))
+                .1
+                .add(c.output_series, c.source_streams);
+        }
+        for (name, acc) in o.labels {
+            self.labels.entry(name).or_default().add(acc);
+        }
     }
 }
 
@@ -363,71 +408,21 @@ fn by_count<T>(v: &mut [T], key: impl Fn(&T) -> (u64, &str)) {
 
 /// The shards' summaries joined, before anything is cut to a top-N.
 #[derive(Debug, Default)]
-pub struct Merged {
-    series: u64,
-    tracked: u64,
-    services: BTreeMap<String, (Counts, HashMap<String, Counts>)>,
-    metrics: BTreeMap<String, (String, Counts)>,
-    labels: BTreeMap<String, LabelAcc>,
-    pods: HashMap<String, HashSet<u64>>,
-    costs: HashMap<String, Cost>,
-    overflowed: HashMap<String, u64>,
-    budget: u64,
-}
+pub struct Merged(ShardSummary);
 
 impl Merged {
     pub fn new(parts: Vec<ShardSummary>) -> Self {
-        let mut m = Merged::default();
-        let Merged {
-            series,
-            tracked,
-            services,
-            metrics,
-            labels,
-            pods,
-            costs,
-            overflowed,
-            budget,
-        } = &mut m;
+        let mut all = ShardSummary::default();
         for p in parts {
-            *series += p.series;
-            *tracked += p.streams_total;
-            for (name, (c, spans)) in p.services {
-                let e = services.entry(name).or_default();
-                e.0.add(c.output_series, c.source_streams);
-                for (span, sc) in spans {
-                    e.1.entry(span)
-                        .or_default()
-                        .add(sc.output_series, sc.source_streams);
-                }
-            }
-            for (name, (otel, c)) in p.metrics {
-                metrics
-                    .entry(name)
-                    .or_insert_with(|| (otel, Counts::default()))
-                    .1
-                    .add(c.output_series, c.source_streams);
-            }
-            for (name, acc) in p.labels {
-                labels.entry(name).or_default().add(acc);
-            }
-            for (service, set) in p.pods {
-                pods.entry(service).or_default().extend(set);
-            }
-            for (service, c) in p.costs {
-                costs.entry(service).or_default().add(&c);
-            }
-            for (service, n) in p.overflowed {
-                *overflowed.entry(service).or_default() += n;
-            }
-            *budget = budget.saturating_add(p.budget_share);
+            all.absorb(p);
         }
-        m
+        Merged(all)
     }
 
     /// Label names with their distinct value counts, most first (Mimir's `label_names`).
     pub fn label_names(&self, limit: usize) -> LabelNames {
         let mut cardinality: Vec<LabelNameCount> = self
+            .0
             .labels
             .iter()
             .map(|(name, acc)| LabelNameCount {
@@ -452,7 +447,7 @@ impl Merged {
         let labels = names
             .iter()
             .map(|name| {
-                let acc = self.labels.get(name);
+                let acc = self.0.labels.get(name);
                 let mut cardinality: Vec<ValueCount> = acc
                     .map(|a| {
                         a.values
@@ -475,34 +470,39 @@ impl Merged {
             })
             .collect();
         LabelValues {
-            series_count_total: self.series,
+            series_count_total: self.0.series,
             labels,
         }
     }
 
     /// The report, lists cut to `top` entries.
     pub fn report(self, top: usize) -> Report {
-        let Merged {
+        let ShardSummary {
             series,
-            tracked,
+            streams_total: tracked,
             services,
             metrics,
             labels,
-            pods,
-            costs,
-            overflowed,
-            budget,
-        } = self;
-        let streams: u64 = services.values().map(|(c, _)| c.source_streams).sum();
+            series_budget,
+        } = self.0;
+        // Pods and overflow are counted for services without series in scope too; the report
+        // lists the services that have some.
+        let services: Vec<(String, ServiceAcc)> = services
+            .into_iter()
+            .filter(|(_, a)| a.counts.output_series > 0)
+            .collect();
+        let streams: u64 = services.iter().map(|(_, a)| a.counts.source_streams).sum();
         let mut scrape = Cost::default();
-        for c in costs.values() {
-            scrape.add(c);
+        for (_, a) in &services {
+            scrape.add(&a.cost);
         }
         let mut services: Vec<ServiceReport> = services
             .into_iter()
-            .map(|(service, (c, spans))| {
-                let span_names = spans.len() as u64;
-                let mut top_span_names: Vec<NameCounts> = spans
+            .map(|(service, a)| {
+                let c = a.counts;
+                let span_names = a.spans.len() as u64;
+                let mut top_span_names: Vec<NameCounts> = a
+                    .spans
                     .into_iter()
                     .map(|(name, sc)| NameCounts {
                         name,
@@ -513,10 +513,10 @@ impl Merged {
                 by_count(&mut top_span_names, |n| (n.output_series, &n.name));
                 top_span_names.truncate(top);
                 ServiceReport {
-                    pods: pods.get(&service).map_or(0, |p| p.len() as u64),
-                    scrape: costs.get(&service).copied().unwrap_or_default(),
-                    overflowed_points: overflowed.get(&service).copied().unwrap_or(0),
-                    budget_usage: ratio(c.output_series, budget),
+                    pods: a.pods.len() as u64,
+                    scrape: a.cost,
+                    overflowed_points: a.overflowed,
+                    budget_usage: ratio(c.output_series, series_budget),
                     service,
                     output_series: c.output_series,
                     source_streams: c.source_streams,
@@ -618,3 +618,27 @@ impl Report {
 
 #[path = "cardinality_table.rs"]
 mod table;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_recognised_and_routes_are_not() {
+        for id in [
+            "GET /users/12345",
+            "/orders/9f86d081884c7d65",
+            "/x/123e4567-e89b-12d3-a456-426614174000",
+        ] {
+            assert!(looks_like_id(id), "{id}");
+        }
+        for route in [
+            "GET /users/{id}",
+            "POST /checkout",
+            "GET /api/v1/route",
+            "deadbeef",
+        ] {
+            assert!(!looks_like_id(route), "{route}");
+        }
+    }
+}

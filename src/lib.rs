@@ -14,3 +14,10 @@ pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod workload;
+
+/// Wall-clock time as Unix nanoseconds (0 before 1970, saturating far in the future).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}

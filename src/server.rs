@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -66,12 +65,6 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
         .map_err(|cause| ServeError::Bind { what, addr, cause })
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
-}
-
 /// Opens the data dir, restores the newest usable checkpoint, starts the shards on it, replays
 /// the WAL after it, and starts the WAL writer.
 async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Storage), ServeError> {
@@ -81,7 +74,7 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
             .as_nanos()
             .min(u128::from(u64::MAX)) as u64,
         ttl_secs: config.series_ttl.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
-        process_start_ns: now_ns(),
+        process_start_ns: crate::unix_ns(),
         bounds: config
             .histogram_bounds
             .iter()
@@ -136,6 +129,7 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
         tracing::info!(
             records = stats.records,
             truncated_tails = stats.truncated,
+            skipped_unknown = stats.skipped,
             seconds = t.elapsed().as_secs_f64(),
             "replayed the write-ahead log"
         );
@@ -216,10 +210,9 @@ pub async fn serve(
     let http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
     tracing::info!(http = %http_addr, "restoring state; /-/healthy answers meanwhile");
     let (table, telemetry, storage) = start_state(&config).await?;
-    let projection = || Projection::new(&config.by, &config.without);
     let mut ingestor = Ingestor::new(
         table.clone(),
-        projection(),
+        Projection::new(&config.by, &config.without),
         telemetry.clone(),
         config.max_request_bytes,
     );

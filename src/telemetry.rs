@@ -22,12 +22,6 @@ use crate::storage::StorageMetrics;
 mod budget;
 pub use budget::{LimitKind, TOP_SERVICES};
 
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
-}
-
 /// Which door a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -205,11 +199,7 @@ impl Telemetry {
             "Start time of the process since the Unix epoch",
             start.clone(),
         );
-        start.set(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
-        );
+        start.set((crate::unix_ns() / 1_000_000_000) as i64);
         let family_conflicts = Counter::default();
         registry.register(
             "scrape_family_conflicts",
@@ -230,7 +220,7 @@ impl Telemetry {
             family_conflicts,
             storage,
             budget,
-            start_ns: now_ns(),
+            start_ns: crate::unix_ns(),
         }
     }
 
@@ -281,7 +271,7 @@ impl Telemetry {
 
     /// Prometheus text of all self metrics.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        self.storage.refresh_age(now_ns(), self.start_ns);
+        self.storage.refresh_age(crate::unix_ns(), self.start_ns);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

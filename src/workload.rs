@@ -125,6 +125,23 @@ pub fn request(shape: &Shape, pod: usize, start: u64, end: u64) -> ExportMetrics
     }
 }
 
+/// Marks every metric of `req` cumulative (its values then read as running totals).
+pub fn make_cumulative(req: &mut ExportMetricsServiceRequest) {
+    let cumulative = AggregationTemporality::Cumulative as i32;
+    for m in req
+        .resource_metrics
+        .iter_mut()
+        .flat_map(|rm| rm.scope_metrics.iter_mut())
+        .flat_map(|sm| sm.metrics.iter_mut())
+    {
+        match m.data.as_mut() {
+            Some(Data::Histogram(h)) => h.aggregation_temporality = cumulative,
+            Some(Data::Sum(x)) => x.aggregation_temporality = cumulative,
+            _ => {}
+        }
+    }
+}
+
 /// The whole request as one shard's batch, for driving a `ShardState` directly (benchmarks and
 /// the memory example); nobody waits for its result.
 pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Projection>) -> Batch {

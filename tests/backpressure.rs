@@ -22,13 +22,7 @@ use spanagg::telemetry::Telemetry;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
-    let cfg = ShardConfig {
-        late_ns: 600_000_000_000,
-        ttl_secs: 900,
-        process_start_ns: 0,
-        bounds: Default::default(),
-        limits: Default::default(),
-    };
+    let cfg = ShardConfig::default();
     let table = Arc::new(Table::start(cfg, 1, 1).unwrap());
     let telemetry = Arc::new(Telemetry::new(
         table.stats(),

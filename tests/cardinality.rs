@@ -7,39 +7,73 @@
 mod common;
 
 use common::{now_ns, Spanagg};
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
 use serde_json::Value;
 use spanagg::workload::{request, Shape};
 
-/// `workload::request` renamed to `service` (resource and point attributes).
-fn service_request(service: &str, shape: &Shape, pod: usize, t0: u64) -> Vec<u8> {
-    let mut req = request(shape, pod, t0, t0 + 1_000_000);
-    let rename = |attrs: &mut Vec<opentelemetry_proto::tonic::common::v1::KeyValue>| {
-        for kv in attrs.iter_mut().filter(|kv| kv.key == "service.name") {
+/// Calls `f` with every string attribute of every data point of `req`: (key, value).
+fn edit_points(req: &mut ExportMetricsServiceRequest, mut f: impl FnMut(&str, &mut String)) {
+    let mut edit = |attrs: &mut Vec<KeyValue>| {
+        for kv in attrs.iter_mut() {
+            if let Some(any_value::Value::StringValue(v)) =
+                kv.value.as_mut().and_then(|v| v.value.as_mut())
+            {
+                f(&kv.key, v);
+            }
+        }
+    };
+    for rm in &mut req.resource_metrics {
+        for m in rm
+            .scope_metrics
+            .iter_mut()
+            .flat_map(|sm| sm.metrics.iter_mut())
+        {
+            match m.data.as_mut() {
+                Some(Data::Histogram(h)) => h
+                    .data_points
+                    .iter_mut()
+                    .for_each(|p| edit(&mut p.attributes)),
+                Some(Data::Sum(x)) => x
+                    .data_points
+                    .iter_mut()
+                    .for_each(|p| edit(&mut p.attributes)),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Renames the service of `req`, on the resource and on every point.
+fn rename_service(req: &mut ExportMetricsServiceRequest, service: &str) {
+    for r in req
+        .resource_metrics
+        .iter_mut()
+        .filter_map(|rm| rm.resource.as_mut())
+    {
+        for kv in r
+            .attributes
+            .iter_mut()
+            .filter(|kv| kv.key == "service.name")
+        {
             kv.value = Some(AnyValue {
                 value: Some(any_value::Value::StringValue(service.into())),
             });
         }
-    };
-    let rm = &mut req.resource_metrics[0];
-    if let Some(r) = rm.resource.as_mut() {
-        rename(&mut r.attributes);
     }
-    for m in &mut rm.scope_metrics[0].metrics {
-        match m.data.as_mut() {
-            Some(Data::Histogram(h)) => h
-                .data_points
-                .iter_mut()
-                .for_each(|p| rename(&mut p.attributes)),
-            Some(Data::Sum(s)) => s
-                .data_points
-                .iter_mut()
-                .for_each(|p| rename(&mut p.attributes)),
-            _ => {}
+    edit_points(req, |k, v| {
+        if k == "service.name" {
+            *v = service.into();
         }
-    }
+    });
+}
+
+/// `workload::request` renamed to `service` (resource and point attributes).
+fn service_request(service: &str, shape: &Shape, pod: usize, t0: u64) -> Vec<u8> {
+    let mut req = request(shape, pod, t0, t0 + 1_000_000);
+    rename_service(&mut req, service);
     req.encode_to_vec()
 }
 
@@ -54,32 +88,12 @@ fn ids_in_span_names_are_flagged_and_traced_to_their_service() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
     // "explode": one pod, 3,000 span names "GET /api/v1/route/N" (N ≥ 1000 reads as an id).
-    let wide = Shape {
-        services: 1,
-        routes: 3_000,
-        bounds: 4,
-        counters: false,
-    };
-    let (status, _, _) = s.post_otlp(
-        "application/x-protobuf",
-        &[],
-        &service_request("explode", &wide, 0, t0),
-    );
-    assert_eq!(status, 200);
+    let wide = common::one_service(3_000, 4, false);
+    s.post_ok(&service_request("explode", &wide, 0, t0));
     // "cart": three pods, five routes.
-    let narrow = Shape {
-        services: 1,
-        routes: 5,
-        bounds: 4,
-        counters: false,
-    };
+    let narrow = common::one_service(5, 4, false);
     for pod in 1..=3 {
-        let (status, _, _) = s.post_otlp(
-            "application/x-protobuf",
-            &[],
-            &service_request("cart", &narrow, pod, t0),
-        );
-        assert_eq!(status, 200);
+        s.post_ok(&service_request("cart", &narrow, pod, t0));
     }
 
     let r = get_json(&s, "/api/v1/cardinality?top=5");
@@ -153,19 +167,9 @@ fn scrape_cost_before_and_after_counts_samples_exactly_and_what_output_bounds_sa
         "histogram:\n  output_bounds:\n    traces.span.metrics.duration: [1.5, 3.375]\n",
     );
     let t0 = now_ns() - 60_000_000_000;
-    let shape = Shape {
-        services: 1,
-        routes: 5,
-        bounds: 4,
-        counters: true,
-    };
+    let shape = common::one_service(5, 4, true);
     for pod in 0..3 {
-        let (status, _, _) = s.post_otlp(
-            "application/x-protobuf",
-            &[],
-            &service_request("cart", &shape, pod, t0),
-        );
-        assert_eq!(status, 200);
+        s.post_ok(&service_request("cart", &shape, pod, t0));
     }
     let r = get_json(&s, "/api/v1/cardinality");
     let cost = &r["services"][0]["scrape"];
@@ -203,82 +207,36 @@ fn a_cardinality_explosion_overflows_exactly_and_leaves_other_services_alone() {
         "limits:\n  max_series_per_service: {BUDGET}\n  max_memory: 1GiB\n"
     ));
     let t0 = now_ns() - 60_000_000_000;
-    let narrow = Shape {
-        services: 1,
-        routes: 5,
-        bounds: 4,
-        counters: true,
-    };
+    let narrow = common::one_service(5, 4, true);
     let cart = |pod: usize, k: u64| {
         let start = t0 + k * 1_000_000;
         service_request("cart", &narrow, pod, start)
     };
     for pod in 1..=3 {
-        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &cart(pod, 0));
-        assert_eq!(status, 200);
+        s.post_ok(&cart(pod, 0));
     }
     // One client, 100,000 distinct span names, 5,000 per request.
-    let chunk = Shape {
-        services: 1,
-        routes: 5_000,
-        bounds: 4,
-        counters: true,
-    };
+    let chunk = common::one_service(5_000, 4, true);
     let mut bodies = Vec::new();
     for part in 0..NAMES / 5_000 {
         let mut req = request(&chunk, 0, t0, t0 + 1_000_000);
-        for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
-            let rename = |attrs: &mut Vec<opentelemetry_proto::tonic::common::v1::KeyValue>| {
-                for kv in attrs.iter_mut() {
-                    if let Some(any_value::Value::StringValue(v)) =
-                        kv.value.as_mut().and_then(|v| v.value.as_mut())
-                    {
-                        if kv.key == "span.name" {
-                            *v = format!(
-                                "GET /users/{}",
-                                part * 5_000
-                                    + v.rsplit('/').next().unwrap().parse::<usize>().unwrap()
-                            );
-                        } else if kv.key == "service.name" {
-                            *v = "explode".into();
-                        }
-                    }
-                }
-            };
-            match m.data.as_mut() {
-                Some(Data::Histogram(h)) => h
-                    .data_points
-                    .iter_mut()
-                    .for_each(|p| rename(&mut p.attributes)),
-                Some(Data::Sum(x)) => x
-                    .data_points
-                    .iter_mut()
-                    .for_each(|p| rename(&mut p.attributes)),
-                _ => {}
+        rename_service(&mut req, "explode");
+        edit_points(&mut req, |k, v| {
+            if k == "span.name" {
+                let n: usize = v.rsplit('/').next().unwrap().parse().unwrap();
+                *v = format!("GET /users/{}", part * 5_000 + n);
             }
-        }
-        if let Some(r) = req.resource_metrics[0].resource.as_mut() {
-            for kv in &mut r.attributes {
-                if kv.key == "service.name" {
-                    kv.value = Some(AnyValue {
-                        value: Some(any_value::Value::StringValue("explode".into())),
-                    });
-                }
-            }
-        }
+        });
         bodies.push(req.encode_to_vec());
     }
     for body in &bodies {
-        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], body);
-        assert_eq!(status, 200);
+        s.post_ok(body);
     }
     for pod in 1..=3 {
-        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &cart(pod, 1));
-        assert_eq!(status, 200);
+        s.post_ok(&cart(pod, 1));
     }
     // A retry of part of the explosion is recognised, overflow or not.
-    let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &bodies[7]);
-    assert_eq!(status, 200);
+    s.post_ok(&bodies[7]);
 
     let scrape = s.scrape();
     let calls = "traces_span_metrics_calls_total{";
@@ -371,12 +329,7 @@ fn a_cardinality_explosion_overflows_exactly_and_leaves_other_services_alone() {
 fn new_streams_past_the_stream_limit_are_refused_retryably_and_live_ones_go_on() {
     let s = Spanagg::start("shards: 1\nlimits:\n  max_source_streams: 20\n");
     let t0 = now_ns() - 60_000_000_000;
-    let shape = Shape {
-        services: 1,
-        routes: 10,
-        bounds: 4,
-        counters: true,
-    };
+    let shape = common::one_service(10, 4, true);
     let post = |pod: usize, k: u64| {
         s.post_otlp(
             "application/x-protobuf",
@@ -410,25 +363,11 @@ fn past_the_memory_limit_exports_are_refused_retryably() {
     let s = Spanagg::start("limits:\n  max_memory: 64MiB\n");
     let t0 = now_ns() - 60_000_000_000;
     // Enough series to take the process past 64 MiB.
-    let wide = Shape {
-        services: 1,
-        routes: 50_000,
-        bounds: 30,
-        counters: true,
-    };
-    let (status, _, _) = s.post_otlp(
-        "application/x-protobuf",
-        &[],
-        &service_request("big", &wide, 0, t0),
-    );
+    let wide = common::one_service(50_000, 30, true);
+    let status = s.post_protobuf(&service_request("big", &wide, 0, t0));
     // Decoding it may already take the process past the limit, and be refused.
     assert!(status == 200 || status == 503, "{status}");
-    let small = Shape {
-        services: 1,
-        routes: 1,
-        bounds: 4,
-        counters: true,
-    };
+    let small = common::one_service(1, 4, true);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut k = 1;
     loop {
@@ -456,34 +395,20 @@ fn values_seen_once_long_ago_are_flagged_as_unbounded() {
     // 150 span names without digits, each from two pods, all from one interval 10 minutes ago:
     // not ids, not single-pod, but never seen again.
     let t0 = now_ns() - 600_000_000_000;
-    let shape = Shape {
-        services: 1,
-        routes: 150,
-        bounds: 4,
-        counters: false,
-    };
+    let shape = common::one_service(150, 4, false);
     for pod in 0..2 {
         let mut req = request(&shape, pod, t0, t0 + 1_000_000_000);
-        for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
-            if let Some(Data::Histogram(h)) = m.data.as_mut() {
-                for p in &mut h.data_points {
-                    for kv in p.attributes.iter_mut().filter(|kv| kv.key == "span.name") {
-                        if let Some(any_value::Value::StringValue(v)) =
-                            kv.value.as_mut().and_then(|v| v.value.as_mut())
-                        {
-                            let n: usize = v.rsplit('/').next().unwrap().parse().unwrap();
-                            let word: String = [n / 26, n % 26]
-                                .iter()
-                                .map(|d| (b'a' + *d as u8) as char)
-                                .collect();
-                            *v = format!("job run {word}");
-                        }
-                    }
-                }
+        edit_points(&mut req, |k, v| {
+            if k == "span.name" {
+                let n: usize = v.rsplit('/').next().unwrap().parse().unwrap();
+                let word: String = [n / 26, n % 26]
+                    .iter()
+                    .map(|d| (b'a' + *d as u8) as char)
+                    .collect();
+                *v = format!("job run {word}");
             }
-        }
-        let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &req.encode_to_vec());
-        assert_eq!(status, 200);
+        });
+        s.post_ok(&req.encode_to_vec());
     }
     let r = get_json(&s, "/api/v1/cardinality");
     let span = r["labels"]

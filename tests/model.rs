@@ -166,9 +166,7 @@ fn table(shards: usize) -> Table {
     let cfg = ShardConfig {
         late_ns: 1_000_000,
         ttl_secs: 3600,
-        process_start_ns: 0,
-        bounds: Default::default(),
-        limits: Default::default(),
+        ..ShardConfig::default()
     };
     Table::start(cfg, shards, 64).unwrap()
 }

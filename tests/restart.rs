@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{now_ns, Spanagg};
-use opentelemetry_proto::tonic::metrics::v1::{metric::Data, AggregationTemporality};
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
-use spanagg::workload::{request, Shape};
+use spanagg::workload::{make_cumulative, request, Shape};
 
 const ROUTES: usize = 20;
 const SHAPE: Shape = Shape {
@@ -25,6 +25,8 @@ const SHAPE: Shape = Shape {
 };
 /// Calls (and histogram observations) per route in one `workload::request`.
 const PER_REQUEST: u64 = 5;
+/// Calls in one `delta` (all routes).
+const ONE_DELTA: f64 = (PER_REQUEST * ROUTES as u64) as f64;
 
 /// One POST; `None` when the server is not there (refused, reset, killed mid-request).
 fn try_post(addr: SocketAddr, body: &[u8]) -> Option<u16> {
@@ -70,9 +72,9 @@ fn delta(pod: usize, k: u64, t0: u64) -> Vec<u8> {
 
 fn cumulative(pod: usize, start: u64, end: u64, calls: i64) -> Vec<u8> {
     let mut req = request(&SHAPE, pod, start, end);
+    make_cumulative(&mut req);
     for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
         if let Some(Data::Sum(sum)) = m.data.as_mut() {
-            sum.aggregation_temporality = AggregationTemporality::Cumulative as i32;
             for p in &mut sum.data_points {
                 p.value = Some(
                     opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(calls),
@@ -85,10 +87,6 @@ fn cumulative(pod: usize, start: u64, end: u64, calls: i64) -> Vec<u8> {
         .metrics
         .retain(|m| matches!(m.data, Some(Data::Sum(_))));
     req.encode_to_vec()
-}
-
-fn post_ok(s: &Spanagg, body: &[u8]) {
-    assert_eq!(try_post(s.otlp_http, body), Some(200));
 }
 
 fn checkpoints(dir: &std::path::Path) -> Vec<String> {
@@ -108,12 +106,12 @@ fn a_clean_restart_serves_exactly_the_same_scrape_and_keeps_exactly_once() {
     let t0 = now_ns() - 60_000_000_000;
     for pod in 0..3 {
         for k in 0..4 {
-            post_ok(&s, &delta(pod, k, t0));
+            s.post_ok(&delta(pod, k, t0));
         }
     }
     // A cumulative stream that started after spanagg did: its first point counts.
     let cstart = now_ns();
-    post_ok(&s, &cumulative(7, cstart, cstart + 1_000, 10));
+    s.post_ok(&cumulative(7, cstart, cstart + 1_000, 10));
     let before = s.scrape();
     let dir = s.stop_keep();
     assert!(
@@ -129,15 +127,15 @@ fn a_clean_restart_serves_exactly_the_same_scrape_and_keeps_exactly_once() {
         "the whole scrape is the same after a clean restart"
     );
     // Retries of deltas applied before the restart are still duplicates.
-    post_ok(&s, &delta(0, 2, t0));
+    s.post_ok(&delta(0, 2, t0));
     assert_eq!(s.scrape(), before);
     assert_eq!(
         s.internal("spanagg_points_total{outcome=\"duplicate\"}"),
         40.0
     );
     // The cumulative stream continues from its last value (a difference, not a reset).
-    post_ok(&s, &cumulative(7, cstart, cstart + 2_000, 13));
-    let expected = 3.0 * 4.0 * PER_REQUEST as f64 * ROUTES as f64 + 13.0 * ROUTES as f64;
+    s.post_ok(&cumulative(7, cstart, cstart + 2_000, 13));
+    let expected = 3.0 * 4.0 * ONE_DELTA + 13.0 * ROUTES as f64;
     assert_eq!(calls(&s), expected);
     assert_eq!(
         s.internal("spanagg_points_total{outcome=\"cumulative_reset\"}"),
@@ -214,14 +212,9 @@ fn kill_9_under_load_and_mid_checkpoint_loses_and_doubles_nothing() {
     let cfg = "checkpoint_interval: 300ms\n";
     let s = Spanagg::start(cfg);
     let t0 = now_ns() - 60_000_000_000;
-    let wide = Shape {
-        services: 1,
-        routes: 20_000,
-        bounds: 4,
-        counters: true,
-    };
+    let wide = common::one_service(20_000, 4, true);
     let big = request(&wide, 999, t0, t0 + 1_000_000).encode_to_vec();
-    post_ok(&s, &big);
+    s.post_ok(&big);
     let base = 20_000.0 * PER_REQUEST as f64;
 
     let addr = Arc::new(Mutex::new(s.otlp_http));
@@ -246,7 +239,7 @@ fn kill_9_under_load_and_mid_checkpoint_loses_and_doubles_nothing() {
     let acked = load.finish();
     assert!(acked > 20, "the load ran: {acked} requests");
 
-    let expected = base + acked as f64 * PER_REQUEST as f64 * ROUTES as f64;
+    let expected = base + acked as f64 * ONE_DELTA;
     assert_eq!(
         calls(&s),
         expected,
@@ -262,7 +255,7 @@ fn without_a_wal_a_crash_starts_from_zero_and_a_clean_stop_restores() {
     let cfg = "durability: none\ncheckpoint_interval: 200ms\n";
     let s = Spanagg::start(cfg);
     let t0 = now_ns() - 60_000_000_000;
-    post_ok(&s, &delta(0, 0, t0));
+    s.post_ok(&delta(0, 0, t0));
     let clean_value = calls(&s);
     let dir = s.stop_keep();
     let s = Spanagg::start_in(dir, cfg);
@@ -271,7 +264,7 @@ fn without_a_wal_a_crash_starts_from_zero_and_a_clean_stop_restores() {
         clean_value,
         "a clean stop's checkpoint is restored"
     );
-    post_ok(&s, &delta(0, 1, t0));
+    s.post_ok(&delta(0, 1, t0));
     // Let a periodic checkpoint hold the newer value, then crash.
     std::thread::sleep(Duration::from_millis(600));
     assert!(
@@ -283,12 +276,8 @@ fn without_a_wal_a_crash_starts_from_zero_and_a_clean_stop_restores() {
     let dir = s.kill9();
     let s = Spanagg::start_in(dir, cfg);
     assert_eq!(calls(&s), 0.0, "no stale value after a crash without a WAL");
-    post_ok(&s, &delta(0, 2, t0));
-    assert_eq!(
-        calls(&s),
-        PER_REQUEST as f64 * ROUTES as f64,
-        "counting starts over"
-    );
+    s.post_ok(&delta(0, 2, t0));
+    assert_eq!(calls(&s), ONE_DELTA, "counting starts over");
 }
 
 #[test]
@@ -310,26 +299,18 @@ fn wal_write_errors_refuse_retryably_and_the_retry_counts_once() {
         Some(200),
         "the retry goes to a new segment"
     );
-    assert_eq!(
-        calls(&s),
-        PER_REQUEST as f64 * ROUTES as f64,
-        "applied once, not twice"
-    );
+    assert_eq!(calls(&s), ONE_DELTA, "applied once, not twice");
     std::fs::remove_file(&seg1).unwrap();
     let dir = s.kill9();
     let s = Spanagg::start_in(dir, "");
-    assert_eq!(
-        calls(&s),
-        PER_REQUEST as f64 * ROUTES as f64,
-        "the retry was logged"
-    );
+    assert_eq!(calls(&s), ONE_DELTA, "the retry was logged");
 }
 
 #[test]
 fn checkpoint_io_errors_are_counted_and_ingestion_goes_on() {
     let s = Spanagg::start("checkpoint_interval: 200ms\n");
     let t0 = now_ns() - 60_000_000_000;
-    post_ok(&s, &delta(0, 0, t0));
+    s.post_ok(&delta(0, 0, t0));
     let dir = s.dir.join("data/checkpoints");
     let moved = s.dir.join("data/checkpoints.moved");
     std::fs::rename(&dir, &moved).unwrap();
@@ -339,8 +320,8 @@ fn checkpoint_io_errors_are_counted_and_ingestion_goes_on() {
         assert!(Instant::now() < deadline, "no checkpoint failure counted");
         std::thread::sleep(Duration::from_millis(50));
     }
-    post_ok(&s, &delta(0, 1, t0));
-    assert_eq!(calls(&s), 2.0 * PER_REQUEST as f64 * ROUTES as f64);
+    s.post_ok(&delta(0, 1, t0));
+    assert_eq!(calls(&s), 2.0 * ONE_DELTA);
     std::fs::remove_file(&dir).unwrap();
     std::fs::rename(&moved, &dir).unwrap();
     let failed_at = s.internal("spanagg_checkpoint_failures_total{reason=\"io\"}");
@@ -359,7 +340,7 @@ fn a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_plus_wal_is_exa
     let s = Spanagg::start(cfg);
     let t0 = now_ns() - 60_000_000_000;
     for k in 0..3 {
-        post_ok(&s, &delta(0, k, t0));
+        s.post_ok(&delta(0, k, t0));
         std::thread::sleep(Duration::from_millis(300));
     }
     let expected = calls(&s);
@@ -388,34 +369,34 @@ fn a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_plus_wal_is_exa
 fn inspect_prints_the_footer_and_a_summary() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    post_ok(&s, &delta(0, 0, t0));
+    s.post_ok(&delta(0, 0, t0));
     let dir = s.stop_keep();
     let file = checkpoints(&dir).pop().unwrap();
     let path = dir.join("data/checkpoints").join(file);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-        .arg("inspect")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::cli_ok([std::ffi::OsStr::new("inspect"), path.as_ref()]);
     assert!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
+        text.lines().any(|l| {
+            l.trim_start().starts_with("spanagg.clean_shutdown") && l.ends_with("true")
+        }),
+        "{text}"
     );
-    assert!(text.contains("clean_shutdown"), "{text}");
-    assert!(text.contains("traces_span_metrics_calls"), "{text}");
-    assert!(text.contains("service-0"), "{text}");
-    assert!(text.contains(&format!("{ROUTES}")), "{text}");
+    // One pod, ROUTES routes: the calls family has ROUTES series, each fed by one stream.
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.contains("traces_span_metrics_calls ") && l.contains("service-0"))
+        .unwrap_or_else(|| panic!("no calls row: {text}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[2..], [ROUTES.to_string(), ROUTES.to_string()], "{text}");
+    assert!(
+        text.contains(&format!("total: {} series", 2 * ROUTES)),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-        .arg("inspect")
-        .arg("/etc/hostname")
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("spanagg:"));
+    let bad = common::cli(["inspect", "/etc/hostname"]);
+    assert!(!bad.ok);
+    assert!(bad.stderr.contains("spanagg:"));
 }
 
 #[test]
@@ -436,7 +417,7 @@ fn requests_from_every_transport_and_encoding_are_replayed_after_a_kill() {
     let json = serde_json::to_vec(&request(&SHAPE, 0, start, start + 1_000_000)).unwrap();
     let (status, _, _) = s.post_otlp("application/json", &[], &json);
     assert_eq!(status, 200);
-    let expected = 3.0 * PER_REQUEST as f64 * ROUTES as f64;
+    let expected = 3.0 * ONE_DELTA;
     assert_eq!(calls(&s), expected);
     let dir = s.kill9();
     let s = Spanagg::start_in(dir, "");
@@ -453,28 +434,22 @@ fn the_cardinality_report_from_a_checkpoint_file_equals_the_live_one() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
     for pod in 0..3 {
-        post_ok(&s, &delta(pod, 0, t0));
+        s.post_ok(&delta(pod, 0, t0));
     }
     // A cumulative stream only baselined (it started before spanagg): tracked, feeds nothing.
-    post_ok(&s, &cumulative(8, 1_000, t0, 10));
+    s.post_ok(&cumulative(8, 1_000, t0, 10));
     let (status, live) = s.get("/api/v1/cardinality?top=100");
     assert_eq!(status, 200);
     let dir = s.stop_keep();
     let file = checkpoints(&dir).pop().unwrap();
     let path = dir.join("data/checkpoints").join(file);
     let run = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-            .args(["cardinality", "--top", "100", "--file"])
-            .arg(&path)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let args = ["cardinality", "--top", "100", "--file"].map(std::ffi::OsStr::new);
+        common::cli_ok(
+            args.into_iter()
+                .chain([path.as_os_str()])
+                .chain(extra.iter().map(std::ffi::OsStr::new)),
+        )
     };
     let offline: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
     let live: serde_json::Value = serde_json::from_str(&live).unwrap();
@@ -501,12 +476,12 @@ fn idle_restarts_never_send_new_records_behind_the_replay_position() {
     // segments before it; what the third run logs must still be replayed after a crash.
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    post_ok(&s, &delta(0, 0, t0));
+    s.post_ok(&delta(0, 0, t0));
     let s = Spanagg::start_in(s.stop_keep(), "");
     let s = Spanagg::start_in(s.stop_keep(), "");
-    post_ok(&s, &delta(0, 1, t0));
+    s.post_ok(&delta(0, 1, t0));
     let s = Spanagg::start_in(s.kill9(), "");
-    assert_eq!(calls(&s), 2.0 * PER_REQUEST as f64 * ROUTES as f64);
+    assert_eq!(calls(&s), 2.0 * ONE_DELTA);
 }
 
 #[test]
@@ -514,14 +489,14 @@ fn switching_durability_between_runs_neither_loses_nor_doubles() {
     let t0 = now_ns() - 60_000_000_000;
     // wal → none: the WAL of the first run is dropped, the clean checkpoint is exact.
     let s = Spanagg::start("");
-    post_ok(&s, &delta(0, 0, t0));
+    s.post_ok(&delta(0, 0, t0));
     let s = Spanagg::start_in(s.stop_keep(), "durability: none\n");
-    assert_eq!(calls(&s), PER_REQUEST as f64 * ROUTES as f64);
+    assert_eq!(calls(&s), ONE_DELTA);
     // none → wal: what the wal run logs after the none run's clean checkpoint is replayed.
     let s = Spanagg::start_in(s.stop_keep(), "");
-    post_ok(&s, &delta(0, 1, t0));
+    s.post_ok(&delta(0, 1, t0));
     let s = Spanagg::start_in(s.kill9(), "");
-    assert_eq!(calls(&s), 2.0 * PER_REQUEST as f64 * ROUTES as f64);
+    assert_eq!(calls(&s), 2.0 * ONE_DELTA);
 }
 
 #[test]
@@ -530,7 +505,7 @@ fn with_no_exactly_restorable_checkpoint_the_state_starts_from_zero_for_good() {
     let s = Spanagg::start(cfg);
     let t0 = now_ns() - 60_000_000_000;
     for k in 0..4 {
-        post_ok(&s, &delta(0, k, t0));
+        s.post_ok(&delta(0, k, t0));
         std::thread::sleep(Duration::from_millis(250));
     }
     let dir = s.stop_keep();
@@ -544,31 +519,27 @@ fn with_no_exactly_restorable_checkpoint_the_state_starts_from_zero_for_good() {
     assert_eq!(calls(&s), 0.0, "a reset, never a stale value");
     assert_eq!(s.internal("spanagg_checkpoints_set_aside_total"), 2.0);
     assert!(checkpoints(&s.dir).iter().any(|f| f.ends_with(".stale")));
-    post_ok(&s, &delta(0, 10, t0));
+    s.post_ok(&delta(0, 10, t0));
     let s = Spanagg::start_in(s.kill9(), cfg);
-    assert_eq!(
-        calls(&s),
-        PER_REQUEST as f64 * ROUTES as f64,
-        "the stale checkpoint stays out"
-    );
+    assert_eq!(calls(&s), ONE_DELTA, "the stale checkpoint stays out");
 }
 
 #[test]
 fn a_second_spanagg_on_the_same_data_dir_is_refused() {
     let s = Spanagg::start("");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--otlp-http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(s.dir.join("data"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let data = s.dir.join("data");
+    let out = common::cli([
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--otlp-http-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!out.ok);
+    let err = out.stderr;
     assert!(err.contains("in use by another spanagg"), "{err}");
     assert_eq!(s.get("/-/ready").0, 200, "the first one is unharmed");
 }
@@ -577,18 +548,10 @@ fn a_second_spanagg_on_the_same_data_dir_is_refused() {
 fn health_answers_while_a_long_wal_is_replayed_and_readiness_waits() {
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    let wide = Shape {
-        services: 1,
-        routes: 20_000,
-        bounds: 4,
-        counters: true,
-    };
+    let wide = common::one_service(20_000, 4, true);
     for k in 0..10u64 {
         let start = t0 + k * 1_000_000;
-        post_ok(
-            &s,
-            &request(&wide, 0, start, start + 1_000_000).encode_to_vec(),
-        );
+        s.post_ok(&request(&wide, 0, start, start + 1_000_000).encode_to_vec());
     }
     let expected = calls(&s);
     let mut seen = None;

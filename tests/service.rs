@@ -536,21 +536,18 @@ fn a_bad_config_stops_the_start_naming_the_key_and_reason() {
     for (yaml, key) in cases {
         let path = dir.join("bad.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{yaml}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let out = common::cli([
+            std::ffi::OsStr::new("serve"),
+            "--config".as_ref(),
+            path.as_ref(),
+        ]);
+        assert!(!out.ok, "{yaml}");
+        let err = out.stderr;
         assert!(err.contains(key), "{yaml}: {err}");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-        .args(["--grpc-listen", "not-an-address"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc-listen"));
+    let out = common::cli(["--grpc-listen", "not-an-address"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("--grpc-listen"));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -835,19 +832,8 @@ async fn the_cardinality_report_counts_a_known_workload_exactly() {
     assert_eq!(r["totals"]["source_streams"], 44);
 
     // The CLI prints the same report as tables, or as JSON for scripts.
-    let cli = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-            .args(["cardinality", "--url", &format!("http://{}", s.http)])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let url = format!("http://{}", s.http);
+    let cli = |extra: &[&str]| common::cli_ok(["cardinality", "--url", &url].iter().chain(extra));
     let table = cli(&["--top", "5"]);
     assert!(
         table.contains("output series 28   source streams 88"),
@@ -862,12 +848,9 @@ async fn the_cardinality_report_counts_a_known_workload_exactly() {
     let json: serde_json::Value =
         serde_json::from_str(&cli(&["--json", "--service", "cart"])).unwrap();
     assert_eq!(json["totals"]["output_series"], 20);
-    let down = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
-        .args(["cardinality", "--url", "http://127.0.0.1:1"])
-        .output()
-        .unwrap();
-    assert!(!down.status.success());
-    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot reach spanagg"));
+    let down = common::cli(["cardinality", "--url", "http://127.0.0.1:1"]);
+    assert!(!down.ok);
+    assert!(down.stderr.contains("cannot reach spanagg"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

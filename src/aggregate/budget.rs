@@ -70,12 +70,7 @@ pub struct Redirect {
 
 /// The `service_name` label of a point, as its new series would get it.
 fn service_of(batch: &Batch, p: &Point) -> Box<str> {
-    batch
-        .labels
-        .labels(p.label_ref)
-        .into_iter()
-        .find(|(k, _)| k == "service_name")
-        .map_or_else(|| "".into(), |(_, v)| v.into())
+    service_in(&batch.labels.labels(p.label_ref)).into()
 }
 
 impl ShardState {
@@ -88,11 +83,7 @@ impl ShardState {
     pub fn service_lines(&self) -> Vec<super::super::table::ServiceLine> {
         let mut streams: Map<&str, u64> = Map::default();
         for (s, n) in self.series_with_sources() {
-            let service = self
-                .labels(&s.labels)
-                .find(|(k, _)| *k == "service_name")
-                .map_or("", |(_, v)| v);
-            *streams.entry(service).or_default() += u64::from(n);
+            *streams.entry(self.service(&s.labels)).or_default() += u64::from(n);
         }
         self.budget
             .services
@@ -234,7 +225,7 @@ impl LabelResolver for OverflowLabels {
             .map_or("", |s| &**s);
         vec![
             (OVERFLOW_LABEL.to_owned(), "true".to_owned()),
-            ("service_name".to_owned(), service.to_owned()),
+            (SERVICE_LABEL.to_owned(), service.to_owned()),
         ]
     }
 }
@@ -243,6 +234,6 @@ impl LabelResolver for OverflowLabels {
 pub fn overflow_key(service: &str, seed: u64) -> u128 {
     let mut set = SetHash::default();
     set.add(OVERFLOW_LABEL, "true");
-    set.add("service_name", service);
+    set.add(SERVICE_LABEL, service);
     set.finish(seed)
 }

@@ -124,12 +124,8 @@ impl ShardState {
         let fam = self.family_id(family);
         labels.sort_unstable();
         let keys = self.key_set_id(labels);
-        if let Some((_, service)) = labels.iter().find(|(k, _)| k == "service_name") {
-            let service = service.clone();
-            self.series_added(&service);
-        } else {
-            self.series_added("");
-        }
+        let service = service_in(labels).to_owned();
+        self.series_added(&service);
         let values = labels
             .iter()
             .map(|(_, v)| self.strings.acquire(v))

@@ -51,7 +51,32 @@ pub struct ShardConfig {
     pub limits: ShardLimits,
 }
 
+impl Default for ShardConfig {
+    /// The built-in config's windows (late 10m, TTL 15m), no configured bounds, no limits, and
+    /// a state that began at the epoch: what benchmarks and tests build shards with.
+    fn default() -> Self {
+        Self {
+            late_ns: 600_000_000_000,
+            ttl_secs: 900,
+            process_start_ns: 0,
+            bounds: HashMap::new(),
+            limits: ShardLimits::default(),
+        }
+    }
+}
+
 type Map<K, V> = HashMap<K, V, RandomState>;
+
+/// The output label that names a series' service.
+pub const SERVICE_LABEL: &str = "service_name";
+
+/// The service in resolved labels ("" without one).
+fn service_in(labels: &[(String, String)]) -> &str {
+    labels
+        .iter()
+        .find(|(k, _)| k == SERVICE_LABEL)
+        .map_or("", |(_, v)| v)
+}
 
 /// A series id's state: whether its series exists and how many sources hold the id.
 #[derive(Debug, Clone, Copy)]
@@ -174,8 +199,7 @@ impl ShardState {
                 }
             }
             if let Some(want) = filter.service.as_deref() {
-                let service = self.labels(&s.labels).find(|(k, _)| *k == "service_name");
-                if service.map(|(_, v)| v) != Some(want) {
+                if self.service(&s.labels) != want {
                     return None;
                 }
             }
@@ -227,6 +251,13 @@ impl ShardState {
 
     fn series_removed(&mut self, id: u32) {
         self.update_id(id, |s| s.live = false);
+    }
+
+    /// A series' `service_name` label ("" without one): what budgets and reports group by.
+    pub fn service<'a>(&'a self, labels: &'a Labels) -> &'a str {
+        self.labels(labels)
+            .find(|(k, _)| *k == SERVICE_LABEL)
+            .map_or("", |(_, v)| v)
     }
 
     /// A series' labels as (name, value) pairs, sorted by name.
@@ -319,16 +350,11 @@ impl ShardState {
             pod.touched = clock;
             return;
         }
-        let service = batch
-            .labels
-            .labels(p.label_ref)
-            .into_iter()
-            .find(|(k, _)| k == "service_name")
-            .map_or_else(String::new, |(_, v)| v);
+        let labels = batch.labels.labels(p.label_ref);
         self.pods.insert(
             p.resource,
             Pod {
-                service: service.into(),
+                service: service_in(&labels).into(),
                 touched: clock,
             },
         );
@@ -564,10 +590,7 @@ impl ShardState {
     ) -> Result<u32, LayoutMismatch> {
         if self.series.get(p.series).is_none() {
             let s = self.new_series(batch, p, fam, &add, start_ns)?;
-            let service: Box<str> = self
-                .labels(&s.labels)
-                .find(|(k, _)| *k == "service_name")
-                .map_or_else(|| "".into(), |(_, v)| v.into());
+            let service: Box<str> = self.service(&s.labels).into();
             self.series_added(&service);
             let id = self.alloc_id();
             self.series.insert_tagged(p.series, id, s);
@@ -697,7 +720,7 @@ impl ShardState {
                 let service = keys
                     .iter()
                     .zip(s.labels.values.iter())
-                    .find(|(k, _)| strings.get(**k) == "service_name")
+                    .find(|(k, _)| strings.get(**k) == SERVICE_LABEL)
                     .map_or_else(|| "".into(), |(_, v)| strings.get(*v).into());
                 dead.push((id, service));
                 for v in s.labels.values.iter() {

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender, TrySendError};
 
@@ -31,6 +31,16 @@ pub struct ShardStats {
     pub apply_buckets: [AtomicU64; APPLY_BUCKETS.len() + 1],
     /// Per-service use, republished after every sweep.
     pub services: std::sync::Mutex<Vec<ServiceLine>>,
+}
+
+impl ShardStats {
+    /// Publishes the shard's series and source stream counts.
+    fn publish_sizes(&self, state: &ShardState) {
+        self.series
+            .store(state.series_len() as u64, Ordering::Relaxed);
+        self.sources
+            .store(state.sources_len() as u64, Ordering::Relaxed);
+    }
 }
 
 /// One service's numbers in one shard.
@@ -85,12 +95,7 @@ impl Table {
             let (data, data_rx) = bounded(queue_capacity);
             let (ctl, ctl_rx) = unbounded();
             let stats = Arc::new(ShardStats::default());
-            stats
-                .series
-                .store(state.series_len() as u64, Ordering::Relaxed);
-            stats
-                .sources
-                .store(state.sources_len() as u64, Ordering::Relaxed);
+            stats.publish_sizes(&state);
             let st = stats.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("spanagg-shard-{i}"))
@@ -186,9 +191,7 @@ fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats
     let mut last_sweep = Instant::now();
     loop {
         state.clock = epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
-        state.now_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
+        state.now_ns = crate::unix_ns();
         select_biased! {
             recv(ctl) -> msg => {
                 let Ok(visit) = msg else { break };
@@ -201,8 +204,7 @@ fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats
                 record_apply(&stats, t.elapsed());
                 (batch.done)(result);
                 stats.queue_depth.store(data.len() as u64, Ordering::Relaxed);
-                stats.series.store(state.series_len() as u64, Ordering::Relaxed);
-                stats.sources.store(state.sources_len() as u64, Ordering::Relaxed);
+                stats.publish_sizes(&state);
             }
             default(Duration::from_millis(200)) => {}
         }
@@ -215,12 +217,7 @@ fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats
             stats
                 .evicted_sources
                 .fetch_add(sources as u64, Ordering::Relaxed);
-            stats
-                .series
-                .store(state.series_len() as u64, Ordering::Relaxed);
-            stats
-                .sources
-                .store(state.sources_len() as u64, Ordering::Relaxed);
+            stats.publish_sizes(&state);
             let lines = state.service_lines();
             if let Ok(mut s) = stats.services.lock() {
                 *s = lines;

@@ -21,16 +21,72 @@ use crate::aggregate::shard::{SeriesFilter, ShardState};
 /// Output labels that get their own dictionary-encoded column; the rest go to `labels`.
 pub const FIXED_LABELS: [&str; 4] = ["service_name", "span_name", "span_kind", "status_code"];
 
-fn doc(f: Field, text: &str) -> Field {
+/// A field with its documentation (what `schema_text` prints after `--`).
+pub(crate) fn doc(f: Field, text: &str) -> Field {
     f.with_metadata(HashMap::from([("doc".to_owned(), text.to_owned())]))
 }
 
-fn dict() -> DataType {
+/// Dictionary-encoded strings.
+pub(crate) fn dict() -> DataType {
     DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
 }
 
-fn ts() -> DataType {
+/// Nanosecond UTC timestamps.
+pub(crate) fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// The `labels` column: every output label without a column of its own, name to value.
+pub(crate) fn label_map() -> DataType {
+    let entries = Field::new(
+        "entries",
+        DataType::Struct(
+            vec![
+                Field::new("key", DataType::Utf8, false),
+                Field::new("value", DataType::Utf8, true),
+            ]
+            .into(),
+        ),
+        false,
+    );
+    DataType::Map(Arc::new(entries), false)
+}
+
+pub(crate) type LabelMapBuilder = MapBuilder<StringBuilder, StringBuilder>;
+
+/// Appends one series' labels: those in `FIXED_LABELS` to their columns, the rest to the map.
+pub(crate) fn append_labels<'a>(
+    labels: impl Iterator<Item = (&'a str, &'a str)>,
+    fixed: &mut [StringDictionaryBuilder<Int32Type>],
+    map: &mut LabelMapBuilder,
+) -> Result<(), ArrowError> {
+    let mut present = [None; FIXED_LABELS.len()];
+    for (k, v) in labels {
+        match FIXED_LABELS.iter().position(|f| *f == k) {
+            Some(i) => present[i] = Some(v),
+            None => {
+                map.keys().append_value(k);
+                map.values().append_value(v);
+            }
+        }
+    }
+    map.append(true)?;
+    for (b, v) in fixed.iter_mut().zip(present) {
+        b.append_option(v);
+    }
+    Ok(())
+}
+
+/// The field lines of a documented schema file (`schema/*.txt`), for the tests that keep the
+/// files and the code equal.
+#[cfg(test)]
+pub(crate) fn documented_fields(file: &str) -> String {
+    let path = format!("{}/schema/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// The snapshot schema, field by field.
@@ -59,20 +115,9 @@ pub fn snapshot_schema() -> SchemaRef {
             "output label of that name; null when the series does not have it",
         ));
     }
-    let entries = Field::new(
-        "entries",
-        DataType::Struct(
-            vec![
-                Field::new("key", DataType::Utf8, false),
-                Field::new("value", DataType::Utf8, true),
-            ]
-            .into(),
-        ),
-        false,
-    );
     fields.extend([
         doc(
-            Field::new("labels", DataType::Map(Arc::new(entries), false), false),
+            Field::new("labels", label_map(), false),
             "every other output label, name to value",
         ),
         doc(
@@ -145,20 +190,7 @@ pub fn shard_batch(state: &ShardState, filter: &Filter) -> Result<RecordBatch, A
             Kind::Histogram => "histogram",
         });
         unit.append_value(&*fam.unit);
-        let mut present = [None; FIXED_LABELS.len()];
-        for (k, v) in state.labels(&s.labels) {
-            match FIXED_LABELS.iter().position(|f| *f == k) {
-                Some(i) => present[i] = Some(v),
-                None => {
-                    labels.keys().append_value(k);
-                    labels.values().append_value(v);
-                }
-            }
-        }
-        labels.append(true)?;
-        for (b, v) in fixed.iter_mut().zip(present) {
-            b.append_option(v);
-        }
+        append_labels(state.labels(&s.labels), &mut fixed, &mut labels)?;
         created.append_value(i64::try_from(s.created_ns).unwrap_or(i64::MAX));
         updated.append_value(i64::try_from(s.updated_ns).unwrap_or(i64::MAX));
         match &s.value {
@@ -240,15 +272,8 @@ mod tests {
 
     #[test]
     fn the_schema_file_documents_the_code_schema_exactly() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/snapshot.txt");
-        let file = std::fs::read_to_string(path).expect("schema/snapshot.txt");
-        let documented: String = file
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .map(|l| format!("{l}\n"))
-            .collect();
         assert_eq!(
-            documented,
+            documented_fields("snapshot.txt"),
             schema_text(&snapshot_schema()),
             "schema/snapshot.txt and the code disagree: update one to match the other"
         );

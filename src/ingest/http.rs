@@ -9,7 +9,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
@@ -169,7 +168,7 @@ async fn read_request(
             .map(|r| {
                 let logged = match encoding {
                     Encoding::Gzip => Logged::Gzip(raw),
-                    Encoding::Identity => Logged::Protobuf(Bytes::from(bytes)),
+                    Encoding::Identity => Logged::Protobuf(bytes),
                 };
                 (r, Some(logged))
             })

@@ -181,11 +181,7 @@ impl Ingestor {
         // holds it (see `storage::wal`). Duplicates are logged too: the first try may have been
         // applied and then failed to log.
         if let (Some(wal), true) = (&self.wal, logged) {
-            let raw = match raw {
-                Some(Logged::Gzip(b)) => Logged::Gzip(b),
-                Some(Logged::Protobuf(b)) => Logged::Protobuf(b),
-                None => Logged::Protobuf(Bytes::from(req.encode_to_vec())),
-            };
+            let raw = raw.unwrap_or_else(|| Logged::Protobuf(Bytes::from(req.encode_to_vec())));
             let (kind, record) = match raw {
                 Logged::Gzip(b) => (KIND_METRICS_GZIP, b),
                 Logged::Protobuf(b) => match snap::raw::Encoder::new().compress_vec(&b) {

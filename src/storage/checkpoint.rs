@@ -18,8 +18,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::columns::checkpoint_schema;
 use super::rows::{restore_pod_row, restore_series_row, restore_stream_row, Columns};
-use super::sync_dir;
 use super::wal::Position;
+use super::{numbered_files, sync_dir};
 use crate::aggregate::shard::ShardState;
 use crate::aggregate::table::shard_for;
 use crate::export::arrow::schema_text;
@@ -57,6 +57,12 @@ pub struct Meta {
 
 const PREFIX: &str = "spanagg.";
 
+/// Unix nanoseconds as an RFC 3339 time with milliseconds.
+pub fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
+        .to_string()
+}
+
 impl Meta {
     fn to_kv(&self) -> Vec<KeyValue> {
         let kv = |k: &str, v: String| KeyValue::new(format!("{PREFIX}{k}"), v);
@@ -64,13 +70,7 @@ impl Meta {
             kv("format_version", self.format_version.to_string()),
             kv("schema_hash", self.schema_hash.clone()),
             kv("created_unix_ns", self.created_ns.to_string()),
-            kv(
-                "created",
-                humantime::format_rfc3339_millis(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(self.created_ns),
-                )
-                .to_string(),
-            ),
+            kv("created", rfc3339(self.created_ns)),
             kv(
                 "wal_position",
                 self.wal_position.map_or("none".into(), |p| p.to_string()),
@@ -159,26 +159,7 @@ pub fn file_name(seq: u64) -> String {
 
 /// Checkpoint files in `dir`, oldest first, by sequence number.
 pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let path = entry?.path();
-        let seq = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("checkpoint-"))
-            .and_then(|n| n.strip_suffix(".parquet"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(seq) = seq {
-            out.push((seq, path));
-        }
-    }
-    out.sort();
-    Ok(out)
+    numbered_files(dir, "checkpoint-", ".parquet")
 }
 
 /// Removes temp files a crash left behind.
@@ -196,10 +177,11 @@ pub fn remove_temps(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Renames a file that could not be read so it is kept for a post-mortem and never read again.
-pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+/// Renames a checkpoint that must not be read again (`suffix`: `.corrupt`, `.stale`), keeping it
+/// for a post-mortem; it no longer lists as a checkpoint.
+pub fn set_aside(path: &Path, suffix: &str) -> io::Result<PathBuf> {
     let mut to = path.as_os_str().to_owned();
-    to.push(".corrupt");
+    to.push(suffix);
     let to = PathBuf::from(to);
     std::fs::rename(path, &to)?;
     if let Some(dir) = path.parent() {

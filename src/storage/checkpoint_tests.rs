@@ -2,32 +2,25 @@ use super::*;
 use crate::aggregate::series::SeriesValue;
 use crate::aggregate::shard::ShardConfig;
 use crate::ingest::otlp::Projection;
-use crate::workload::{request, single_shard_batch, Shape};
-use opentelemetry_proto::tonic::metrics::v1::{metric::Data, AggregationTemporality};
-use std::collections::HashMap;
+use crate::workload::{make_cumulative, request, single_shard_batch, Shape};
 use std::sync::Arc;
 
 /// Data time of the test points (a zero timestamp is invalid).
 const T: u64 = 1_000_000_000;
 
-fn cfg() -> ShardConfig {
-    ShardConfig {
-        late_ns: 600_000_000_000,
-        ttl_secs: 900,
-        process_start_ns: 0,
-        bounds: HashMap::new(),
-        limits: Default::default(),
-    }
+/// Pods merge per service: `service.name` kept, `service.instance.id` dropped.
+fn projection() -> Arc<Projection> {
+    Arc::new(Projection::new(
+        &["service.name".to_owned()],
+        &["service.instance.id".to_owned()],
+    ))
 }
 
 /// A shard fed deltas (with a hole in one window) and cumulative points.
 fn populated() -> ShardState {
-    let mut s = ShardState::new(cfg());
+    let mut s = ShardState::new(ShardConfig::default());
     s.now_ns = T + 100;
-    let projection = Arc::new(Projection::new(
-        &["service.name".to_owned()],
-        &["service.instance.id".to_owned()],
-    ));
+    let projection = projection();
     let shape = Shape {
         services: 2,
         routes: 5,
@@ -45,17 +38,7 @@ fn populated() -> ShardState {
     // Pod 9 sends cumulative points (its start is after the state start, so they count).
     for end in [T + 40, T + 50] {
         let mut req = request(&shape, 9, T + 5, end);
-        for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
-            match m.data.as_mut() {
-                Some(Data::Histogram(h)) => {
-                    h.aggregation_temporality = AggregationTemporality::Cumulative as i32
-                }
-                Some(Data::Sum(x)) => {
-                    x.aggregation_temporality = AggregationTemporality::Cumulative as i32
-                }
-                _ => {}
-            }
-        }
+        make_cumulative(&mut req);
         s.apply(&single_shard_batch(req, &projection));
     }
     s
@@ -134,19 +117,10 @@ fn write_state(dir: &Path, s: &ShardState) -> PathBuf {
     write(dir, 1, &m, &[a, b, c]).expect("write").0
 }
 
-fn scratch() -> PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "spanagg-ckpt-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
 #[test]
 fn state_to_parquet_to_state_is_identical() {
-    let dir = scratch();
+    let scratch = crate::storage::ScratchDir::new("ckpt");
+    let dir = scratch.0.clone();
     let before = populated();
     let (series, streams) = dump(&before);
     assert_eq!(series.len(), 2 * 2 * 5, "2 services × 5 routes × 2 metrics");
@@ -158,7 +132,7 @@ fn state_to_parquet_to_state_is_identical() {
     let path = write_state(&dir, &before);
     assert!(!dir.join(format!("{}.tmp", file_name(1))).exists());
 
-    let mut states = vec![ShardState::new(cfg())];
+    let mut states = vec![ShardState::new(ShardConfig::default())];
     let m = load(&path, &mut states).expect("load");
     assert_eq!(m, meta(1, series.len() as u64, streams.len() as u64));
     assert_eq!(dump(&states[0]), (series, streams));
@@ -175,25 +149,24 @@ fn state_to_parquet_to_state_is_identical() {
     );
 
     // Restored into more shards, every series and stream is still there exactly once.
-    let mut four: Vec<ShardState> = (0..4).map(|_| ShardState::new(cfg())).collect();
+    let mut four: Vec<ShardState> = (0..4)
+        .map(|_| ShardState::new(ShardConfig::default()))
+        .collect();
     load(&path, &mut four).expect("load into 4 shards");
     let n: usize = four.iter().map(|s| s.series_len()).sum();
     assert_eq!(n, before.series_len());
     let sources: usize = four.iter().map(|s| s.sources_len()).sum();
     assert_eq!(sources, before.sources_len());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_restored_shard_refuses_the_deltas_it_already_holds() {
-    let dir = scratch();
+    let scratch = crate::storage::ScratchDir::new("ckpt");
+    let dir = scratch.0.clone();
     let path = write_state(&dir, &populated());
-    let mut states = vec![ShardState::new(cfg())];
+    let mut states = vec![ShardState::new(ShardConfig::default())];
     load(&path, &mut states).unwrap();
-    let projection = Arc::new(Projection::new(
-        &["service.name".to_owned()],
-        &["service.instance.id".to_owned()],
-    ));
+    let projection = projection();
     let shape = Shape {
         services: 2,
         routes: 5,
@@ -215,21 +188,18 @@ fn a_restored_shard_refuses_the_deltas_it_already_holds() {
         10,
         "the hole is still open"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn overflowed_streams_stay_overflowed_across_a_restore() {
-    let dir = scratch();
+    let scratch = crate::storage::ScratchDir::new("ckpt");
+    let dir = scratch.0.clone();
     let mut s = ShardState::new(ShardConfig {
         limits: crate::aggregate::shard::ShardLimits::share(3, u64::MAX, u64::MAX, 1),
-        ..cfg()
+        ..ShardConfig::default()
     });
     s.now_ns = T + 100;
-    let projection = Arc::new(Projection::new(
-        &["service.name".to_owned()],
-        &["service.instance.id".to_owned()],
-    ));
+    let projection = projection();
     let shape = Shape {
         services: 1,
         routes: 5,
@@ -248,20 +218,20 @@ fn overflowed_streams_stay_overflowed_across_a_restore() {
     let mut before: Vec<u128> = s.sticky_streams().collect();
     before.sort();
     let path = write_state(&dir, &s);
-    let mut states = vec![ShardState::new(cfg())];
+    let mut states = vec![ShardState::new(ShardConfig::default())];
     load(&path, &mut states).unwrap();
     let mut after: Vec<u128> = states[0].sticky_streams().collect();
     after.sort();
     assert_eq!(after, before);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn truncated_and_corrupt_files_are_errors_not_panics() {
-    let dir = scratch();
+    let scratch = crate::storage::ScratchDir::new("ckpt");
+    let dir = scratch.0.clone();
     let path = write_state(&dir, &populated());
     let bytes = std::fs::read(&path).unwrap();
-    let fresh = || vec![ShardState::new(cfg())];
+    let fresh = || vec![ShardState::new(ShardConfig::default())];
     // Truncated anywhere: the footer or a page is gone.
     for cut in [
         0,
@@ -291,20 +261,12 @@ fn truncated_and_corrupt_files_are_errors_not_panics() {
     let other = write(&dir, 2, &m, &[a, b, c]).unwrap().0;
     let err = load(&other, &mut fresh()).unwrap_err().to_string();
     assert!(err.contains("schema hash"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn the_schema_file_documents_the_checkpoint_schema_exactly() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/checkpoint.txt");
-    let file = std::fs::read_to_string(path).expect("schema/checkpoint.txt");
-    let documented: String = file
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| format!("{l}\n"))
-        .collect();
     assert_eq!(
-        documented,
+        crate::export::arrow::documented_fields("checkpoint.txt"),
         schema_text(&super::super::columns::checkpoint_schema()),
         "schema/checkpoint.txt and the code disagree: update one to match the other"
     );

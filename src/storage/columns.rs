@@ -8,7 +8,6 @@
 //! the streams sent to overflow series. `schema/checkpoint.txt` documents every field and a test
 //! keeps it true.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::builder::{
@@ -17,24 +16,14 @@ use arrow_array::builder::{
 };
 use arrow_array::types::Int32Type;
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef};
 
 use crate::aggregate::key::Kind;
 use crate::aggregate::series::{CumulativeValue, SeriesValue};
 use crate::aggregate::shard::{ShardState, StreamState};
-use crate::export::arrow::FIXED_LABELS;
-
-fn doc(f: Field, text: &str) -> Field {
-    f.with_metadata(HashMap::from([("doc".to_owned(), text.to_owned())]))
-}
-
-fn dict() -> DataType {
-    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
-}
-
-fn ts() -> DataType {
-    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
-}
+use crate::export::arrow::{
+    append_labels, dict, doc, label_map, ts, LabelMapBuilder, FIXED_LABELS,
+};
 
 fn list(t: DataType) -> DataType {
     DataType::List(Arc::new(Field::new_list_field(t, true)))
@@ -46,20 +35,6 @@ fn range_fields() -> Fields {
         Field::new("end", DataType::UInt64, false),
     ]
     .into()
-}
-
-fn label_entries() -> Field {
-    Field::new(
-        "entries",
-        DataType::Struct(
-            vec![
-                Field::new("key", DataType::Utf8, false),
-                Field::new("value", DataType::Utf8, true),
-            ]
-            .into(),
-        ),
-        false,
-    )
 }
 
 /// The checkpoint schema, field by field.
@@ -111,11 +86,7 @@ pub fn checkpoint_schema() -> SchemaRef {
     }
     fields.extend([
         doc(
-            Field::new(
-                "labels",
-                DataType::Map(Arc::new(label_entries()), false),
-                true,
-            ),
+            Field::new("labels", label_map(), true),
             &format!("{series}: every other output label, name to value"),
         ),
         doc(
@@ -198,7 +169,7 @@ struct Builders {
     key_hi: UInt32Builder,
     family: [StringDictionaryBuilder<Int32Type>; 5],
     fixed: Vec<StringDictionaryBuilder<Int32Type>>,
-    labels: MapBuilder<StringBuilder, StringBuilder>,
+    labels: LabelMapBuilder,
     created: TimestampNanosecondBuilder,
     updated: TimestampNanosecondBuilder,
     value: Float64Builder,
@@ -365,20 +336,7 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
         {
             col.append_value(v);
         }
-        let mut present = [None; FIXED_LABELS.len()];
-        for (k, v) in state.labels(&r.series.labels) {
-            match FIXED_LABELS.iter().position(|f| *f == k) {
-                Some(i) => present[i] = Some(v),
-                None => {
-                    b.labels.keys().append_value(k);
-                    b.labels.values().append_value(v);
-                }
-            }
-        }
-        b.labels.append(true)?;
-        for (col, v) in b.fixed.iter_mut().zip(present) {
-            col.append_option(v);
-        }
+        append_labels(state.labels(&r.series.labels), &mut b.fixed, &mut b.labels)?;
         b.created.append_value(ns(r.series.created_ns));
         b.updated.append_value(ns(r.series.updated_ns));
         match &r.series.value {

@@ -8,11 +8,6 @@ use std::path::Path;
 use super::checkpoint::{self, CheckpointError};
 use crate::aggregate::shard::{ShardConfig, ShardLimits, ShardState, StreamState};
 
-fn time(ns: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
-        .to_string()
-}
-
 /// Loads `path` into shards as a restore would.
 pub fn load_file(path: &Path) -> Result<(checkpoint::Meta, Vec<ShardState>), CheckpointError> {
     let meta = checkpoint::read_meta(path)?;
@@ -51,11 +46,7 @@ pub fn inspect(path: &Path) -> Result<String, CheckpointError> {
     let (mut oldest, mut newest) = (u64::MAX, 0u64);
     for s in &states {
         for r in s.series_records() {
-            let service = s
-                .labels(&r.series.labels)
-                .find(|(k, _)| *k == "service_name")
-                .map_or("", |(_, v)| v)
-                .to_owned();
+            let service = s.service(&r.series.labels).to_owned();
             let key = (r.family.name.to_string(), service);
             rows.entry(key.clone()).or_default().0 += 1;
             owner.insert(r.key, key);
@@ -93,7 +84,12 @@ pub fn inspect(path: &Path) -> Result<String, CheckpointError> {
         delta + cumulative
     );
     if series > 0 {
-        let _ = writeln!(out, "time range: {} .. {}", time(oldest), time(newest));
+        let _ = writeln!(
+            out,
+            "time range: {} .. {}",
+            checkpoint::rfc3339(oldest),
+            checkpoint::rfc3339(newest)
+        );
     }
     Ok(out)
 }

@@ -19,7 +19,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 pub use metrics::StorageMetrics;
 
@@ -29,15 +29,57 @@ use crate::config::Durability;
 use checkpoint::{CheckpointError, Meta};
 use wal::{Position, Wal};
 
+/// Files in `dir` named `{prefix}{number}{suffix}`, by number; none if `dir` does not exist.
+fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let seq = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
+            n.strip_prefix(prefix)?
+                .strip_suffix(suffix)?
+                .parse::<u64>()
+                .ok()
+        });
+        if let Some(seq) = seq {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A scratch directory for unit tests, removed on drop (no extra crate for it).
+#[cfg(test)]
+pub(crate) struct ScratchDir(pub PathBuf);
+
+#[cfg(test)]
+impl ScratchDir {
+    pub(crate) fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "spanagg-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+#[cfg(test)]
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Makes a rename or a new file in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
 }
 
 /// Why the data directory could not be opened.
@@ -57,8 +99,6 @@ pub struct Restored {
     pub state_start_ns: u64,
     /// Replay the WAL from here before serving; `None`: nothing to replay.
     pub replay_from: Option<Position>,
-    /// The checkpoint restored, if any.
-    pub checkpoint: Option<PathBuf>,
 }
 
 /// The data directory of a running spanagg.
@@ -152,10 +192,6 @@ impl Storage {
         &self.wal_dir
     }
 
-    pub fn metrics(&self) -> &StorageMetrics {
-        &self.metrics
-    }
-
     /// Starts the WAL writer (with `durability: wal`) after replay: new records go to a new
     /// segment after every existing one.
     pub fn start_wal(&mut self) -> io::Result<()> {
@@ -195,7 +231,7 @@ impl Storage {
                     .checkpoint_duration
                     .observe(t.elapsed().as_secs_f64());
                 self.metrics.checkpoint_size.set(*size as i64);
-                self.metrics.checkpoint_success(now_ns());
+                self.metrics.checkpoint_success(crate::unix_ns());
                 tracing::info!(path = %path.display(), bytes = size, seconds = t.elapsed().as_secs_f64(), clean, "checkpoint written");
             }
             Err(e) => {
@@ -246,7 +282,7 @@ impl Storage {
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
             schema_hash: checkpoint::schema_hash(),
-            created_ns: now_ns(),
+            created_ns: crate::unix_ns(),
             wal_position,
             state_start_ns: self.state_start_ns,
             clean_shutdown: clean,
@@ -315,7 +351,6 @@ fn restore(
         states: make_states(start),
         state_start_ns: start,
         replay_from: None,
-        checkpoint: None,
     };
     // Newest first. With a WAL the two newest are restorable (the WAL is kept from the second
     // newest on); without one only a clean-shutdown checkpoint that is the newest file is.
@@ -357,7 +392,6 @@ fn restore(
                     states,
                     state_start_ns: meta.state_start_ns,
                     replay_from,
-                    checkpoint: Some(path.clone()),
                 });
             }
             Err(e) => set_aside(path, &e, metrics),
@@ -371,7 +405,7 @@ fn restore(
             let start = segments
                 .first()
                 .and_then(|(_, p)| wal::segment_state_start(p).ok())
-                .unwrap_or_else(now_ns);
+                .unwrap_or_else(crate::unix_ns);
             let mut r = fresh(start);
             r.replay_from = Some(Position::default());
             Ok(r)
@@ -384,19 +418,17 @@ fn restore(
             // Older checkpoints are stale now; restoring one after the next crash would serve
             // counters below what was scraped.
             for (_, path) in checkpoint::list(checkpoint_dir)? {
-                let mut to = path.as_os_str().to_owned();
-                to.push(".stale");
-                std::fs::rename(&path, &to)?;
+                checkpoint::set_aside(&path, ".stale")?;
                 tracing::warn!(path = %path.display(), "checkpoint too old to restore exactly: renamed *.stale");
             }
-            Ok(fresh(now_ns()))
+            Ok(fresh(crate::unix_ns()))
         }
     }
 }
 
 fn set_aside(path: &Path, e: &CheckpointError, metrics: &StorageMetrics) {
     metrics.checkpoints_set_aside.inc();
-    match checkpoint::set_aside(path) {
+    match checkpoint::set_aside(path, ".corrupt") {
         Ok(to) => {
             tracing::error!(path = %path.display(), set_aside_as = %to.display(), error = %e, "unreadable checkpoint set aside")
         }

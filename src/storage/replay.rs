@@ -33,7 +33,9 @@ pub async fn replay(
         metrics.wal_replayed.inc();
         let payload = match kind {
             wal::KIND_METRICS_SNAPPY => snap::raw::Decoder::new().decompress_vec(&record).ok(),
-            wal::KIND_METRICS_GZIP => decode(record.into(), Encoding::Gzip, limit).ok(),
+            wal::KIND_METRICS_GZIP => decode(record.into(), Encoding::Gzip, limit)
+                .ok()
+                .map(Vec::from),
             _ => Some(record),
         };
         let Some(payload) = payload else {

@@ -27,7 +27,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
-use super::{sync_dir, StorageMetrics};
+use super::{numbered_files, sync_dir, StorageMetrics};
 
 const MAGIC: &[u8; 8] = b"SPANWAL\0";
 const SEGMENT_VERSION: u32 = 1;
@@ -77,25 +77,7 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
 
 /// Segment files in `dir`, oldest first.
 pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let path = entry?.path();
-        let seq = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".wal"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(seq) = seq {
-            out.push((seq, path));
-        }
-    }
-    out.sort();
-    Ok(out)
+    numbered_files(dir, "", ".wal")
 }
 
 /// Why an append was not made durable.
@@ -214,19 +196,15 @@ impl Wal {
         tx.send(Msg::Rotate(reply)).map_err(|_| WalError::Closed)?;
         rx.await.map_err(|_| WalError::Closed)
     }
+}
 
-    /// Stops the writer after it has written what is queued.
-    pub fn close(&mut self) {
+impl Drop for Wal {
+    /// Stops the writer after it has written (and synced) what is queued.
+    fn drop(&mut self) {
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl Drop for Wal {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 
@@ -411,15 +389,17 @@ pub fn segment_state_start(path: &Path) -> io::Result<u64> {
     use std::io::Read;
     let mut header = [0u8; HEADER_LEN as usize];
     File::open(path)?.read_exact(&mut header)?;
-    if &header[..8] != MAGIC {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a WAL segment",
-        ));
-    }
-    let mut start = [0u8; 8];
-    start.copy_from_slice(&header[12..20]);
-    Ok(u64::from_le_bytes(start))
+    parse_header(&header)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a WAL segment"))
+}
+
+/// The state start of a segment that begins with a header this code wrote.
+fn parse_header(data: &[u8]) -> Option<u64> {
+    let header = data.get(..HEADER_LEN as usize)?;
+    let version = u32::from_le_bytes(header[8..12].try_into().ok()?);
+    (&header[..8] == MAGIC && version == SEGMENT_VERSION)
+        .then(|| header[12..20].try_into().ok().map(u64::from_le_bytes))
+        .flatten()
 }
 
 /// What replay found.
@@ -431,17 +411,12 @@ pub struct ReplayStats {
     pub truncated: u64,
     /// Records skipped because a newer spanagg wrote them (unknown version or kind).
     pub skipped: u64,
-    /// The greatest segment number seen; new segments start after it.
-    pub last_segment: u64,
-    /// State start recorded in the oldest segment read, if any.
-    pub state_start_ns: Option<u64>,
 }
 
 /// Reads every record at or after `from`, oldest first, truncating torn tails.
 pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::Result<ReplayStats> {
     let mut stats = ReplayStats::default();
     for (seq, path) in segments(dir)? {
-        stats.last_segment = stats.last_segment.max(seq);
         if seq < from.segment {
             continue;
         }
@@ -451,18 +426,13 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
             continue;
         }
         let data = std::fs::read(&path)?;
-        if data.len() < HEADER_LEN as usize || &data[..8] != MAGIC {
+        if parse_header(&data).is_none() {
             // Torn while being created (nothing in it was ever acknowledged) or not ours.
             tracing::warn!(path = %path.display(), "WAL segment without a valid header: set aside");
             std::fs::rename(&path, path.with_extension("wal.corrupt"))?;
             stats.truncated += 1;
             continue;
         }
-        let mut u64_at = [0u8; 8];
-        u64_at.copy_from_slice(&data[12..20]);
-        stats
-            .state_start_ns
-            .get_or_insert(u64::from_le_bytes(u64_at));
         let start = if seq == from.segment {
             from.offset.max(HEADER_LEN)
         } else {

@@ -1,28 +1,8 @@
 use super::*;
+use crate::storage::ScratchDir;
 
-fn dir() -> tempdir::Dir {
-    tempdir::Dir::new("wal")
-}
-
-/// A scratch directory removed on drop (tests only; no extra crate for it).
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "spanagg-{tag}-{}-{}",
-                std::process::id(),
-                fastrand::u64(..)
-            ));
-            std::fs::create_dir_all(&p).expect("temp dir");
-            Self(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+fn dir() -> ScratchDir {
+    ScratchDir::new("wal")
 }
 
 fn read_all(dir: &Path, from: Position) -> (Vec<Vec<u8>>, ReplayStats) {
@@ -58,7 +38,10 @@ fn appended_records_replay_in_order_across_segments() {
     let (got, stats) = read_all(&d.0, Position::default());
     assert_eq!(got, records);
     assert_eq!(stats.truncated, 0);
-    assert_eq!(stats.state_start_ns, Some(42));
+    assert_eq!(
+        segment_state_start(&segments(&d.0).unwrap()[0].1).unwrap(),
+        42
+    );
 }
 
 #[test]
@@ -84,11 +67,10 @@ fn a_rotation_position_skips_everything_before_it() {
     assert_eq!(got, vec![b"after".to_vec()]);
 }
 
-#[test]
-fn a_torn_tail_is_truncated_and_counted_and_earlier_records_survive() {
-    let d = dir();
+/// Logs three 100-byte records (all 0s, 1s, 2s) into one segment; returns its path.
+fn three_records(dir: &Path) -> PathBuf {
     let rt = runtime();
-    let wal = Wal::start(&d.0, 1, 0, 1 << 20, StorageMetrics::default()).expect("start");
+    let wal = Wal::start(dir, 1, 0, 1 << 20, StorageMetrics::default()).expect("start");
     rt.block_on(async {
         for i in 0..3u8 {
             wal.append(KIND_METRICS, Bytes::from(vec![i; 100]))
@@ -97,7 +79,13 @@ fn a_torn_tail_is_truncated_and_counted_and_earlier_records_survive() {
         }
     });
     drop(wal);
-    let (_, path) = segments(&d.0).unwrap().pop().unwrap();
+    segments(dir).unwrap().pop().unwrap().1
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_counted_and_earlier_records_survive() {
+    let d = dir();
+    let path = three_records(&d.0);
     let full = std::fs::metadata(&path).unwrap().len();
     // Cut the last record in half, as a crash mid-write would.
     let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -120,17 +108,7 @@ fn a_torn_tail_is_truncated_and_counted_and_earlier_records_survive() {
 #[test]
 fn a_flipped_bit_fails_the_crc_and_ends_the_segment_there() {
     let d = dir();
-    let rt = runtime();
-    let wal = Wal::start(&d.0, 1, 0, 1 << 20, StorageMetrics::default()).expect("start");
-    rt.block_on(async {
-        for i in 0..3u8 {
-            wal.append(KIND_METRICS, Bytes::from(vec![i; 100]))
-                .await
-                .unwrap();
-        }
-    });
-    drop(wal);
-    let (_, path) = segments(&d.0).unwrap().pop().unwrap();
+    let path = three_records(&d.0);
     let mut bytes = std::fs::read(&path).unwrap();
     let second_payload = HEADER_LEN as usize + RECORD_HEADER + 100 + RECORD_HEADER + 7;
     bytes[second_payload] ^= 0x10;

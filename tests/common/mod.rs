@@ -189,6 +189,16 @@ impl Spanagg {
         kb * 1024
     }
 
+    /// POSTs an OTLP/HTTP protobuf body; returns the status.
+    pub fn post_protobuf(&self, body: &[u8]) -> u16 {
+        self.post_otlp("application/x-protobuf", &[], body).0
+    }
+
+    /// POSTs an OTLP/HTTP protobuf body and insists it is acknowledged.
+    pub fn post_ok(&self, body: &[u8]) {
+        assert_eq!(self.post_protobuf(body), 200);
+    }
+
     pub fn post_otlp(
         &self,
         content_type: &str,
@@ -199,6 +209,33 @@ impl Spanagg {
         headers.extend_from_slice(extra);
         http(self.otlp_http, "POST", "/v1/metrics", &headers, body)
     }
+}
+
+/// The outcome of one run of the `spanagg` command line.
+pub struct Cli {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `spanagg` binary with `args` and waits for it.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Cli {
+    let out = Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .args(args)
+        .output()
+        .unwrap();
+    Cli {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs the `spanagg` binary with `args`, insists it succeeds, and returns what it printed.
+pub fn cli_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> String {
+    let out = cli(args);
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    out.stdout
 }
 
 impl Drop for Spanagg {
@@ -502,4 +539,14 @@ pub fn check_scrape(
         assert_eq!(inf.get(k), Some(c), "+Inf != _count for {k}");
     }
     samples
+}
+
+/// A workload shape of one service.
+pub fn one_service(routes: usize, bounds: usize, counters: bool) -> spanagg::workload::Shape {
+    spanagg::workload::Shape {
+        services: 1,
+        routes,
+        bounds,
+        counters,
+    }
 }

@@ -169,25 +169,29 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Installs the SIGINT and SIGTERM handlers now, before the state is restored, and returns
+/// what resolves on the first signal. Installed lazily (when first awaited, after start-up), a
+/// SIGTERM that came during start-up took the default action and killed the process, skipping
+/// the final checkpoint. Call inside the runtime.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("received SIGINT"),
+            _ = term.recv() => tracing::info!("received SIGTERM"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received SIGINT"),
-        () = term => tracing::info!("received SIGTERM"),
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("received Ctrl-C");
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -237,7 +241,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .thread_name("spanagg-io")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, shutdown_signal(), |b: Bound| {
+    let shutdown = {
+        let _inside = runtime.enter();
+        shutdown_signal()?
+    };
+    runtime.block_on(serve(config, shutdown, |b: Bound| {
         tracing::info!(
             "listening: OTLP/gRPC on {}, OTLP/HTTP on {} (POST /v1/metrics), HTTP on {} \
              (GET /metrics, /internal/metrics, /-/healthy, /-/ready)",

@@ -566,3 +566,44 @@ fn health_answers_while_a_long_wal_is_replayed_and_readiness_waits() {
     assert_eq!(calls(&s), expected);
     assert_eq!(s.get("/-/ready").0, 200);
 }
+
+#[test]
+fn a_sigterm_during_start_up_still_stops_cleanly_with_a_final_checkpoint() {
+    use std::io::BufRead;
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    s.post_ok(&delta(0, 0, t0));
+    let dir = s.kill9();
+    // Signal the process while it restores (before it serves), as an impatient operator or a
+    // rolling update would.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("spanagg.yaml"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let restoring = line.contains("restoring state");
+        log.push(line);
+        if restoring {
+            std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {log:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("checkpoint written")),
+        "{log:#?}"
+    );
+    let s = Spanagg::start_in(dir, "");
+    assert_eq!(calls(&s), ONE_DELTA);
+}

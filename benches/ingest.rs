@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use prost::Message;
 use spanagg::aggregate::shard::{ShardConfig, ShardState};
 use spanagg::export::prometheus::{encode_shard, stitch, Format};
-use spanagg::ingest::otlp::{prepare, Projection};
+use spanagg::ingest::otlp::{prepare, InputLimits, Projection};
 use spanagg::workload::{request, single_shard_batch, Shape};
 
 const SHAPE: Shape = Shape {
@@ -56,10 +56,11 @@ fn ingest(c: &mut Criterion) {
 
     g.bench_function("decode_validate_key_500_hist16_points", |b| {
         let mut i = 0;
+        let now = spanagg::unix_ns();
         b.iter(|| {
             let req = ExportMetricsServiceRequest::decode(&bodies[i % bodies.len()][..]).unwrap();
             i += 1;
-            prepare(&req, &projection, 1, |_| 0)
+            prepare(&req, &projection, &InputLimits::default(), now, 1, |_| 0)
         })
     });
 

@@ -12,6 +12,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 use crate::aggregate::layout::{fold_map, BucketLayout};
+use crate::ingest::otlp::InputLimits;
 
 /// Errors that stop the start. Each names the key and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,13 @@ pub struct RawLimits {
     pub max_series: Option<u64>,
     pub max_source_streams: Option<u64>,
     pub max_memory: Option<ByteSize>,
+    pub max_attributes_per_point: Option<usize>,
+    pub max_label_name_length: Option<usize>,
+    pub max_label_value_length: Option<usize>,
+    pub max_metric_name_length: Option<usize>,
+    pub max_buckets_per_point: Option<usize>,
+    #[serde(with = "humantime_opt", default)]
+    pub max_future_skew: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +195,9 @@ pub struct Config {
     /// wins). Points merge into it exactly when their bounds contain all of it.
     pub histogram_bounds: BTreeMap<String, BucketLayout>,
     pub limits: Limits,
+    /// What one data point may cost (attributes, name and value lengths, buckets) and how far
+    /// ahead of our clock it may end; points past them are refused with a counted reason.
+    pub input: InputLimits,
 }
 
 /// Guard rails: what keeps memory bounded when a client explodes.
@@ -282,6 +293,7 @@ impl Config {
             histogram_bounds.insert(metric, layout);
         }
         let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let input = input_limits(&raw.limits)?;
         Ok(Config {
             grpc_listen: raw.grpc_listen.unwrap_or(([127, 0, 0, 1], 4317).into()),
             otlp_http_listen: raw
@@ -301,6 +313,7 @@ impl Config {
             by: raw.labels.by.unwrap_or_else(|| owned(DEFAULT_BY)),
             without: raw.labels.without.unwrap_or_else(|| owned(DEFAULT_WITHOUT)),
             histogram_bounds,
+            input,
             limits: Limits {
                 max_series_per_service: positive(
                     "limits.max_series_per_service",
@@ -328,127 +341,55 @@ impl Config {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(yaml: &str) -> Result<Config, ConfigError> {
-        let raw = parse_yaml(yaml).map_err(|message| ConfigError::Parse {
-            path: PathBuf::from("test.yaml"),
-            message,
-        })?;
-        Config::from_raw(raw)
-    }
-
-    #[test]
-    fn type_errors_name_the_key() {
-        let err = parse("late_delta_window: soon").unwrap_err().to_string();
-        assert!(err.contains("`late_delta_window`"), "{err}");
-        let err = parse("labels:\n  by: 7\n").unwrap_err().to_string();
-        assert!(err.contains("`labels.by`"), "{err}");
-        let err = parse("max_request_bytes: lots").unwrap_err().to_string();
-        assert!(err.contains("`max_request_bytes`"), "{err}");
-    }
-
-    #[test]
-    fn defaults_bind_loopback_and_drop_instance_labels() {
-        let c = Config::default();
-        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:4317");
-        assert_eq!(c.otlp_http_listen.to_string(), "127.0.0.1:4318");
-        assert_eq!(c.http_listen.to_string(), "127.0.0.1:9464");
-        assert_eq!(c.max_request_bytes, 64 << 20);
-        assert!(c.without.iter().any(|k| k == "k8s.pod.name"));
-        assert_eq!(c.late_delta_window, Duration::from_secs(600));
-    }
-
-    #[test]
-    fn unknown_key_is_named_in_the_error() {
-        let err = parse("grpc_lisen: 1.2.3.4:1").unwrap_err().to_string();
-        assert!(err.contains("grpc_lisen"), "{err}");
-    }
-
-    #[test]
-    fn unsorted_bounds_name_the_metric_key() {
-        let err = parse("histogram:\n  bounds:\n    m: [2, 1]\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("histogram.bounds.m"), "{err}");
-        assert!(err.contains("strictly increasing"), "{err}");
-    }
-
-    #[test]
-    fn durations_and_sizes_parse_in_human_units() {
-        let c = parse("late_delta_window: 2m\nseries_ttl: 1h\nmax_request_bytes: 1MiB\n").unwrap();
-        assert_eq!(c.late_delta_window, Duration::from_secs(120));
-        assert_eq!(c.series_ttl, Duration::from_secs(3600));
-        assert_eq!(c.max_request_bytes, 1 << 20);
-    }
-
-    #[test]
-    fn the_shipped_example_parses_and_matches_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("spanagg.example.yaml");
-        let c = Config::from_file(&path).unwrap();
-        let d = Config::default();
-        assert_eq!(c.grpc_listen, d.grpc_listen);
-        assert_eq!(c.late_delta_window, d.late_delta_window);
-        assert_eq!(c.series_ttl, d.series_ttl);
-        assert_eq!(c.max_request_bytes, d.max_request_bytes);
-        assert_eq!(c.by, d.by);
-        assert_eq!(c.without, d.without);
-        assert_eq!(c.shard_queue_capacity, d.shard_queue_capacity);
-        assert_eq!(c.durability, d.durability);
-        assert_eq!(c.checkpoint_interval, d.checkpoint_interval);
-        assert_eq!(c.checkpoint_keep, d.checkpoint_keep);
-        assert_eq!(c.wal_segment_size, d.wal_segment_size);
-        assert_eq!(c.limits, d.limits);
-    }
-
-    #[test]
-    fn limits_parse_and_refuse_nonsense() {
-        let c = parse("limits:\n  max_series_per_service: 10\n  max_memory: 1GiB\n").unwrap();
-        assert_eq!(c.limits.max_series_per_service, 10);
-        assert_eq!(c.limits.max_memory, Some(1 << 30));
-        let err = parse("limits:\n  max_series: 0\n").unwrap_err().to_string();
-        assert!(err.contains("limits.max_series"), "{err}");
-        let err = parse("limits:\n  max_memory: 1KiB\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("limits.max_memory"), "{err}");
-        let err = parse("limits:\n  max_serie: 1\n").unwrap_err().to_string();
-        assert!(err.contains("max_serie"), "{err}");
-    }
-
-    #[test]
-    fn durability_is_wal_or_none() {
-        assert_eq!(Config::default().durability, Durability::Wal);
-        assert_eq!(
-            parse("durability: none").unwrap().durability,
-            Durability::None
-        );
-        let err = parse("durability: fsync").unwrap_err().to_string();
-        assert!(err.contains("`durability`"), "{err}");
-        let err = parse("checkpoint_keep: 0").unwrap_err().to_string();
-        assert!(err.contains("`checkpoint_keep`"), "{err}");
-    }
-
-    #[test]
-    fn output_bounds_must_be_a_subset_of_the_merge_bounds() {
-        let c = parse(
-            "histogram:\n  bounds:\n    m: [1, 2, 5, 10]\n  output_bounds:\n    m: [2, 10]\n",
-        )
-        .unwrap();
-        assert_eq!(c.histogram_bounds["m"].bounds(), &[2.0, 10.0]);
-        let err =
-            parse("histogram:\n  bounds:\n    m: [1, 2, 5, 10]\n  output_bounds:\n    m: [3]\n")
-                .unwrap_err()
-                .to_string();
-        assert!(err.contains("histogram.output_bounds.m"), "{err}");
-        assert!(err.contains("subset"), "{err}");
-    }
-
-    #[test]
-    fn zero_shards_is_refused() {
-        let err = parse("shards: 0").unwrap_err().to_string();
-        assert!(err.contains("`shards`"), "{err}");
-    }
+/// The per-point limits, each at least what normal spanmetrics needs.
+fn input_limits(raw: &RawLimits) -> Result<InputLimits, ConfigError> {
+    let d = InputLimits::default();
+    let at_least = |key: &str, v: Option<usize>, default: usize, min: usize| match v {
+        Some(v) if v < min => Err(ConfigError::Invalid {
+            key: format!("limits.{key}"),
+            reason: format!("must be at least {min}"),
+        }),
+        v => Ok(v.unwrap_or(default)),
+    };
+    let a = d.attributes;
+    let skew = raw.max_future_skew.map_or(d.max_future_skew_ns, |s| {
+        s.as_nanos().min(u128::from(u64::MAX)) as u64
+    });
+    let mut out = d;
+    out.attributes.max_attributes = at_least(
+        "max_attributes_per_point",
+        raw.max_attributes_per_point,
+        a.max_attributes,
+        16,
+    )?;
+    out.attributes.max_name_len = at_least(
+        "max_label_name_length",
+        raw.max_label_name_length,
+        a.max_name_len,
+        32,
+    )?;
+    out.attributes.max_value_len = at_least(
+        "max_label_value_length",
+        raw.max_label_value_length,
+        a.max_value_len,
+        64,
+    )?;
+    out.max_metric_name_len = at_least(
+        "max_metric_name_length",
+        raw.max_metric_name_length,
+        d.max_metric_name_len,
+        64,
+    )?;
+    out.max_buckets = at_least(
+        "max_buckets_per_point",
+        raw.max_buckets_per_point,
+        d.max_buckets,
+        2,
+    )?;
+    out.max_future_skew_ns = skew;
+    Ok(out)
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -121,7 +121,8 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
             Projection::new(&config.by, &config.without),
             telemetry.clone(),
             config.max_request_bytes,
-        );
+        )
+        .with_limits(config.input);
         let t = std::time::Instant::now();
         let stats = replay(storage.wal_dir().to_owned(), from, &replayer, &metrics)
             .await
@@ -215,7 +216,8 @@ pub async fn serve(
         Projection::new(&config.by, &config.without),
         telemetry.clone(),
         config.max_request_bytes,
-    );
+    )
+    .with_limits(config.input);
     if let Some(wal) = storage.wal() {
         ingestor = ingestor.with_wal(wal);
     }

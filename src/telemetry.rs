@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 
 use crate::aggregate::shard::{BatchResult, Outcome};
 use crate::aggregate::table::{ShardStats, APPLY_BUCKETS};
-use crate::ingest::otlp::{Reason, Rejections};
+use crate::ingest::otlp::{Reason, Rejections, Relabeled};
 use crate::storage::StorageMetrics;
 
 #[path = "telemetry_budget.rs"]
@@ -88,6 +88,8 @@ pub struct Telemetry {
     points: Vec<Counter>,
     rejected: Vec<Counter>,
     no_value: Counter,
+    /// Points relabeled: [reserved name renamed, colliding names joined].
+    relabeled: [Counter; 2],
     pub scrape_duration: Histogram,
     pub scrape_bytes: Histogram,
     pub family_conflicts: Counter,
@@ -172,6 +174,16 @@ impl Telemetry {
             "Data points skipped because their flags say no value was recorded",
             no_value.clone(),
         );
+        let relabeled_f = Family::<Labels2, Counter>::default();
+        registry.register(
+            "points_relabeled",
+            "Data points whose attributes became different label names: reserved names renamed \
+             with exported_ (why=reserved_name), names that sanitise alike joined \
+             (why=colliding_names)",
+            relabeled_f.clone(),
+        );
+        let relabeled = ["reserved_name", "colliding_names"]
+            .map(|w| relabeled_f.get_or_create(&vec![("why", w)]).clone());
         let scrape_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(
             "scrape_duration_seconds",
@@ -215,6 +227,7 @@ impl Telemetry {
             points,
             rejected,
             no_value,
+            relabeled,
             scrape_duration,
             scrape_bytes,
             family_conflicts,
@@ -240,6 +253,14 @@ impl Telemetry {
 
     pub fn received(&self, p: Protocol, n: u64) {
         self.points_received[p as usize].inc_by(n);
+    }
+
+    pub fn relabeled(&self, r: &Relabeled) {
+        for (c, n) in self.relabeled.iter().zip([r.reserved, r.colliding]) {
+            if n > 0 {
+                c.inc_by(n);
+            }
+        }
     }
 
     pub fn rejections(&self, r: &Rejections, no_value: u64) {

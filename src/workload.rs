@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use std::sync::Arc;
 
 use crate::aggregate::shard::Batch;
-use crate::ingest::otlp::{prepare, Projection, RequestLabels};
+use crate::ingest::otlp::{prepare, InputLimits, Projection, RequestLabels};
 
 /// Shape of the generated load.
 #[derive(Debug, Clone, Copy)]
@@ -145,7 +145,14 @@ pub fn make_cumulative(req: &mut ExportMetricsServiceRequest) {
 /// The whole request as one shard's batch, for driving a `ShardState` directly (benchmarks and
 /// the memory example); nobody waits for its result.
 pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Projection>) -> Batch {
-    let p = prepare(&req, projection, 1, |_| 0);
+    let p = prepare(
+        &req,
+        projection,
+        &InputLimits::default(),
+        crate::unix_ns(),
+        1,
+        |_| 0,
+    );
     let part = p.per_shard.into_iter().next().unwrap_or_default();
     Batch {
         families: p.families,

@@ -274,6 +274,18 @@ async fn undecodable_bodies_are_refused_counted_and_harmless() {
         Some(3),
         "INVALID_ARGUMENT: {headers:?}"
     );
+    // gRPC with a corrupt and a truncated gzip message: the client's fault, not INTERNAL.
+    for bad in [
+        b"\x1f\x8bnot gzip".to_vec(),
+        gzip(b"0123456789")[..12].to_vec(),
+    ] {
+        let (_, headers, _) = raw_grpc(&s, true, bad).await;
+        assert_eq!(
+            grpc_status(&headers),
+            Some(3),
+            "INVALID_ARGUMENT: {headers:?}"
+        );
+    }
 
     assert_eq!(s.scrape(), before, "held data unchanged");
     assert_eq!(
@@ -288,7 +300,7 @@ async fn undecodable_bodies_are_refused_counted_and_harmless() {
     );
     assert_eq!(
         s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"invalid_argument\"}"),
-        1.0
+        3.0
     );
 }
 
@@ -875,4 +887,30 @@ async fn two_metrics_with_one_prometheus_name_but_different_types_keep_the_scrap
         s.internal("spanagg_scrape_family_conflicts_total") >= 1.0,
         "{text}\n{internal}"
     );
+}
+
+#[test]
+fn wrong_methods_get_a_405_that_says_what_it_is() {
+    let s = Spanagg::start("");
+    for (addr, method, path) in [
+        (s.otlp_http, "GET", "/v1/metrics"),
+        (s.http, "POST", "/metrics"),
+        (s.http, "DELETE", "/api/v1/snapshot"),
+    ] {
+        let (status, headers, body) = http(addr, method, path, &[], b"");
+        assert_eq!(status, 405, "{method} {path}");
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            header("content-type").as_deref(),
+            Some("text/plain; charset=utf-8"),
+            "{method} {path}: {headers:?}"
+        );
+        assert!(header("allow").is_some(), "{method} {path}: {headers:?}");
+        assert_eq!(body, b"method not allowed\n");
+    }
 }

@@ -214,8 +214,7 @@ pub struct OverflowLabels {
     pub services: Vec<Box<str>>,
 }
 
-/// The label that marks an overflow series (the OpenTelemetry convention).
-pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
+pub use crate::aggregate::naming::OVERFLOW_LABEL;
 
 impl LabelResolver for OverflowLabels {
     fn labels(&self, label_ref: [u32; 4]) -> Vec<(String, String)> {
@@ -223,17 +222,22 @@ impl LabelResolver for OverflowLabels {
             .services
             .get(label_ref[0] as usize)
             .map_or("", |s| &**s);
-        vec![
-            (OVERFLOW_LABEL.to_owned(), "true".to_owned()),
-            (SERVICE_LABEL.to_owned(), service.to_owned()),
-        ]
+        let mut labels = vec![(OVERFLOW_LABEL.to_owned(), "true".to_owned())];
+        // An empty value is no label, as for every other series.
+        if !service.is_empty() {
+            labels.push((SERVICE_LABEL.to_owned(), service.to_owned()));
+        }
+        labels
     }
 }
 
-/// The output key of a service's overflow series in a family (`seed` is the family's key seed).
+/// The output key of a service's overflow series in a family (`seed` is the family's key seed):
+/// the hash of its labels, like every output key.
 pub fn overflow_key(service: &str, seed: u64) -> u128 {
     let mut set = SetHash::default();
     set.add(OVERFLOW_LABEL, "true");
-    set.add(SERVICE_LABEL, service);
+    if !service.is_empty() {
+        set.add(SERVICE_LABEL, service);
+    }
     set.finish(seed)
 }

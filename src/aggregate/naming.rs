@@ -1,6 +1,8 @@
 //! OTel → Prometheus names, per the OpenTelemetry Prometheus compatibility spec: metric names
 //! get their unit and `_total` suffixes, characters outside `[a-zA-Z0-9_:]` become `_`, and
-//! attribute keys are sanitised the same way (`span.name` → `span_name`).
+//! attribute keys are sanitised the same way (`span.name` → `span_name`). Label names that
+//! Prometheus or spanagg reserve are renamed with the `exported_` prefix, as Prometheus renames
+//! target labels that clash with its own: no attribute can make a scrape invalid.
 
 /// Replaces every character Prometheus does not allow with `_`, collapses runs of `_` that the
 /// replacement created, and prefixes a leading digit.
@@ -23,6 +25,11 @@ pub fn sanitize_metric_name(name: &str) -> String {
 /// Label keys: like metric names but without `:`; a leading digit gets a `key_` prefix.
 pub fn sanitize_label_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len() + 4);
+    sanitize_label_key_into(key, &mut out);
+    out
+}
+
+fn sanitize_label_key_into(key: &str, out: &mut String) {
     for c in key.chars() {
         if c.is_ascii_alphanumeric() || c == '_' {
             out.push(c);
@@ -33,7 +40,27 @@ pub fn sanitize_label_key(key: &str) -> String {
     if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert_str(0, "key_");
     }
-    out
+}
+
+/// The label that marks an overflow series (the OpenTelemetry convention); reserved, so a
+/// client attribute of that name cannot pose as one.
+pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
+
+/// What Prometheus puts before a label name that clashes with one it reserves.
+pub const EXPORTED_PREFIX: &str = "exported_";
+
+/// The output label name of an attribute key, written into `out`: sanitised, then prefixed
+/// with `exported_` when the name is reserved — `__*` (Prometheus internals), `le` on a
+/// histogram (its bucket label) or `otel_metric_overflow` (spanagg's overflow series).
+/// Returns whether it was renamed.
+pub fn output_label_name(key: &str, histogram: bool, out: &mut String) -> bool {
+    out.clear();
+    sanitize_label_key_into(key, out);
+    let reserved = out.starts_with("__") || (histogram && out == "le") || out == OVERFLOW_LABEL;
+    if reserved {
+        out.insert_str(0, EXPORTED_PREFIX);
+    }
+    reserved
 }
 
 /// The Prometheus word for an UCUM unit, or `None` when nothing is appended.
@@ -160,6 +187,33 @@ mod tests {
     }
 
     #[test]
+    fn reserved_label_names_are_exported() {
+        let name = |k: &str, hist: bool| {
+            let mut out = String::new();
+            let renamed = output_label_name(k, hist, &mut out);
+            (out, renamed)
+        };
+        assert_eq!(name("le", true), ("exported_le".into(), true));
+        assert_eq!(
+            name("le", false),
+            ("le".into(), false),
+            "le is only a histogram's"
+        );
+        assert_eq!(name("__name__", false), ("exported___name__".into(), true));
+        assert_eq!(
+            name("_.x", false),
+            ("exported___x".into(), true),
+            "sanitises to __x"
+        );
+        assert_eq!(
+            name("otel_metric_overflow", false),
+            ("exported_otel_metric_overflow".into(), true)
+        );
+        assert_eq!(name("http.method", true), ("http_method".into(), false));
+        assert_eq!(name("", false), ("key_".into(), false));
+    }
+
+    #[test]
     fn sanitised_names_only_hold_allowed_characters() {
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..2000 {
@@ -178,6 +232,9 @@ mod tests {
             let k = sanitize_label_key(&s);
             assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
             assert!(!k.is_empty() && !k.starts_with(|c: char| c.is_ascii_digit()));
+            let mut o = String::new();
+            output_label_name(&s, true, &mut o);
+            assert!(!o.starts_with("__") && o != "le", "{s:?} -> {o:?}");
         }
     }
 }

@@ -116,12 +116,13 @@ impl BucketCounts {
         }
     }
 
-    /// Adds `v` to bucket `i` (ignored if out of range), widening on overflow.
+    /// Adds `v` to bucket `i` (ignored if out of range), widening on overflow. A count never
+    /// wraps: past `u64::MAX` it stays there (it never goes down either).
     pub fn add(&mut self, i: usize, v: u64) {
         match self {
             Self::Narrow(c) => {
                 let Some(slot) = c.get_mut(i) else { return };
-                match u32::try_from(u64::from(*slot) + v) {
+                match u32::try_from(u64::from(*slot).saturating_add(v)) {
                     Ok(n) => *slot = n,
                     Err(_) => {
                         let wide: Box<[u64]> = c.iter().map(|x| u64::from(*x)).collect();
@@ -136,6 +137,13 @@ impl BucketCounts {
                 }
             }
         }
+    }
+
+    /// The histogram's count: the sum of its buckets, saturating like each bucket does.
+    pub fn total(&self) -> u64 {
+        let mut t = 0u64;
+        self.for_each(|c| t = t.saturating_add(c));
+        t
     }
 
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
@@ -201,8 +209,12 @@ pub const NO_SERIES: u32 = u32::MAX;
 /// The difference between two cumulative points, or why there is none.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CumulativeDelta {
-    /// Not newer than the last point: a retry or reordering.
+    /// Not newer than the last point (an older start, or an end not after the last end): a
+    /// retry or reordering. Dropped, state unchanged.
     Stale,
+    /// A restart with an unknown start (start == time): its rate contribution is zero, so it
+    /// only becomes the new baseline.
+    Baseline,
     /// A delta to apply over `(start, end)`; `reset` when the stream restarted.
     Delta {
         start_ns: u64,
@@ -231,7 +243,8 @@ impl CumulativeValue {
                     count: pn,
                 },
             ) => {
-                if bounds != pb || count < pn {
+                // A sum that went down would serve a decreasing `_sum`: a reset too.
+                if bounds != pb || count < pn || sum < ps {
                     return None;
                 }
                 let diff: Option<Box<[u64]>> = counts
@@ -252,13 +265,17 @@ impl CumulativeValue {
 }
 
 /// Turns the next cumulative point into a delta, updating `state`.
+///
+/// A newer start time, or a value that went down under the same start, is a reset: the new
+/// value is the delta. An older start time is a delayed retry from before the reset, never a
+/// reset itself (that would add a whole lifetime again).
 pub fn cumulative_step(
     state: &mut CumulativeState,
     start_ns: u64,
     end_ns: u64,
     value: CumulativeValue,
 ) -> CumulativeDelta {
-    if start_ns == state.start_ns && end_ns <= state.end_ns {
+    if start_ns < state.start_ns || (start_ns == state.start_ns && end_ns <= state.end_ns) {
         return CumulativeDelta::Stale;
     }
     let diff = (start_ns == state.start_ns)
@@ -270,6 +287,7 @@ pub fn cumulative_step(
             reset: false,
             value: d,
         },
+        None if start_ns == end_ns => CumulativeDelta::Baseline,
         None => CumulativeDelta::Delta {
             start_ns,
             reset: true,
@@ -311,6 +329,40 @@ mod tests {
     }
 
     #[test]
+    fn bucket_counts_saturate_instead_of_wrapping() {
+        let mut c = BucketCounts::zeros(1);
+        c.add(0, 7);
+        c.add(0, u64::MAX - 1);
+        assert_eq!(c.get(0), u64::MAX);
+        c.add(0, u64::MAX);
+        assert_eq!(c.get(0), u64::MAX, "never wraps, never panics");
+        let mut two = BucketCounts::zeros(2);
+        two.add(0, u64::MAX);
+        two.add(1, 5);
+        assert_eq!(two.total(), u64::MAX, "the count saturates too");
+    }
+
+    #[test]
+    fn a_cumulative_histogram_sum_going_down_is_a_reset() {
+        let h = |sum: f64| CumulativeValue::Histogram {
+            bounds: vec![1.0].into(),
+            counts: vec![1, 1].into(),
+            sum,
+            count: 2,
+        };
+        let mut s = CumulativeState {
+            start_ns: 1,
+            end_ns: 10,
+            value: h(9.0),
+        };
+        let d = cumulative_step(&mut s, 1, 20, h(5.0));
+        assert!(
+            matches!(d, CumulativeDelta::Delta { reset: true, .. }),
+            "{d:?}"
+        );
+    }
+
+    #[test]
     fn cumulative_points_become_differences() {
         let mut s = st(1, 10, 5);
         let d = cumulative_step(&mut s, 1, 20, CumulativeValue::Int(8));
@@ -336,6 +388,51 @@ mod tests {
             CumulativeDelta::Stale
         );
         assert_eq!(s, st(1, 10, 5), "state untouched");
+    }
+
+    #[test]
+    fn an_older_start_is_a_stale_retry_not_a_reset() {
+        // (S1, 200, 50), (S2, 400, 5), (S1, 250, 60), (S2, 450, 8): 5 then 3, never 60.
+        let mut s = st(1, 200, 50);
+        let d = cumulative_step(&mut s, 2, 400, CumulativeValue::Int(5));
+        assert!(matches!(
+            d,
+            CumulativeDelta::Delta {
+                reset: true,
+                value: CumulativeValue::Int(5),
+                ..
+            }
+        ));
+        assert_eq!(
+            cumulative_step(&mut s, 1, 250, CumulativeValue::Int(60)),
+            CumulativeDelta::Stale
+        );
+        let d = cumulative_step(&mut s, 2, 450, CumulativeValue::Int(8));
+        assert!(matches!(
+            d,
+            CumulativeDelta::Delta {
+                reset: false,
+                value: CumulativeValue::Int(3),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_restart_with_an_unknown_start_is_only_a_baseline() {
+        let mut s = st(1, 200, 50);
+        let d = cumulative_step(&mut s, 300, 300, CumulativeValue::Int(7));
+        assert_eq!(d, CumulativeDelta::Baseline);
+        assert_eq!(s, st(300, 300, 7));
+        let d = cumulative_step(&mut s, 300, 310, CumulativeValue::Int(9));
+        assert!(matches!(
+            d,
+            CumulativeDelta::Delta {
+                reset: false,
+                value: CumulativeValue::Int(2),
+                ..
+            }
+        ));
     }
 
     #[test]

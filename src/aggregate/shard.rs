@@ -495,6 +495,7 @@ impl ShardState {
                 src.touched = clock;
                 match cumulative_step(&mut src.last, p.start_ns, p.end_ns, value) {
                     CumulativeDelta::Stale => return Outcome::CumulativeStale,
+                    CumulativeDelta::Baseline => return Outcome::CumulativeBaseline,
                     CumulativeDelta::Delta {
                         start_ns,
                         reset,
@@ -529,7 +530,12 @@ impl ShardState {
                         series: NO_SERIES,
                     },
                 );
-                if p.start_ns <= self.cfg.process_start_ns {
+                // Counted from its start only if all of it is new to us: it began after we did
+                // (`initial_value: auto`), its start is known (start == time has no rate), and
+                // it began within the TTL (older, it may be a stream that expired here while
+                // its series lived on, and its whole lifetime was counted before).
+                let returning = p.start_ns.saturating_add(self.ttl_ns()) < self.now_ns;
+                if p.start_ns <= self.cfg.process_start_ns || p.start_ns == p.end_ns || returning {
                     return Outcome::CumulativeBaseline;
                 }
                 (p.start_ns, value, Outcome::Applied)

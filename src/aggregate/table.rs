@@ -1,6 +1,11 @@
 //! The sharded table: N owner threads, each with its `ShardState`, fed over bounded crossbeam
 //! channels. Writers never touch shared state; readers send a closure that the owner runs
 //! between batches (so a read sees every batch wholly applied or not at all).
+//!
+//! A shard thread that panics takes the process with it ([`SHARD_DIED_EXIT_CODE`]): a service
+//! with one dead shard would answer 503 for its share of series for good while looking alive.
+//! The request that panicked was never logged (logging follows applying), so a restart replays
+//! the WAL without it and comes back whole.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +15,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender, TrySendError};
 
 use super::shard::{Batch, ShardConfig, ShardState};
+
+/// The exit code when a shard thread dies.
+pub const SHARD_DIED_EXIT_CODE: i32 = 70;
 
 /// Upper bounds (seconds) of the apply-latency histogram.
 pub const APPLY_BUCKETS: [f64; 10] = [
@@ -99,7 +107,17 @@ impl Table {
             let st = stats.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("spanagg-shard-{i}"))
-                .spawn(move || run(state, data_rx, ctl_rx, st))?;
+                .spawn(move || {
+                    let body = std::panic::AssertUnwindSafe(|| run(state, data_rx, ctl_rx, st));
+                    if std::panic::catch_unwind(body).is_err() {
+                        tracing::error!(
+                            shard = i,
+                            "a shard thread panicked; exiting so the service restarts whole \
+                             from its WAL instead of running without the shard"
+                        );
+                        std::process::exit(SHARD_DIED_EXIT_CODE);
+                    }
+                })?;
             shards.push(Handle {
                 data,
                 ctl,
@@ -243,4 +261,40 @@ fn record_apply(stats: &ShardStats, d: Duration) {
         Ordering::Relaxed,
     );
     stats.batches.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run by `a_dead_shard_takes_the_process_down` in a child process: panics in a shard.
+    #[test]
+    #[ignore = "run as a child process by a_dead_shard_takes_the_process_down"]
+    fn shard_panic_child() {
+        let table = Table::start(ShardConfig::default(), 2, 4).expect("shards");
+        table.visit(|i, _| assert!(i != 1, "shard 1 dies"));
+        std::thread::sleep(Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_dead_shard_takes_the_process_down() {
+        let exe = std::env::current_exe().expect("test binary");
+        let started = Instant::now();
+        let status = std::process::Command::new(exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "aggregate::table::tests::shard_panic_child",
+                "--nocapture",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("child runs");
+        assert_eq!(status.code(), Some(SHARD_DIED_EXIT_CODE));
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "it did not wait"
+        );
+    }
 }

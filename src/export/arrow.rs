@@ -208,7 +208,7 @@ pub fn shard_batch(state: &ShardState, filter: &Filter) -> Result<RecordBatch, A
                 ..
             } => {
                 value.append_null();
-                count.append_value(c.iter().sum());
+                count.append_value(c.total());
                 sum.append_value(*total);
                 bounds.values().append_slice(state.layout(*layout));
                 bounds.append(true);

@@ -42,7 +42,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/-/healthy", get(|| async { "spanagg is healthy\n" }))
         .route("/-/ready", get(ready))
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// A 405 that says what it is (axum's own has no body and no Content-Type). axum still adds
+/// the `Allow` header.
+pub async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "method not allowed\n",
+    )
+        .into_response()
 }
 
 /// The router the HTTP listener serves from the start: until `app` is set (the state is being

@@ -2,7 +2,7 @@
 //! own series (on its own thread, in parallel) into one part per family; `stitch` joins the
 //! parts family by family so every family's lines are contiguous, with one header each.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use crate::aggregate::key::{FamilyDesc, Kind};
@@ -53,6 +53,10 @@ impl Format {
                 "text/plain" | "*/*" | "text/*" => Self::Text,
                 _ => continue,
             };
+            // q=0 says "not acceptable".
+            if q <= 0.0 || q.is_nan() {
+                continue;
+            }
             if q > best.1 {
                 best = (format, q);
             }
@@ -248,9 +252,22 @@ pub fn stitch(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (String, usi
             + 4096,
     );
     let mut conflicts = 0;
+    // Sample names served so far: a family whose samples would reuse one (a counter `x_count`
+    // beside a histogram `x`) is left out, or parsers refuse the whole exposition.
+    let mut claimed: HashSet<String> = HashSet::new();
     for (name, parts) in by_name {
         let Some(first) = parts.first() else { continue };
         let kind = first.desc.kind;
+        let suffixes: &[&str] = match kind {
+            Kind::Counter => &["", "_total", "_created"],
+            Kind::Histogram => &["", "_bucket", "_count", "_sum", "_created"],
+        };
+        let names: Vec<String> = suffixes.iter().map(|s| format!("{name}{s}")).collect();
+        if names.iter().any(|n| claimed.contains(n)) {
+            conflicts += parts.len();
+            continue;
+        }
+        claimed.extend(names);
         let (type_name, word) = match (kind, format) {
             (Kind::Counter, Format::Text) => (format!("{name}_total"), "counter"),
             (Kind::Counter, Format::OpenMetrics) => (name.clone(), "counter"),
@@ -285,6 +302,52 @@ pub fn stitch(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (String, usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(name: &str, kind: Kind, body: &str) -> FamilyPart {
+        FamilyPart {
+            desc: FamilyDesc {
+                name: name.into(),
+                kind,
+                otel_name: name.into(),
+                unit: "".into(),
+                help: "".into(),
+            },
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn families_whose_samples_clash_are_left_out_and_counted() {
+        let parts = vec![vec![
+            part(
+                "x",
+                Kind::Histogram,
+                "x_bucket{le=\"+Inf\"} 1\nx_sum 1\nx_count 1\n",
+            ),
+            part("x_count", Kind::Counter, "x_count_total 5\n"),
+            part("x_sum", Kind::Histogram, "x_sum_bucket{le=\"+Inf\"} 1\n"),
+            part("y", Kind::Counter, "y_total 2\n"),
+            part("y_created", Kind::Counter, "y_created_total 2\n"),
+        ]];
+        let (text, conflicts) = stitch(parts, Format::OpenMetrics);
+        assert_eq!(conflicts, 3, "{text}");
+        assert!(!text.contains("x_count_total") && !text.contains("y_created_total"));
+        assert!(text.contains("y_total 2") && text.contains("x_count 1"));
+    }
+
+    #[test]
+    fn q_zero_is_not_acceptable() {
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;version=1.0.0;q=0")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0;q=0,text/plain;q=0.1"
+            )),
+            Format::Text
+        );
+    }
 
     #[test]
     fn prometheus_accept_header_prefers_openmetrics() {

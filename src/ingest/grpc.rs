@@ -123,6 +123,16 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
     }
 }
 
+/// Whether tonic refused the message because it could not decompress it.
+fn is_decompression_error(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| {
+            m.starts_with("Error decompressing") || m.starts_with("Error%20decompressing")
+        })
+}
+
 impl<B> tower_service::Service<http::Request<B>> for MetricsGrpc
 where
     B: http_body::Body + Send + 'static,
@@ -160,6 +170,13 @@ where
                 ingestor.refused(Protocol::Grpc, &IngestError::TooLarge { limit });
                 res.headers_mut()
                     .insert("grpc-status", http::HeaderValue::from_static("8"));
+            } else if code == Some(13) && is_decompression_error(res.headers()) {
+                // A corrupt or truncated gzip message is the client's fault, as on OTLP/HTTP:
+                // INVALID_ARGUMENT (not retried), not INTERNAL (retried forever).
+                let err = IngestError::InvalidArgument("invalid gzip message".into());
+                ingestor.refused(Protocol::Grpc, &err);
+                res.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static("3"));
             }
             Ok(res)
         })

@@ -55,6 +55,7 @@ impl Format {
 pub fn router(ingestor: Arc<Ingestor>) -> Router {
     Router::new()
         .route("/v1/metrics", post(export))
+        .method_not_allowed_fallback(crate::export::http::method_not_allowed)
         .with_state(ingestor)
 }
 
@@ -120,7 +121,7 @@ async fn export(State(ingestor): State<Arc<Ingestor>>, headers: HeaderMap, body:
                 };
                 let body = match format {
                     Format::Protobuf => resp.encode_to_vec(),
-                    Format::Json => serde_json::to_vec(&resp).unwrap_or_default(),
+                    Format::Json => super::json::encode_response(&resp),
                 };
                 (
                     StatusCode::OK,
@@ -173,7 +174,7 @@ async fn read_request(
                 (r, Some(logged))
             })
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}"))),
-        Format::Json => serde_json::from_slice(&bytes)
+        Format::Json => super::json::decode(&bytes)
             .map(|r| (r, None))
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}"))),
     }

@@ -5,8 +5,11 @@
 pub mod body;
 pub mod grpc;
 pub mod http;
+pub mod json;
+mod labels;
 pub mod otlp;
 mod overflow;
+mod reason;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +22,7 @@ use crate::aggregate::shard::{Batch, BatchResult, Outcome};
 use crate::aggregate::table::{SendError, Table};
 use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY};
 use crate::telemetry::{LimitKind, Protocol, RequestOutcome, Telemetry};
-use otlp::{prepare, Projection, RequestLabels};
+use otlp::{prepare, InputLimits, Projection, RequestLabels};
 
 /// How long an export waits for room in a full shard queue before refusing with a retryable
 /// error. Short: the client's retry with backoff is the real queue.
@@ -68,6 +71,7 @@ pub struct Ingestor {
     /// Set while resident memory is over `limits.max_memory` (by `watch_memory`).
     pub over_memory: Arc<std::sync::atomic::AtomicBool>,
     pub max_request_bytes: usize,
+    limits: InputLimits,
 }
 
 impl Ingestor {
@@ -84,7 +88,14 @@ impl Ingestor {
             wal: None,
             over_memory: Default::default(),
             max_request_bytes,
+            limits: InputLimits::default(),
         }
+    }
+
+    /// Checks points against `limits` instead of the built-in ones.
+    pub fn with_limits(mut self, limits: InputLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Logs every accepted request to `wal` before replying.
@@ -133,10 +144,18 @@ impl Ingestor {
             ));
         }
         let table = &self.table;
-        let prepared = prepare(&req, &self.projection, table.len(), |k| table.shard_of(k));
+        let prepared = prepare(
+            &req,
+            &self.projection,
+            &self.limits,
+            crate::unix_ns(),
+            table.len(),
+            |k| table.shard_of(k),
+        );
         self.telemetry.received(protocol, prepared.received);
         self.telemetry
             .rejections(&prepared.rejections, prepared.no_value);
+        self.telemetry.relabeled(&prepared.relabeled);
         let req = Arc::new(req);
         let resolver = Arc::new(RequestLabels {
             req: req.clone(),

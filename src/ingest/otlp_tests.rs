@@ -1,6 +1,8 @@
 //! Unit tests of validation, projection and keying (`otlp.rs`).
 
 use super::*;
+use crate::aggregate::shard::LabelResolver;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     Gauge, Histogram, Metric, ResourceMetrics, ScopeMetrics, Sum,
 };
@@ -86,7 +88,14 @@ fn good_hist() -> HistogramDataPoint {
 }
 
 fn run(req: &ExportMetricsServiceRequest) -> Prepared {
-    prepare(req, &projection(), 1, |_| 0)
+    prepare(
+        req,
+        &projection(),
+        &InputLimits::default(),
+        crate::unix_ns(),
+        1,
+        |_| 0,
+    )
 }
 
 const DELTA: i32 = AggregationTemporality::Delta as i32;
@@ -213,7 +222,8 @@ fn unsupported_kinds_and_bad_numbers_are_rejected_with_their_reason() {
     let r = &p.rejections;
     assert_eq!(r.counts[Reason::NonMonotonicSum as usize], 1);
     assert_eq!(r.counts[Reason::UnspecifiedTemporality as usize], 1);
-    assert_eq!(r.counts[Reason::InvalidValue as usize], 2);
+    assert_eq!(r.counts[Reason::InvalidValue as usize], 1);
+    assert_eq!(r.counts[Reason::NonFinite as usize], 1);
     assert_eq!(r.counts[Reason::InvalidInterval as usize], 1);
     assert_eq!(r.counts[Reason::ZeroTimestamp as usize], 1);
     assert_eq!(r.counts[Reason::MissingValue as usize], 1);
@@ -241,7 +251,7 @@ fn histogram_points_are_checked_bucket_by_bucket() {
                 explicit_bounds: vec![1.0, f64::INFINITY],
                 ..good_hist()
             },
-            Reason::InvalidBounds,
+            Reason::NonFinite,
         ),
         (
             HistogramDataPoint {
@@ -276,7 +286,7 @@ fn histogram_points_are_checked_bucket_by_bucket() {
                 sum: Some(f64::NAN),
                 ..good_hist()
             },
-            Reason::InvalidSum,
+            Reason::NonFinite,
         ),
     ];
     for (point, reason) in cases {
@@ -338,4 +348,90 @@ fn a_counter_and_a_histogram_of_one_name_are_distinct_sources() {
     assert_eq!(points.len(), 2);
     assert_ne!(points[0].source, points[1].source);
     assert_ne!(points[0].series, points[1].series);
+}
+
+fn reasons(p: &Prepared) -> Vec<(&'static str, u64)> {
+    Reason::ALL
+        .iter()
+        .filter(|r| p.rejections.get(**r) > 0)
+        .map(|r| (r.as_str(), p.rejections.get(*r)))
+        .collect()
+}
+
+#[test]
+fn histogram_sums_that_would_move_sum_backwards_are_refused() {
+    let with = |edit: &dyn Fn(&mut HistogramDataPoint)| {
+        let mut p = good_hist();
+        edit(&mut p);
+        reasons(&run(&request(vec![], vec![hist(p)])))
+    };
+    assert_eq!(with(&|p| p.sum = Some(-91.0)), vec![("negative_sum", 1)]);
+    assert_eq!(
+        with(&|p| {
+            p.count = 0;
+            p.bucket_counts = vec![0, 0, 0];
+            p.sum = Some(3.0);
+        }),
+        vec![("sum_without_count", 1)]
+    );
+    assert_eq!(with(&|p| p.sum = Some(f64::NAN)), vec![("non_finite", 1)]);
+    assert_eq!(
+        with(&|p| p.explicit_bounds = vec![1.0, f64::INFINITY]),
+        vec![("non_finite", 1)]
+    );
+    assert_eq!(
+        with(&|p| p.sum = Some(-0.0)),
+        vec![],
+        "a negative zero is a zero"
+    );
+    assert_eq!(
+        with(&|p| {
+            p.explicit_bounds = (0..600).map(f64::from).collect();
+            p.bucket_counts = vec![0; 601];
+        }),
+        vec![("too_many_buckets", 1)]
+    );
+}
+
+#[test]
+fn a_point_from_a_clock_far_ahead_is_refused_before_anything_else() {
+    let now = crate::unix_ns();
+    let year_2100 = 4_102_444_800_000_000_000u64;
+    let mut p = int_point(vec![kv("span.name", "a")], 1);
+    p.start_time_unix_nano = now - 1_000;
+    p.time_unix_nano = year_2100;
+    let mut ok = p.clone();
+    ok.time_unix_nano = now + 60_000_000_000; // a minute ahead: within the skew
+    let prepared = run(&request(vec![], vec![sum(vec![p, ok], DELTA, true)]));
+    assert_eq!(reasons(&prepared), vec![("future", 1)]);
+    assert_eq!(prepared.per_shard[0].points.len(), 1);
+}
+
+#[test]
+fn metric_names_are_bounded_and_counted_per_point() {
+    let mut m = sum(
+        vec![int_point(vec![], 1), int_point(vec![], 2)],
+        DELTA,
+        true,
+    );
+    m.name = "n".repeat(64 << 10);
+    let p = run(&request(vec![], vec![m.clone()]));
+    assert_eq!(reasons(&p), vec![("name_too_long", 2)]);
+    m.name = String::new();
+    let p = run(&request(vec![], vec![m]));
+    assert_eq!(reasons(&p), vec![("missing_name", 2)]);
+}
+
+#[test]
+fn families_are_found_by_name_unit_and_kind() {
+    let metrics: Vec<Metric> = (0..1000)
+        .map(|i| {
+            let mut m = sum(vec![int_point(vec![], 1)], DELTA, true);
+            m.name = format!("m{}", i % 10);
+            m
+        })
+        .collect();
+    let p = run(&request(vec![], metrics));
+    assert_eq!(p.families.len(), 10);
+    assert_eq!(p.per_shard[0].points.len(), 1000);
 }

@@ -25,7 +25,9 @@ use crate::aggregate::table::shard_for;
 use crate::export::arrow::schema_text;
 
 /// Bumped when the meaning of the file changes; a reader refuses versions it does not know.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: output keys hash the labels a scrape shows (sanitised names, empty values dropped,
+/// reserved names exported); a version-1 file keys series differently and is not restored.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Hash of the documented schema: a file written under another schema is refused, not misread.
 pub fn schema_hash() -> String {
@@ -145,12 +147,33 @@ impl CheckpointError {
     /// A short reason for the failure counter.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Io(e) if e.raw_os_error() == Some(28) => "disk_full",
+            Self::Io(e) if is_disk_full(e) => "disk_full",
             Self::Io(_) => "io",
-            Self::Parquet(_) => "encode",
+            // The Parquet writer wraps the file's I/O errors: look through to them.
+            Self::Parquet(e) => match io_cause(e) {
+                Some(io) if is_disk_full(io) => "disk_full",
+                Some(_) => "io",
+                None => "encode",
+            },
             Self::Format(_) => "format",
         }
     }
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// The I/O error somewhere in `e`'s chain of causes, if there is one.
+fn io_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 pub fn file_name(seq: u64) -> String {

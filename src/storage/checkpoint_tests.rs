@@ -118,6 +118,19 @@ fn write_state(dir: &Path, s: &ShardState) -> PathBuf {
 }
 
 #[test]
+fn a_full_disk_is_counted_as_disk_full() {
+    let scratch = crate::storage::ScratchDir::new("ckpt-full");
+    let dir = scratch.0.clone();
+    // The temp file is /dev/full: every write fails with ENOSPC, as on a full disk.
+    std::os::unix::fs::symlink("/dev/full", dir.join(format!("{}.tmp", file_name(1)))).unwrap();
+    let s = populated();
+    let [a, b, c] = super::super::columns::shard_batches(&s, 0).expect("batches");
+    let m = meta(1, a.num_rows() as u64, b.num_rows() as u64);
+    let err = write(&dir, 1, &m, &[a, b, c]).unwrap_err();
+    assert_eq!(err.reason(), "disk_full", "{err}");
+}
+
+#[test]
 fn state_to_parquet_to_state_is_identical() {
     let scratch = crate::storage::ScratchDir::new("ckpt");
     let dir = scratch.0.clone();

@@ -350,7 +350,7 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
                 r.bounds,
                 counts.iter(),
                 *sum,
-                counts.iter().sum(),
+                counts.total(),
                 Some(*input_buckets),
             ),
         }

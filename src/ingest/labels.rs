@@ -1,0 +1,371 @@
+//! Output labels of a point — exactly what Prometheus will see — and the keys hashed from them.
+//!
+//! Invariant: a point's output key is the `SetHash` of the (name, value) pairs of the label set
+//! [`canonical`] builds, finished with its family's seed, so two points share a key exactly when
+//! a scrape would show them as one series. Names are sanitised and reserved ones renamed
+//! (`naming::output_label_name`); an empty value is no label; attributes whose names collide on
+//! one point are joined with `;` in raw-key order; a point attribute replaces a kept resource
+//! attribute of the same output name. [`Keyer`] hashes without building labels and falls back to
+//! [`canonical`] when names collide; a test keeps the two equal.
+//!
+//! The source key (one pod's stream) hashes the raw attributes: it identifies, it is never shown.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use ahash::RandomState;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
+
+use super::reason::Reason;
+use crate::aggregate::key::SetHash;
+use crate::aggregate::naming::output_label_name;
+use crate::aggregate::shard::LabelResolver;
+
+/// Which attributes become output labels.
+#[derive(Debug)]
+pub struct Projection {
+    /// Resource attributes kept.
+    by: Vec<String>,
+    /// Point attributes dropped.
+    without: HashSet<String, RandomState>,
+}
+
+impl Projection {
+    pub fn new(by: &[String], without: &[String]) -> Self {
+        Self {
+            by: by.to_vec(),
+            without: without.iter().cloned().collect(),
+        }
+    }
+
+    /// The resource attributes kept as labels.
+    pub fn kept_resource<'a>(&self, attrs: &'a [KeyValue]) -> Vec<&'a KeyValue> {
+        attrs
+            .iter()
+            .filter(|kv| self.by.contains(&kv.key))
+            .collect()
+    }
+
+    /// Whether a point attribute becomes a label.
+    fn keeps(&self, key: &str) -> bool {
+        !self.without.contains(key)
+    }
+}
+
+/// Bounds on what one attribute may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttributeLimits {
+    pub max_attributes: usize,
+    pub max_name_len: usize,
+    pub max_value_len: usize,
+}
+
+impl AttributeLimits {
+    fn check(&self, key: &str, value: &str) -> Result<(), Reason> {
+        if key.len() > self.max_name_len || value.len() > self.max_value_len {
+            return Err(Reason::AttributeTooLong);
+        }
+        Ok(())
+    }
+}
+
+/// Writes an attribute value as its label text. Strings are borrowed; the rest use `buf`.
+pub fn value_str<'a>(v: Option<&'a AnyValue>, buf: &'a mut String) -> &'a str {
+    use any_value::Value;
+    buf.clear();
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => return s,
+        Some(Value::BoolValue(b)) => buf.push_str(if *b { "true" } else { "false" }),
+        Some(Value::IntValue(i)) => {
+            let _ = write!(buf, "{i}");
+        }
+        Some(Value::DoubleValue(d)) => {
+            let _ = write!(buf, "{d}");
+        }
+        Some(Value::BytesValue(b)) => {
+            for byte in b {
+                let _ = write!(buf, "{byte:02x}");
+            }
+        }
+        Some(other) => {
+            let _ = write!(buf, "{}", serde_json::to_string(other).unwrap_or_default());
+        }
+        None => {}
+    }
+    buf
+}
+
+/// (name, raw key, value) triples sorted by name and raw key, names that collide joined.
+fn named<'a>(kvs: impl Iterator<Item = &'a KeyValue>, histogram: bool) -> Vec<(String, String)> {
+    let mut buf = String::new();
+    let mut pairs: Vec<(String, &str, String)> = Vec::new();
+    for kv in kvs {
+        let v = value_str(kv.value.as_ref(), &mut buf);
+        if v.is_empty() {
+            continue;
+        }
+        let v = v.to_owned();
+        let mut name = String::new();
+        output_label_name(&kv.key, histogram, &mut name);
+        pairs.push((name, &kv.key, v));
+    }
+    pairs.sort_unstable();
+    let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+    for (k, _, v) in pairs {
+        match out.last_mut() {
+            Some(last) if last.0 == k => {
+                last.1.push(';');
+                last.1.push_str(&v);
+            }
+            _ => out.push((k, v)),
+        }
+    }
+    out
+}
+
+/// The output labels of a point, sorted by name (see the module doc for the rules).
+pub fn canonical(
+    histogram: bool,
+    resource: &[&KeyValue],
+    attrs: &[KeyValue],
+    projection: &Projection,
+) -> Vec<(String, String)> {
+    let mut out = named(
+        attrs.iter().filter(|kv| projection.keeps(&kv.key)),
+        histogram,
+    );
+    let point_names = out.len();
+    for r in named(resource.iter().copied(), histogram) {
+        if out[..point_names]
+            .binary_search_by(|p| p.0.cmp(&r.0))
+            .is_err()
+        {
+            out.push(r);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The key of a label set as [`canonical`] built it.
+pub fn key_of(labels: &[(String, String)], seed: u64) -> u128 {
+    let mut set = SetHash::default();
+    for (k, v) in labels {
+        set.add(k, v);
+    }
+    set.finish(seed)
+}
+
+/// The kept resource attributes of one resource, hashed once for all its points.
+#[derive(Debug, Default)]
+pub struct ResourcePart {
+    /// (output name id, pair hash), empty values left out.
+    pairs: Vec<(u32, u128)>,
+    /// Two kept attributes share an output name: keys take the slow path.
+    collide: bool,
+    /// A kept attribute breaks a limit: every point of the resource is refused.
+    error: Option<Reason>,
+    /// A kept attribute's name is reserved and was renamed.
+    renamed: bool,
+}
+
+/// Points whose labels were not what their attributes said, by why (counted, not refused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Relabeled {
+    /// A name Prometheus or spanagg reserves was renamed with `exported_`.
+    pub reserved: u64,
+    /// Attributes whose names sanitise alike were joined into one label.
+    pub colliding: u64,
+}
+
+/// Computes output and source keys for the points of one request. Output names are sanitised
+/// once per distinct raw key and request.
+pub struct Keyer<'r> {
+    projection: &'r Projection,
+    limits: AttributeLimits,
+    /// (raw key, histogram) → output name id, and the raw key's hash (for the source key).
+    index: HashMap<(&'r str, bool), (u32, u64), RandomState>,
+    /// Output name → id: raw keys that sanitise alike share one id.
+    name_ids: HashMap<String, u32, RandomState>,
+    /// Hash of each output name, by id.
+    names: Vec<u64>,
+    /// Whether each output name is a renamed reserved one, by id.
+    renamed: Vec<bool>,
+    pub relabeled: Relabeled,
+    name_buf: String,
+    value_buf: String,
+    scratch: Vec<(u32, u128)>,
+}
+
+impl<'r> Keyer<'r> {
+    pub fn new(projection: &'r Projection, limits: AttributeLimits) -> Self {
+        Self {
+            projection,
+            limits,
+            index: HashMap::default(),
+            name_ids: HashMap::default(),
+            names: Vec::new(),
+            renamed: Vec::new(),
+            relabeled: Relabeled::default(),
+            name_buf: String::new(),
+            value_buf: String::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn name(&mut self, key: &'r str, histogram: bool) -> (u32, u64) {
+        if let Some(&v) = self.index.get(&(key, histogram)) {
+            return v;
+        }
+        let renamed = output_label_name(key, histogram, &mut self.name_buf);
+        let id = match self.name_ids.get(&self.name_buf) {
+            Some(&id) => id,
+            None => {
+                let id = self.names.len() as u32;
+                self.names.push(xxh3_64(self.name_buf.as_bytes()));
+                self.renamed.push(renamed);
+                self.name_ids.insert(self.name_buf.clone(), id);
+                id
+            }
+        };
+        let v = (id, xxh3_64(key.as_bytes()));
+        self.index.insert((key, histogram), v);
+        v
+    }
+
+    /// Hashes the kept attributes of a resource for points of one kind.
+    pub fn resource(&mut self, kept: &[&'r KeyValue], histogram: bool) -> ResourcePart {
+        let mut part = ResourcePart::default();
+        for &kv in kept {
+            let (id, _) = self.name(&kv.key, histogram);
+            let v = value_str(kv.value.as_ref(), &mut self.value_buf);
+            if let Err(r) = self.limits.check(&kv.key, v) {
+                part.error = Some(r);
+            }
+            if v.is_empty() {
+                continue;
+            }
+            part.collide |= part.pairs.iter().any(|(i, _)| *i == id);
+            part.renamed |= self.renamed[id as usize];
+            let pair = xxh3_128_with_seed(v.as_bytes(), self.names[id as usize]);
+            part.pairs.push((id, pair));
+        }
+        part
+    }
+
+    /// (output key, source key) of a point. `resource` is the kept part `res` was built from.
+    pub fn point(
+        &mut self,
+        res: &ResourcePart,
+        resource: &[&KeyValue],
+        attrs: &'r [KeyValue],
+        histogram: bool,
+        seeds: (u64, u64),
+    ) -> Result<(u128, u128), Reason> {
+        if let Some(r) = res.error {
+            return Err(r);
+        }
+        if attrs.len() > self.limits.max_attributes {
+            return Err(Reason::TooManyAttributes);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let mut collide = res.collide;
+        let mut renamed = res.renamed;
+        let mut mask = 0u64;
+        let mut source = SetHash::default();
+        for kv in attrs {
+            let (id, raw_hash) = self.name(&kv.key, histogram);
+            let v = value_str(kv.value.as_ref(), &mut self.value_buf);
+            self.limits.check(&kv.key, v)?;
+            source.add_pair(xxh3_128_with_seed(v.as_bytes(), raw_hash));
+            if v.is_empty() || !self.projection.keeps(&kv.key) {
+                continue;
+            }
+            let bit = 1u64 << (id & 63);
+            if mask & bit != 0 && scratch.iter().any(|(i, _)| *i == id) {
+                collide = true;
+            }
+            renamed |= self.renamed[id as usize];
+            mask |= bit;
+            scratch.push((
+                id,
+                xxh3_128_with_seed(v.as_bytes(), self.names[id as usize]),
+            ));
+        }
+        self.relabeled.reserved += u64::from(renamed);
+        self.relabeled.colliding += u64::from(collide);
+        let output = if collide {
+            key_of(
+                &canonical(histogram, resource, attrs, self.projection),
+                seeds.0,
+            )
+        } else {
+            let mut out = SetHash::default();
+            for (_, pair) in &scratch {
+                out.add_pair(*pair);
+            }
+            for (id, pair) in &res.pairs {
+                let shadowed =
+                    mask & (1u64 << (id & 63)) != 0 && scratch.iter().any(|(i, _)| i == id);
+                if !shadowed {
+                    out.add_pair(*pair);
+                }
+            }
+            out.finish(seeds.0)
+        };
+        self.scratch = scratch;
+        Ok((output, source.finish(seeds.1)))
+    }
+}
+
+/// Resolves labels of new series from the request they came in.
+pub struct RequestLabels {
+    pub req: Arc<ExportMetricsServiceRequest>,
+    pub projection: Arc<Projection>,
+}
+
+impl LabelResolver for RequestLabels {
+    fn labels(&self, [ri, si, mi, pi]: [u32; 4]) -> Vec<(String, String)> {
+        let Some(rm) = self.req.resource_metrics.get(ri as usize) else {
+            return Vec::new();
+        };
+        let Some(metric) = rm
+            .scope_metrics
+            .get(si as usize)
+            .and_then(|sm| sm.metrics.get(mi as usize))
+        else {
+            return Vec::new();
+        };
+        let (attrs, histogram): (&[KeyValue], bool) = match &metric.data {
+            Some(Data::Sum(s)) => (
+                s.data_points
+                    .get(pi as usize)
+                    .map_or(&[], |p| &p.attributes),
+                false,
+            ),
+            Some(Data::Histogram(h)) => (
+                h.data_points
+                    .get(pi as usize)
+                    .map_or(&[], |p| &p.attributes),
+                true,
+            ),
+            _ => (&[], false),
+        };
+        let resource: &[KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes[..]);
+        canonical(
+            histogram,
+            &self.projection.kept_resource(resource),
+            attrs,
+            &self.projection,
+        )
+    }
+}
+
+#[cfg(test)]
+#[path = "labels_tests.rs"]
+mod tests;

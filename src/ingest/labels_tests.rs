@@ -1,0 +1,189 @@
+//! Unit tests of output labels and keys (`labels.rs`): the fast key path equals the key of the
+//! label set a scrape shows, for every input.
+
+use super::*;
+
+fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+const LIMITS: AttributeLimits = AttributeLimits {
+    max_attributes: 128,
+    max_name_len: 256,
+    max_value_len: 4096,
+};
+
+fn projection() -> Projection {
+    Projection::new(
+        &["service.name".into(), "service_name".into(), "le".into()],
+        &["k8s.pod.name".into()],
+    )
+}
+
+/// (output key, labels) of one point through the fast path, and the key of its labels.
+fn key(
+    resource: &[KeyValue],
+    attrs: &[KeyValue],
+    histogram: bool,
+) -> (u128, u128, Vec<(String, String)>) {
+    let p = projection();
+    let kept = p.kept_resource(resource);
+    let mut keyer = Keyer::new(&p, LIMITS);
+    let res = keyer.resource(&kept, histogram);
+    let (fast, _) = keyer.point(&res, &kept, attrs, histogram, (7, 9)).unwrap();
+    let labels = canonical(histogram, &kept, attrs, &p);
+    (fast, key_of(&labels, 7), labels)
+}
+
+#[test]
+fn reserved_names_are_exported_and_the_scrape_keeps_one_le() {
+    let (_, _, labels) = key(
+        &[kv("service.name", "a")],
+        &[
+            kv("le", "x"),
+            kv("__name__", "y"),
+            kv("otel_metric_overflow", "true"),
+        ],
+        true,
+    );
+    let names: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![
+            "exported___name__",
+            "exported_le",
+            "exported_otel_metric_overflow",
+            "service_name"
+        ]
+    );
+    let (_, _, labels) = key(&[], &[kv("le", "x")], false);
+    assert_eq!(
+        labels,
+        vec![("le".to_owned(), "x".to_owned())],
+        "a counter may have le"
+    );
+}
+
+#[test]
+fn keys_that_sanitise_alike_on_different_points_are_one_series() {
+    let (a, _, la) = key(&[], &[kv("http.method", "GET")], false);
+    let (b, _, lb) = key(&[], &[kv("http_method", "GET")], false);
+    assert_eq!(a, b);
+    assert_eq!(la, lb);
+    // On one point they are joined, in raw-key order.
+    let (_, _, both) = key(
+        &[],
+        &[kv("http_method", "b"), kv("http.method", "a")],
+        false,
+    );
+    assert_eq!(both, vec![("http_method".to_owned(), "a;b".to_owned())]);
+}
+
+#[test]
+fn an_empty_value_is_no_label() {
+    let (a, _, la) = key(&[kv("service.name", "s")], &[kv("x", "")], false);
+    let (b, _, lb) = key(&[kv("service.name", "s")], &[], false);
+    assert_eq!((a, la.len()), (b, 1));
+    assert_eq!(la, lb);
+    // An empty point value does not hide the resource's.
+    let (_, _, l) = key(&[kv("service.name", "s")], &[kv("service.name", "")], false);
+    assert_eq!(l, vec![("service_name".to_owned(), "s".to_owned())]);
+}
+
+#[test]
+fn a_point_attribute_replaces_a_resource_attribute_of_the_same_output_name() {
+    let (a, _, l) = key(
+        &[kv("service.name", "s")],
+        &[kv("service_name", "p")],
+        false,
+    );
+    assert_eq!(l, vec![("service_name".to_owned(), "p".to_owned())]);
+    let (b, _, _) = key(&[], &[kv("service.name", "p")], false);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn limits_refuse_the_point() {
+    let p = projection();
+    let mut keyer = Keyer::new(&p, LIMITS);
+    let res = keyer.resource(&[], false);
+    let many: Vec<KeyValue> = (0..129).map(|i| kv(&format!("k{i}"), "v")).collect();
+    assert_eq!(
+        keyer.point(&res, &[], &many, false, (0, 0)),
+        Err(Reason::TooManyAttributes)
+    );
+    let long = [kv("k", &"v".repeat(4097))];
+    assert_eq!(
+        keyer.point(&res, &[], &long, false, (0, 0)),
+        Err(Reason::AttributeTooLong)
+    );
+    let long_key = [kv(&"k".repeat(257), "v")];
+    assert_eq!(
+        keyer.point(&res, &[], &long_key, false, (0, 0)),
+        Err(Reason::AttributeTooLong)
+    );
+    let resource = [kv("service.name", &"s".repeat(5000))];
+    let kept = p.kept_resource(&resource);
+    let res = keyer.resource(&kept, false);
+    assert_eq!(
+        keyer.point(&res, &kept, &[], false, (0, 0)),
+        Err(Reason::AttributeTooLong),
+        "a kept resource attribute over the limit refuses its points"
+    );
+}
+
+#[test]
+fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
+    let seed = std::env::var("SPANAGG_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("seed {seed} (SPANAGG_TEST_SEED reruns it)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let names = [
+        "service.name",
+        "service_name",
+        "le",
+        "__name__",
+        "_.x",
+        "http.method",
+        "http_method",
+        "a-b",
+        "a_b",
+        "1x",
+        "",
+        "k8s.pod.name",
+        "otel_metric_overflow",
+        "ü",
+    ];
+    let values = ["", "x", "y", "GET", "ä;b", "\"q\"\n"];
+    let pick = |rng: &mut fastrand::Rng| {
+        let k = names[rng.usize(..names.len())];
+        let v = values[rng.usize(..values.len())];
+        kv(k, v)
+    };
+    for _ in 0..5_000 {
+        let resource: Vec<KeyValue> = (0..rng.usize(0..4)).map(|_| pick(&mut rng)).collect();
+        let attrs: Vec<KeyValue> = (0..rng.usize(0..6)).map(|_| pick(&mut rng)).collect();
+        let histogram = rng.bool();
+        let (fast, slow, labels) = key(&resource, &attrs, histogram);
+        assert_eq!(
+            fast, slow,
+            "seed {seed}: {resource:?} {attrs:?} -> {labels:?}"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for (k, v) in &labels {
+            assert!(!v.is_empty() && seen.insert(k), "seed {seed}: {labels:?}");
+            assert!(
+                !(k.starts_with("__") || histogram && k == "le"),
+                "{labels:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! What one hostile or unlucky client can send to the real binary without breaking the scrape,
+//! moving a counter backwards or poisoning a stream: reserved and colliding attribute names,
+//! negative sums, clocks far ahead, OTLP/JSON's string doubles. Every test here failed before
+//! the fix it guards.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::*;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use prost::Message;
+
+const SECOND: u64 = 1_000_000_000;
+
+/// Every sample line's series (name and labels) must be unique, and a bucket line holds one `le`.
+fn assert_no_duplicate_series(scrape: &str) {
+    let mut seen = HashSet::new();
+    for line in scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, _) = line.rsplit_once(' ').unwrap();
+        assert!(seen.insert(series.to_owned()), "duplicate series {series}");
+        let les = series.matches(",le=").count() + series.matches("{le=").count();
+        assert!(les <= 1, "two le labels: {series}");
+        assert!(
+            !series.contains(",__") && !series.contains("{__"),
+            "reserved: {series}"
+        );
+    }
+}
+
+/// Edits every point's attributes of a request.
+fn with_attrs(
+    mut req: ExportMetricsServiceRequest,
+    edit: impl Fn(&mut Vec<KeyValue>),
+) -> ExportMetricsServiceRequest {
+    for m in req
+        .resource_metrics
+        .iter_mut()
+        .flat_map(|r| r.scope_metrics.iter_mut())
+        .flat_map(|s| s.metrics.iter_mut())
+    {
+        match m.data.as_mut() {
+            Some(Data::Sum(s)) => s
+                .data_points
+                .iter_mut()
+                .for_each(|p| edit(&mut p.attributes)),
+            Some(Data::Histogram(h)) => h
+                .data_points
+                .iter_mut()
+                .for_each(|p| edit(&mut p.attributes)),
+            _ => {}
+        }
+    }
+    req
+}
+
+#[test]
+fn reserved_and_colliding_attribute_names_keep_one_valid_series() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    // Pod a: `le` and `__name__` on its points, and `http.method`.
+    let a = with_attrs(cart_delta("a", 2, [1, 1, 0, 0, 0], 3.0, t), |attrs| {
+        attrs.push(kv("le", "0.5"));
+        attrs.push(kv("__name__", "evil"));
+        attrs.push(kv("http.method", "GET"));
+        attrs.push(kv("otel_metric_overflow", "true"));
+    });
+    // Pod b: the same labels as Prometheus sees them: `http_method`, an empty attribute.
+    let b = with_attrs(cart_delta("b", 3, [0, 3, 0, 0, 0], 4.0, t), |attrs| {
+        attrs.push(kv("le", "0.5"));
+        attrs.push(kv("__name__", "evil"));
+        attrs.push(kv("http_method", "GET"));
+        attrs.push(kv("otel_metric_overflow", "true"));
+        attrs.push(kv("empty", ""));
+    });
+    s.post_ok(&a.encode_to_vec());
+    s.post_ok(&b.encode_to_vec());
+    let scrape = s.scrape();
+    assert_no_duplicate_series(&scrape);
+    check_scrape(&scrape, &HashMap::new());
+    let calls: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("traces_span_metrics_calls_total{"))
+        .collect();
+    assert_eq!(calls.len(), 1, "one merged series: {calls:?}");
+    assert!(calls[0].ends_with(" 5"), "{}", calls[0]);
+    // `le` is reserved on histograms only: a counter keeps it as it is.
+    for label in [
+        "exported___name__=\"evil\"",
+        ",le=\"0.5\"",
+        "exported_otel_metric_overflow=\"true\"",
+        "http_method=\"GET\"",
+    ] {
+        assert!(calls[0].contains(label), "{label} in {}", calls[0]);
+    }
+    assert!(!calls[0].contains("empty="), "an empty value is no label");
+    let inf = scrape
+        .lines()
+        .find(|l| l.contains("_bucket{") && l.contains("le=\"+Inf\""))
+        .unwrap();
+    assert!(
+        inf.ends_with(" 5") && inf.contains("exported_le=\"0.5\""),
+        "{inf}"
+    );
+    // Both pods' two points carried reserved names.
+    assert_eq!(
+        s.internal("spanagg_points_relabeled_total{why=\"reserved_name\"}"),
+        4.0
+    );
+}
+
+#[test]
+fn a_negative_or_countless_sum_is_refused_and_sum_never_goes_down() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    s.post_ok(&cart_delta("a", 1, [1, 0, 0, 0, 0], 9.0, t).encode_to_vec());
+    let negative = cart_delta("a", 1, [1, 0, 0, 0, 0], -100.0, t + SECOND);
+    let (status, _, body) = s.post_otlp("application/json", &[], &json_of(&negative));
+    assert_eq!(status, 200);
+    let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        reply["partialSuccess"]["rejectedDataPoints"], "1",
+        "{reply}"
+    );
+    let msg = reply["partialSuccess"]["errorMessage"].as_str().unwrap();
+    assert!(msg.contains("negative_sum"), "{msg}");
+    let countless = cart_delta("a", 1, [0, 0, 0, 0, 0], 4.0, t + 2 * SECOND);
+    let (_, _, body) = s.post_otlp("application/x-protobuf", &[], &countless.encode_to_vec());
+    let reply =
+        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
+            &body[..],
+        )
+        .unwrap();
+    let partial = reply.partial_success.unwrap();
+    assert!(
+        partial.error_message.contains("sum_without_count"),
+        "{partial:?}"
+    );
+    let scrape = s.scrape();
+    let sum = sample_value(
+        &scrape,
+        "traces_span_metrics_duration_milliseconds_sum{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"}",
+    );
+    assert_eq!(sum, Some(9.0), "{scrape}");
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"negative_sum\"}"),
+        1.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"sum_without_count\"}"),
+        1.0
+    );
+}
+
+/// The request as OTLP/JSON, by the proto3 JSON mapping (with string doubles for `sum`).
+fn json_of(req: &ExportMetricsServiceRequest) -> Vec<u8> {
+    let attrs = |a: &[opentelemetry_proto::tonic::common::v1::KeyValue]| -> serde_json::Value {
+        a.iter()
+            .map(|kv| {
+                let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
+                    ) => s.clone(),
+                    _ => String::new(),
+                };
+                serde_json::json!({"key": kv.key, "value": {"stringValue": v}})
+            })
+            .collect()
+    };
+    let rm = &req.resource_metrics[0];
+    let metrics: Vec<serde_json::Value> = rm.scope_metrics[0]
+        .metrics
+        .iter()
+        .map(|m| match &m.data {
+            Some(Data::Sum(s)) => serde_json::json!({
+                "name": m.name, "unit": m.unit,
+                "sum": {"aggregationTemporality": s.aggregation_temporality, "isMonotonic": true,
+                  "dataPoints": s.data_points.iter().map(|p| serde_json::json!({
+                    "attributes": attrs(&p.attributes),
+                    "startTimeUnixNano": p.start_time_unix_nano.to_string(),
+                    "timeUnixNano": p.time_unix_nano.to_string(),
+                    "asInt": match p.value { Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(i)) => i.to_string(), _ => "0".into() },
+                  })).collect::<Vec<_>>()}}),
+            Some(Data::Histogram(h)) => serde_json::json!({
+                "name": m.name, "unit": m.unit,
+                "histogram": {"aggregationTemporality": "AGGREGATION_TEMPORALITY_DELTA",
+                  "dataPoints": h.data_points.iter().map(|p| serde_json::json!({
+                    "attributes": attrs(&p.attributes),
+                    "startTimeUnixNano": p.start_time_unix_nano.to_string(),
+                    "timeUnixNano": p.time_unix_nano.to_string(),
+                    "count": p.count.to_string(),
+                    "sum": p.sum.map(|s| s.to_string()),
+                    "bucketCounts": p.bucket_counts.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                    "explicitBounds": p.explicit_bounds,
+                  })).collect::<Vec<_>>()}}),
+            _ => serde_json::Value::Null,
+        })
+        .collect();
+    serde_json::json!({"resourceMetrics": [{
+        "resource": {"attributes": attrs(&rm.resource.as_ref().unwrap().attributes)},
+        "scopeMetrics": [{"scope": {"name": "spanmetricsconnector"}, "metrics": metrics}],
+    }]})
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn json_string_doubles_apply_and_non_finite_points_are_refused_alone() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    let req = spanmetrics(
+        "checkout",
+        "a",
+        &[
+            route("GET /ok", 2, [1, 1, 0, 0, 0], 3.5),
+            route("GET /nan", 1, [1, 0, 0, 0, 0], 1.0),
+        ],
+        t,
+        t + SECOND,
+        opentelemetry_proto::tonic::metrics::v1::AggregationTemporality::Delta,
+    );
+    let mut body: serde_json::Value = serde_json::from_slice(&json_of(&req)).unwrap();
+    // The second histogram point's sum is "NaN"; the first's stays the string "3.5".
+    let points =
+        &mut body["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][1]["histogram"]["dataPoints"];
+    assert_eq!(points[0]["sum"], "3.5");
+    points[1]["sum"] = "NaN".into();
+    let (status, _, reply) = s.post_otlp("application/json", &[], body.to_string().as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+    let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(
+        reply["partialSuccess"]["rejectedDataPoints"], "1",
+        "{reply}"
+    );
+    let scrape = s.scrape();
+    let ok_sum = scrape
+        .lines()
+        .find(|l| {
+            l.starts_with("traces_span_metrics_duration_milliseconds_sum{") && l.contains("GET /ok")
+        })
+        .unwrap();
+    assert!(ok_sum.ends_with(" 3.5"), "{ok_sum}");
+    assert!(!scrape.contains("GET /nan\",status_code=\"STATUS_CODE_UNSET\"} NaN"));
+    // The NaN route's calls counter is a valid sibling: applied.
+    let calls = scrape
+        .lines()
+        .find(|l| l.starts_with("traces_span_metrics_calls_total{") && l.contains("GET /nan"))
+        .unwrap();
+    assert!(calls.ends_with(" 1"), "{calls}");
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"non_finite\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_clock_in_2100_is_refused_and_does_not_poison_its_stream() {
+    let s = Spanagg::start("limits:\n  max_future_skew: 1m\n");
+    let t = now_ns() - 60 * SECOND;
+    let year_2100 = 4_102_444_800 * SECOND;
+    let mut poisoned = cart_delta("a", 7, [7, 0, 0, 0, 0], 7.0, t);
+    for m in poisoned.resource_metrics[0].scope_metrics[0]
+        .metrics
+        .iter_mut()
+    {
+        match m.data.as_mut() {
+            Some(Data::Sum(x)) => x.data_points[0].time_unix_nano = year_2100,
+            Some(Data::Histogram(h)) => h.data_points[0].time_unix_nano = year_2100,
+            _ => {}
+        }
+    }
+    let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &poisoned.encode_to_vec());
+    assert_eq!(status, 200);
+    let reply =
+        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
+            &body[..],
+        )
+        .unwrap();
+    assert_eq!(reply.partial_success.unwrap().rejected_data_points, 2);
+    // The stream's next ordinary delta is applied, not refused as too late.
+    s.post_ok(&cart_delta("a", 2, [2, 0, 0, 0, 0], 2.0, t + SECOND).encode_to_vec());
+    let scrape = s.scrape();
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("traces_span_metrics_calls_total{") && l.ends_with(" 2")),
+        "{scrape}"
+    );
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"future\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"too_late\"}"),
+        0.0
+    );
+}
+
+/// The calls counter of checkout's `GET /cart` in a scrape.
+fn cart_calls(s: &Spanagg) -> Option<f64> {
+    sample_value(
+        &s.scrape(),
+        "traces_span_metrics_calls_total{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"}",
+    )
+}
+
+fn cumulative(pod: &str, start: u64, end: u64, calls: u64) -> Vec<u8> {
+    spanmetrics(
+        "checkout",
+        pod,
+        &[route("GET /cart", calls, [calls, 0, 0, 0, 0], calls as f64)],
+        start,
+        end,
+        opentelemetry_proto::tonic::metrics::v1::AggregationTemporality::Cumulative,
+    )
+    .encode_to_vec()
+}
+
+#[test]
+fn a_delayed_cumulative_retry_with_an_older_start_is_stale_not_a_reset() {
+    let s = Spanagg::start("");
+    let now = now_ns();
+    let at = |secs_ago: u64| now - secs_ago * SECOND;
+    // S1 began before spanagg did: only a baseline.
+    s.post_ok(&cumulative("a", at(100), at(90), 50));
+    // Restarted at S2: its 5 count.
+    s.post_ok(&cumulative("a", at(80), at(70), 5));
+    // A delayed retry from before the restart: stale.
+    s.post_ok(&cumulative("a", at(100), at(85), 60));
+    // The stream goes on from S2: 3 more.
+    s.post_ok(&cumulative("a", at(80), at(60), 8));
+    // An end not after the last one: stale.
+    s.post_ok(&cumulative("a", at(80), at(60), 9));
+    assert_eq!(cart_calls(&s), Some(8.0));
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"cumulative_stale\"}"),
+        4.0,
+        "two stale points per request (calls and duration)"
+    );
+    // A restart whose start is unknown (start == time) contributes nothing, then counts on.
+    s.post_ok(&cumulative("a", at(50), at(50), 4));
+    s.post_ok(&cumulative("a", at(50), at(40), 6));
+    assert_eq!(cart_calls(&s), Some(10.0));
+}
+
+#[test]
+fn a_cumulative_stream_that_returns_after_expiring_is_baselined() {
+    let s = Spanagg::start("series_ttl: 2s\n");
+    let start = now_ns();
+    s.post_ok(&cumulative("a", start, start + SECOND, 10));
+    // Pod b keeps the series alive while a's stream expires.
+    let mut t = now_ns() - SECOND;
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(4500);
+    let mut b_calls = 0;
+    while std::time::Instant::now() < until {
+        s.post_ok(&cart_delta("b", 1, [1, 0, 0, 0, 0], 1.0, t).encode_to_vec());
+        t += SECOND;
+        b_calls += 1;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    // a returns with the same start: its lifetime was counted already.
+    s.post_ok(&cumulative("a", start, now_ns(), 12));
+    assert_eq!(cart_calls(&s), Some((10 + b_calls) as f64));
+}

@@ -67,6 +67,8 @@ pub struct RawLimits {
     pub max_buckets_per_point: Option<usize>,
     #[serde(with = "humantime_opt", default)]
     pub max_future_skew: Option<Duration>,
+    pub max_points_per_request: Option<u64>,
+    pub max_decode_memory: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -387,6 +389,24 @@ fn input_limits(raw: &RawLimits) -> Result<InputLimits, ConfigError> {
         2,
     )?;
     out.max_future_skew_ns = skew;
+    out.max_points_per_request = raw
+        .max_points_per_request
+        .unwrap_or(d.max_points_per_request);
+    if out.max_points_per_request < 1000 {
+        return Err(ConfigError::Invalid {
+            key: "limits.max_points_per_request".into(),
+            reason: "must be at least 1000".into(),
+        });
+    }
+    out.max_decode_memory = raw
+        .max_decode_memory
+        .map_or(d.max_decode_memory, |b| b.as_u64());
+    if out.max_decode_memory < 16 << 20 {
+        return Err(ConfigError::Invalid {
+            key: "limits.max_decode_memory".into(),
+            reason: "must be at least 16MiB".into(),
+        });
+    }
     Ok(out)
 }
 

@@ -243,6 +243,11 @@ impl Telemetry {
         }
     }
 
+    /// The gauge of decode budget in use.
+    pub fn decode_memory(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.budget.decode_memory.clone()
+    }
+
     pub fn limit_refusal(&self, k: LimitKind) {
         self.budget.refused(k);
     }

@@ -24,14 +24,16 @@ pub const TOP_SERVICES: usize = 20;
 pub enum LimitKind {
     Memory = 0,
     SourceStreams,
+    DecodeMemory,
 }
 
 impl LimitKind {
-    const ALL: [LimitKind; 2] = [Self::Memory, Self::SourceStreams];
+    const ALL: [LimitKind; 3] = [Self::Memory, Self::SourceStreams, Self::DecodeMemory];
     fn as_str(self) -> &'static str {
         match self {
             Self::Memory => "memory",
             Self::SourceStreams => "source_streams",
+            Self::DecodeMemory => "decode_memory",
         }
     }
 }
@@ -42,6 +44,8 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct BudgetMetrics {
     pub overflowed: Counter,
     refusals: Vec<Counter>,
+    /// Bytes of `limits.max_decode_memory` held by requests being decoded and applied.
+    pub decode_memory: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl BudgetMetrics {
@@ -56,17 +60,25 @@ impl BudgetMetrics {
         let fam = Family::<Labels, Counter>::default();
         r.register(
             "limit_refusals",
-            "Exports refused with a retryable error by a limit (memory, source_streams)",
+            "Exports refused with a retryable error by a limit (memory, source_streams, \
+             decode_memory)",
             fam.clone(),
         );
         let refusals = LimitKind::ALL
             .iter()
             .map(|k| fam.get_or_create(&vec![("limit", k.as_str())]).clone())
             .collect();
+        let decode_memory = prometheus_client::metrics::gauge::Gauge::default();
+        r.register(
+            "decode_memory_in_use_bytes",
+            "Bytes of limits.max_decode_memory held by requests being decoded and applied",
+            decode_memory.clone(),
+        );
         r.register_collector(Box::new(ServiceCollector { shards, limits }));
         Self {
             overflowed,
             refusals,
+            decode_memory,
         }
     }
 

@@ -369,3 +369,73 @@ fn a_cumulative_stream_that_returns_after_expiring_is_baselined() {
     s.post_ok(&cumulative("a", start, now_ns(), 12));
     assert_eq!(cart_calls(&s), Some((10 + b_calls) as f64));
 }
+
+/// A request of `n` empty number data points: 2 bytes each on the wire, ~100 decoded.
+fn empty_points(n: usize) -> Vec<u8> {
+    fn len(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        prost::encoding::encode_varint(n as u64, &mut out);
+        out
+    }
+    let sum = [0x0a, 0x00].repeat(n);
+    let sum = [&[0x3a][..], &len(sum.len()), &sum].concat();
+    let metric = [&[0x0a, 0x01, b'm'][..], &sum].concat(); // name "m", sum
+    let scope = [&[0x12][..], &len(metric.len()), &metric].concat();
+    let rm = [&[0x12][..], &len(scope.len()), &scope].concat();
+    [&[0x0a][..], &len(rm.len()), &rm].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_request_of_millions_of_empty_points_is_refused_before_decoding() {
+    let s = Spanagg::start("");
+    let body = empty_points(4_000_000);
+    let gz = gzip(&body);
+    assert!(
+        gz.len() < 64 << 10,
+        "7.6 MiB of protobuf in {} bytes of gzip",
+        gz.len()
+    );
+    let rss_before = s.peak_rss();
+    let (status, _, reply) = s.post_otlp(
+        "application/x-protobuf",
+        &[("Content-Encoding", "gzip")],
+        &gz,
+    );
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&reply));
+    assert!(String::from_utf8_lossy(&reply).contains("max_points_per_request"));
+    // The same as gRPC (gzip, as the Collector sends it): RESOURCE_EXHAUSTED, not retried.
+    let mut client = opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient::connect(format!("http://{}", s.grpc))
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .max_encoding_message_size(64 << 20);
+    let req = ExportMetricsServiceRequest::decode(&body[..]).unwrap();
+    let err = client.export(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    let grew = s.peak_rss().saturating_sub(rss_before);
+    assert!(grew < 100 << 20, "peak RSS grew by {} MiB", grew >> 20);
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"http_protobuf\",outcome=\"too_large\"}"),
+        1.0
+    );
+    // A request within the limits still goes through.
+    s.post_ok(&cart_delta("a", 1, [1, 0, 0, 0, 0], 1.0, now_ns() - 60 * SECOND).encode_to_vec());
+}
+
+#[test]
+fn a_request_costlier_than_the_whole_decode_budget_is_refused_for_good() {
+    let s =
+        Spanagg::start("limits:\n  max_decode_memory: 16MiB\n  max_points_per_request: 1000000\n");
+    // 300,000 empty points: 600 KB on the wire, ~30 MiB decoded.
+    let (status, _, reply) = s.post_otlp("application/x-protobuf", &[], &empty_points(300_000));
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&reply));
+    assert!(String::from_utf8_lossy(&reply).contains("max_decode_memory"));
+    // 50,000 fit, and are each refused as what they are (no value).
+    let (status, _, _) = s.post_otlp("application/x-protobuf", &[], &empty_points(50_000));
+    assert_eq!(status, 200);
+    assert_eq!(
+        s.internal("spanagg_decode_memory_in_use_bytes"),
+        0.0,
+        "returned"
+    );
+}

@@ -26,7 +26,9 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsServ
 pub fn status_of(e: &IngestError) -> Status {
     match e {
         IngestError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
-        IngestError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
+        IngestError::TooLarge { .. } | IngestError::TooCostly(_) => {
+            Status::resource_exhausted(e.to_string())
+        }
         IngestError::Unavailable
         | IngestError::ShuttingDown
         | IngestError::NotDurable(_)
@@ -99,6 +101,14 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
         let ingestor = self.0.clone();
         Box::pin(async move {
             let body = request.into_inner();
+            // Held until the reply: the decoded request lives until then.
+            let _admission = match ingestor.admit_protobuf(&body).await {
+                Ok(a) => a,
+                Err(err) => {
+                    ingestor.refused(Protocol::Grpc, &err);
+                    return Err(status_of(&err));
+                }
+            };
             let req = match ExportMetricsServiceRequest::decode(body.clone()) {
                 Ok(r) => r,
                 Err(e) => {

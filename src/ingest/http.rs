@@ -15,6 +15,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 };
 use prost::Message;
 
+use super::admit::Admission;
 use super::body::{decode, Encoding};
 use super::{IngestError, Ingestor, Logged};
 use crate::telemetry::Protocol;
@@ -62,7 +63,9 @@ pub fn router(ingestor: Arc<Ingestor>) -> Router {
 fn error_response(format: Format, e: &IngestError) -> Response {
     let (status, code) = match e {
         IngestError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, 3),
-        IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 8),
+        IngestError::TooLarge { .. } | IngestError::TooCostly(_) => {
+            (StatusCode::PAYLOAD_TOO_LARGE, 8)
+        }
         IngestError::Unavailable
         | IngestError::ShuttingDown
         | IngestError::NotDurable(_)
@@ -111,7 +114,8 @@ async fn export(State(ingestor): State<Arc<Ingestor>>, headers: HeaderMap, body:
         }
     };
     match read_request(&ingestor, format, &headers, body).await {
-        Ok((req, raw)) => match ingestor.export(format.protocol(), req, raw).await {
+        // The admission is held until the reply: the decoded request lives until then.
+        Ok((req, raw, _admission)) => match ingestor.export(format.protocol(), req, raw).await {
             Ok(reply) => {
                 let resp = ExportMetricsServiceResponse {
                     partial_success: (reply.rejected > 0).then(|| ExportMetricsPartialSuccess {
@@ -144,7 +148,7 @@ async fn read_request(
     format: Format,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(ExportMetricsServiceRequest, Option<Logged>), IngestError> {
+) -> Result<(ExportMetricsServiceRequest, Option<Logged>, Admission), IngestError> {
     let limit = ingestor.max_request_bytes;
     let encoding = Encoding::parse(
         headers
@@ -165,17 +169,24 @@ async fn read_request(
     let bytes = decode(raw.clone(), encoding, limit)?;
     match format {
         // The protobuf body is what the WAL keeps; a JSON one is re-encoded only if logged.
-        Format::Protobuf => ExportMetricsServiceRequest::decode(&bytes[..])
-            .map(|r| {
-                let logged = match encoding {
-                    Encoding::Gzip => Logged::Gzip(raw),
-                    Encoding::Identity => Logged::Protobuf(bytes),
-                };
-                (r, Some(logged))
-            })
-            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}"))),
-        Format::Json => super::json::decode(&bytes)
-            .map(|r| (r, None))
-            .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}"))),
+        Format::Protobuf => {
+            let admission = ingestor.admit_protobuf(&bytes).await?;
+            ExportMetricsServiceRequest::decode(&bytes[..])
+                .map(|r| {
+                    let logged = match encoding {
+                        Encoding::Gzip => Logged::Gzip(raw),
+                        Encoding::Identity => Logged::Protobuf(bytes),
+                    };
+                    (r, Some(logged), admission)
+                })
+                .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))
+        }
+        Format::Json => {
+            let admission = ingestor.admit_json(bytes.len()).await?;
+            let req = super::json::decode(&bytes)
+                .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}")))?;
+            ingestor.check_points(&req)?;
+            Ok((req, None, admission))
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! it, splits it by shard, waits until every shard has applied its part, and says what to reply.
 //! One error classification here is mapped once per transport (`grpc.rs`, `http.rs`).
 
+pub mod admit;
 pub mod body;
 pub mod grpc;
 pub mod http;
@@ -10,6 +11,7 @@ mod labels;
 pub mod otlp;
 mod overflow;
 mod reason;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,9 @@ pub enum IngestError {
     InvalidArgument(String),
     #[error("request body exceeds {limit} bytes")]
     TooLarge { limit: usize },
+    /// Refused for good: it would cost more than a limit allows however long it waited.
+    #[error("request too costly: {0}")]
+    TooCostly(String),
     #[error("spanagg is overloaded: shard queues are full, retry later")]
     Unavailable,
     #[error("spanagg is shutting down")]
@@ -72,6 +77,7 @@ pub struct Ingestor {
     pub over_memory: Arc<std::sync::atomic::AtomicBool>,
     pub max_request_bytes: usize,
     limits: InputLimits,
+    budget: admit::DecodeBudget,
 }
 
 impl Ingestor {
@@ -84,18 +90,62 @@ impl Ingestor {
         Self {
             table,
             projection: Arc::new(projection),
-            telemetry,
             wal: None,
             over_memory: Default::default(),
             max_request_bytes,
             limits: InputLimits::default(),
+            budget: Self::budget_for(&InputLimits::default(), &telemetry),
+            telemetry,
         }
+    }
+
+    fn budget_for(limits: &InputLimits, telemetry: &Telemetry) -> admit::DecodeBudget {
+        admit::DecodeBudget::new(
+            limits.max_decode_memory,
+            limits.max_points_per_request,
+            telemetry.decode_memory(),
+        )
     }
 
     /// Checks points against `limits` instead of the built-in ones.
     pub fn with_limits(mut self, limits: InputLimits) -> Self {
+        self.budget = Self::budget_for(&limits, &self.telemetry);
         self.limits = limits;
         self
+    }
+
+    /// Takes what decoding a protobuf body will cost from the decode budget.
+    pub async fn admit_protobuf(&self, body: &[u8]) -> Result<admit::Admission, IngestError> {
+        let cost = wire::cost(body)
+            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))?;
+        self.admit(cost.bytes, cost.points).await
+    }
+
+    /// Takes what decoding a JSON body of `len` bytes may cost; its points are counted after.
+    pub async fn admit_json(&self, len: usize) -> Result<admit::Admission, IngestError> {
+        self.admit((len as u64).saturating_mul(admit::JSON_FACTOR), 0)
+            .await
+    }
+
+    /// Refuses a decoded request with more points than `limits.max_points_per_request`.
+    pub fn check_points(&self, req: &ExportMetricsServiceRequest) -> Result<(), IngestError> {
+        let points = otlp::count_points(req);
+        if points > self.limits.max_points_per_request {
+            return Err(IngestError::TooCostly(format!(
+                "{points} data points in one request, more than limits.max_points_per_request \
+                 ({}): send smaller batches",
+                self.limits.max_points_per_request
+            )));
+        }
+        Ok(())
+    }
+
+    async fn admit(&self, bytes: u64, points: u64) -> Result<admit::Admission, IngestError> {
+        let r = self.budget.admit(bytes, points).await;
+        if let Err(IngestError::Limit(_)) = &r {
+            self.telemetry.limit_refusal(LimitKind::DecodeMemory);
+        }
+        r
     }
 
     /// Logs every accepted request to `wal` before replying.
@@ -257,7 +307,7 @@ impl Ingestor {
 fn outcome_of(e: &IngestError) -> RequestOutcome {
     match e {
         IngestError::InvalidArgument(_) => RequestOutcome::InvalidArgument,
-        IngestError::TooLarge { .. } => RequestOutcome::TooLarge,
+        IngestError::TooLarge { .. } | IngestError::TooCostly(_) => RequestOutcome::TooLarge,
         IngestError::Unavailable
         | IngestError::ShuttingDown
         | IngestError::NotDurable(_)

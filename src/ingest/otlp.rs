@@ -32,6 +32,10 @@ pub struct InputLimits {
     pub max_buckets: usize,
     /// A point ending later than the server clock plus this is refused as `future`.
     pub max_future_skew_ns: u64,
+    /// Data points in one request; more is refused for good (413 / RESOURCE_EXHAUSTED).
+    pub max_points_per_request: u64,
+    /// Bytes all requests being decoded and applied may hold at once (see `admit`).
+    pub max_decode_memory: u64,
 }
 
 impl Default for InputLimits {
@@ -45,6 +49,8 @@ impl Default for InputLimits {
             max_metric_name_len: 512,
             max_buckets: 512,
             max_future_skew_ns: 10 * 60 * 1_000_000_000,
+            max_points_per_request: 100_000,
+            max_decode_memory: 512 << 20,
         }
     }
 }
@@ -180,6 +186,16 @@ pub fn prepare(
         no_value: out.no_value,
         received: out.received,
     }
+}
+
+/// Data points in a request, whatever their kind.
+pub fn count_points(req: &ExportMetricsServiceRequest) -> u64 {
+    req.resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .map(points_of)
+        .sum()
 }
 
 /// Data points a metric carries, whatever its kind.

@@ -346,10 +346,11 @@ impl Config {
 /// The per-point limits, each at least what normal spanmetrics needs.
 fn input_limits(raw: &RawLimits) -> Result<InputLimits, ConfigError> {
     let d = InputLimits::default();
+    // The upper bound keeps the per-point work of a limit that is meant to bound it small.
     let at_least = |key: &str, v: Option<usize>, default: usize, min: usize| match v {
-        Some(v) if v < min => Err(ConfigError::Invalid {
+        Some(v) if v < min || v > 1 << 20 => Err(ConfigError::Invalid {
             key: format!("limits.{key}"),
-            reason: format!("must be at least {min}"),
+            reason: format!("must be between {min} and {}", 1 << 20),
         }),
         v => Ok(v.unwrap_or(default)),
     };
@@ -364,6 +365,12 @@ fn input_limits(raw: &RawLimits) -> Result<InputLimits, ConfigError> {
         a.max_attributes,
         16,
     )?;
+    if out.attributes.max_attributes > 1024 {
+        return Err(ConfigError::Invalid {
+            key: "limits.max_attributes_per_point".into(),
+            reason: "must be at most 1024 (points are checked for names that collide)".into(),
+        });
+    }
     out.attributes.max_name_len = at_least(
         "max_label_name_length",
         raw.max_label_name_length,

@@ -439,3 +439,35 @@ fn a_request_costlier_than_the_whole_decode_budget_is_refused_for_good() {
         "returned"
     );
 }
+
+#[test]
+fn finite_values_that_add_up_past_f64_max_saturate_instead_of_serving_inf() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    for i in 0..3 {
+        let mut req = cart_delta("a", 1, [1, 0, 0, 0, 0], 1.7e308, t + i * SECOND);
+        if let Some(Data::Sum(x)) = req.resource_metrics[0].scope_metrics[0].metrics[0]
+            .data
+            .as_mut()
+        {
+            x.data_points[0].value = Some(
+                opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsDouble(
+                    1.7e308,
+                ),
+            );
+        }
+        s.post_ok(&req.encode_to_vec());
+    }
+    let scrape = s.scrape();
+    assert!(
+        !scrape.contains("Inf\n") || !scrape.contains("_total{"),
+        "{scrape}"
+    );
+    for line in scrape
+        .lines()
+        .filter(|l| l.contains("_total{") || l.contains("_sum{"))
+    {
+        let v: f64 = line.rsplit_once(' ').unwrap().1.parse().unwrap();
+        assert!(v.is_finite() && v > 1e308, "{line}");
+    }
+}

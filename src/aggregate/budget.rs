@@ -66,6 +66,8 @@ pub struct Redirect {
     pub points: Vec<Point>,
     pub counts: Vec<u64>,
     pub services: Vec<Box<str>>,
+    /// Index into `services`, so a batch of many services stays linear.
+    index: HashMap<Box<str>, u32, ahash::RandomState>,
 }
 
 /// The `service_name` label of a point, as its new series would get it.
@@ -138,9 +140,10 @@ impl ShardState {
             .entry(service.clone())
             .or_default()
             .overflowed += 1;
-        let idx = match out.services.iter().position(|s| *s == service) {
-            Some(i) => i,
+        let idx = match out.index.get(&service) {
+            Some(&i) => i as usize,
             None => {
+                out.index.insert(service.clone(), out.services.len() as u32);
                 out.services.push(service);
                 out.services.len() - 1
             }

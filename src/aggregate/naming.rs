@@ -131,8 +131,11 @@ pub fn family_name(otel_name: &str, unit: &str) -> String {
         }
     }
     // A counter family must not itself end in `_total`: the suffix belongs to the sample.
+    // A name that is nothing but the suffix keeps it: a family name is never empty.
     if let Some(stripped) = name.strip_suffix("_total") {
-        name.truncate(stripped.len());
+        if !stripped.is_empty() {
+            name.truncate(stripped.len());
+        }
     }
     name
 }
@@ -166,6 +169,8 @@ mod tests {
             "traces_span_metrics_calls"
         );
         assert_eq!(family_name("calls_total", ""), "calls");
+        assert_eq!(family_name("_total", ""), "_total", "never empty");
+        assert_eq!(family_name(".total", ""), "_total");
     }
 
     #[test]

@@ -616,7 +616,9 @@ impl ShardState {
         };
         match (&mut s.value, add) {
             (SeriesValue::Counter(c), Add::Int(i)) => c.int = c.int.saturating_add(i),
-            (SeriesValue::Counter(c), Add::Float(f)) => c.float += f,
+            // Finite inputs can still add up past f64::MAX: saturate, as integer counts do, so
+            // a series is never served as +Inf.
+            (SeriesValue::Counter(c), Add::Float(f)) => c.float = (c.float + f).min(f64::MAX),
             (
                 SeriesValue::Histogram {
                     counts: out,
@@ -641,7 +643,7 @@ impl ShardState {
                     }
                     _ => return Err(LayoutMismatch),
                 }
-                *osum += sum;
+                *osum = (*osum + sum).min(f64::MAX);
             }
             _ => return Err(LayoutMismatch),
         }

@@ -51,6 +51,34 @@ pub fn encode_response(resp: &ExportMetricsServiceResponse) -> Vec<u8> {
     body.to_string().into_bytes()
 }
 
+/// Standard or URL-safe base64, padded or not: proto3 JSON accepts each.
+fn base64_any(s: &str) -> Option<Vec<u8>> {
+    use base64::engine::{
+        general_purpose, DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig,
+    };
+    let cfg = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    [
+        GeneralPurpose::new(&base64::alphabet::STANDARD, cfg),
+        GeneralPurpose::new(&base64::alphabet::URL_SAFE, cfg),
+    ]
+    .iter()
+    .find_map(|e| e.decode(s).ok())
+    .or_else(|| general_purpose::STANDARD.decode(s).ok())
+}
+
+/// A client's text quoted in an error, cut short: a 400 is never as large as the request.
+fn quote(s: &str) -> String {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < s.len() {
+        format!("{:?}…", &s[..end])
+    } else {
+        format!("{s:?}")
+    }
+}
+
 fn obj(v: &Value) -> Res<&Obj> {
     v.as_object()
         .ok_or_else(|| format!("expected an object, got {}", kind(v)))
@@ -121,7 +149,7 @@ fn u64_of(v: &Value) -> Res<u64> {
         Value::String(s) => s
             .trim()
             .parse()
-            .map_err(|_| format!("{s:?} is not a uint64")),
+            .map_err(|_| format!("{} is not a uint64", quote(s))),
         Value::Number(n) => n
             .as_u64()
             .or_else(|| {
@@ -139,7 +167,7 @@ fn i64_of(v: &Value) -> Res<i64> {
         Value::String(s) => s
             .trim()
             .parse()
-            .map_err(|_| format!("{s:?} is not an int64")),
+            .map_err(|_| format!("{} is not an int64", quote(s))),
         Value::Number(n) => n
             .as_i64()
             .or_else(|| {
@@ -179,7 +207,7 @@ fn f64_of(v: &Value) -> Res<f64> {
                 .ok()
                 // Rust also parses "inf" and "nan"; JSON does not know them.
                 .filter(|f| f.is_finite())
-                .ok_or_else(|| format!("{s:?} is not a double")),
+                .ok_or_else(|| format!("{} is not a double", quote(s))),
         },
         other => Err(format!("expected a double, got {}", kind(other))),
     }
@@ -202,7 +230,7 @@ fn enum_of(v: &Value, names: &[&str]) -> Res<i32> {
             .iter()
             .position(|n| n == s)
             .map(|i| i as i32)
-            .ok_or_else(|| format!("unknown enum value {s:?}")),
+            .ok_or_else(|| format!("unknown enum value {}", quote(s))),
         _ => i32::try_from(i64_of(v)?).map_err(|_| format!("{v} is not an enum value")),
     }
 }
@@ -379,11 +407,7 @@ fn any_value(v: &Value) -> Res<AnyValue> {
         V::DoubleValue(f64_of(v)?)
     } else if let Some(v) = field(o, "bytesValue", "bytes_value") {
         let s = v.as_str().ok_or("bytesValue: expected base64 text")?;
-        V::BytesValue(
-            base64::engine::general_purpose::STANDARD
-                .decode(s)
-                .map_err(|e| format!("bytesValue: {e}"))?,
-        )
+        V::BytesValue(base64_any(s).ok_or("bytesValue: not base64")?)
     } else if let Some(v) = field(o, "arrayValue", "array_value") {
         let values = get(obj(v)?, "values", "values", |a| array_of(a, any_value))?;
         V::ArrayValue(ArrayValue { values })

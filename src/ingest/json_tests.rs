@@ -84,6 +84,21 @@ fn wrong_types_name_their_path() {
         decode(one_metric(r#"{"name":"c","sum":{"dataPoints":[{"asDouble":"inf"}]}}"#).as_bytes())
             .unwrap_err();
     assert!(err.contains("asDouble"), "{err}");
+    let long = format!(
+        "{{\"resourceMetrics\":[{{\"schemaUrl\":7, \"x\":\"{}\"}}]}}",
+        "y".repeat(1000)
+    );
+    assert!(decode(long.as_bytes()).unwrap_err().len() < 200);
+    let huge = one_metric(&format!(
+        r#"{{"name":"c","sum":{{"dataPoints":[{{"asInt":"{}"}}]}}}}"#,
+        "9".repeat(10_000)
+    ));
+    let err = decode(huge.as_bytes()).unwrap_err();
+    assert!(
+        err.len() < 300,
+        "the error quotes a bounded prefix: {} bytes",
+        err.len()
+    );
     assert!(decode(b"[]").is_err());
     assert!(decode(b"{\"resourceMetrics\":null}")
         .unwrap()
@@ -118,6 +133,13 @@ fn attribute_values_of_every_kind_and_unknown_fields() {
     assert_eq!(v(4), Some(V::BytesValue(vec![1, 2])));
     assert!(matches!(v(5), Some(V::ArrayValue(a)) if a.values.len() == 1));
     assert!(matches!(v(6), Some(V::KvlistValue(k)) if k.values[0].key == "q"));
+    for (text, want) in [
+        ("AQI", vec![1, 2]),
+        ("-_8", vec![0xfb, 0xff]),
+        ("-_8=", vec![0xfb, 0xff]),
+    ] {
+        assert_eq!(base64_any(text), Some(want), "{text}");
+    }
     assert_eq!(v(7), None);
     assert!(attrs[8].value.is_none());
 }

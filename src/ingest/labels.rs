@@ -160,6 +160,17 @@ pub fn key_of(labels: &[(String, String)], seed: u64) -> u128 {
     set.finish(seed)
 }
 
+/// An attribute key as an output label name.
+#[derive(Debug, Clone, Copy)]
+struct Name {
+    /// Output name id: raw keys that sanitise alike share it.
+    id: u32,
+    /// Hash of the raw key (for the source key).
+    raw_hash: u64,
+    /// This raw key was renamed because its name is reserved.
+    renamed: bool,
+}
+
 /// The kept resource attributes of one resource, hashed once for all its points.
 #[derive(Debug, Default)]
 pub struct ResourcePart {
@@ -187,14 +198,12 @@ pub struct Relabeled {
 pub struct Keyer<'r> {
     projection: &'r Projection,
     limits: AttributeLimits,
-    /// (raw key, histogram) → output name id, and the raw key's hash (for the source key).
-    index: HashMap<(&'r str, bool), (u32, u64), RandomState>,
+    /// (raw key, histogram) → its output name.
+    index: HashMap<(&'r str, bool), Name, RandomState>,
     /// Output name → id: raw keys that sanitise alike share one id.
     name_ids: HashMap<String, u32, RandomState>,
     /// Hash of each output name, by id.
     names: Vec<u64>,
-    /// Whether each output name is a renamed reserved one, by id.
-    renamed: Vec<bool>,
     pub relabeled: Relabeled,
     name_buf: String,
     value_buf: String,
@@ -209,7 +218,6 @@ impl<'r> Keyer<'r> {
             index: HashMap::default(),
             name_ids: HashMap::default(),
             names: Vec::new(),
-            renamed: Vec::new(),
             relabeled: Relabeled::default(),
             name_buf: String::new(),
             value_buf: String::new(),
@@ -217,7 +225,7 @@ impl<'r> Keyer<'r> {
         }
     }
 
-    fn name(&mut self, key: &'r str, histogram: bool) -> (u32, u64) {
+    fn name(&mut self, key: &'r str, histogram: bool) -> Name {
         if let Some(&v) = self.index.get(&(key, histogram)) {
             return v;
         }
@@ -227,12 +235,15 @@ impl<'r> Keyer<'r> {
             None => {
                 let id = self.names.len() as u32;
                 self.names.push(xxh3_64(self.name_buf.as_bytes()));
-                self.renamed.push(renamed);
                 self.name_ids.insert(self.name_buf.clone(), id);
                 id
             }
         };
-        let v = (id, xxh3_64(key.as_bytes()));
+        let v = Name {
+            id,
+            raw_hash: xxh3_64(key.as_bytes()),
+            renamed,
+        };
         self.index.insert((key, histogram), v);
         v
     }
@@ -240,8 +251,12 @@ impl<'r> Keyer<'r> {
     /// Hashes the kept attributes of a resource for points of one kind.
     pub fn resource(&mut self, kept: &[&'r KeyValue], histogram: bool) -> ResourcePart {
         let mut part = ResourcePart::default();
+        if kept.len() > self.limits.max_attributes {
+            part.error = Some(Reason::TooManyAttributes);
+            return part;
+        }
         for &kv in kept {
-            let (id, _) = self.name(&kv.key, histogram);
+            let Name { id, renamed, .. } = self.name(&kv.key, histogram);
             let v = value_str(kv.value.as_ref(), &mut self.value_buf);
             if let Err(r) = self.limits.check(&kv.key, v) {
                 part.error = Some(r);
@@ -250,7 +265,7 @@ impl<'r> Keyer<'r> {
                 continue;
             }
             part.collide |= part.pairs.iter().any(|(i, _)| *i == id);
-            part.renamed |= self.renamed[id as usize];
+            part.renamed |= renamed;
             let pair = xxh3_128_with_seed(v.as_bytes(), self.names[id as usize]);
             part.pairs.push((id, pair));
         }
@@ -279,7 +294,11 @@ impl<'r> Keyer<'r> {
         let mut mask = 0u64;
         let mut source = SetHash::default();
         for kv in attrs {
-            let (id, raw_hash) = self.name(&kv.key, histogram);
+            let Name {
+                id,
+                raw_hash,
+                renamed: name_renamed,
+            } = self.name(&kv.key, histogram);
             let v = value_str(kv.value.as_ref(), &mut self.value_buf);
             self.limits.check(&kv.key, v)?;
             source.add_pair(xxh3_128_with_seed(v.as_bytes(), raw_hash));
@@ -290,7 +309,7 @@ impl<'r> Keyer<'r> {
             if mask & bit != 0 && scratch.iter().any(|(i, _)| *i == id) {
                 collide = true;
             }
-            renamed |= self.renamed[id as usize];
+            renamed |= name_renamed;
             mask |= bit;
             scratch.push((
                 id,
@@ -300,10 +319,16 @@ impl<'r> Keyer<'r> {
         self.relabeled.reserved += u64::from(renamed);
         self.relabeled.colliding += u64::from(collide);
         let output = if collide {
-            key_of(
-                &canonical(histogram, resource, attrs, self.projection),
-                seeds.0,
-            )
+            let labels = canonical(histogram, resource, attrs, self.projection);
+            // Joined values may be longer than any one attribute.
+            if labels
+                .iter()
+                .any(|(_, v)| v.len() > self.limits.max_value_len)
+            {
+                self.scratch = scratch;
+                return Err(Reason::AttributeTooLong);
+            }
+            key_of(&labels, seeds.0)
         } else {
             let mut out = SetHash::default();
             for (_, pair) in &scratch {

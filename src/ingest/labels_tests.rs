@@ -128,6 +128,22 @@ fn limits_refuse_the_point() {
         keyer.point(&res, &[], &long_key, false, (0, 0)),
         Err(Reason::AttributeTooLong)
     );
+    // Colliding names are joined: the joined value is held to the same limit.
+    let joined: Vec<KeyValue> = (0..3)
+        .map(|i| kv(&format!("a{}b", [".", "_", "-"][i]), &"v".repeat(2000)))
+        .collect();
+    assert_eq!(
+        keyer.point(&res, &[], &joined, false, (0, 0)),
+        Err(Reason::AttributeTooLong)
+    );
+    // Kept resource attributes count too.
+    let many_resource: Vec<KeyValue> = (0..200).map(|_| kv("service.name", "s")).collect();
+    let kept = p.kept_resource(&many_resource);
+    let res = keyer.resource(&kept, false);
+    assert_eq!(
+        keyer.point(&res, &kept, &[], false, (0, 0)),
+        Err(Reason::TooManyAttributes)
+    );
     let resource = [kv("service.name", &"s".repeat(5000))];
     let kept = p.kept_resource(&resource);
     let res = keyer.resource(&kept, false);

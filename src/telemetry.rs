@@ -165,7 +165,11 @@ impl Telemetry {
         let rejected = Reason::ALL
             .iter()
             .map(|r| r.as_str())
-            .chain([Outcome::TooLate.as_str(), Outcome::LayoutMismatch.as_str()])
+            .chain([
+                Outcome::TooLate.as_str(),
+                Outcome::LayoutMismatch.as_str(),
+                Outcome::Conflict.as_str(),
+            ])
             .map(|r| rejected_f.get_or_create(&vec![("reason", r)]).clone())
             .collect();
         let no_value = Counter::default();
@@ -289,6 +293,7 @@ impl Telemetry {
             let idx = match o {
                 Outcome::TooLate => Reason::COUNT,
                 Outcome::LayoutMismatch => Reason::COUNT + 1,
+                Outcome::Conflict => Reason::COUNT + 2,
                 _ => continue,
             };
             self.rejected[idx].inc_by(u64::from(n));

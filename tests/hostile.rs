@@ -471,3 +471,67 @@ fn finite_values_that_add_up_past_f64_max_saturate_instead_of_serving_inf() {
         assert!(v.is_finite() && v > 1e308, "{line}");
     }
 }
+
+#[test]
+fn a_second_writer_with_the_same_identity_is_a_conflict_not_a_retry() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    // Two sidecars whose resources carry only service.name: one identity, two writers.
+    let only_service = |calls: u64| {
+        let mut req = cart_delta("x", calls, [calls, 0, 0, 0, 0], calls as f64, t);
+        let rm = &mut req.resource_metrics[0];
+        rm.resource.as_mut().unwrap().attributes = vec![kv("service.name", "checkout")];
+        for m in rm.scope_metrics[0].metrics.iter_mut() {
+            let strip = |a: &mut Vec<KeyValue>| a.retain(|kv| kv.key != "collector.instance.id");
+            match m.data.as_mut() {
+                Some(Data::Sum(x)) => x
+                    .data_points
+                    .iter_mut()
+                    .for_each(|p| strip(&mut p.attributes)),
+                Some(Data::Histogram(h)) => h
+                    .data_points
+                    .iter_mut()
+                    .for_each(|p| strip(&mut p.attributes)),
+                _ => {}
+            }
+        }
+        req.encode_to_vec()
+    };
+    s.post_ok(&only_service(5));
+    let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &only_service(7));
+    assert_eq!(status, 200);
+    let reply =
+        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
+            &body[..],
+        )
+        .unwrap();
+    let partial = reply.partial_success.unwrap();
+    assert_eq!(partial.rejected_data_points, 2);
+    assert!(
+        partial.error_message.contains("(conflict)")
+            && partial.error_message.contains("unique identity"),
+        "{}",
+        partial.error_message
+    );
+    // A true retry of the first is a duplicate, quietly.
+    let (_, _, body) = s.post_otlp("application/x-protobuf", &[], &only_service(5));
+    let reply =
+        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
+            &body[..],
+        )
+        .unwrap();
+    assert!(reply.partial_success.is_none(), "{reply:?}");
+    assert_eq!(cart_calls(&s), Some(5.0));
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"conflict\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"duplicate\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"conflict\"}"),
+        2.0
+    );
+}

@@ -77,6 +77,7 @@ fn send(table: &Table, deltas: &[Delta]) -> BatchResult {
                 }
             };
             points.push(Point {
+                fp: 0,
                 series,
                 source,
                 resource: 0,

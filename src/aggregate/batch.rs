@@ -40,10 +40,12 @@ pub enum Outcome {
     LayoutMismatch,
     /// A new source stream past `limits.max_source_streams`: refused, retryably.
     StreamLimit,
+    /// Different values for the interval a stream applied last: a second writer.
+    Conflict,
 }
 
 impl Outcome {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [Outcome; Self::COUNT] = [
         Self::Applied,
         Self::AppliedAfterGap,
@@ -55,6 +57,7 @@ impl Outcome {
         Self::TooLate,
         Self::LayoutMismatch,
         Self::StreamLimit,
+        Self::Conflict,
     ];
     /// Why a refused point (reported to the client in the partial success) was refused, as the client reads it; `None` for the rest.
     pub fn explain(self) -> Option<&'static str> {
@@ -66,6 +69,11 @@ impl Outcome {
             Self::LayoutMismatch => {
                 Some("bucket bounds do not contain every bound of the output series")
             }
+            Self::Conflict => Some(
+                "a second sender with the same identity sent other values for an interval this \
+                 stream already applied: give every sidecar a unique identity (service.instance.id \
+                 or k8s.pod.name on its resource)",
+            ),
             _ => None,
         }
     }
@@ -81,6 +89,7 @@ impl Outcome {
             Self::TooLate => "too_late",
             Self::LayoutMismatch => "layout_mismatch",
             Self::StreamLimit => "stream_limit",
+            Self::Conflict => "conflict",
         }
     }
 }

@@ -42,6 +42,16 @@ pub struct Point {
     pub end_ns: u64,
     pub temporality: Temporality,
     pub value: PointValue,
+    /// Fingerprint of the value (never 0): tells a retry from a second writer.
+    pub fp: u32,
+}
+
+/// A fingerprint of a point's numbers (never 0, which means "unknown").
+pub fn fingerprint(words: impl Iterator<Item = u64>) -> u32 {
+    let h = words.fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29)
+    });
+    ((h >> 32) as u32 ^ h as u32) | 1
 }
 
 /// A counter that stays exact for integer input and still takes floating-point input.

@@ -420,7 +420,7 @@ impl ShardState {
     ) -> Outcome {
         let late = self.cfg.late_ns;
         let verdict = match self.deltas.get(p.source) {
-            Some(w) => w.classify(p.start_ns, p.end_ns, late),
+            Some(w) => w.classify(p.start_ns, p.end_ns, late, p.fp),
             // A stream we do not know (new, or expired after `series_ttl`) whose delta is older
             // than the TTL could be a replay of something applied before it expired.
             None if p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns => Verdict::TooLate,
@@ -433,6 +433,7 @@ impl ShardState {
             Verdict::ApplyLate => Outcome::AppliedLate,
             Verdict::Duplicate => return Outcome::Duplicate,
             Verdict::TooLate => return Outcome::TooLate,
+            Verdict::Conflict => return Outcome::Conflict,
         };
         let Some(add) = self.batch_add(batch, &p.value, layout_ids) else {
             return Outcome::LayoutMismatch;
@@ -442,7 +443,7 @@ impl ShardState {
         };
         match self.deltas.get_mut_tagged(p.source) {
             Some((tag, w)) => {
-                w.record(p.start_ns, p.end_ns, late);
+                w.record(p.start_ns, p.end_ns, late, p.fp);
                 // The series expired and came back under a new id: follow it.
                 if *tag != id {
                     let old = std::mem::replace(tag, id);
@@ -457,7 +458,7 @@ impl ShardState {
                 }
                 self.source_added(id);
                 self.deltas
-                    .insert_tagged(p.source, id, Window::new(p.start_ns, p.end_ns));
+                    .insert_tagged(p.source, id, Window::new(p.start_ns, p.end_ns, p.fp));
             }
         }
         outcome

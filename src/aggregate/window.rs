@@ -9,6 +9,13 @@
 //! straddling the horizon is refused too), and it is what makes forgetting safe: any range that
 //! ends at or before the horizon can be dropped, because nothing that could overlap it can be
 //! applied any more.
+//!
+//! A true retry repeats an applied delta exactly: the same interval and the same values. So the
+//! window also keeps the newest applied delta's start and a fingerprint of its values; a delta
+//! for that interval with other values, or one overlapping it only in part, comes from a second
+//! writer with the same identity (a sidecar without a pod identity) and is a conflict, not a
+//! duplicate. Older intervals are merged and cannot be told apart: overlapping them is a
+//! duplicate. A fingerprint of 0 means "unknown" (a restored window, a caller without one).
 
 /// What to do with one delta point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +30,8 @@ pub enum Verdict {
     Duplicate,
     /// Starts before the late horizon: refuse, count.
     TooLate,
+    /// Overlaps the newest applied delta but is not its exact retry: a second writer.
+    Conflict,
 }
 
 impl Verdict {
@@ -39,14 +48,20 @@ pub struct Window {
     /// Older disjoint ranges, sorted, present only while there are holes.
     #[allow(clippy::box_collection)] // a thin pointer: the common case costs 8 bytes, not 24
     older: Option<Box<Vec<(u64, u64)>>>,
+    /// Start of the newest applied delta (it ends at `head.1`).
+    last_start: u64,
+    /// Fingerprint of the newest applied delta's values; 0: unknown.
+    last_fp: u32,
 }
 
 impl Window {
-    /// A window holding one applied interval.
-    pub fn new(start: u64, end: u64) -> Self {
+    /// A window holding one applied interval, whose values have fingerprint `fp`.
+    pub fn new(start: u64, end: u64, fp: u32) -> Self {
         Self {
             head: (start, end),
             older: None,
+            last_start: start,
+            last_fp: fp,
         }
     }
 
@@ -62,9 +77,17 @@ impl Window {
             .chain(std::iter::once(&self.head))
     }
 
-    /// Classifies `[start, end)` without changing anything. `late_ns` is the late window.
-    pub fn classify(&self, start: u64, end: u64, late_ns: u64) -> Verdict {
+    /// Classifies `[start, end)` with values of fingerprint `fp` without changing anything.
+    /// `late_ns` is the late window.
+    pub fn classify(&self, start: u64, end: u64, late_ns: u64, fp: u32) -> Verdict {
         if self.ranges().any(|&(s, e)| start < e && end > s) {
+            let (ls, le) = (self.last_start, self.head.1);
+            let known = fp != 0 && self.last_fp != 0;
+            let exact = start == ls && end == le;
+            let overlaps_last = start < le && end > ls;
+            if known && ((exact && fp != self.last_fp) || (!exact && overlaps_last)) {
+                return Verdict::Conflict;
+            }
             return Verdict::Duplicate;
         }
         let newest = self.newest_end();
@@ -83,7 +106,11 @@ impl Window {
 
     /// Records `[start, end)` as applied (call only after `classify` said it applies), merging
     /// touching ranges and forgetting those that fell out of the late window.
-    pub fn record(&mut self, start: u64, end: u64, late_ns: u64) {
+    pub fn record(&mut self, start: u64, end: u64, late_ns: u64, fp: u32) {
+        if end >= self.head.1 {
+            self.last_start = start;
+            self.last_fp = fp;
+        }
         let mut all: Vec<(u64, u64)> = Vec::new();
         if self.older.is_none() && start == self.head.1 {
             self.head.1 = end;
@@ -130,6 +157,9 @@ impl Window {
         ok.then(|| Self {
             head,
             older: (!older.is_empty()).then(|| Box::new(older.to_vec())),
+            // The newest delta's own interval and values are not kept across a restore.
+            last_start: head.0,
+            last_fp: 0,
         })
     }
 
@@ -146,16 +176,20 @@ mod tests {
     const LATE: u64 = 600;
 
     fn apply(w: &mut Window, s: u64, e: u64) -> Verdict {
-        let v = w.classify(s, e, LATE);
+        apply_fp(w, s, e, 0)
+    }
+
+    fn apply_fp(w: &mut Window, s: u64, e: u64, fp: u32) -> Verdict {
+        let v = w.classify(s, e, LATE, fp);
         if v.applies() {
-            w.record(s, e, LATE);
+            w.record(s, e, LATE, fp);
         }
         v
     }
 
     #[test]
     fn contiguous_deltas_stay_one_range() {
-        let mut w = Window::new(0, 10);
+        let mut w = Window::new(0, 10, 0);
         for i in 1..100 {
             assert_eq!(apply(&mut w, i * 10, i * 10 + 10), Verdict::Apply);
         }
@@ -165,7 +199,7 @@ mod tests {
 
     #[test]
     fn a_retried_delta_is_a_duplicate() {
-        let mut w = Window::new(0, 10);
+        let mut w = Window::new(0, 10, 0);
         apply(&mut w, 10, 20);
         assert_eq!(apply(&mut w, 10, 20), Verdict::Duplicate);
         assert_eq!(apply(&mut w, 0, 10), Verdict::Duplicate);
@@ -174,7 +208,7 @@ mod tests {
 
     #[test]
     fn a_late_delta_filling_a_hole_is_applied_once() {
-        let mut w = Window::new(0, 10);
+        let mut w = Window::new(0, 10, 0);
         assert_eq!(apply(&mut w, 20, 30), Verdict::ApplyAfterGap);
         assert_eq!(w.ranges_held(), 2);
         assert_eq!(apply(&mut w, 10, 20), Verdict::ApplyLate);
@@ -184,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_delta_ending_before_the_window_is_too_late() {
-        let mut w = Window::new(0, 10);
+        let mut w = Window::new(0, 10, 0);
         apply(&mut w, 1000, 1010);
         assert_eq!(apply(&mut w, 100, 200), Verdict::TooLate);
         assert_eq!(apply(&mut w, 500, 600), Verdict::ApplyLate);
@@ -192,7 +226,7 @@ mod tests {
 
     #[test]
     fn forgotten_history_is_never_applied_again() {
-        let mut w = Window::new(0, 10);
+        let mut w = Window::new(0, 10, 0);
         apply(&mut w, 2000, 2010); // horizon 1410: forgets [0, 10)
         assert_eq!(w.ranges_held(), 1);
         // Reaches back over the forgotten range: refusing is the only safe answer.
@@ -203,7 +237,7 @@ mod tests {
 
     #[test]
     fn a_delta_straddling_the_horizon_is_too_late() {
-        let mut w = Window::new(1000, 1010);
+        let mut w = Window::new(1000, 1010, 0);
         assert_eq!(
             apply(&mut w, 300, 500),
             Verdict::TooLate,
@@ -213,7 +247,35 @@ mod tests {
     }
 
     #[test]
+    fn a_second_writer_is_told_apart_from_a_retry() {
+        let mut w = Window::new(0, 10, 5);
+        assert_eq!(apply_fp(&mut w, 10, 20, 7), Verdict::Apply);
+        assert_eq!(
+            apply_fp(&mut w, 10, 20, 7),
+            Verdict::Duplicate,
+            "a true retry"
+        );
+        assert_eq!(
+            apply_fp(&mut w, 10, 20, 8),
+            Verdict::Conflict,
+            "other values"
+        );
+        assert_eq!(
+            apply_fp(&mut w, 12, 22, 7),
+            Verdict::Conflict,
+            "a shifted interval"
+        );
+        // Older intervals are merged: an overlap there cannot be judged.
+        assert_eq!(apply_fp(&mut w, 0, 10, 9), Verdict::Duplicate);
+        // Unknown fingerprints (a restored window) never claim a conflict.
+        let mut r = Window::from_ranges(&[(0, 20)]).unwrap();
+        assert_eq!(apply_fp(&mut r, 10, 20, 8), Verdict::Duplicate);
+        assert_eq!(apply_fp(&mut r, 20, 30, 8), Verdict::Apply);
+        assert_eq!(apply_fp(&mut r, 20, 30, 9), Verdict::Conflict);
+    }
+
+    #[test]
     fn the_common_case_is_small() {
-        assert_eq!(std::mem::size_of::<Window>(), 24);
+        assert_eq!(std::mem::size_of::<Window>(), 40);
     }
 }

@@ -19,7 +19,7 @@ pub use super::reason::{Reason, Rejections};
 use crate::aggregate::key::{source_seed, FamilyDesc, Kind, SetHash};
 use crate::aggregate::layout::BucketLayout;
 use crate::aggregate::naming::family_name;
-use crate::aggregate::series::{Point, PointValue, Temporality};
+use crate::aggregate::series::{fingerprint, Point, PointValue, Temporality};
 
 /// What one data point may cost, and how far ahead of the server clock it may end. The
 /// defaults never touch what the `spanmetrics` connector sends.
@@ -368,7 +368,13 @@ fn number_point<'r>(
     )?;
     let mut label_ref = ctx.label_ref;
     label_ref[3] = pi as u32;
+    let fp = fingerprint(std::iter::once(match value {
+        PointValue::Int(i) => i,
+        PointValue::Float(f) => f.to_bits() ^ 1 << 63,
+        PointValue::Histogram { .. } => 0,
+    }));
     Ok(Some(Point {
+        fp,
         series,
         source,
         resource: ctx.resource,
@@ -440,7 +446,14 @@ fn histogram_point<'r>(
     let to = target.counts.len() as u32;
     let mut label_ref = ctx.label_ref;
     label_ref[3] = pi as u32;
+    let fp = fingerprint(
+        p.bucket_counts
+            .iter()
+            .copied()
+            .chain([sum.to_bits(), p.count]),
+    );
     target.points.push(Point {
+        fp,
         series,
         source,
         resource: ctx.resource,

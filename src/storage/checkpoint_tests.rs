@@ -1,6 +1,6 @@
 use super::*;
 use crate::aggregate::series::SeriesValue;
-use crate::aggregate::shard::ShardConfig;
+use crate::aggregate::shard::{ShardConfig, StreamState};
 use crate::ingest::otlp::Projection;
 use crate::workload::{make_cumulative, request, single_shard_batch, Shape};
 use std::sync::Arc;
@@ -87,7 +87,19 @@ fn dump(s: &ShardState) -> (Vec<SeriesDump>, Vec<StreamDump>) {
     series.sort_by_key(|a| a.0);
     let mut streams: Vec<StreamDump> = s
         .stream_records()
-        .map(|(k, sk, st)| (k, sk, format!("{st:?}")))
+        // A window's applied ranges are restored; the newest delta's fingerprint is not (a
+        // restored window only stops telling retries from second writers until its next delta).
+        .map(|(k, sk, st)| {
+            let text = match &st {
+                StreamState::Delta(w) => format!(
+                    "Delta {{ ranges: {:?}, older: {} }}",
+                    w.ranges().collect::<Vec<_>>(),
+                    if w.ranges_held() > 1 { "Some" } else { "None" }
+                ),
+                other => format!("{other:?}"),
+            };
+            (k, sk, text)
+        })
         .collect();
     streams.sort();
     (series, streams)

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::aggregate::quota::SeriesQuota;
 use crate::aggregate::shard::{ShardConfig, ShardLimits, ShardState};
 use crate::aggregate::table::Table;
 use crate::config::Config;
@@ -86,6 +87,7 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
             config.limits.max_source_streams,
             config.shards.get(),
         ),
+        quota: Arc::default(),
     };
     let n = config.shards.get();
     let metrics = StorageMetrics::default();
@@ -96,10 +98,16 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
         config.wal_segment_size,
         metrics.clone(),
         |start| {
+            // A fresh quota per attempt: a restore that fails half way leaves no counts behind.
+            let quota = Arc::new(SeriesQuota::new(
+                config.limits.max_series_per_service,
+                config.limits.max_series,
+            ));
             (0..n)
                 .map(|_| {
                     ShardState::new(ShardConfig {
                         process_start_ns: start,
+                        quota: quota.clone(),
                         ..base.clone()
                     })
                 })

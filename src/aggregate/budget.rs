@@ -49,13 +49,36 @@ pub struct ServiceUse {
     pub series: u64,
     /// Points sent on to the service's overflow series.
     pub overflowed: u64,
+    /// Shard clock of the last overflowed point: a service with no series is forgotten once
+    /// this is older than the TTL.
+    touched: u32,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct Budget {
     pub(super) services: Map<Box<str>, ServiceUse>,
-    /// Source streams sent to overflow, with the shard clock when last seen.
-    sticky: Map<u128, u32>,
+    /// Source streams sent to overflow series.
+    sticky: Map<u128, Sticky>,
+}
+
+/// A source stream that goes to an overflow series until it is idle for the TTL.
+#[derive(Debug, Clone, Copy)]
+struct Sticky {
+    /// Shard clock when last seen.
+    touched: u32,
+    /// To the global overflow series (else to its service's).
+    global: bool,
+}
+
+/// What the budgets say about one point (see `ShardState::admit`).
+pub(super) enum Admit {
+    /// Its series exists (or it feeds an overflow series): apply it.
+    Go,
+    /// It would create a series, taken from the quota for this service: give it back if the
+    /// point does not create it after all.
+    Taken(Box<str>),
+    /// Send it on to the overflow series of this service ("" is the global one).
+    Overflow(Box<str>),
 }
 
 /// Points a shard hands back for their service's overflow series.
@@ -104,26 +127,32 @@ impl ShardState {
         self.cfg.limits
     }
 
-    /// Whether `p` goes to its service's overflow series: its stream already does, or it would
-    /// create a series over budget. Returns the service.
-    pub(super) fn overflow_service(&self, batch: &Batch, p: &Point) -> Option<Box<str>> {
+    /// What the series budgets say about `p`. A stream already sent to an overflow series
+    /// keeps going there; a point that would create a series takes it from the shared quota
+    /// (`quota.rs`), or goes to its service's overflow series (the service is at its limit) or
+    /// to the one global overflow series, service "" (all services are at `max_series`).
+    pub(super) fn admit(&self, batch: &Batch, p: &Point) -> Admit {
         if batch.overflow {
-            return None;
+            return Admit::Go;
         }
-        let sticky = !self.budget.sticky.is_empty()
-            && self.budget.sticky.contains_key(&stored_key(p.source));
-        if !sticky {
-            let lim = &self.cfg.limits;
-            let len = self.series.len() as u64;
-            // The common case: room for any service, or the series exists.
-            if len < lim.series_per_service.min(lim.series) || self.series.get(p.series).is_some() {
-                return None;
+        if !self.budget.sticky.is_empty() {
+            if let Some(s) = self.budget.sticky.get(&stored_key(p.source)) {
+                return Admit::Overflow(if s.global {
+                    "".into()
+                } else {
+                    service_of(batch, p)
+                });
             }
-            let service = service_of(batch, p);
-            let used = self.budget.services.get(&service).map_or(0, |u| u.series);
-            return (used >= lim.series_per_service || len >= lim.series).then_some(service);
         }
-        Some(service_of(batch, p))
+        if self.series.get(p.series).is_some() {
+            return Admit::Go;
+        }
+        let service = service_of(batch, p);
+        match self.cfg.quota.take(&service) {
+            Ok(()) => Admit::Taken(service),
+            Err(Full::Service) => Admit::Overflow(service),
+            Err(Full::Global) => Admit::Overflow("".into()),
+        }
     }
 
     /// Hands `p` back for the overflow series of `service`.
@@ -134,12 +163,15 @@ impl ShardState {
         service: Box<str>,
         out: &mut Redirect,
     ) {
-        self.budget.sticky.insert(stored_key(p.source), self.clock);
-        self.budget
-            .services
-            .entry(service.clone())
-            .or_default()
-            .overflowed += 1;
+        let sticky = Sticky {
+            touched: self.clock,
+            global: service.is_empty(),
+        };
+        self.budget.sticky.insert(stored_key(p.source), sticky);
+        let clock = self.clock;
+        let u = self.budget.services.entry(service.clone()).or_default();
+        u.overflowed += 1;
+        u.touched = clock;
         let idx = match out.index.get(&service) {
             Some(&i) => i as usize,
             None => {
@@ -177,6 +209,7 @@ impl ShardState {
                     ServiceUse {
                         series: 1,
                         overflowed: 0,
+                        touched: self.clock,
                     },
                 );
             }
@@ -192,23 +225,28 @@ impl ShardState {
         }
     }
 
-    /// Source streams that go to overflow series (stored keys).
-    pub fn sticky_streams(&self) -> impl Iterator<Item = u128> + '_ {
-        self.budget.sticky.keys().copied()
+    /// Source streams that go to overflow series (stored keys), and whether to the global one.
+    pub fn sticky_streams(&self) -> impl Iterator<Item = (u128, bool)> + '_ {
+        self.budget.sticky.iter().map(|(k, s)| (*k, s.global))
     }
 
-    /// Marks a stream as going to its overflow series (as a checkpoint recorded it).
-    pub fn restore_sticky(&mut self, source: u128) {
-        let clock = self.clock;
-        self.budget.sticky.insert(stored_key(source), clock);
-    }
-
-    /// Forgets sticky streams idle for longer than the TTL.
-    pub(super) fn sweep_sticky(&mut self) {
-        let (now, ttl) = (self.clock, self.cfg.ttl_secs);
+    /// Marks a stream as going to an overflow series (as a checkpoint recorded it).
+    pub fn restore_sticky(&mut self, source: u128, global: bool) {
+        let touched = self.clock;
         self.budget
             .sticky
-            .retain(|_, touched| now.saturating_sub(*touched) <= ttl);
+            .insert(stored_key(source), Sticky { touched, global });
+    }
+
+    /// Forgets sticky streams idle for longer than the TTL, and services with no series whose
+    /// last overflowed point is as old.
+    pub(super) fn sweep_sticky(&mut self) {
+        let (now, ttl) = (self.clock, self.cfg.ttl_secs);
+        let idle = |touched: u32| now.saturating_sub(touched) > ttl;
+        self.budget.sticky.retain(|_, s| !idle(s.touched));
+        self.budget
+            .services
+            .retain(|_, u| u.series > 0 || !idle(u.touched));
     }
 }
 

@@ -8,6 +8,7 @@ pub mod key;
 pub mod keytable;
 pub mod layout;
 pub mod naming;
+pub mod quota;
 pub mod series;
 pub mod shard;
 pub mod table;

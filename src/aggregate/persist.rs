@@ -126,6 +126,10 @@ impl ShardState {
         let keys = self.key_set_id(labels);
         let service = service_in(labels).to_owned();
         self.series_added(&service);
+        // A restored series exists whatever the limits say now; overflow series are not counted.
+        if !labels.iter().any(|(k, _)| k == OVERFLOW_LABEL) {
+            self.cfg.quota.force(&service);
+        }
         let values = labels
             .iter()
             .map(|(_, v)| self.strings.acquire(v))

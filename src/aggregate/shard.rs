@@ -15,6 +15,7 @@ use super::interner::Interner;
 use super::key::{FamilyDesc, Kind, Labels, SetHash};
 use super::keytable::{stored_key, Chunked, KeyTable};
 use super::layout::{fold_map, LayoutMismatch};
+use super::quota::{Full, SeriesQuota};
 use super::series::{
     cumulative_step, BucketCounts, CounterValue, CumulativeDelta, CumulativeSource,
     CumulativeState, CumulativeValue, Point, PointValue, Series, SeriesValue, Temporality,
@@ -47,8 +48,11 @@ pub struct ShardConfig {
     pub process_start_ns: u64,
     /// Configured output bounds by OTel metric name.
     pub bounds: HashMap<String, Arc<[f64]>>,
-    /// This shard's share of the cardinality budgets.
+    /// This shard's share of the cardinality budgets (source streams; the series shares are
+    /// what reports show per shard).
     pub limits: ShardLimits,
+    /// The series budgets all shards draw from.
+    pub quota: Arc<SeriesQuota>,
 }
 
 impl Default for ShardConfig {
@@ -61,6 +65,7 @@ impl Default for ShardConfig {
             process_start_ns: 0,
             bounds: HashMap::new(),
             limits: ShardLimits::default(),
+            quota: Arc::new(SeriesQuota::default()),
         }
     }
 }
@@ -319,11 +324,15 @@ impl ShardState {
                 last_pod = Some(p.resource);
                 self.saw_pod(batch, p);
             }
-            if let Some(service) = self.overflow_service(batch, p) {
-                let out = result.redirect.get_or_insert_with(Default::default);
-                self.redirect(batch, p, service, out);
-                continue;
-            }
+            let taken = match self.admit(batch, p) {
+                budget::Admit::Go => None,
+                budget::Admit::Taken(service) => Some(service),
+                budget::Admit::Overflow(service) => {
+                    let out = result.redirect.get_or_insert_with(Default::default);
+                    self.redirect(batch, p, service, out);
+                    continue;
+                }
+            };
             let Some(desc) = batch.families.get(p.family as usize) else {
                 continue;
             };
@@ -339,6 +348,12 @@ impl ShardState {
                 Temporality::Delta => self.apply_delta(batch, p, fam, &mut layout_ids),
                 Temporality::Cumulative => self.apply_cumulative(batch, p, fam),
             };
+            // Taken for a series the point did not create after all (a duplicate, a baseline).
+            if let Some(service) = taken {
+                if self.series.get(p.series).is_none() {
+                    self.cfg.quota.give_back(&service);
+                }
+            }
             result.counts[outcome as usize] += 1;
         }
         result
@@ -719,7 +734,7 @@ impl ShardState {
         for id in released {
             self.source_removed(id);
         }
-        let mut dead: Vec<(u32, Box<str>)> = Vec::new();
+        let mut dead: Vec<(u32, Box<str>, bool)> = Vec::new();
         let strings = &mut self.strings;
         let key_sets = &self.key_sets;
         self.series.retain_or(
@@ -731,16 +746,20 @@ impl ShardState {
                     .zip(s.labels.values.iter())
                     .find(|(k, _)| strings.get(**k) == SERVICE_LABEL)
                     .map_or_else(|| "".into(), |(_, v)| strings.get(*v).into());
-                dead.push((id, service));
+                let overflow = keys.iter().any(|k| strings.get(*k) == OVERFLOW_LABEL);
+                dead.push((id, service, overflow));
                 for v in s.labels.values.iter() {
                     strings.release(*v);
                 }
             },
         );
         let dropped = dead.len();
-        for (id, service) in dead {
+        for (id, service, overflow) in dead {
             self.series_removed(id);
             self.series_gone(&service);
+            if !overflow {
+                self.cfg.quota.give_back(&service);
+            }
         }
         self.sweep_sticky();
         (dropped, sources_before - self.sources_len())

@@ -17,7 +17,7 @@ use parquet::file::properties::WriterProperties;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::columns::checkpoint_schema;
-use super::rows::{restore_pod_row, restore_series_row, restore_stream_row, Columns};
+use super::rows::{restore_pod_row, restore_series_row, restore_stream_row, Columns, Value};
 use super::wal::Position;
 use super::{numbered_files, sync_dir};
 use crate::aggregate::shard::ShardState;
@@ -313,7 +313,10 @@ pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointEr
                     streams += 1;
                 }
                 "pod" => restore_pod_row(state, &c, i).map_err(bad)?,
-                "overflowed" => state.restore_sticky(c.row_key(i).map_err(bad)?),
+                "overflowed" => {
+                    let global = matches!(c.value(i).map_err(bad)?, Value::Counter(Some(1), _));
+                    state.restore_sticky(c.row_key(i).map_err(bad)?, global)
+                }
                 other => return Err(CheckpointError::Format(format!("record kind `{other}`"))),
             }
         }

@@ -220,7 +220,7 @@ fn overflowed_streams_stay_overflowed_across_a_restore() {
     let scratch = crate::storage::ScratchDir::new("ckpt");
     let dir = scratch.0.clone();
     let mut s = ShardState::new(ShardConfig {
-        limits: crate::aggregate::shard::ShardLimits::share(3, u64::MAX, u64::MAX, 1),
+        quota: Arc::new(crate::aggregate::quota::SeriesQuota::new(3, u64::MAX)),
         ..ShardConfig::default()
     });
     s.now_ns = T + 100;
@@ -240,14 +240,29 @@ fn overflowed_streams_stay_overflowed_across_a_restore() {
         redirected, 2,
         "3 series fit the budget, 2 points go to overflow"
     );
-    let mut before: Vec<u128> = s.sticky_streams().collect();
-    before.sort();
-    let path = write_state(&dir, &s);
-    let mut states = vec![ShardState::new(ShardConfig::default())];
-    load(&path, &mut states).unwrap();
-    let mut after: Vec<u128> = states[0].sticky_streams().collect();
-    after.sort();
-    assert_eq!(after, before);
+    // Past the global budget a stream goes to the global overflow series, and stays there.
+    let mut g = ShardState::new(ShardConfig {
+        quota: Arc::new(crate::aggregate::quota::SeriesQuota::new(u64::MAX, 2)),
+        ..ShardConfig::default()
+    });
+    g.now_ns = T + 100;
+    let r = g.apply(&single_shard_batch(
+        request(&shape, 1, T, T + 10),
+        &projection,
+    ));
+    assert_eq!(r.redirect.map(|r| r.services), Some(vec!["".into()]));
+    for (s, global) in [(&s, false), (&g, true)] {
+        let mut before: Vec<(u128, bool)> = s.sticky_streams().collect();
+        before.sort();
+        assert!(before.iter().all(|(_, g)| *g == global));
+        let path = write_state(&dir, s);
+        let mut states = vec![ShardState::new(ShardConfig::default())];
+        load(&path, &mut states).unwrap();
+        let mut after: Vec<(u128, bool)> = states[0].sticky_streams().collect();
+        after.sort();
+        assert_eq!(after, before);
+        std::fs::remove_file(&path).unwrap();
+    }
 }
 
 #[test]

@@ -43,7 +43,7 @@ pub fn checkpoint_schema() -> SchemaRef {
     let mut fields = vec![
         doc(
             Field::new("record", dict(), false),
-            "series (an output series), stream (a source stream's exactly-once state), pod (a resource identity seen; key_lo is its hash, service_name its service) or overflowed (a source stream sent to its service's overflow series)",
+            "series (an output series), stream (a source stream's exactly-once state), pod (a resource identity seen; key_lo is its hash, service_name its service) or overflowed (a source stream sent to its service's overflow series; int_total 1: to the global one)",
         ),
         doc(
             Field::new("shard", DataType::UInt32, false),
@@ -416,10 +416,11 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
         b.counter(None, None);
         b.no_stream_columns();
     }
-    for source in state.sticky_streams() {
+    for (source, global) in state.sticky_streams() {
         b.key("overflowed", shard, source);
         b.no_series_columns()?;
-        b.counter(None, None);
+        // int_total 1: to the global overflow series (past limits.max_series).
+        b.counter(global.then_some(1), None);
         b.no_stream_columns();
     }
     let pods = b.finish()?;

@@ -20,6 +20,7 @@ pub fn load_file(path: &Path) -> Result<(checkpoint::Meta, Vec<ShardState>), Che
             0 => Default::default(),
             b => ShardLimits::share(b, u64::MAX, u64::MAX, meta.shards.max(1) as usize),
         },
+        quota: Default::default(),
     };
     let mut states: Vec<ShardState> = (0..meta.shards.max(1))
         .map(|_| ShardState::new(cfg.clone()))

@@ -1,0 +1,100 @@
+//! Series budgets against the real binary: a service overflows at its configured number however
+//! many shards its series spread over, and past `limits.max_series` every new series goes to one
+//! global overflow series, however many services send.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use prost::Message;
+use spanagg::workload::{request, Shape};
+
+const SECOND: u64 = 1_000_000_000;
+
+/// Histogram series lines (`_count`) in a scrape: (normal ones per service, overflow lines).
+fn count_lines(scrape: &str) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
+    let mut normal = std::collections::BTreeMap::new();
+    let mut overflow = Vec::new();
+    for l in scrape
+        .lines()
+        .filter(|l| l.starts_with("traces_span_metrics_duration_milliseconds_count{"))
+    {
+        if l.contains("otel_metric_overflow=\"true\"") {
+            overflow.push(l.to_owned());
+            continue;
+        }
+        let service = l
+            .split("service_name=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        *normal.entry(service.to_owned()).or_default() += 1;
+    }
+    (normal, overflow)
+}
+
+fn total_count(scrape: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("traces_span_metrics_duration_milliseconds_count{"))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_service_overflows_at_its_configured_number_over_many_shards() {
+    let s = Spanagg::start("shards: 16\nlimits:\n  max_series_per_service: 100\n");
+    let shape = Shape {
+        services: 1,
+        routes: 300,
+        bounds: 4,
+        counters: false,
+    };
+    let t = now_ns() - 60 * SECOND;
+    s.post_ok(&request(&shape, 0, t, t + SECOND).encode_to_vec());
+    let scrape = s.scrape();
+    let (normal, overflow) = count_lines(&scrape);
+    assert_eq!(normal.get("service-0"), Some(&100), "{normal:?}");
+    assert_eq!(overflow.len(), 1, "{overflow:?}");
+    assert!(
+        overflow[0].contains("service_name=\"service-0\""),
+        "{}",
+        overflow[0]
+    );
+    // Exact totals: 300 points of 5 observations each.
+    assert_eq!(total_count(&scrape), 1500.0);
+}
+
+#[test]
+fn past_the_global_budget_every_new_series_goes_to_one_overflow_series() {
+    let s =
+        Spanagg::start("shards: 4\nlimits:\n  max_series: 50\n  max_series_per_service: 1000\n");
+    let shape = |routes| Shape {
+        services: 30,
+        routes,
+        bounds: 4,
+        counters: false,
+    };
+    let t = now_ns() - 60 * SECOND;
+    // service-0: 40 series; service-1: 10 fit, 20 overflow; services 2..29: all overflow.
+    s.post_ok(&request(&shape(40), 0, t, t + SECOND).encode_to_vec());
+    s.post_ok(&request(&shape(30), 1, t, t + SECOND).encode_to_vec());
+    for pod in 2..30 {
+        s.post_ok(&request(&shape(5), pod, t, t + SECOND).encode_to_vec());
+    }
+    let scrape = s.scrape();
+    let (normal, overflow) = count_lines(&scrape);
+    assert_eq!(normal.get("service-0"), Some(&40), "{normal:?}");
+    assert_eq!(normal.get("service-1"), Some(&10), "{normal:?}");
+    assert_eq!(normal.len(), 2, "{normal:?}");
+    assert_eq!(
+        overflow.len(),
+        1,
+        "one global overflow series: {overflow:?}"
+    );
+    assert!(!overflow[0].contains("service_name"), "{}", overflow[0]);
+    assert_eq!(total_count(&scrape), ((40 + 30 + 28 * 5) * 5) as f64);
+}

@@ -102,7 +102,7 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
         Box::pin(async move {
             let body = request.into_inner();
             // Held until the reply: the decoded request lives until then.
-            let _admission = match ingestor.admit_protobuf(&body).await {
+            let admission = match ingestor.admit_protobuf(&body).await {
                 Ok(a) => a,
                 Err(err) => {
                     ingestor.refused(Protocol::Grpc, &err);
@@ -118,7 +118,7 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
                 }
             };
             match ingestor
-                .export(Protocol::Grpc, req, Some(Logged::Protobuf(body)))
+                .export_detached(Protocol::Grpc, req, Some(Logged::Protobuf(body)), admission)
                 .await
             {
                 Ok(reply) => Ok(Response::new(ExportMetricsServiceResponse {

@@ -115,7 +115,10 @@ async fn export(State(ingestor): State<Arc<Ingestor>>, headers: HeaderMap, body:
     };
     match read_request(&ingestor, format, &headers, body).await {
         // The admission is held until the reply: the decoded request lives until then.
-        Ok((req, raw, _admission)) => match ingestor.export(format.protocol(), req, raw).await {
+        Ok((req, raw, admission)) => match ingestor
+            .export_detached(format.protocol(), req, raw, admission)
+            .await
+        {
             Ok(reply) => {
                 let resp = ExportMetricsServiceResponse {
                     partial_success: (reply.rejected > 0).then(|| ExportMetricsPartialSuccess {

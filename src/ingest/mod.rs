@@ -4,6 +4,7 @@
 
 pub mod admit;
 pub mod body;
+mod durable;
 pub mod grpc;
 pub mod http;
 pub mod json;
@@ -18,11 +19,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use prost::Message;
 
 use crate::aggregate::shard::{Batch, BatchResult, Outcome};
 use crate::aggregate::table::{SendError, Table};
-use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY};
+use crate::storage::wal::Wal;
 use crate::telemetry::{LimitKind, Protocol, RequestOutcome, Telemetry};
 use otlp::{prepare, InputLimits, Projection, RequestLabels};
 
@@ -72,7 +72,7 @@ pub struct Ingestor {
     projection: Arc<Projection>,
     telemetry: Arc<Telemetry>,
     /// With `durability: wal`: where accepted requests are logged before the reply.
-    wal: Option<Arc<Wal>>,
+    wal: Option<durable::Durable>,
     /// Set while resident memory is over `limits.max_memory` (by `watch_memory`).
     pub over_memory: Arc<std::sync::atomic::AtomicBool>,
     pub max_request_bytes: usize,
@@ -150,7 +150,7 @@ impl Ingestor {
 
     /// Logs every accepted request to `wal` before replying.
     pub fn with_wal(mut self, wal: Arc<Wal>) -> Self {
-        self.wal = Some(wal);
+        self.wal = Some(durable::Durable::new(wal));
         self
     }
 
@@ -181,6 +181,25 @@ impl Ingestor {
         result
     }
 
+    /// `export` on a task of its own, so a client that hangs up cannot cancel it between
+    /// applying and logging. `hold` (the request's decode admission) lives until it is done.
+    pub async fn export_detached<H: Send + 'static>(
+        self: &Arc<Self>,
+        protocol: Protocol,
+        req: ExportMetricsServiceRequest,
+        raw: Option<Logged>,
+        hold: H,
+    ) -> Result<ExportReply, IngestError> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = me.export(protocol, req, raw).await;
+            drop(hold);
+            r
+        })
+        .await
+        .unwrap_or(Err(IngestError::ShuttingDown))
+    }
+
     async fn export_inner(
         &self,
         protocol: Protocol,
@@ -193,8 +212,12 @@ impl Ingestor {
                 "memory limit reached (limits.max_memory)",
             ));
         }
+        // Nothing new is applied while the log cannot take it.
+        if let Some(d) = &self.wal {
+            d.ready().await?;
+        }
         let table = &self.table;
-        let prepared = prepare(
+        let mut prepared = prepare(
             &req,
             &self.projection,
             &self.limits,
@@ -207,60 +230,18 @@ impl Ingestor {
             .rejections(&prepared.rejections, prepared.no_value);
         self.telemetry.relabeled(&prepared.relabeled);
         let req = Arc::new(req);
-        let resolver = Arc::new(RequestLabels {
-            req: req.clone(),
-            projection: self.projection.clone(),
-        });
-        let mut waits = Vec::new();
-        for (shard, part) in prepared.per_shard.into_iter().enumerate() {
-            if part.points.is_empty() {
-                continue;
-            }
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let batch = Batch {
-                families: prepared.families.clone(),
-                layouts: prepared.layouts.clone(),
-                counts: part.counts,
-                points: part.points,
-                labels: resolver.clone(),
-                overflow: false,
-                done: Box::new(move |r: BatchResult| {
-                    let _ = tx.send(r);
-                }),
-            };
-            self.send(shard, batch).await?;
-            waits.push(rx);
-        }
-        let logged = !waits.is_empty();
-        let mut total = BatchResult::default();
-        let mut redirects = Vec::new();
-        for rx in waits {
-            let mut r = rx.await.map_err(|_| IngestError::ShuttingDown)?;
-            total.add(&r);
-            redirects.extend(r.redirect.take().map(|b| *b));
-        }
-        if !redirects.is_empty() {
-            let r = self
-                .send_overflow(redirects, &prepared.families, &prepared.layouts)
-                .await?;
-            total.add(&r);
-        }
+        let parts = std::mem::take(&mut prepared.per_shard);
+        let (total, sent, failed) = self.apply(&prepared, parts, &req).await;
         self.telemetry.outcomes(&total);
         // Logged after the shards applied it, so a checkpoint taken after a record's position
-        // holds it (see `storage::wal`). Duplicates are logged too: the first try may have been
-        // applied and then failed to log.
-        if let (Some(wal), true) = (&self.wal, logged) {
-            let raw = raw.unwrap_or_else(|| Logged::Protobuf(Bytes::from(req.encode_to_vec())));
-            let (kind, record) = match raw {
-                Logged::Gzip(b) => (KIND_METRICS_GZIP, b),
-                Logged::Protobuf(b) => match snap::raw::Encoder::new().compress_vec(&b) {
-                    Ok(z) => (KIND_METRICS_SNAPPY, Bytes::from(z)),
-                    Err(_) => (KIND_METRICS, b),
-                },
-            };
-            wal.append(kind, record)
-                .await
-                .map_err(|e| IngestError::NotDurable(e.to_string()))?;
+        // holds it (see `storage::wal`). Whatever was applied is logged, whatever the reply:
+        // a request refused half way (a full queue, a failed overflow hop) is logged too, and
+        // so are duplicates (the first try may have been applied and then failed to log).
+        if let (Some(d), true) = (&self.wal, sent) {
+            d.log(&req, raw).await?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let mut message = prepared.rejections.message();
         let mut rejected = prepared.rejections.total();
@@ -284,6 +265,69 @@ impl Ingestor {
             ));
         }
         Ok(ExportReply { rejected, message })
+    }
+
+    /// Sends every shard its part and waits for all that were sent. Returns the outcomes,
+    /// whether any part was sent (and so may be applied), and the first error: after one, no
+    /// more parts are sent, but those already sent are always waited for.
+    async fn apply(
+        &self,
+        prepared: &otlp::Prepared,
+        parts: Vec<otlp::ShardPoints>,
+        req: &Arc<ExportMetricsServiceRequest>,
+    ) -> (BatchResult, bool, Option<IngestError>) {
+        let resolver = Arc::new(RequestLabels {
+            req: req.clone(),
+            projection: self.projection.clone(),
+        });
+        let mut failed = None;
+        let mut waits = Vec::new();
+        for (shard, part) in parts.into_iter().enumerate() {
+            if part.points.is_empty() {
+                continue;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let batch = Batch {
+                families: prepared.families.clone(),
+                layouts: prepared.layouts.clone(),
+                counts: part.counts,
+                points: part.points,
+                labels: resolver.clone(),
+                overflow: false,
+                done: Box::new(move |r: BatchResult| {
+                    let _ = tx.send(r);
+                }),
+            };
+            if let Err(e) = self.send(shard, batch).await {
+                failed = Some(e);
+                break;
+            }
+            waits.push(rx);
+        }
+        let sent = !waits.is_empty();
+        let mut total = BatchResult::default();
+        let mut redirects = Vec::new();
+        for rx in waits {
+            match rx.await {
+                Ok(mut r) => {
+                    total.add(&r);
+                    redirects.extend(r.redirect.take().map(|b| *b));
+                }
+                Err(_) => {
+                    failed.get_or_insert(IngestError::ShuttingDown);
+                }
+            }
+        }
+        if !redirects.is_empty() {
+            let (r, err) = self
+                .send_overflow(redirects, &prepared.families, &prepared.layouts)
+                .await;
+            total.add(&r);
+            if let Some(e) = err {
+                failed.get_or_insert(e);
+            }
+        }
+        (total, sent, failed)
     }
 
     async fn send(&self, shard: usize, mut batch: Batch) -> Result<(), IngestError> {

@@ -18,13 +18,14 @@ struct Part {
 }
 
 impl Ingestor {
-    /// Applies redirected points to their overflow series; returns their outcomes.
+    /// Applies redirected points to their overflow series; returns their outcomes and the
+    /// first error. After one, no more parts are sent; those already sent are waited for.
     pub(super) async fn send_overflow(
         &self,
         redirects: Vec<Redirect>,
         families: &Arc<[FamilyDesc]>,
         layouts: &Arc<[Arc<[f64]>]>,
-    ) -> Result<BatchResult, IngestError> {
+    ) -> (BatchResult, Option<IngestError>) {
         let mut services: Vec<Box<str>> = Vec::new();
         let mut index: HashMap<Box<str>, u32> = HashMap::new();
         let mut parts: HashMap<usize, Part> = HashMap::new();
@@ -60,6 +61,7 @@ impl Ingestor {
         self.telemetry.overflowed(overflowed);
         let labels = Arc::new(OverflowLabels { services });
         let mut waits = Vec::new();
+        let mut failed = None;
         for (shard, part) in parts {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let batch = Batch {
@@ -73,14 +75,21 @@ impl Ingestor {
                     let _ = tx.send(r);
                 }),
             };
-            self.send(shard, batch).await?;
+            if let Err(e) = self.send(shard, batch).await {
+                failed = Some(e);
+                break;
+            }
             waits.push(rx);
         }
         let mut total = BatchResult::default();
         for rx in waits {
-            let r = rx.await.map_err(|_| IngestError::ShuttingDown)?;
-            total.add(&r);
+            match rx.await {
+                Ok(r) => total.add(&r),
+                Err(_) => {
+                    failed.get_or_insert(IngestError::ShuttingDown);
+                }
+            }
         }
-        Ok(total)
+        (total, failed)
     }
 }

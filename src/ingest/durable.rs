@@ -1,0 +1,91 @@
+//! Whatever was applied is logged, whatever the reply; nothing new is applied while the log
+//! cannot take it.
+//!
+//! A request is logged after the shards applied it (see `storage::wal`), so a failed append
+//! leaves applied points that a scrape may already have served. Such a record is kept here and
+//! appended again, first, before any later request is applied; until that succeeds every new
+//! export gets a retryable refusal *before* it is applied. So at most the requests in flight
+//! when the log failed are applied and not yet logged, and they are logged as soon as it takes
+//! writes again (a new segment, space freed). Only a crash while it still cannot leaves them
+//! out of the restored state; their clients got a retryable error and send them again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
+
+use super::{IngestError, Logged};
+use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY};
+
+/// The WAL as the ingest path writes it.
+pub struct Durable {
+    wal: Arc<Wal>,
+    /// Applied requests whose append failed, oldest first.
+    unlogged: tokio::sync::Mutex<Vec<(u8, Bytes)>>,
+    failing: AtomicBool,
+}
+
+impl Durable {
+    pub fn new(wal: Arc<Wal>) -> Self {
+        Self {
+            wal,
+            unlogged: Default::default(),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    /// Call before applying anything: logs what earlier appends could not, and refuses while
+    /// it still cannot.
+    pub async fn ready(&self) -> Result<(), IngestError> {
+        if !self.failing.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut unlogged = self.unlogged.lock().await;
+        while let Some((kind, record)) = unlogged.first().cloned() {
+            self.wal.append(kind, record).await.map_err(|e| {
+                IngestError::NotDurable(format!("the write-ahead log still fails ({e})"))
+            })?;
+            unlogged.remove(0);
+        }
+        self.failing.store(false, Ordering::Release);
+        tracing::info!("the write-ahead log takes writes again; applied requests all logged");
+        Ok(())
+    }
+
+    /// Logs a request the shards applied (in part or whole).
+    pub async fn log(
+        &self,
+        req: &ExportMetricsServiceRequest,
+        raw: Option<Logged>,
+    ) -> Result<(), IngestError> {
+        let (kind, record) = record(req, raw);
+        match self.wal.append(kind, record.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let mut unlogged = self.unlogged.lock().await;
+                unlogged.push((kind, record));
+                self.failing.store(true, Ordering::Release);
+                tracing::error!(
+                    error = %e,
+                    held = unlogged.len(),
+                    "write-ahead log append failed: exports are refused until it is logged"
+                );
+                Err(IngestError::NotDurable(e.to_string()))
+            }
+        }
+    }
+}
+
+/// The record the WAL keeps: a gzip body as it came, other protobuf Snappy-compressed.
+fn record(req: &ExportMetricsServiceRequest, raw: Option<Logged>) -> (u8, Bytes) {
+    let raw = raw.unwrap_or_else(|| Logged::Protobuf(Bytes::from(req.encode_to_vec())));
+    match raw {
+        Logged::Gzip(b) => (KIND_METRICS_GZIP, b),
+        Logged::Protobuf(b) => match snap::raw::Encoder::new().compress_vec(&b) {
+            Ok(z) => (KIND_METRICS_SNAPPY, Bytes::from(z)),
+            Err(_) => (KIND_METRICS, b),
+        },
+    }
+}

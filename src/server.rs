@@ -132,9 +132,12 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
         )
         .with_limits(config.input);
         let t = std::time::Instant::now();
-        let stats = replay(storage.wal_dir().to_owned(), from, &replayer, &metrics)
-            .await
-            .map_err(ServeError::Replay)?;
+        // Replay rebuilds the state at the crash, each record judged by when it was accepted;
+        // only then does expiry run, to whole series.
+        table.pause_sweeps(true);
+        let stats = replay(storage.wal_dir().to_owned(), from, &replayer, &metrics).await;
+        table.pause_sweeps(false);
+        let stats = stats.map_err(ServeError::Replay)?;
         tracing::info!(
             records = stats.records,
             truncated_tails = stats.truncated,

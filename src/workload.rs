@@ -164,6 +164,7 @@ pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Pro
             projection: projection.clone(),
         }),
         overflow: false,
+        now_ns: None,
         done: Box::new(|_| {}),
     }
 }

@@ -90,3 +90,49 @@ fn while_the_log_fails_nothing_new_is_applied() {
     let s = Spanagg::start_in(dir, "");
     assert_eq!(openmetrics(&s), served);
 }
+
+#[test]
+fn a_restart_later_than_series_ttl_rebuilds_the_state_at_the_crash() {
+    let s = Spanagg::start("series_ttl: 2s\n");
+    let t = now_ns() - SECOND;
+    let tenth = |i: u64| {
+        spanmetrics(
+            "checkout",
+            "a",
+            &[route("GET /cart", 10, [10, 0, 0, 0, 0], 10.0)],
+            t + i * SECOND / 10,
+            t + (i + 1) * SECOND / 10,
+            opentelemetry_proto::tonic::metrics::v1::AggregationTemporality::Delta,
+        )
+        .encode_to_vec()
+    };
+    for i in 0..10 {
+        s.post_ok(&tenth(i));
+        // A retry of each delta: a duplicate, logged too.
+        s.post_ok(&tenth(i));
+    }
+    let served = s.scrape();
+    assert!(served.contains("} 100\n"), "{served}");
+    let dir = s.kill9();
+    // Down for longer than series_ttl: replay must judge each record by when it was accepted.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let s = Spanagg::start_in(dir, "series_ttl: 2s\n");
+    assert_eq!(
+        s.scrape(),
+        served,
+        "the state at the crash, not an empty one"
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"too_late\"}"),
+        0.0
+    );
+    // Then expiry runs, to whole series: nothing came since, so they go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.scrape().contains("traces_span_metrics_calls_total{") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the series never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

@@ -104,6 +104,7 @@ fn send(table: &Table, deltas: &[Delta]) -> BatchResult {
             points,
             labels: Arc::new(RouteLabels),
             overflow: false,
+            now_ns: None,
             done: Box::new(move |r| tx.send(r).unwrap()),
         };
         assert!(table.try_send(shard, batch).is_ok());

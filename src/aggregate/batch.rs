@@ -21,6 +21,9 @@ pub struct Batch {
     pub labels: Arc<dyn LabelResolver>,
     /// Points for overflow series, sent on by the ingest task: exempt from series budgets.
     pub overflow: bool,
+    /// The time to judge the points by (TTLs, returning streams) instead of the shard's clock:
+    /// a replayed request's acceptance time.
+    pub now_ns: Option<u64>,
     pub done: Box<dyn FnOnce(BatchResult) + Send>,
 }
 

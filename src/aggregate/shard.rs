@@ -314,6 +314,17 @@ impl ShardState {
 
     /// Applies one batch and returns what happened to each point.
     pub fn apply(&mut self, batch: &Batch) -> BatchResult {
+        // A replayed batch is judged by when it was accepted; the clock comes back after.
+        let clock_ns = self.now_ns;
+        if let Some(at) = batch.now_ns {
+            self.now_ns = at;
+        }
+        let result = self.apply_points(batch);
+        self.now_ns = clock_ns;
+        result
+    }
+
+    fn apply_points(&mut self, batch: &Batch) -> BatchResult {
         let mut result = BatchResult::default();
         let mut fam_ids: Vec<Option<u32>> = vec![None; batch.families.len()];
         let mut layout_ids: Vec<Option<u32>> = vec![None; batch.layouts.len()];

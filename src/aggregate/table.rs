@@ -72,6 +72,8 @@ struct Handle {
 /// The set of shards.
 pub struct Table {
     shards: Vec<Handle>,
+    /// Set while the WAL is replayed: nothing expires until the state at the crash is whole.
+    sweeps_paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The shard of `n` that owns an output series.
@@ -99,16 +101,19 @@ impl Table {
     /// Starts one shard thread per state (as a restore rebuilt them).
     pub fn start_with(states: Vec<ShardState>, queue_capacity: usize) -> std::io::Result<Self> {
         let mut shards = Vec::with_capacity(states.len());
+        let sweeps_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for (i, state) in states.into_iter().enumerate() {
             let (data, data_rx) = bounded(queue_capacity);
             let (ctl, ctl_rx) = unbounded();
             let stats = Arc::new(ShardStats::default());
             stats.publish_sizes(&state);
             let st = stats.clone();
+            let paused = sweeps_paused.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("spanagg-shard-{i}"))
                 .spawn(move || {
-                    let body = std::panic::AssertUnwindSafe(|| run(state, data_rx, ctl_rx, st));
+                    let body =
+                        std::panic::AssertUnwindSafe(|| run(state, data_rx, ctl_rx, st, &paused));
                     if std::panic::catch_unwind(body).is_err() {
                         tracing::error!(
                             shard = i,
@@ -125,7 +130,15 @@ impl Table {
                 thread: Some(thread),
             });
         }
-        Ok(Self { shards })
+        Ok(Self {
+            shards,
+            sweeps_paused,
+        })
+    }
+
+    /// Holds back expiry (while the WAL is replayed) or lets it run again.
+    pub fn pause_sweeps(&self, paused: bool) {
+        self.sweeps_paused.store(paused, Ordering::Release);
     }
 
     pub fn len(&self) -> usize {
@@ -200,7 +213,13 @@ impl Drop for Table {
     }
 }
 
-fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats: Arc<ShardStats>) {
+fn run(
+    mut state: ShardState,
+    data: Receiver<Batch>,
+    ctl: Receiver<Visit>,
+    stats: Arc<ShardStats>,
+    sweeps_paused: &std::sync::atomic::AtomicBool,
+) {
     // Sweep often enough that a series outlives its TTL by at most a quarter of it.
     let sweep_every = Duration::from_secs(u64::from(state.ttl_secs()))
         .div_f64(4.0)
@@ -226,7 +245,7 @@ fn run(mut state: ShardState, data: Receiver<Batch>, ctl: Receiver<Visit>, stats
             }
             default(Duration::from_millis(200)) => {}
         }
-        if last_sweep.elapsed() >= sweep_every {
+        if last_sweep.elapsed() >= sweep_every && !sweeps_paused.load(Ordering::Acquire) {
             last_sweep = Instant::now();
             let (series, sources) = state.sweep();
             stats

@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use prost::Message;
 
 use super::{IngestError, Logged};
-use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY};
+use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY, TIMED};
 
 /// The WAL as the ingest path writes it.
 pub struct Durable {
@@ -54,13 +54,14 @@ impl Durable {
         Ok(())
     }
 
-    /// Logs a request the shards applied (in part or whole).
+    /// Logs a request the shards applied (in part or whole) with the time it was judged by.
     pub async fn log(
         &self,
         req: &ExportMetricsServiceRequest,
         raw: Option<Logged>,
+        accepted_ns: u64,
     ) -> Result<(), IngestError> {
-        let (kind, record) = record(req, raw);
+        let (kind, record) = record(req, raw, accepted_ns);
         match self.wal.append(kind, record.clone()).await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -78,14 +79,28 @@ impl Durable {
     }
 }
 
-/// The record the WAL keeps: a gzip body as it came, other protobuf Snappy-compressed.
-fn record(req: &ExportMetricsServiceRequest, raw: Option<Logged>) -> (u8, Bytes) {
+/// The record the WAL keeps: the acceptance time, then a gzip body as it came, other protobuf
+/// Snappy-compressed.
+fn record(req: &ExportMetricsServiceRequest, raw: Option<Logged>, accepted_ns: u64) -> (u8, Bytes) {
     let raw = raw.unwrap_or_else(|| Logged::Protobuf(Bytes::from(req.encode_to_vec())));
+    let timed = |kind: u8, body: &[u8]| {
+        let mut out = Vec::with_capacity(8 + body.len());
+        out.extend_from_slice(&accepted_ns.to_le_bytes());
+        out.extend_from_slice(body);
+        (kind | TIMED, Bytes::from(out))
+    };
     match raw {
-        Logged::Gzip(b) => (KIND_METRICS_GZIP, b),
-        Logged::Protobuf(b) => match snap::raw::Encoder::new().compress_vec(&b) {
-            Ok(z) => (KIND_METRICS_SNAPPY, Bytes::from(z)),
-            Err(_) => (KIND_METRICS, b),
-        },
+        Logged::Gzip(b) => timed(KIND_METRICS_GZIP, &b),
+        Logged::Protobuf(b) => {
+            let mut out = vec![0u8; 8 + snap::raw::max_compress_len(b.len())];
+            out[..8].copy_from_slice(&accepted_ns.to_le_bytes());
+            match snap::raw::Encoder::new().compress(&b, &mut out[8..]) {
+                Ok(n) => {
+                    out.truncate(8 + n);
+                    (KIND_METRICS_SNAPPY | TIMED, Bytes::from(out))
+                }
+                Err(_) => timed(KIND_METRICS, &b),
+            }
+        }
     }
 }

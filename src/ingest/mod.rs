@@ -171,7 +171,19 @@ impl Ingestor {
         req: ExportMetricsServiceRequest,
         raw: Option<Logged>,
     ) -> Result<ExportReply, IngestError> {
-        let result = self.export_inner(protocol, req, raw).await;
+        self.export_at(protocol, req, raw, None).await
+    }
+
+    /// `export`, judging the request by time `at` (when it was first accepted) instead of now:
+    /// what WAL replay does, so a restart long after a crash rebuilds the state at the crash.
+    pub async fn export_at(
+        &self,
+        protocol: Protocol,
+        req: ExportMetricsServiceRequest,
+        raw: Option<Logged>,
+        at: Option<u64>,
+    ) -> Result<ExportReply, IngestError> {
+        let result = self.export_inner(protocol, req, raw, at).await;
         let outcome = match &result {
             Ok(r) if r.rejected == 0 => RequestOutcome::Success,
             Ok(_) => RequestOutcome::PartialSuccess,
@@ -205,6 +217,7 @@ impl Ingestor {
         protocol: Protocol,
         req: ExportMetricsServiceRequest,
         raw: Option<Logged>,
+        at: Option<u64>,
     ) -> Result<ExportReply, IngestError> {
         if self.over_memory.load(std::sync::atomic::Ordering::Relaxed) {
             self.telemetry.limit_refusal(LimitKind::Memory);
@@ -217,11 +230,12 @@ impl Ingestor {
             d.ready().await?;
         }
         let table = &self.table;
+        let now = at.unwrap_or_else(crate::unix_ns);
         let mut prepared = prepare(
             &req,
             &self.projection,
             &self.limits,
-            crate::unix_ns(),
+            now,
             table.len(),
             |k| table.shard_of(k),
         );
@@ -231,14 +245,14 @@ impl Ingestor {
         self.telemetry.relabeled(&prepared.relabeled);
         let req = Arc::new(req);
         let parts = std::mem::take(&mut prepared.per_shard);
-        let (total, sent, failed) = self.apply(&prepared, parts, &req).await;
+        let (total, sent, failed) = self.apply(&prepared, parts, &req, at).await;
         self.telemetry.outcomes(&total);
         // Logged after the shards applied it, so a checkpoint taken after a record's position
         // holds it (see `storage::wal`). Whatever was applied is logged, whatever the reply:
         // a request refused half way (a full queue, a failed overflow hop) is logged too, and
         // so are duplicates (the first try may have been applied and then failed to log).
         if let (Some(d), true) = (&self.wal, sent) {
-            d.log(&req, raw).await?;
+            d.log(&req, raw, now).await?;
         }
         if let Some(e) = failed {
             return Err(e);
@@ -275,6 +289,7 @@ impl Ingestor {
         prepared: &otlp::Prepared,
         parts: Vec<otlp::ShardPoints>,
         req: &Arc<ExportMetricsServiceRequest>,
+        at: Option<u64>,
     ) -> (BatchResult, bool, Option<IngestError>) {
         let resolver = Arc::new(RequestLabels {
             req: req.clone(),
@@ -294,6 +309,7 @@ impl Ingestor {
                 points: part.points,
                 labels: resolver.clone(),
                 overflow: false,
+                now_ns: at,
                 done: Box::new(move |r: BatchResult| {
                     let _ = tx.send(r);
                 }),
@@ -320,7 +336,7 @@ impl Ingestor {
         }
         if !redirects.is_empty() {
             let (r, err) = self
-                .send_overflow(redirects, &prepared.families, &prepared.layouts)
+                .send_overflow(redirects, &prepared.families, &prepared.layouts, at)
                 .await;
             total.add(&r);
             if let Some(e) = err {

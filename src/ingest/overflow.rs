@@ -25,6 +25,7 @@ impl Ingestor {
         redirects: Vec<Redirect>,
         families: &Arc<[FamilyDesc]>,
         layouts: &Arc<[Arc<[f64]>]>,
+        at: Option<u64>,
     ) -> (BatchResult, Option<IngestError>) {
         let mut services: Vec<Box<str>> = Vec::new();
         let mut index: HashMap<Box<str>, u32> = HashMap::new();
@@ -71,6 +72,7 @@ impl Ingestor {
                 points: part.points,
                 labels: labels.clone(),
                 overflow: true,
+                now_ns: at,
                 done: Box::new(move |r: BatchResult| {
                     let _ = tx.send(r);
                 }),

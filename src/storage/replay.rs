@@ -20,16 +20,22 @@ pub async fn replay(
     ingestor: &Ingestor,
     metrics: &StorageMetrics,
 ) -> std::io::Result<ReplayStats> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Vec<u8>)>(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Option<u64>, Vec<u8>)>(64);
     let reader = tokio::task::spawn_blocking(move || {
         wal::replay(&dir, from, |kind, payload| {
+            // A timed record starts with the time it was accepted: it is judged by that time
+            // (TTLs, late windows, clock skew), not by when replay runs.
+            let (accepted, payload) = match payload.split_first_chunk::<8>() {
+                Some((at, rest)) if kind & wal::TIMED != 0 => (Some(u64::from_le_bytes(*at)), rest),
+                _ => (None, payload),
+            };
             // The receiver only goes away if the start is abandoned.
-            let _ = tx.blocking_send((kind, payload.to_vec()));
+            let _ = tx.blocking_send((kind & !wal::TIMED, accepted, payload.to_vec()));
         })
     });
     let mut undecodable = 0u64;
     let limit = ingestor.max_request_bytes;
-    while let Some((kind, record)) = rx.recv().await {
+    while let Some((kind, accepted, record)) = rx.recv().await {
         metrics.wal_replayed.inc();
         let payload = match kind {
             wal::KIND_METRICS_SNAPPY => snap::raw::Decoder::new().decompress_vec(&record).ok(),
@@ -48,7 +54,10 @@ pub async fn replay(
                 undecodable += 1;
                 break;
             };
-            match ingestor.export(Protocol::WalReplay, req, None).await {
+            match ingestor
+                .export_at(Protocol::WalReplay, req, None, accepted)
+                .await
+            {
                 Err(IngestError::Unavailable) => tokio::time::sleep(Duration::from_millis(5)).await,
                 _ => break,
             }

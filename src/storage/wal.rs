@@ -15,7 +15,8 @@
 //! Segment: `SPANWAL\0`, format version (u32 LE), state start (u64 LE ns), then records:
 //! payload length (u32 LE), CRC-32 (u32 LE) of the rest, record version (u8), kind (u8),
 //! payload. A record that is short or fails its CRC is a torn tail: replay truncates the segment
-//! there and counts it.
+//! there and counts it. A kind with the `TIMED` bit carries the time the request was accepted
+//! before its payload: replay judges the request by that time, not by when it runs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -42,6 +43,9 @@ pub const KIND_METRICS: u8 = 1;
 pub const KIND_METRICS_SNAPPY: u8 = 2;
 /// The request body exactly as a client gzip-compressed it (nothing to compress again).
 pub const KIND_METRICS_GZIP: u8 = 3;
+/// Added to a kind: the payload starts with the time the request was accepted (u64 LE ns),
+/// which replay judges it by, however long after the crash it runs.
+pub const TIMED: u8 = 0x10;
 /// Requests waiting for the writer before exports are refused (retryably).
 const QUEUE: usize = 4096;
 /// A group stops growing here, so one sync never waits behind an unbounded write.
@@ -443,7 +447,11 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
             match decode_record(&data[off..]) {
                 Some((version, kind, payload, used)) => {
                     if version == RECORD_VERSION
-                        && matches!(kind, KIND_METRICS | KIND_METRICS_SNAPPY | KIND_METRICS_GZIP)
+                        && matches!(
+                            kind & !TIMED,
+                            KIND_METRICS | KIND_METRICS_SNAPPY | KIND_METRICS_GZIP
+                        )
+                        && (kind & TIMED == 0 || payload.len() >= 8)
                     {
                         f(kind, payload);
                         stats.records += 1;

@@ -136,3 +136,41 @@ fn a_restart_later_than_series_ttl_rebuilds_the_state_at_the_crash() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+#[test]
+fn a_damaged_record_mid_log_costs_that_record_only_and_is_counted() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    for (i, calls) in [(0, 1u64), (1, 20), (2, 300)] {
+        s.post_ok(&body("a", calls, t + i * SECOND));
+    }
+    let dir = s.kill9();
+    // Flip one byte inside the second record's payload.
+    let wal = dir.join("data/wal");
+    let (_, seg) = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
+        .max()
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mut off = 20; // the segment header
+    let mut starts = Vec::new();
+    while off + 10 <= bytes.len() {
+        starts.push(off);
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        off += 10 + len;
+    }
+    assert_eq!(starts.len(), 3, "three records");
+    bytes[starts[1] + 30] ^= 0x20;
+    std::fs::write(&seg, &bytes).unwrap();
+    let s = Spanagg::start_in(dir, "");
+    assert!(
+        s.scrape().contains("} 301\n"),
+        "records 1 and 3 replayed: {}",
+        s.scrape()
+    );
+    assert_eq!(s.internal("spanagg_wal_corrupt_records_total"), 1.0);
+    assert!(seg.with_extension("wal.corrupt").exists());
+}

@@ -169,6 +169,8 @@ struct Name {
     raw_hash: u64,
     /// This raw key was renamed because its name is reserved.
     renamed: bool,
+    /// It is a point attribute that becomes a label (not in `labels.without`).
+    kept: bool,
 }
 
 /// The kept resource attributes of one resource, hashed once for all its points.
@@ -204,6 +206,9 @@ pub struct Keyer<'r> {
     name_ids: HashMap<String, u32, RandomState>,
     /// Hash of each output name, by id.
     names: Vec<u64>,
+    /// The name last found at each attribute position: points of one metric repeat their keys
+    /// in the same order, so most lookups are one string comparison, not a hash.
+    by_position: Vec<Option<(&'r str, bool, Name)>>,
     pub relabeled: Relabeled,
     name_buf: String,
     value_buf: String,
@@ -218,6 +223,7 @@ impl<'r> Keyer<'r> {
             index: HashMap::default(),
             name_ids: HashMap::default(),
             names: Vec::new(),
+            by_position: Vec::new(),
             relabeled: Relabeled::default(),
             name_buf: String::new(),
             value_buf: String::new(),
@@ -243,9 +249,27 @@ impl<'r> Keyer<'r> {
             id,
             raw_hash: xxh3_64(key.as_bytes()),
             renamed,
+            kept: self.projection.keeps(key),
         };
         self.index.insert((key, histogram), v);
         v
+    }
+
+    /// `name`, remembered by attribute position.
+    fn name_at(&mut self, i: usize, key: &'r str, histogram: bool) -> Name {
+        if let Some(Some((k, h, n))) = self.by_position.get(i) {
+            if *h == histogram && *k == key {
+                return *n;
+            }
+        }
+        let n = self.name(key, histogram);
+        if i < 64 {
+            if self.by_position.len() <= i {
+                self.by_position.resize(i + 1, None);
+            }
+            self.by_position[i] = Some((key, histogram, n));
+        }
+        n
     }
 
     /// Hashes the kept attributes of a resource for points of one kind.
@@ -293,16 +317,17 @@ impl<'r> Keyer<'r> {
         let mut renamed = res.renamed;
         let mut mask = 0u64;
         let mut source = SetHash::default();
-        for kv in attrs {
+        for (i, kv) in attrs.iter().enumerate() {
             let Name {
                 id,
                 raw_hash,
                 renamed: name_renamed,
-            } = self.name(&kv.key, histogram);
+                kept,
+            } = self.name_at(i, &kv.key, histogram);
             let v = value_str(kv.value.as_ref(), &mut self.value_buf);
             self.limits.check(&kv.key, v)?;
             source.add_pair(xxh3_128_with_seed(v.as_bytes(), raw_hash));
-            if v.is_empty() || !self.projection.keeps(&kv.key) {
+            if v.is_empty() || !kept {
                 continue;
             }
             let bit = 1u64 << (id & 63);

@@ -17,7 +17,7 @@ pub use super::labels::{value_str, Projection, Relabeled, RequestLabels};
 use super::labels::{AttributeLimits, Keyer, ResourcePart};
 pub use super::reason::{Reason, Rejections};
 use crate::aggregate::key::{source_seed, FamilyDesc, Kind, SetHash};
-use crate::aggregate::layout::BucketLayout;
+use crate::aggregate::layout::{BucketLayout, LayoutError};
 use crate::aggregate::naming::family_name;
 use crate::aggregate::series::{fingerprint, Point, PointValue, Temporality};
 
@@ -392,10 +392,10 @@ fn check_histogram(p: &HistogramDataPoint, max_buckets: usize) -> Result<f64, Re
     if p.bucket_counts.len() > max_buckets || p.explicit_bounds.len() >= max_buckets {
         return Err(Reason::TooManyBuckets);
     }
-    if p.explicit_bounds.iter().any(|b| !b.is_finite()) {
-        return Err(Reason::NonFinite);
-    }
-    BucketLayout::check(&p.explicit_bounds).map_err(|_| Reason::InvalidBounds)?;
+    BucketLayout::check(&p.explicit_bounds).map_err(|e| match e {
+        LayoutError::NotFinite => Reason::NonFinite,
+        _ => Reason::InvalidBounds,
+    })?;
     if p.bucket_counts.len() != p.explicit_bounds.len() + 1 {
         return Err(Reason::BucketCountMismatch);
     }
@@ -446,11 +446,15 @@ fn histogram_point<'r>(
     let to = target.counts.len() as u32;
     let mut label_ref = ctx.label_ref;
     label_ref[3] = pi as u32;
+    // The count, the sum and the first and last buckets tell two writers' values apart.
     let fp = fingerprint(
-        p.bucket_counts
-            .iter()
-            .copied()
-            .chain([sum.to_bits(), p.count]),
+        [
+            p.count,
+            sum.to_bits(),
+            p.bucket_counts.first().copied().unwrap_or(0),
+            p.bucket_counts.last().copied().unwrap_or(0),
+        ]
+        .into_iter(),
     );
     target.points.push(Point {
         fp,

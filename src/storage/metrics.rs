@@ -23,6 +23,7 @@ pub struct StorageMetrics {
     pub wal_errors: Counter,
     pub wal_segments_created: Counter,
     pub wal_truncated: Counter,
+    pub wal_corrupt: Counter,
     pub wal_replayed: Counter,
     pub checkpoint_duration: Histogram,
     pub checkpoint_size: Gauge,
@@ -48,6 +49,7 @@ impl Default for StorageMetrics {
             wal_errors: Counter::default(),
             wal_segments_created: Counter::default(),
             wal_truncated: Counter::default(),
+            wal_corrupt: Counter::default(),
             wal_replayed: Counter::default(),
             checkpoint_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             checkpoint_size: Gauge::default(),
@@ -93,6 +95,12 @@ impl StorageMetrics {
             "wal_truncated_tails",
             "Torn or corrupt WAL tails cut off at start (never-acknowledged writes)",
             self.wal_truncated.clone(),
+        );
+        r.register(
+            "wal_corrupt_records",
+            "Damaged WAL records (or runs of them) with readable records after them, skipped at \
+             start: acknowledged requests lost; the segment is kept as *.wal.corrupt",
+            self.wal_corrupt.clone(),
         );
         r.register(
             "wal_replayed_records",

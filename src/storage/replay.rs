@@ -73,5 +73,6 @@ pub async fn replay(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     metrics.wal_truncated.inc_by(stats.truncated);
+    metrics.wal_corrupt.inc_by(stats.corrupt);
     Ok(stats)
 }

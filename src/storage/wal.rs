@@ -415,6 +415,31 @@ pub struct ReplayStats {
     pub truncated: u64,
     /// Records skipped because a newer spanagg wrote them (unknown version or kind).
     pub skipped: u64,
+    /// Damaged records (or runs of them) with readable records after them: corruption, not a
+    /// torn tail. Skipped; the segment is copied aside as `*.wal.corrupt`.
+    pub corrupt: u64,
+    /// Segments that held such damage.
+    pub corrupt_segments: Vec<u64>,
+}
+
+/// How far past a damaged record replay looks for the next readable one when the damage hit
+/// its length: past this the rest of the segment counts as a torn tail.
+const RESYNC_WINDOW: usize = 1 << 20;
+
+/// Where the next readable record starts after a damaged one at `off`, if any: right after it
+/// when its length survived, else the first offset in the resync window that decodes.
+fn next_readable(data: &[u8], off: usize) -> Option<usize> {
+    let head = data.get(off..off + RECORD_HEADER)?;
+    let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
+    if let Some(next) = off.checked_add(RECORD_HEADER + len) {
+        if next < data.len() && decode_record(&data[next..]).is_some() {
+            return Some(next);
+        }
+    }
+    let end = data.len().min(off.saturating_add(RESYNC_WINDOW));
+    (off + 1..end).find(|&at| {
+        data[at..].get(8) == Some(&RECORD_VERSION) && decode_record(&data[at..]).is_some()
+    })
 }
 
 /// Reads every record at or after `from`, oldest first, truncating torn tails.
@@ -461,6 +486,26 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
                     off += used;
                 }
                 None => {
+                    if let Some(next) = next_readable(&data, off) {
+                        // Readable records follow: this is damage, not a write cut short.
+                        // Keep a copy of the segment as it is, skip the damage, go on.
+                        let aside = path.with_extension("wal.corrupt");
+                        if stats.corrupt_segments.last() != Some(&seq) {
+                            std::fs::copy(&path, &aside)?;
+                            stats.corrupt_segments.push(seq);
+                        }
+                        tracing::error!(
+                            path = %path.display(),
+                            offset = off,
+                            skipped_bytes = next - off,
+                            copy = %aside.display(),
+                            "corrupt WAL record with readable records after it: skipped \
+                             (acknowledged requests in it are lost; the segment is copied aside)"
+                        );
+                        stats.corrupt += 1;
+                        off = next;
+                        continue;
+                    }
                     tracing::warn!(
                         path = %path.display(),
                         offset = off,

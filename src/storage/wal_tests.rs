@@ -106,7 +106,7 @@ fn a_torn_tail_is_truncated_and_counted_and_earlier_records_survive() {
 }
 
 #[test]
-fn a_flipped_bit_fails_the_crc_and_ends_the_segment_there() {
+fn a_flipped_bit_mid_segment_skips_that_record_only_and_keeps_a_copy() {
     let d = dir();
     let path = three_records(&d.0);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -114,8 +114,49 @@ fn a_flipped_bit_fails_the_crc_and_ends_the_segment_there() {
     bytes[second_payload] ^= 0x10;
     std::fs::write(&path, &bytes).unwrap();
     let (got, stats) = read_all(&d.0, Position::default());
-    assert_eq!(got, vec![vec![0u8; 100]]);
-    assert_eq!(stats.truncated, 1);
+    assert_eq!(got.len(), 2, "the first and the third survive");
+    assert_eq!(got[0], vec![0u8; 100]);
+    assert_eq!((stats.truncated, stats.corrupt), (0, 1));
+    assert!(
+        path.with_extension("wal.corrupt").exists(),
+        "a copy is kept aside"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the segment is not cut"
+    );
+}
+
+#[test]
+fn a_damaged_length_resyncs_on_the_next_readable_record() {
+    let d = dir();
+    let path = three_records(&d.0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The second record's length field: its end cannot be trusted.
+    let second = HEADER_LEN as usize + RECORD_HEADER + 100;
+    bytes[second + 2] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let (got, stats) = read_all(&d.0, Position::default());
+    assert_eq!(got.len(), 2, "{stats:?}");
+    assert_eq!(stats.corrupt, 1);
+}
+
+#[test]
+fn damage_in_the_last_record_is_a_torn_tail() {
+    let d = dir();
+    let path = three_records(&d.0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let (got, stats) = read_all(&d.0, Position::default());
+    assert_eq!(got.len(), 2);
+    assert_eq!((stats.truncated, stats.corrupt), (1, 0));
+    assert!(
+        std::fs::read(&path).unwrap().len() < bytes.len(),
+        "truncated"
+    );
 }
 
 #[test]

@@ -11,11 +11,12 @@
 //! applied any more.
 //!
 //! A true retry repeats an applied delta exactly: the same interval and the same values. So the
-//! window also keeps the newest applied delta's start and a fingerprint of its values; a delta
-//! for that interval with other values, or one overlapping it only in part, comes from a second
-//! writer with the same identity (a sidecar without a pod identity) and is a conflict, not a
-//! duplicate. Older intervals are merged and cannot be told apart: overlapping them is a
-//! duplicate. A fingerprint of 0 means "unknown" (a restored window, a caller without one).
+//! window also keeps a fingerprint of the newest applied delta's values (in what would be
+//! padding: the window stays 32 bytes); an overlapping delta that ends where the newest one did
+//! but carries other values comes from a second writer with the same identity (a sidecar
+//! without a pod identity) and is a conflict, not a duplicate. Other overlaps cannot be told
+//! apart and are duplicates. A fingerprint of 0 means "unknown" (a restored window, a caller
+//! without one).
 
 /// What to do with one delta point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,9 +49,8 @@ pub struct Window {
     /// Older disjoint ranges, sorted, present only while there are holes.
     #[allow(clippy::box_collection)] // a thin pointer: the common case costs 8 bytes, not 24
     older: Option<Box<Vec<(u64, u64)>>>,
-    /// Start of the newest applied delta (it ends at `head.1`).
-    last_start: u64,
-    /// Fingerprint of the newest applied delta's values; 0: unknown.
+    /// Fingerprint of the values of the newest applied delta (the one ending at `head.1`);
+    /// 0: unknown.
     last_fp: u32,
 }
 
@@ -60,7 +60,6 @@ impl Window {
         Self {
             head: (start, end),
             older: None,
-            last_start: start,
             last_fp: fp,
         }
     }
@@ -81,11 +80,8 @@ impl Window {
     /// `late_ns` is the late window.
     pub fn classify(&self, start: u64, end: u64, late_ns: u64, fp: u32) -> Verdict {
         if self.ranges().any(|&(s, e)| start < e && end > s) {
-            let (ls, le) = (self.last_start, self.head.1);
             let known = fp != 0 && self.last_fp != 0;
-            let exact = start == ls && end == le;
-            let overlaps_last = start < le && end > ls;
-            if known && ((exact && fp != self.last_fp) || (!exact && overlaps_last)) {
+            if known && end == self.head.1 && fp != self.last_fp {
                 return Verdict::Conflict;
             }
             return Verdict::Duplicate;
@@ -108,7 +104,6 @@ impl Window {
     /// touching ranges and forgetting those that fell out of the late window.
     pub fn record(&mut self, start: u64, end: u64, late_ns: u64, fp: u32) {
         if end >= self.head.1 {
-            self.last_start = start;
             self.last_fp = fp;
         }
         let mut all: Vec<(u64, u64)> = Vec::new();
@@ -157,8 +152,7 @@ impl Window {
         ok.then(|| Self {
             head,
             older: (!older.is_empty()).then(|| Box::new(older.to_vec())),
-            // The newest delta's own interval and values are not kept across a restore.
-            last_start: head.0,
+            // The newest delta's fingerprint is not kept across a restore.
             last_fp: 0,
         })
     }
@@ -261,9 +255,14 @@ mod tests {
             "other values"
         );
         assert_eq!(
-            apply_fp(&mut w, 12, 22, 7),
+            apply_fp(&mut w, 12, 20, 8),
             Verdict::Conflict,
-            "a shifted interval"
+            "ending where the newest did"
+        );
+        assert_eq!(
+            apply_fp(&mut w, 12, 22, 7),
+            Verdict::Duplicate,
+            "a shifted interval cannot be judged"
         );
         // Older intervals are merged: an overlap there cannot be judged.
         assert_eq!(apply_fp(&mut w, 0, 10, 9), Verdict::Duplicate);
@@ -276,6 +275,6 @@ mod tests {
 
     #[test]
     fn the_common_case_is_small() {
-        assert_eq!(std::mem::size_of::<Window>(), 40);
+        assert_eq!(std::mem::size_of::<Window>(), 32);
     }
 }

@@ -64,6 +64,9 @@ pub(super) struct Budget {
 /// A source stream that goes to an overflow series until it is idle for the TTL.
 #[derive(Debug, Clone, Copy)]
 struct Sticky {
+    /// The stored output key its points carry: the shard that judges them is that key's, and
+    /// a checkpoint row of the mark goes back there.
+    series: u128,
     /// Shard clock when last seen.
     touched: u32,
     /// To the global overflow series (else to its service's).
@@ -164,6 +167,7 @@ impl ShardState {
         out: &mut Redirect,
     ) {
         let sticky = Sticky {
+            series: stored_key(p.series),
             touched: self.clock,
             global: service.is_empty(),
         };
@@ -225,17 +229,23 @@ impl ShardState {
         }
     }
 
-    /// Source streams that go to overflow series (stored keys), and whether to the global one.
-    pub fn sticky_streams(&self) -> impl Iterator<Item = (u128, bool)> + '_ {
-        self.budget.sticky.iter().map(|(k, s)| (*k, s.global))
+    /// Source streams that go to overflow series (stored keys), the stored output key of their
+    /// points, and whether they go to the global overflow series.
+    pub fn sticky_streams(&self) -> impl Iterator<Item = (u128, u128, bool)> + '_ {
+        self.budget
+            .sticky
+            .iter()
+            .map(|(k, s)| (*k, s.series, s.global))
     }
 
     /// Marks a stream as going to an overflow series (as a checkpoint recorded it).
-    pub fn restore_sticky(&mut self, source: u128, global: bool) {
-        let touched = self.clock;
-        self.budget
-            .sticky
-            .insert(stored_key(source), Sticky { touched, global });
+    pub fn restore_sticky(&mut self, source: u128, series: u128, global: bool) {
+        let sticky = Sticky {
+            series: stored_key(series),
+            touched: self.clock,
+            global,
+        };
+        self.budget.sticky.insert(stored_key(source), sticky);
     }
 
     /// Forgets sticky streams idle for longer than the TTL, and services with no series whose

@@ -75,14 +75,17 @@ impl ShardState {
         let deltas = self
             .deltas
             .iter()
-            .map(|(key, id, w)| (key, id, StreamState::Delta(w.clone())));
-        let cumulative = self
-            .cumulative
-            .iter()
-            .map(|(key, s)| (*key, s.series, StreamState::Cumulative(s.last.clone())));
-        deltas
-            .chain(cumulative)
-            .map(move |(key, id, state)| (key, series_key(id), state))
+            .map(|(key, id, w)| (key, id, 0, StreamState::Delta(w.clone())));
+        // A cumulative stream knows its output key even while it feeds no series (only
+        // baselined), so its row goes back to the shard its points go to.
+        let cumulative = self.cumulative.iter().map(|(key, s)| {
+            let state = StreamState::Cumulative(s.last.clone());
+            (*key, s.series, s.key, state)
+        });
+        deltas.chain(cumulative).map(move |(key, id, own, state)| {
+            let series = series_key(id).or((own != 0).then_some(own));
+            (key, series, state)
+        })
     }
 
     /// Rebuilds one series. Labels may come in any order.
@@ -172,6 +175,7 @@ impl ShardState {
                         last,
                         touched: self.clock,
                         series: id,
+                        key: series_key.map_or(0, stored_key),
                     },
                 );
             }

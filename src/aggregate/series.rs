@@ -211,6 +211,9 @@ pub struct CumulativeSource {
     pub touched: u32,
     /// Id of the series it feeds; `NO_SERIES` until its first delta created or reached one.
     pub series: u32,
+    /// The stored output key of its points: where a checkpoint row of it must go back to,
+    /// even while it feeds no series (0: unknown).
+    pub key: u128,
 }
 
 /// A cumulative source that has only been baselined feeds no series yet.

@@ -555,6 +555,7 @@ impl ShardState {
                         last,
                         touched: clock,
                         series: NO_SERIES,
+                        key: stored_key(p.series),
                     },
                 );
                 // Counted from its start only if all of it is new to us: it began after we did

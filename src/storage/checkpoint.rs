@@ -292,7 +292,7 @@ pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointEr
         for i in 0..c.rows() {
             let record = c.record(i).map_err(bad)?;
             let route_key = match record {
-                "stream" => c.series_key(i).map_err(bad)?,
+                "stream" | "overflowed" => c.series_key(i).map_err(bad)?,
                 _ => None,
             };
             let shard = if same_layout {
@@ -315,7 +315,8 @@ pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointEr
                 "pod" => restore_pod_row(state, &c, i).map_err(bad)?,
                 "overflowed" => {
                     let global = matches!(c.value(i).map_err(bad)?, Value::Counter(Some(1), _));
-                    state.restore_sticky(c.row_key(i).map_err(bad)?, global)
+                    let series = route_key.unwrap_or(0);
+                    state.restore_sticky(c.row_key(i).map_err(bad)?, series, global)
                 }
                 other => return Err(CheckpointError::Format(format!("record kind `{other}`"))),
             }

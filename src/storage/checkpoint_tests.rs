@@ -41,6 +41,14 @@ fn populated() -> ShardState {
         make_cumulative(&mut req);
         s.apply(&single_shard_batch(req, &projection));
     }
+    // Pod 8 (service-2, alone) starts with an unknown start: only a baseline, no series.
+    let alone = Shape {
+        services: 3,
+        ..shape
+    };
+    let mut req = request(&alone, 8, T + 60, T + 60);
+    make_cumulative(&mut req);
+    s.apply(&single_shard_batch(req, &projection));
     s
 }
 
@@ -169,8 +177,8 @@ fn state_to_parquet_to_state_is_identical() {
     assert_eq!(pods(&states[0]), pods(&before));
     assert_eq!(
         pods(&before).len(),
-        5,
-        "four delta pods and one cumulative pod"
+        6,
+        "four delta pods and two cumulative pods"
     );
 
     // Restored into more shards, every series and stream is still there exactly once.
@@ -182,6 +190,23 @@ fn state_to_parquet_to_state_is_identical() {
     assert_eq!(n, before.series_len());
     let sources: usize = four.iter().map(|s| s.sources_len()).sum();
     assert_eq!(sources, before.sources_len());
+    // Every stream is in the shard its points go to, a stream that feeds no series too.
+    let mut seriesless = 0;
+    for (i, shard) in four.iter().enumerate() {
+        for (_, series, state) in shard.stream_records() {
+            let series = series.expect("every stream here knows its output key");
+            assert_eq!(crate::aggregate::table::shard_for(series, 4), i);
+            if matches!(state, StreamState::Cumulative(_))
+                && !shard.series_records().any(|r| r.key == series)
+            {
+                seriesless += 1;
+            }
+        }
+    }
+    assert!(
+        seriesless > 0,
+        "the baselined cumulative stream was checked"
+    );
 }
 
 #[test]
@@ -252,15 +277,28 @@ fn overflowed_streams_stay_overflowed_across_a_restore() {
     ));
     assert_eq!(r.redirect.map(|r| r.services), Some(vec!["".into()]));
     for (s, global) in [(&s, false), (&g, true)] {
-        let mut before: Vec<(u128, bool)> = s.sticky_streams().collect();
+        let mut before: Vec<(u128, u128, bool)> = s.sticky_streams().collect();
         before.sort();
-        assert!(before.iter().all(|(_, g)| *g == global));
+        assert!(before.iter().all(|(_, _, g)| *g == global));
         let path = write_state(&dir, s);
         let mut states = vec![ShardState::new(ShardConfig::default())];
         load(&path, &mut states).unwrap();
-        let mut after: Vec<(u128, bool)> = states[0].sticky_streams().collect();
+        let mut after: Vec<(u128, u128, bool)> = states[0].sticky_streams().collect();
         after.sort();
         assert_eq!(after, before);
+        // Into another shard count, each mark lands in the shard its points go to.
+        let mut four: Vec<ShardState> = (0..4)
+            .map(|_| ShardState::new(ShardConfig::default()))
+            .collect();
+        load(&path, &mut four).unwrap();
+        let mut moved = 0;
+        for (i, shard) in four.iter().enumerate() {
+            for (_, series, _) in shard.sticky_streams() {
+                assert_eq!(crate::aggregate::table::shard_for(series, 4), i);
+                moved += 1;
+            }
+        }
+        assert_eq!(moved, before.len());
         std::fs::remove_file(&path).unwrap();
     }
 }

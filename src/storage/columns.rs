@@ -131,7 +131,7 @@ pub fn checkpoint_schema() -> SchemaRef {
         ),
         doc(
             Field::new("series_key_lo", DataType::UInt64, true),
-            "stream rows: key_lo of the series the stream feeds; null if none",
+            "stream rows: key_lo of the series the stream feeds (cumulative: or would feed); null if none; overflowed rows: of the series its points carry",
         ),
         doc(
             Field::new("series_key_hi", DataType::UInt32, true),
@@ -237,8 +237,16 @@ impl Builders {
     }
 
     fn no_stream_columns(&mut self) {
-        self.series_lo.append_null();
-        self.series_hi.append_null();
+        self.series_key(None);
+        self.no_stream_state();
+    }
+
+    fn series_key(&mut self, key: Option<u128>) {
+        self.series_lo.append_option(key.map(|k| k as u64));
+        self.series_hi.append_option(key.map(|k| (k >> 96) as u32));
+    }
+
+    fn no_stream_state(&mut self) {
         self.temporality.append_null();
         self.applied.append_null();
         self.last_start.append_null();
@@ -362,9 +370,7 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
     for (key, series_key, state) in state.stream_records() {
         b.key("stream", shard, key);
         b.no_series_columns()?;
-        b.series_lo.append_option(series_key.map(|k| k as u64));
-        b.series_hi
-            .append_option(series_key.map(|k| (k >> 96) as u32));
+        b.series_key(series_key);
         match state {
             StreamState::Delta(w) => {
                 b.temporality.append_value("delta");
@@ -416,12 +422,14 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
         b.counter(None, None);
         b.no_stream_columns();
     }
-    for (source, global) in state.sticky_streams() {
+    for (source, series, global) in state.sticky_streams() {
         b.key("overflowed", shard, source);
         b.no_series_columns()?;
         // int_total 1: to the global overflow series (past limits.max_series).
         b.counter(global.then_some(1), None);
-        b.no_stream_columns();
+        // Where its points go: the row is routed by it when the shard count changed.
+        b.series_key(Some(series));
+        b.no_stream_state();
     }
     let pods = b.finish()?;
     Ok([series, streams, pods])

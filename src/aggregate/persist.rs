@@ -19,7 +19,12 @@ pub struct SeriesRecord<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamState {
     Delta(Window),
-    Cumulative(CumulativeState),
+    /// The last point; `feeds`: whether it feeds its series yet (a stream only baselined does
+    /// not, though its points carry the series' key).
+    Cumulative {
+        last: CumulativeState,
+        feeds: bool,
+    },
 }
 
 /// Why a record could not be restored: the file is not one this code wrote, or is damaged.
@@ -79,7 +84,10 @@ impl ShardState {
         // A cumulative stream knows its output key even while it feeds no series (only
         // baselined), so its row goes back to the shard its points go to.
         let cumulative = self.cumulative.iter().map(|(key, s)| {
-            let state = StreamState::Cumulative(s.last.clone());
+            let state = StreamState::Cumulative {
+                last: s.last.clone(),
+                feeds: s.series != NO_SERIES,
+            };
             (*key, s.series, s.key, state)
         });
         deltas.chain(cumulative).map(move |(key, id, own, state)| {
@@ -160,7 +168,9 @@ impl ShardState {
         if self.deltas.get(key).is_some() || self.cumulative.contains_key(&key) {
             return Err(RestoreError::Duplicate(key));
         }
+        let feeds = !matches!(state, StreamState::Cumulative { feeds: false, .. });
         let id = series_key
+            .filter(|_| feeds)
             .and_then(|k| self.series.get_tagged(k))
             .map_or(NO_SERIES, |(id, _)| id);
         if id != NO_SERIES {
@@ -168,7 +178,7 @@ impl ShardState {
         }
         match state {
             StreamState::Delta(w) => self.deltas.insert_tagged(key, id, w),
-            StreamState::Cumulative(last) => {
+            StreamState::Cumulative { last, .. } => {
                 self.cumulative.insert(
                     key,
                     CumulativeSource {

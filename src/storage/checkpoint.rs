@@ -278,8 +278,20 @@ fn meta_of(b: &ParquetRecordBatchReaderBuilder<File>) -> Result<Meta, Checkpoint
 }
 
 /// Loads a checkpoint into `states` (fresh shards). Rows go back to the shard that wrote them
-/// when the shard count is unchanged, else to the shard their series routes to.
+/// when the shard count is unchanged, else to the shard their series routes to. On an error
+/// `states` hold part of the file: the caller starts again from fresh ones.
 pub fn load(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointError> {
+    // The Parquet reader can panic on damaged pages that pass their checks (an out-of-bounds
+    // slice in level decoding): a damaged file is an error to set aside, never a crash.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_inner(path, states)))
+        .unwrap_or_else(|_| {
+            Err(CheckpointError::Format(
+                "the Parquet reader failed on damaged data".into(),
+            ))
+        })
+}
+
+fn load_inner(path: &Path, states: &mut [ShardState]) -> Result<Meta, CheckpointError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
     let meta = meta_of(&builder)?;
     let n = states.len();

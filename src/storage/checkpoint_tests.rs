@@ -196,7 +196,7 @@ fn state_to_parquet_to_state_is_identical() {
         for (_, series, state) in shard.stream_records() {
             let series = series.expect("every stream here knows its output key");
             assert_eq!(crate::aggregate::table::shard_for(series, 4), i);
-            if matches!(state, StreamState::Cumulative(_))
+            if matches!(state, StreamState::Cumulative { .. })
                 && !shard.series_records().any(|r| r.key == series)
             {
                 seriesless += 1;

@@ -139,7 +139,7 @@ pub fn checkpoint_schema() -> SchemaRef {
         ),
         doc(
             Field::new("temporality", dict(), true),
-            "stream rows: delta or cumulative",
+            "stream rows: delta, cumulative, or cumulative_baseline (a cumulative stream only baselined: it feeds no series yet)",
         ),
         doc(
             Field::new("applied", list(DataType::Struct(range_fields())), true),
@@ -389,8 +389,13 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
                 b.last_start.append_null();
                 b.last_end.append_null();
             }
-            StreamState::Cumulative(last) => {
-                b.temporality.append_value("cumulative");
+            StreamState::Cumulative { last, feeds } => {
+                // A stream only baselined knows its series' key but does not feed it yet.
+                b.temporality.append_value(if feeds {
+                    "cumulative"
+                } else {
+                    "cumulative_baseline"
+                });
                 match &last.value {
                     CumulativeValue::Int(i) => b.counter(Some(*i), None),
                     CumulativeValue::Float(f) => b.counter(None, Some(*f)),

@@ -60,7 +60,7 @@ pub fn inspect(path: &Path) -> Result<String, CheckpointError> {
         for (_, series, state) in s.stream_records() {
             match state {
                 StreamState::Delta(_) => delta += 1,
-                StreamState::Cumulative(_) => cumulative += 1,
+                StreamState::Cumulative { .. } => cumulative += 1,
             }
             match series.and_then(|k| owner.get(&k)) {
                 Some(key) => rows.entry(key.clone()).or_default().1 += 1,

@@ -319,7 +319,7 @@ pub fn restore_stream_row(
             c.applied(i)?
                 .ok_or_else(|| row_err(i, "delta stream without applied ranges"))?,
         ),
-        Some("cumulative") => {
+        Some(t @ ("cumulative" | "cumulative_baseline")) => {
             let (start_ns, end_ns) = c.times("last_start", "last_end", i)?;
             let value = match c.value(i)? {
                 Value::Counter(Some(v), None) => CumulativeValue::Int(v),
@@ -337,11 +337,14 @@ pub fn restore_stream_row(
                 },
                 _ => return Err(row_err(i, "cumulative stream without a value")),
             };
-            StreamState::Cumulative(CumulativeState {
-                start_ns,
-                end_ns,
-                value,
-            })
+            StreamState::Cumulative {
+                last: CumulativeState {
+                    start_ns,
+                    end_ns,
+                    value,
+                },
+                feeds: t == "cumulative",
+            }
         }
         other => return Err(row_err(i, format!("unknown temporality {other:?}"))),
     };

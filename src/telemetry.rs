@@ -90,6 +90,7 @@ pub struct Telemetry {
     no_value: Counter,
     /// Points relabeled: [reserved name renamed, colliding names joined].
     relabeled: [Counter; 2],
+    invalid_utf8: Counter,
     pub scrape_duration: Histogram,
     pub scrape_bytes: Histogram,
     pub family_conflicts: Counter,
@@ -188,6 +189,13 @@ impl Telemetry {
         );
         let relabeled = ["reserved_name", "colliding_names"]
             .map(|w| relabeled_f.get_or_create(&vec![("why", w)]).clone());
+        let invalid_utf8 = Counter::default();
+        registry.register(
+            "invalid_utf8_strings",
+            "Strings in OTLP/protobuf requests that were not UTF-8, replaced lossily (U+FFFD) \
+             instead of refusing their request",
+            invalid_utf8.clone(),
+        );
         let scrape_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(
             "scrape_duration_seconds",
@@ -232,6 +240,7 @@ impl Telemetry {
             rejected,
             no_value,
             relabeled,
+            invalid_utf8,
             scrape_duration,
             scrape_bytes,
             family_conflicts,
@@ -262,6 +271,10 @@ impl Telemetry {
 
     pub fn received(&self, p: Protocol, n: u64) {
         self.points_received[p as usize].inc_by(n);
+    }
+
+    pub fn invalid_utf8(&self, n: u64) {
+        self.invalid_utf8.inc_by(n);
     }
 
     pub fn relabeled(&self, r: &Relabeled) {

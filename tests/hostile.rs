@@ -535,3 +535,61 @@ fn a_second_writer_with_the_same_identity_is_a_conflict_not_a_retry() {
         2.0
     );
 }
+
+#[test]
+fn invalid_utf8_in_one_attribute_costs_nothing_and_survives_a_restart() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    let req = spanmetrics(
+        "checkout",
+        "a",
+        &[
+            route("GET /MARKER", 2, [2, 0, 0, 0, 0], 2.0),
+            route("GET /fine", 3, [3, 0, 0, 0, 0], 3.0),
+        ],
+        t,
+        t + SECOND,
+        opentelemetry_proto::tonic::metrics::v1::AggregationTemporality::Delta,
+    );
+    let mut body = req.encode_to_vec();
+    // Both metrics carry the marker: each becomes invalid UTF-8 on the wire.
+    let mut patched = 0;
+    while let Some(at) = body.windows(6).position(|w| w == b"MARKER") {
+        body[at..at + 6].copy_from_slice(b"\xffcart\xfe");
+        patched += 1;
+    }
+    assert_eq!(patched, 2);
+    for gzipped in [false, true] {
+        let (status, _, reply) = if gzipped {
+            s.post_otlp(
+                "application/x-protobuf",
+                &[("Content-Encoding", "gzip")],
+                &gzip(&body),
+            )
+        } else {
+            s.post_otlp("application/x-protobuf", &[], &body)
+        };
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+    }
+    let scrape = s.scrape();
+    let calls = |span: &str| {
+        scrape
+            .lines()
+            .find(|l| {
+                l.starts_with("traces_span_metrics_calls_total{")
+                    && l.contains(&format!("span_name=\"{span}\""))
+            })
+            .map(|l| l.rsplit_once(' ').unwrap().1.to_owned())
+    };
+    assert_eq!(
+        calls("GET /\u{FFFD}cart\u{FFFD}").as_deref(),
+        Some("2"),
+        "the repaired series, applied once: {scrape}"
+    );
+    assert_eq!(calls("GET /fine").as_deref(), Some("3"));
+    assert_eq!(s.internal("spanagg_invalid_utf8_strings_total"), 4.0);
+    // The WAL holds the repaired request: a restart replays it.
+    let dir = s.kill9();
+    let s = Spanagg::start_in(dir, "");
+    assert_eq!(s.scrape(), scrape);
+}

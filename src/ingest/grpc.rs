@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    ExportMetricsPartialSuccess, ExportMetricsServiceResponse,
 };
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -109,10 +109,9 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
                     return Err(status_of(&err));
                 }
             };
-            let req = match ExportMetricsServiceRequest::decode(body.clone()) {
-                Ok(r) => r,
-                Err(e) => {
-                    let err = IngestError::InvalidArgument(format!("undecodable protobuf: {e}"));
+            let (req, body) = match ingestor.decode_protobuf(&body) {
+                Ok((r, repaired)) => (r, repaired.unwrap_or(body)),
+                Err(err) => {
                     ingestor.refused(Protocol::Grpc, &err);
                     return Err(status_of(&err));
                 }

@@ -174,15 +174,13 @@ async fn read_request(
         // The protobuf body is what the WAL keeps; a JSON one is re-encoded only if logged.
         Format::Protobuf => {
             let admission = ingestor.admit_protobuf(&bytes).await?;
-            ExportMetricsServiceRequest::decode(&bytes[..])
-                .map(|r| {
-                    let logged = match encoding {
-                        Encoding::Gzip => Logged::Gzip(raw),
-                        Encoding::Identity => Logged::Protobuf(bytes),
-                    };
-                    (r, Some(logged), admission)
-                })
-                .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))
+            let (req, repaired) = ingestor.decode_protobuf(&bytes)?;
+            let logged = match (repaired, encoding) {
+                (Some(fixed), _) => Logged::Protobuf(fixed),
+                (None, Encoding::Gzip) => Logged::Gzip(raw),
+                (None, Encoding::Identity) => Logged::Protobuf(bytes),
+            };
+            Ok((req, Some(logged), admission))
         }
         Format::Json => {
             let admission = ingestor.admit_json(bytes.len()).await?;

@@ -127,6 +127,23 @@ impl Ingestor {
             .await
     }
 
+    /// Decodes a protobuf request, repairing invalid UTF-8 in its strings (counted). Returns
+    /// the request and, if it was repaired, the body to log instead of the one received.
+    pub fn decode_protobuf(
+        &self,
+        body: &[u8],
+    ) -> Result<(ExportMetricsServiceRequest, Option<Bytes>), IngestError> {
+        let d = wire::decode(body)
+            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))?;
+        Ok(match d.repaired {
+            Some((fixed, n)) => {
+                self.telemetry.invalid_utf8(n);
+                (d.req, Some(Bytes::from(fixed)))
+            }
+            None => (d.req, None),
+        })
+    }
+
     /// Refuses a decoded request with more points than `limits.max_points_per_request`.
     pub fn check_points(&self, req: &ExportMetricsServiceRequest) -> Result<(), IngestError> {
         let points = otlp::count_points(req);

@@ -6,6 +6,11 @@
 //! size of the struct prost will build for it (twice, for `Vec` growth), plus the body itself
 //! for strings and packed numbers. The walk allocates nothing and touches each byte once; a
 //! malformed body is an error here, before anything is allocated for it.
+//!
+//! The same schema walk repairs invalid UTF-8 ([`repair_utf8`]): prost refuses a whole request
+//! for one bad string, so a body that fails for that reason is re-encoded with each invalid
+//! string field replaced lossily (U+FFFD) and decoded again. The repaired body is what is
+//! applied and logged.
 
 use std::mem::size_of;
 
@@ -115,6 +120,19 @@ impl M {
         }
     }
 
+    /// Whether a length-delimited field of `self` is a `string` (as opposed to bytes, packed
+    /// numbers or a message).
+    fn is_string(self, field: u64) -> bool {
+        matches!(
+            (self, field),
+            (M::ResourceMetrics | M::ScopeMetrics, 3)
+                | (M::Scope, 1 | 2)
+                | (M::Metric, 1..=3)
+                | (M::KeyValue | M::AnyValue, 1)
+                | (M::EntityRef, 1..=4)
+        )
+    }
+
     fn is_point(self) -> bool {
         matches!(
             self,
@@ -212,6 +230,103 @@ fn walk(mut buf: &[u8], m: M, depth: usize, c: &mut Cost) -> Result<(), Malforme
     Ok(())
 }
 
+/// A decoded request, and the repaired body if it had to be repaired.
+pub struct Decoded {
+    pub req: ExportMetricsServiceRequest,
+    /// The body with invalid UTF-8 replaced, and how many strings were: log this, not the
+    /// original (which would not decode again).
+    pub repaired: Option<(Vec<u8>, u64)>,
+}
+
+/// Decodes an `ExportMetricsServiceRequest`; a body refused only for invalid UTF-8 in string
+/// fields is repaired and decoded again.
+pub fn decode(body: &[u8]) -> Result<Decoded, String> {
+    use prost::Message;
+    match ExportMetricsServiceRequest::decode(body) {
+        Ok(req) => Ok(Decoded {
+            req,
+            repaired: None,
+        }),
+        Err(e) if e.to_string().contains("UTF-8") => {
+            let (fixed, n) = repair_utf8(body).map_err(|m| m.to_string())?;
+            let req = ExportMetricsServiceRequest::decode(&fixed[..]).map_err(|e| e.to_string())?;
+            Ok(Decoded {
+                req,
+                repaired: Some((fixed, n)),
+            })
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `body` with every string field that is not UTF-8 replaced lossily, and how many were.
+pub fn repair_utf8(body: &[u8]) -> Result<(Vec<u8>, u64), Malformed> {
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut replaced = 0;
+    rewrite(body, M::Request, 0, &mut out, &mut replaced)?;
+    Ok((out, replaced))
+}
+
+fn rewrite(
+    mut buf: &[u8],
+    m: M,
+    depth: usize,
+    out: &mut Vec<u8>,
+    replaced: &mut u64,
+) -> Result<(), Malformed> {
+    if depth > MAX_DEPTH {
+        return Err(Malformed("nested too deep"));
+    }
+    while !buf.is_empty() {
+        let field_start = buf;
+        let tag = varint(&mut buf)?;
+        let field = tag >> 3;
+        if field == 0 {
+            return Err(Malformed("field number 0"));
+        }
+        let copy_field = |buf: &[u8], out: &mut Vec<u8>| {
+            out.extend_from_slice(&field_start[..field_start.len() - buf.len()]);
+        };
+        match tag & 7 {
+            0 => {
+                varint(&mut buf)?;
+                copy_field(buf, out);
+            }
+            1 => {
+                skip(&mut buf, 8)?;
+                copy_field(buf, out);
+            }
+            5 => {
+                skip(&mut buf, 4)?;
+                copy_field(buf, out);
+            }
+            2 => {
+                let len = varint(&mut buf)?;
+                let start = buf;
+                skip(&mut buf, len)?;
+                let inner = &start[..start.len() - buf.len()];
+                if let Some(child) = m.child(field) {
+                    let mut sub = Vec::with_capacity(inner.len());
+                    rewrite(inner, child, depth + 1, &mut sub, replaced)?;
+                    prost::encoding::encode_varint(tag, out);
+                    prost::encoding::encode_varint(sub.len() as u64, out);
+                    out.extend_from_slice(&sub);
+                } else if m.is_string(field) && std::str::from_utf8(inner).is_err() {
+                    let fixed = String::from_utf8_lossy(inner);
+                    *replaced += 1;
+                    prost::encoding::encode_varint(tag, out);
+                    prost::encoding::encode_varint(fixed.len() as u64, out);
+                    out.extend_from_slice(fixed.as_bytes());
+                } else {
+                    copy_field(buf, out);
+                }
+            }
+            _ => return Err(Malformed("group or unknown wire type")),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +381,75 @@ mod tests {
         let mut out = Vec::new();
         prost::encoding::encode_varint(n as u64, &mut out);
         out
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_string_by_string_and_nothing_else_changes() {
+        let shape = Shape {
+            services: 1,
+            routes: 3,
+            bounds: 4,
+            counters: true,
+        };
+        let mut req = request(&shape, 3, 1, 2);
+        // A marker value, patched into bytes that are not UTF-8 once encoded.
+        if let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Histogram(h)) =
+            &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data
+        {
+            h.data_points[1].attributes[1].value =
+                Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                            "MARKER".into(),
+                        ),
+                    ),
+                });
+        }
+        let mut body = req.encode_to_vec();
+        let at = body.windows(6).position(|w| w == b"MARKER").unwrap();
+        body[at..at + 6].copy_from_slice(b"GET \xff\xfe");
+        assert!(
+            ExportMetricsServiceRequest::decode(&body[..]).is_err(),
+            "prost refuses it"
+        );
+        let d = decode(&body).unwrap();
+        let (fixed, n) = d.repaired.unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            cost(&fixed).unwrap().points,
+            6,
+            "every point is still there"
+        );
+        let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Histogram(h)) =
+            &d.req.resource_metrics[0].scope_metrics[0].metrics[0].data
+        else {
+            panic!("not a histogram")
+        };
+        let v = h.data_points[1].attributes[1]
+            .value
+            .clone()
+            .unwrap()
+            .value
+            .unwrap();
+        assert_eq!(
+            v,
+            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                "GET \u{FFFD}\u{FFFD}".into()
+            )
+        );
+        // Everything else decodes to what was sent.
+        let mut want = req.clone();
+        if let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Histogram(h)) =
+            &mut want.resource_metrics[0].scope_metrics[0].metrics[0].data
+        {
+            h.data_points[1].attributes[1].value = h.data_points[1].attributes[1]
+                .value
+                .clone()
+                .map(|_| opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(v.clone()),
+                });
+        }
+        assert_eq!(d.req, want);
     }
 
     #[test]

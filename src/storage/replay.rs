@@ -4,9 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use prost::Message;
-
 use super::wal::{self, Position, ReplayStats};
 use super::StorageMetrics;
 use crate::ingest::body::{decode, Encoding};
@@ -50,7 +47,7 @@ pub async fn replay(
         };
         // Decoded per attempt: a retry (full shard queue) is rare, a clone per record is not.
         loop {
-            let Ok(req) = ExportMetricsServiceRequest::decode(&payload[..]) else {
+            let Ok(req) = crate::ingest::wire::decode(&payload).map(|d| d.req) else {
                 undecodable += 1;
                 break;
             };

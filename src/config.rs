@@ -59,6 +59,7 @@ pub struct RawLimits {
     pub max_series_per_service: Option<u64>,
     pub max_series: Option<u64>,
     pub max_source_streams: Option<u64>,
+    pub max_metric_families: Option<u64>,
     pub max_memory: Option<ByteSize>,
     pub max_attributes_per_point: Option<usize>,
     pub max_label_name_length: Option<usize>,
@@ -215,6 +216,9 @@ pub struct Limits {
     pub max_source_streams: u64,
     /// Resident memory past which new exports get a retryable refusal. Default: none.
     pub max_memory: Option<u64>,
+    /// Metric families (name and kind) one shard keeps; points of a new one past it are
+    /// refused. Default 10,000 (span metrics are two).
+    pub max_metric_families: u64,
 }
 
 impl Default for Config {
@@ -328,6 +332,10 @@ impl Config {
                 max_source_streams: positive(
                     "limits.max_source_streams",
                     raw.limits.max_source_streams.unwrap_or(10_000_000),
+                )?,
+                max_metric_families: positive(
+                    "limits.max_metric_families",
+                    raw.limits.max_metric_families.unwrap_or(10_000),
                 )?,
                 max_memory: match raw.limits.max_memory.map(|b| b.as_u64()) {
                     Some(b) if b < 64 << 20 => {

@@ -88,6 +88,7 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
             config.shards.get(),
         ),
         quota: Arc::default(),
+        max_families: usize::try_from(config.limits.max_metric_families).unwrap_or(usize::MAX),
     };
     let n = config.shards.get();
     let metrics = StorageMetrics::default();

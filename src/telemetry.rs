@@ -170,6 +170,7 @@ impl Telemetry {
                 Outcome::TooLate.as_str(),
                 Outcome::LayoutMismatch.as_str(),
                 Outcome::Conflict.as_str(),
+                Outcome::FamilyLimit.as_str(),
             ])
             .map(|r| rejected_f.get_or_create(&vec![("reason", r)]).clone())
             .collect();
@@ -307,6 +308,7 @@ impl Telemetry {
                 Outcome::TooLate => Reason::COUNT,
                 Outcome::LayoutMismatch => Reason::COUNT + 1,
                 Outcome::Conflict => Reason::COUNT + 2,
+                Outcome::FamilyLimit => Reason::COUNT + 3,
                 _ => continue,
             };
             self.rejected[idx].inc_by(u64::from(n));

@@ -98,3 +98,48 @@ fn past_the_global_budget_every_new_series_goes_to_one_overflow_series() {
     assert!(!overflow[0].contains("service_name"), "{}", overflow[0]);
     assert_eq!(total_count(&scrape), ((40 + 30 + 28 * 5) * 5) as f64);
 }
+
+#[test]
+fn new_metric_families_past_the_limit_are_refused_per_point() {
+    let s = Spanagg::start("shards: 1\nlimits:\n  max_metric_families: 3\n");
+    let t = now_ns() - 60 * SECOND;
+    let shape = Shape {
+        services: 1,
+        routes: 1,
+        bounds: 4,
+        counters: false,
+    };
+    let mut req = request(&shape, 0, t, t + SECOND);
+    let template = req.resource_metrics[0].scope_metrics[0].metrics[0].clone();
+    req.resource_metrics[0].scope_metrics[0].metrics = (0..5)
+        .map(|i| {
+            let mut m = template.clone();
+            m.name = format!("metric.{i}");
+            m
+        })
+        .collect();
+    let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &req.encode_to_vec());
+    assert_eq!(status, 200);
+    let reply =
+        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
+            &body[..],
+        )
+        .unwrap();
+    let partial = reply.partial_success.unwrap();
+    assert_eq!(partial.rejected_data_points, 2);
+    assert!(
+        partial.error_message.contains("family_limit"),
+        "{}",
+        partial.error_message
+    );
+    let families = s
+        .scrape()
+        .lines()
+        .filter(|l| l.starts_with("# TYPE"))
+        .count();
+    assert_eq!(families, 3);
+    assert_eq!(
+        s.internal("spanagg_points_rejected_total{reason=\"family_limit\"}"),
+        2.0
+    );
+}

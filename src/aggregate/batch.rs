@@ -45,10 +45,12 @@ pub enum Outcome {
     StreamLimit,
     /// Different values for the interval a stream applied last: a second writer.
     Conflict,
+    /// A new metric family past `limits.max_metric_families`.
+    FamilyLimit,
 }
 
 impl Outcome {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const ALL: [Outcome; Self::COUNT] = [
         Self::Applied,
         Self::AppliedAfterGap,
@@ -61,6 +63,7 @@ impl Outcome {
         Self::LayoutMismatch,
         Self::StreamLimit,
         Self::Conflict,
+        Self::FamilyLimit,
     ];
     /// Why a refused point (reported to the client in the partial success) was refused, as the client reads it; `None` for the rest.
     pub fn explain(self) -> Option<&'static str> {
@@ -72,6 +75,10 @@ impl Outcome {
             Self::LayoutMismatch => {
                 Some("bucket bounds do not contain every bound of the output series")
             }
+            Self::FamilyLimit => Some(
+                "a new metric past limits.max_metric_families (spanagg aggregates span metrics: \
+                 send other metrics elsewhere)",
+            ),
             Self::Conflict => Some(
                 "a second sender with the same identity sent other values for an interval this \
                  stream already applied: give every sidecar a unique identity (service.instance.id \
@@ -93,6 +100,7 @@ impl Outcome {
             Self::LayoutMismatch => "layout_mismatch",
             Self::StreamLimit => "stream_limit",
             Self::Conflict => "conflict",
+            Self::FamilyLimit => "family_limit",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! without a runtime.
 
 pub mod batch;
+pub mod interned;
 pub mod interner;
 pub mod key;
 pub mod keytable;

@@ -53,7 +53,7 @@ impl ShardState {
     /// Every live series with its key.
     pub fn series_records(&self) -> impl Iterator<Item = SeriesRecord<'_>> {
         self.series.iter().filter_map(move |(key, _, series)| {
-            let family = self.families.get(series.family as usize)?;
+            let family = self.tables.family(series.family)?;
             let bounds = match &series.value {
                 SeriesValue::Histogram { layout, .. } => self.layout(*layout),
                 SeriesValue::Counter(_) => &[],
@@ -125,16 +125,20 @@ impl ShardState {
                     });
                 }
                 SeriesValue::Histogram {
-                    layout: self.layout_id(bounds),
+                    layout: {
+                        let id = self.tables.layout_id(bounds);
+                        self.tables.hold_layout(id);
+                        id
+                    },
                     counts: BucketCounts::from_counts(counts),
                     sum,
                     input_buckets,
                 }
             }
         };
-        let fam = self.family_id(family);
+        let fam = self.tables.restore_family(family);
         labels.sort_unstable();
-        let keys = self.key_set_id(labels);
+        let keys = self.tables.hold_key_set(&mut self.strings, labels);
         let service = service_in(labels).to_owned();
         self.series_added(&service);
         // A restored series exists whatever the limits say now; overflow series are not counted.

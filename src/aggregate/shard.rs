@@ -11,10 +11,11 @@ use std::sync::Arc;
 use ahash::RandomState;
 
 pub use super::batch::{Batch, BatchResult, LabelResolver, Outcome};
+use super::interned::Interned;
 use super::interner::Interner;
-use super::key::{FamilyDesc, Kind, Labels, SetHash};
+use super::key::{FamilyDesc, Labels, SetHash};
 use super::keytable::{stored_key, Chunked, KeyTable};
-use super::layout::{fold_map, LayoutMismatch};
+use super::layout::LayoutMismatch;
 use super::quota::{Full, SeriesQuota};
 use super::series::{
     cumulative_step, BucketCounts, CounterValue, CumulativeDelta, CumulativeSource,
@@ -51,6 +52,8 @@ pub struct ShardConfig {
     /// This shard's share of the cardinality budgets (source streams; the series shares are
     /// what reports show per shard).
     pub limits: ShardLimits,
+    /// Metric families one shard interns; a point of a new family past it is refused.
+    pub max_families: usize,
     /// The series budgets all shards draw from.
     pub quota: Arc<SeriesQuota>,
 }
@@ -65,6 +68,7 @@ impl Default for ShardConfig {
             process_start_ns: 0,
             bounds: HashMap::new(),
             limits: ShardLimits::default(),
+            max_families: usize::MAX,
             quota: Arc::new(SeriesQuota::default()),
         }
     }
@@ -89,7 +93,6 @@ struct IdSlot {
     live: bool,
     sources: u32,
 }
-type FoldResult = Result<Arc<[u16]>, LayoutMismatch>;
 
 /// A pod as the shard saw it.
 #[derive(Debug, Clone)]
@@ -112,13 +115,10 @@ enum Add<'a> {
 /// The state of one shard.
 pub struct ShardState {
     cfg: ShardConfig,
-    families: Vec<FamilyDesc>,
-    family_index: Map<(Arc<str>, Kind), u32>,
-    layouts: Vec<Arc<[f64]>>,
-    layout_index: Map<Box<[u64]>, u32>,
-    folds: Map<(u32, u32), FoldResult>,
+    /// Families, bucket layouts, fold maps, label-name lists.
+    tables: Interned,
     series: KeyTable<Series>,
-    /// Delta streams: only their exactly-once window (24 bytes in the common case).
+    /// Delta streams: only their exactly-once window (32 bytes in the common case).
     deltas: KeyTable<Window>,
     /// Cumulative streams: their last point.
     cumulative: Map<u128, CumulativeSource>,
@@ -131,9 +131,6 @@ pub struct ShardState {
     ids: Chunked<IdSlot>,
     free_ids: Vec<u32>,
     strings: Interner,
-    /// Distinct label-name lists (ids into `strings`); few, and kept for the process lifetime.
-    key_sets: Vec<Box<[u32]>>,
-    key_set_index: Map<Box<[u32]>, u32>,
     /// Shard clock in seconds, advanced by the owner thread.
     pub clock: u32,
     /// Wall clock (Unix ns), advanced by the owner thread. Delta streams expire by data time:
@@ -144,12 +141,8 @@ pub struct ShardState {
 impl ShardState {
     pub fn new(cfg: ShardConfig) -> Self {
         Self {
+            tables: Interned::new(cfg.max_families),
             cfg,
-            families: Vec::new(),
-            family_index: Map::default(),
-            layouts: Vec::new(),
-            layout_index: Map::default(),
-            folds: Map::default(),
             series: KeyTable::default(),
             deltas: KeyTable::default(),
             cumulative: Map::default(),
@@ -158,8 +151,6 @@ impl ShardState {
             ids: Chunked::default(),
             free_ids: Vec::new(),
             strings: Interner::default(),
-            key_sets: Vec::new(),
-            key_set_index: Map::default(),
             clock: 0,
             now_ns: 0,
         }
@@ -182,10 +173,14 @@ impl ShardState {
         self.deltas.heap_bytes()
     }
     pub fn families(&self) -> &[FamilyDesc] {
-        &self.families
+        self.tables.families()
     }
     pub fn layout(&self, id: u32) -> &[f64] {
-        self.layouts.get(id as usize).map_or(&[], |l| l)
+        self.tables.layout(id)
+    }
+    /// (layouts, fold maps, label-name lists) interned.
+    pub fn table_sizes(&self) -> (usize, usize, usize) {
+        self.tables.sizes()
     }
     /// Every live series, in no particular order.
     pub fn series(&self) -> impl Iterator<Item = &Series> {
@@ -197,7 +192,7 @@ impl ShardState {
         filter: &'a SeriesFilter,
     ) -> impl Iterator<Item = (&'a Series, &'a FamilyDesc, u32)> + 'a {
         self.series_with_sources().filter_map(move |(s, streams)| {
-            let fam = self.families.get(s.family as usize)?;
+            let fam = self.tables.family(s.family)?;
             if let Some(m) = filter.metric.as_deref() {
                 if m != &*fam.name && m != &*fam.otel_name {
                     return None;
@@ -267,49 +262,11 @@ impl ShardState {
 
     /// A series' labels as (name, value) pairs, sorted by name.
     pub fn labels<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = (&'a str, &'a str)> {
-        let keys = self
-            .key_sets
-            .get(labels.keys as usize)
-            .map_or(&[][..], |k| k);
-        keys.iter()
+        self.tables
+            .key_set(labels.keys)
+            .iter()
             .zip(labels.values.iter())
             .map(|(k, v)| (self.strings.get(*k), self.strings.get(*v)))
-    }
-
-    fn family_id(&mut self, desc: &FamilyDesc) -> u32 {
-        if let Some(&id) = self.family_index.get(&(desc.name.clone(), desc.kind)) {
-            return id;
-        }
-        let id = self.families.len() as u32;
-        self.families.push(desc.clone());
-        self.family_index.insert((desc.name.clone(), desc.kind), id);
-        id
-    }
-
-    fn layout_id(&mut self, bounds: &[f64]) -> u32 {
-        let bits: Box<[u64]> = bounds.iter().map(|b| b.to_bits()).collect();
-        if let Some(&id) = self.layout_index.get(&bits) {
-            return id;
-        }
-        let id = self.layouts.len() as u32;
-        self.layouts.push(bounds.into());
-        self.layout_index.insert(bits, id);
-        id
-    }
-
-    fn key_set_id(&mut self, names: &[(String, String)]) -> u32 {
-        let ids: Vec<u32> = names.iter().map(|(k, _)| self.strings.acquire(k)).collect();
-        if let Some(&id) = self.key_set_index.get(&ids[..]) {
-            for id in ids {
-                self.strings.release(id);
-            }
-            return id;
-        }
-        let id = self.key_sets.len() as u32;
-        let ids: Box<[u32]> = ids.into();
-        self.key_sets.push(ids.clone());
-        self.key_set_index.insert(ids, id);
-        id
     }
 
     /// Applies one batch and returns what happened to each point.
@@ -321,6 +278,7 @@ impl ShardState {
         }
         let result = self.apply_points(batch);
         self.now_ns = clock_ns;
+        self.tables.end_batch();
         result
     }
 
@@ -349,11 +307,16 @@ impl ShardState {
             };
             let fam = match fam_ids[p.family as usize] {
                 Some(id) => id,
-                None => {
-                    let id = self.family_id(desc);
-                    fam_ids[p.family as usize] = Some(id);
-                    id
-                }
+                None => match self.tables.family_id(desc) {
+                    Some(id) => {
+                        fam_ids[p.family as usize] = Some(id);
+                        id
+                    }
+                    None => {
+                        result.counts[Outcome::FamilyLimit as usize] += 1;
+                        continue;
+                    }
+                },
             };
             let outcome = match p.temporality {
                 Temporality::Delta => self.apply_delta(batch, p, fam, &mut layout_ids),
@@ -423,7 +386,7 @@ impl ShardState {
                     Some(id) => id,
                     None => {
                         let bounds = batch.layouts.get(layout as usize)?;
-                        let id = self.layout_id(bounds);
+                        let id = self.tables.layout_id(bounds);
                         *slot = Some(id);
                         id
                     }
@@ -578,7 +541,7 @@ impl ShardState {
                 sum,
                 ..
             } => Add::Hist {
-                layout: self.layout_id(bounds),
+                layout: self.tables.layout_id(bounds),
                 counts,
                 sum: *sum,
             },
@@ -604,15 +567,6 @@ impl ShardState {
         self.source_added(id);
     }
 
-    fn fold(&mut self, input: u32, output: u32) -> FoldResult {
-        if let Some(r) = self.folds.get(&(input, output)) {
-            return r.clone();
-        }
-        let r = fold_map(self.layout(input), self.layout(output)).map(Arc::from);
-        self.folds.insert((input, output), r.clone());
-        r
-    }
-
     fn add_to_series(
         &mut self,
         batch: &Batch,
@@ -634,7 +588,7 @@ impl ShardState {
             (Add::Hist { layout, .. }, Some(SeriesValue::Histogram { layout: out, .. }))
                 if layout != out =>
             {
-                Some(self.fold(*layout, *out)?)
+                Some(self.tables.fold(*layout, *out)?)
             }
             _ => None,
         };
@@ -693,17 +647,18 @@ impl ShardState {
             Add::Int(_) | Add::Float(_) => SeriesValue::Counter(CounterValue::default()),
             Add::Hist { layout, .. } => {
                 let configured = self
-                    .families
-                    .get(fam as usize)
+                    .tables
+                    .family(fam)
                     .and_then(|f| self.cfg.bounds.get(&*f.otel_name))
                     .cloned();
                 let out = match configured {
-                    Some(b) => self.layout_id(&b),
+                    Some(b) => self.tables.layout_id(&b),
                     None => *layout,
                 };
                 if out != *layout {
-                    self.fold(*layout, out)?;
+                    self.tables.fold(*layout, out)?;
                 }
+                self.tables.hold_layout(out);
                 SeriesValue::Histogram {
                     layout: out,
                     counts: BucketCounts::zeros(self.layout(out).len() + 1),
@@ -713,7 +668,7 @@ impl ShardState {
             }
         };
         let raw = batch.labels.labels(p.label_ref);
-        let keys = self.key_set_id(&raw);
+        let keys = self.tables.hold_key_set(&mut self.strings, &raw);
         let values = raw.iter().map(|(_, v)| self.strings.acquire(v)).collect();
         Ok(Series {
             family: fam,
@@ -747,12 +702,18 @@ impl ShardState {
             self.source_removed(id);
         }
         let mut dead: Vec<(u32, Box<str>, bool)> = Vec::new();
+        let mut held: Vec<(u32, Option<u32>)> = Vec::new();
         let strings = &mut self.strings;
-        let key_sets = &self.key_sets;
+        let tables = &self.tables;
         self.series.retain_or(
             |_, s| !idle(s.touched),
             |id, s| {
-                let keys = key_sets.get(s.labels.keys as usize).map_or(&[][..], |k| k);
+                let keys = tables.key_set(s.labels.keys);
+                let layout = match &s.value {
+                    SeriesValue::Histogram { layout, .. } => Some(*layout),
+                    SeriesValue::Counter(_) => None,
+                };
+                held.push((s.labels.keys, layout));
                 let service = keys
                     .iter()
                     .zip(s.labels.values.iter())
@@ -765,6 +726,12 @@ impl ShardState {
                 }
             },
         );
+        for (keys, layout) in held {
+            self.tables.release_key_set(&mut self.strings, keys);
+            if let Some(l) = layout {
+                self.tables.release_layout(l);
+            }
+        }
         let dropped = dead.len();
         for (id, service, overflow) in dead {
             self.series_removed(id);
@@ -777,3 +744,7 @@ impl ShardState {
         (dropped, sources_before - self.sources_len())
     }
 }
+
+#[cfg(test)]
+#[path = "shard_tests.rs"]
+mod tests;

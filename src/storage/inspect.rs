@@ -21,6 +21,7 @@ pub fn load_file(path: &Path) -> Result<(checkpoint::Meta, Vec<ShardState>), Che
             b => ShardLimits::share(b, u64::MAX, u64::MAX, meta.shards.max(1) as usize),
         },
         quota: Default::default(),
+        max_families: usize::MAX,
     };
     let mut states: Vec<ShardState> = (0..meta.shards.max(1))
         .map(|_| ShardState::new(cfg.clone()))

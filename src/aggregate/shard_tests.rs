@@ -1,0 +1,67 @@
+//! Unit tests of one shard's interned tables under hostile layouts and churn (`shard.rs`).
+
+use super::*;
+use crate::ingest::otlp::Projection;
+use crate::workload::{request, single_shard_batch, Shape};
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+const T: u64 = 1_000_000_000;
+
+#[test]
+fn refused_layouts_and_expired_series_leave_no_tables_behind() {
+    let mut cfg = ShardConfig::default();
+    cfg.bounds.insert(
+        "traces.span.metrics.duration".into(),
+        Arc::from(&[1.0, 2.25][..]),
+    );
+    let mut s = ShardState::new(cfg);
+    s.now_ns = T + 100;
+    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
+    let shape = Shape {
+        services: 1,
+        routes: 5,
+        bounds: 4,
+        counters: false,
+    };
+    // Bounds that do not contain 1 (the first bound is moved): every point is refused.
+    for i in 0..200u64 {
+        let mut req = request(&shape, 0, T + i * 10, T + i * 10 + 10);
+        if let Some(Data::Histogram(h)) =
+            &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data
+        {
+            for p in &mut h.data_points {
+                p.explicit_bounds[0] = 0.5 + i as f64 / 1000.0; // a new layout per request
+            }
+        }
+        let r = s.apply(&single_shard_batch(req, &projection));
+        assert_eq!(r.get(Outcome::LayoutMismatch), 5);
+    }
+    assert_eq!(s.series_len(), 0);
+    assert_eq!(
+        s.table_sizes(),
+        (0, 0, 0),
+        "refused points intern nothing that stays"
+    );
+
+    // Series that exist hold their layout and label names until they expire.
+    s.apply(&single_shard_batch(
+        request(&shape, 0, T, T + 10),
+        &projection,
+    ));
+    assert_eq!(s.series_len(), 5);
+    let (layouts, _, key_sets) = s.table_sizes();
+    assert_eq!(
+        (layouts, key_sets),
+        (1, 1),
+        "the configured layout (the input one only lived through its batch)"
+    );
+    s.clock += s.ttl_secs() + 1;
+    s.now_ns += u64::from(s.ttl_secs() + 1) * 1_000_000_000;
+    s.sweep();
+    assert_eq!(s.series_len(), 0);
+    assert_eq!(
+        s.table_sizes(),
+        (0, 0, 0),
+        "expired series free their tables"
+    );
+}

@@ -62,8 +62,16 @@ pub struct CounterValue {
 }
 
 impl CounterValue {
+    /// The value as a float, never below the exact integer part: past 2^53 `int as f64` can
+    /// round down, and a counter served exactly as an integer must not then seem to drop
+    /// when a float part appears.
     pub fn total(&self) -> f64 {
-        self.int as f64 + self.float
+        let t = self.int as f64 + self.float;
+        if (t as u64) < self.int && t < u64::MAX as f64 {
+            t.next_up()
+        } else {
+            t
+        }
     }
     pub fn is_int(&self) -> bool {
         self.float == 0.0
@@ -339,6 +347,25 @@ mod tests {
             vec![0, u64::from(u32::MAX) + 2]
         );
         c.add(5, 1); // out of range: ignored, no panic
+    }
+
+    #[test]
+    fn a_counter_past_2_pow_53_never_seems_to_drop_when_a_float_part_appears() {
+        let exact = (1u64 << 53) + 1;
+        let c = CounterValue {
+            int: exact,
+            float: 0.0,
+        };
+        assert!(c.is_int());
+        let mixed = CounterValue {
+            int: exact,
+            float: 1e-9,
+        };
+        assert!(mixed.total() as u64 >= exact, "{}", mixed.total());
+        for int in [(1u64 << 60) + 3, u64::MAX - 1, 5] {
+            let v = CounterValue { int, float: 0.25 };
+            assert!(v.total() as u64 >= int || v.total() >= int as f64, "{int}");
+        }
     }
 
     #[test]

@@ -136,7 +136,14 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
         // Replay rebuilds the state at the crash, each record judged by when it was accepted;
         // only then does expiry run, to whole series.
         table.pause_sweeps(true);
-        let stats = replay(storage.wal_dir().to_owned(), from, &replayer, &metrics).await;
+        let stats = replay(
+            storage.wal_dir().to_owned(),
+            from,
+            restored.checkpoint_ns,
+            &replayer,
+            &metrics,
+        )
+        .await;
         table.pause_sweeps(false);
         let stats = stats.map_err(ServeError::Replay)?;
         tracing::info!(

@@ -75,11 +75,8 @@ struct Sticky {
 
 /// What the budgets say about one point (see `ShardState::admit`).
 pub(super) enum Admit {
-    /// Its series exists (or it feeds an overflow series): apply it.
+    /// Its series exists, there is room for it, or it feeds an overflow series: apply it.
     Go,
-    /// It would create a series, taken from the quota for this service: give it back if the
-    /// point does not create it after all.
-    Taken(Box<str>),
     /// Send it on to the overflow series of this service ("" is the global one).
     Overflow(Box<str>),
 }
@@ -131,9 +128,10 @@ impl ShardState {
     }
 
     /// What the series budgets say about `p`. A stream already sent to an overflow series
-    /// keeps going there; a point that would create a series takes it from the shared quota
-    /// (`quota.rs`), or goes to its service's overflow series (the service is at its limit) or
-    /// to the one global overflow series, service "" (all services are at `max_series`).
+    /// keeps going there; a point that would create a series goes on if the shared quota
+    /// (`quota.rs`) has room (the series is counted when it is created), else to its service's
+    /// overflow series (the service is at its limit) or to the one global overflow series,
+    /// service "" (all services are at `max_series`).
     pub(super) fn admit(&self, batch: &Batch, p: &Point) -> Admit {
         if batch.overflow {
             return Admit::Go;
@@ -151,8 +149,8 @@ impl ShardState {
             return Admit::Go;
         }
         let service = service_of(batch, p);
-        match self.cfg.quota.take(&service) {
-            Ok(()) => Admit::Taken(service),
+        match self.cfg.quota.fits(&service) {
+            Ok(()) => Admit::Go,
             Err(Full::Service) => Admit::Overflow(service),
             Err(Full::Global) => Admit::Overflow("".into()),
         }

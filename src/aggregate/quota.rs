@@ -2,10 +2,10 @@
 //! (`limits.max_series_per_service`) and in all (`limits.max_series`).
 //!
 //! One count for all shards, so a service overflows at its configured number however its series
-//! hash, not at its share of one shard. Shards touch it only to create or drop a series, never
-//! per point, so one mutex is enough. A series is taken before it is created and given back if
-//! it was not created after all, or when it expires; a service with no series left is forgotten,
-//! so services that went away cost nothing. Overflow series are not counted: there is at most
+//! hash, not at its share of one shard. Shards touch it only for a point whose series does not
+//! exist and to count or drop a series, never per point of an existing series, so one mutex is
+//! enough. A series is counted once it exists and given back when it expires; a service with no
+//! series left is forgotten, so services that went away cost nothing. Overflow series are not counted: there is at most
 //! one per service at its limit and family, and one per family past the global limit.
 
 use std::collections::HashMap;
@@ -58,27 +58,24 @@ impl SeriesQuota {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes one series for `service`, if it fits.
-    pub fn take(&self, service: &str) -> Result<(), Full> {
-        let mut c = self.counts();
+    /// Whether one more series of `service` fits now, without taking it: shards ask before a
+    /// point may create a series and count it (`force`) only once it did, so a point that
+    /// turns out a duplicate never holds a place another shard needed. Two shards racing for
+    /// the last place may both pass: a budget is exceeded by at most the shard count, and
+    /// only then.
+    pub fn fits(&self, service: &str) -> Result<(), Full> {
+        let c = self.counts();
         if c.total >= self.total {
             return Err(Full::Global);
         }
-        let used = c.services.get(service).copied().unwrap_or(0);
-        if used >= self.per_service {
+        if c.services.get(service).copied().unwrap_or(0) >= self.per_service {
             return Err(Full::Service);
-        }
-        c.total += 1;
-        match c.services.get_mut(service) {
-            Some(n) => *n += 1,
-            None => {
-                c.services.insert(service.into(), 1);
-            }
         }
         Ok(())
     }
 
-    /// Counts a series that exists whatever the limits say (restored from a checkpoint).
+    /// Counts a series that exists whatever the limits say (created after `fits`, or restored
+    /// from a checkpoint).
     pub fn force(&self, service: &str) {
         let mut c = self.counts();
         c.total += 1;
@@ -112,30 +109,36 @@ impl SeriesQuota {
 mod tests {
     use super::*;
 
+    fn take(q: &SeriesQuota, service: &str) -> Result<(), Full> {
+        q.fits(service)?;
+        q.force(service);
+        Ok(())
+    }
+
     #[test]
     fn a_service_fills_its_budget_exactly_then_the_global_one_stops_everyone() {
         let q = SeriesQuota::new(3, 5);
         for _ in 0..3 {
-            q.take("a").unwrap();
+            take(&q, "a").unwrap();
         }
-        assert_eq!(q.take("a"), Err(Full::Service));
-        q.take("b").unwrap();
-        q.take("b").unwrap();
-        assert_eq!(q.take("c"), Err(Full::Global));
+        assert_eq!(q.fits("a"), Err(Full::Service));
+        take(&q, "b").unwrap();
+        take(&q, "b").unwrap();
+        assert_eq!(q.fits("c"), Err(Full::Global));
         assert_eq!(
-            q.take("a"),
+            q.fits("a"),
             Err(Full::Global),
             "global first: one overflow series"
         );
         q.give_back("b");
-        q.take("c").unwrap();
+        take(&q, "c").unwrap();
         assert_eq!(q.usage(), (5, 3));
     }
 
     #[test]
     fn services_with_no_series_are_forgotten() {
         let q = SeriesQuota::new(10, 10);
-        q.take("gone").unwrap();
+        take(&q, "gone").unwrap();
         q.force("restored");
         q.give_back("gone");
         q.give_back("restored");

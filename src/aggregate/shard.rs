@@ -293,15 +293,7 @@ impl ShardState {
                 last_pod = Some(p.resource);
                 self.saw_pod(batch, p);
             }
-            let taken = match self.admit(batch, p) {
-                budget::Admit::Go => None,
-                budget::Admit::Taken(service) => Some(service),
-                budget::Admit::Overflow(service) => {
-                    let out = result.redirect.get_or_insert_with(Default::default);
-                    self.redirect(batch, p, service, out);
-                    continue;
-                }
-            };
+            // The family first: a point refused for it must not take from the series budget.
             let Some(desc) = batch.families.get(p.family as usize) else {
                 continue;
             };
@@ -318,16 +310,15 @@ impl ShardState {
                     }
                 },
             };
+            if let budget::Admit::Overflow(service) = self.admit(batch, p) {
+                let out = result.redirect.get_or_insert_with(Default::default);
+                self.redirect(batch, p, service, out);
+                continue;
+            }
             let outcome = match p.temporality {
                 Temporality::Delta => self.apply_delta(batch, p, fam, &mut layout_ids),
                 Temporality::Cumulative => self.apply_cumulative(batch, p, fam),
             };
-            // Taken for a series the point did not create after all (a duplicate, a baseline).
-            if let Some(service) = taken {
-                if self.series.get(p.series).is_none() {
-                    self.cfg.quota.give_back(&service);
-                }
-            }
             result.counts[outcome as usize] += 1;
         }
         result
@@ -580,6 +571,11 @@ impl ShardState {
             let s = self.new_series(batch, p, fam, &add, start_ns)?;
             let service: Box<str> = self.service(&s.labels).into();
             self.series_added(&service);
+            // Overflow series are not counted (see `quota.rs`); every other one is, now that
+            // it exists.
+            if !batch.overflow {
+                self.cfg.quota.force(&service);
+            }
             let id = self.alloc_id();
             self.series.insert_tagged(p.series, id, s);
         }

@@ -65,3 +65,43 @@ fn refused_layouts_and_expired_series_leave_no_tables_behind() {
         "expired series free their tables"
     );
 }
+
+#[test]
+fn the_series_quota_counts_exactly_the_series_that_exist() {
+    let quota = Arc::new(crate::aggregate::quota::SeriesQuota::new(1000, 1000));
+    let cfg = ShardConfig {
+        quota: quota.clone(),
+        max_families: 1,
+        ..ShardConfig::default()
+    };
+    let mut s = ShardState::new(cfg);
+    s.now_ns = T + 100;
+    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
+    let shape = Shape {
+        services: 1,
+        routes: 5,
+        bounds: 4,
+        counters: true,
+    };
+    // Two families, one past the cap: its points are refused and count for nothing.
+    let r = s.apply(&single_shard_batch(
+        request(&shape, 0, T, T + 10),
+        &projection,
+    ));
+    assert_eq!(r.get(Outcome::FamilyLimit), 5);
+    // A retry: duplicates create nothing.
+    s.apply(&single_shard_batch(
+        request(&shape, 0, T, T + 10),
+        &projection,
+    ));
+    assert_eq!(s.series_len(), 5);
+    assert_eq!(quota.usage().0, 5);
+    s.clock += s.ttl_secs() + 1;
+    s.now_ns += u64::from(s.ttl_secs() + 1) * 1_000_000_000;
+    s.sweep();
+    assert_eq!(
+        quota.usage(),
+        (0, 0),
+        "expired series are given back, their service forgotten"
+    );
+}

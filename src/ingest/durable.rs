@@ -65,6 +65,9 @@ impl Durable {
         match self.wal.append(kind, record.clone()).await {
             Ok(()) => Ok(()),
             Err(e) => {
+                // Before waiting for the lock, so no export passes `ready` meanwhile; and again
+                // after, so a `ready` that emptied the list meanwhile cannot leave it cleared.
+                self.failing.store(true, Ordering::Release);
                 let mut unlogged = self.unlogged.lock().await;
                 unlogged.push((kind, record));
                 self.failing.store(true, Ordering::Release);

@@ -262,7 +262,8 @@ impl Ingestor {
         self.telemetry.relabeled(&prepared.relabeled);
         let req = Arc::new(req);
         let parts = std::mem::take(&mut prepared.per_shard);
-        let (total, sent, failed) = self.apply(&prepared, parts, &req, at).await;
+        // The shards judge the points by the same time the WAL records, live and on replay.
+        let (total, sent, failed) = self.apply(&prepared, parts, &req, Some(now)).await;
         self.telemetry.outcomes(&total);
         // Logged after the shards applied it, so a checkpoint taken after a record's position
         // holds it (see `storage::wal`). Whatever was applied is logged, whatever the reply:

@@ -99,6 +99,9 @@ pub struct Restored {
     pub state_start_ns: u64,
     /// Replay the WAL from here before serving; `None`: nothing to replay.
     pub replay_from: Option<Position>,
+    /// When the restored checkpoint was written (0: none): replay judges no record earlier than
+    /// that, the time the restored windows describe.
+    pub checkpoint_ns: u64,
 }
 
 /// The data directory of a running spanagg.
@@ -351,6 +354,7 @@ fn restore(
         states: make_states(start),
         state_start_ns: start,
         replay_from: None,
+        checkpoint_ns: 0,
     };
     // Newest first. With a WAL the two newest are restorable (the WAL is kept from the second
     // newest on); without one only a clean-shutdown checkpoint that is the newest file is.
@@ -392,6 +396,7 @@ fn restore(
                     states,
                     state_start_ns: meta.state_start_ns,
                     replay_from,
+                    checkpoint_ns: meta.created_ns,
                 });
             }
             Err(e) => set_aside(path, &e, metrics),

@@ -10,10 +10,15 @@ use crate::ingest::body::{decode, Encoding};
 use crate::ingest::{IngestError, Ingestor};
 use crate::telemetry::Protocol;
 
-/// Replays `dir` from `from` into `ingestor` (which must not log to the WAL itself).
+/// Replays `dir` from `from` into `ingestor` (which must not log to the WAL itself). Each
+/// record is judged by when it was accepted, but never earlier than `floor_ns` (when the
+/// restored checkpoint was written): a record accepted before it and logged after it (held
+/// while the log failed) must meet the windows as the checkpoint has them, where a stream
+/// that expired since would otherwise look new.
 pub async fn replay(
     dir: PathBuf,
     from: Position,
+    floor_ns: u64,
     ingestor: &Ingestor,
     metrics: &StorageMetrics,
 ) -> std::io::Result<ReplayStats> {
@@ -52,7 +57,12 @@ pub async fn replay(
                 break;
             };
             match ingestor
-                .export_at(Protocol::WalReplay, req, None, accepted)
+                .export_at(
+                    Protocol::WalReplay,
+                    req,
+                    None,
+                    accepted.map(|t| t.max(floor_ns)),
+                )
                 .await
             {
                 Err(IngestError::Unavailable) => tokio::time::sleep(Duration::from_millis(5)).await,

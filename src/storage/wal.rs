@@ -422,24 +422,16 @@ pub struct ReplayStats {
     pub corrupt_segments: Vec<u64>,
 }
 
-/// How far past a damaged record replay looks for the next readable one when the damage hit
-/// its length: past this the rest of the segment counts as a torn tail.
-const RESYNC_WINDOW: usize = 1 << 20;
-
-/// Where the next readable record starts after a damaged one at `off`, if any: right after it
-/// when its length survived, else the first offset in the resync window that decodes.
+/// Where the next record starts after a damaged one at `off`, if the damage spared its length
+/// and a readable record follows. No byte-by-byte search for one: payloads hold what clients
+/// sent (gzip bodies as they came), and a record forged inside one must never be replayed. A
+/// damaged record whose length runs past the end, or whose successor does not read, is a torn
+/// tail.
 fn next_readable(data: &[u8], off: usize) -> Option<usize> {
-    let head = data.get(off..off + RECORD_HEADER)?;
+    let head = data.get(off..off.checked_add(RECORD_HEADER)?)?;
     let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
-    if let Some(next) = off.checked_add(RECORD_HEADER + len) {
-        if next < data.len() && decode_record(&data[next..]).is_some() {
-            return Some(next);
-        }
-    }
-    let end = data.len().min(off.saturating_add(RESYNC_WINDOW));
-    (off + 1..end).find(|&at| {
-        data[at..].get(8) == Some(&RECORD_VERSION) && decode_record(&data[at..]).is_some()
-    })
+    let next = off.checked_add(RECORD_HEADER)?.checked_add(len)?;
+    (next < data.len() && decode_record(&data[next..]).is_some()).then_some(next)
 }
 
 /// Reads every record at or after `from`, oldest first, truncating torn tails.
@@ -491,7 +483,10 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
                         // Keep a copy of the segment as it is, skip the damage, go on.
                         let aside = path.with_extension("wal.corrupt");
                         if stats.corrupt_segments.last() != Some(&seq) {
-                            std::fs::copy(&path, &aside)?;
+                            // A copy that fails (a full disk) must not stop the start.
+                            if let Err(e) = std::fs::copy(&path, &aside) {
+                                tracing::error!(error = %e, "could not copy the damaged segment aside");
+                            }
                             stats.corrupt_segments.push(seq);
                         }
                         tracing::error!(

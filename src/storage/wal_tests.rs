@@ -129,17 +129,33 @@ fn a_flipped_bit_mid_segment_skips_that_record_only_and_keeps_a_copy() {
 }
 
 #[test]
-fn a_damaged_length_resyncs_on_the_next_readable_record() {
+fn a_damaged_length_is_a_torn_tail_and_records_inside_payloads_are_never_replayed() {
     let d = dir();
-    let path = three_records(&d.0);
+    let rt = runtime();
+    let wal = Wal::start(&d.0, 1, 0, 1 << 20, StorageMetrics::default()).expect("start");
+    // The second record's payload holds a complete, valid record: what a client could send.
+    let mut forged = Vec::new();
+    encode_record(&mut forged, KIND_METRICS, b"forged").unwrap();
+    rt.block_on(async {
+        for p in [
+            vec![0u8; 100],
+            [vec![7u8; 10], forged.clone()].concat(),
+            vec![2u8; 100],
+        ] {
+            wal.append(KIND_METRICS, Bytes::from(p)).await.unwrap();
+        }
+    });
+    drop(wal);
+    let path = segments(&d.0).unwrap().pop().unwrap().1;
     let mut bytes = std::fs::read(&path).unwrap();
-    // The second record's length field: its end cannot be trusted.
+    // The second record's length field: its end cannot be trusted any more.
     let second = HEADER_LEN as usize + RECORD_HEADER + 100;
     bytes[second + 2] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
     let (got, stats) = read_all(&d.0, Position::default());
-    assert_eq!(got.len(), 2, "{stats:?}");
-    assert_eq!(stats.corrupt, 1);
+    assert_eq!(got, vec![vec![0u8; 100]], "{stats:?}");
+    assert!(got.iter().all(|p| p != b"forged"));
+    assert_eq!((stats.truncated, stats.corrupt), (1, 0));
 }
 
 #[test]

@@ -57,7 +57,10 @@ fn a_service_overflows_at_its_configured_number_over_many_shards() {
     s.post_ok(&request(&shape, 0, t, t + SECOND).encode_to_vec());
     let scrape = s.scrape();
     let (normal, overflow) = count_lines(&scrape);
-    assert_eq!(normal.get("service-0"), Some(&100), "{normal:?}");
+    // Shards racing for the last places may each take one (documented): at most shards - 1
+    // over. Per-shard shares used to overflow it at about 60.
+    let n = normal["service-0"];
+    assert!((100..100 + 16).contains(&n), "{normal:?}");
     assert_eq!(overflow.len(), 1, "{overflow:?}");
     assert!(
         overflow[0].contains("service_name=\"service-0\""),
@@ -88,7 +91,8 @@ fn past_the_global_budget_every_new_series_goes_to_one_overflow_series() {
     let scrape = s.scrape();
     let (normal, overflow) = count_lines(&scrape);
     assert_eq!(normal.get("service-0"), Some(&40), "{normal:?}");
-    assert_eq!(normal.get("service-1"), Some(&10), "{normal:?}");
+    // 10 fit; shards racing for the last places may each take one more (at most shards - 1).
+    assert!((10..10 + 4).contains(&normal["service-1"]), "{normal:?}");
     assert_eq!(normal.len(), 2, "{normal:?}");
     assert_eq!(
         overflow.len(),

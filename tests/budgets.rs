@@ -124,11 +124,7 @@ fn new_metric_families_past_the_limit_are_refused_per_point() {
         .collect();
     let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &req.encode_to_vec());
     assert_eq!(status, 200);
-    let reply =
-        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
-            &body[..],
-        )
-        .unwrap();
+    let reply = export_response(&body);
     let partial = reply.partial_success.unwrap();
     assert_eq!(partial.rejected_data_points, 2);
     assert!(

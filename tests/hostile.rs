@@ -133,11 +133,7 @@ fn a_negative_or_countless_sum_is_refused_and_sum_never_goes_down() {
     assert!(msg.contains("negative_sum"), "{msg}");
     let countless = cart_delta("a", 1, [0, 0, 0, 0, 0], 4.0, t + 2 * SECOND);
     let (_, _, body) = s.post_otlp("application/x-protobuf", &[], &countless.encode_to_vec());
-    let reply =
-        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
-            &body[..],
-        )
-        .unwrap();
+    let reply = export_response(&body);
     let partial = reply.partial_success.unwrap();
     assert!(
         partial.error_message.contains("sum_without_count"),
@@ -278,11 +274,7 @@ fn a_clock_in_2100_is_refused_and_does_not_poison_its_stream() {
     }
     let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &poisoned.encode_to_vec());
     assert_eq!(status, 200);
-    let reply =
-        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
-            &body[..],
-        )
-        .unwrap();
+    let reply = export_response(&body);
     assert_eq!(reply.partial_success.unwrap().rejected_data_points, 2);
     // The stream's next ordinary delta is applied, not refused as too late.
     s.post_ok(&cart_delta("a", 2, [2, 0, 0, 0, 0], 2.0, t + SECOND).encode_to_vec());

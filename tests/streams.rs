@@ -141,11 +141,7 @@ fn a_second_writer_with_the_same_identity_is_a_conflict_not_a_retry() {
     s.post_ok(&only_service(5));
     let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &only_service(7));
     assert_eq!(status, 200);
-    let reply =
-        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
-            &body[..],
-        )
-        .unwrap();
+    let reply = export_response(&body);
     let partial = reply.partial_success.unwrap();
     assert_eq!(partial.rejected_data_points, 2);
     assert!(
@@ -156,11 +152,7 @@ fn a_second_writer_with_the_same_identity_is_a_conflict_not_a_retry() {
     );
     // A true retry of the first is a duplicate, quietly.
     let (_, _, body) = s.post_otlp("application/x-protobuf", &[], &only_service(5));
-    let reply =
-        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
-            &body[..],
-        )
-        .unwrap();
+    let reply = export_response(&body);
     assert!(reply.partial_success.is_none(), "{reply:?}");
     assert_eq!(cart_calls(&s), Some(5.0));
     assert_eq!(

@@ -448,6 +448,13 @@ pub fn cart_delta(
     )
 }
 
+/// An OTLP/HTTP protobuf reply body.
+pub fn export_response(
+    body: &[u8],
+) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse {
+    prost::Message::decode(body).unwrap()
+}
+
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();

@@ -105,3 +105,87 @@ async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
         "{text}"
     );
 }
+
+/// Whatever was applied is logged, whatever the reply: a request that one shard applied and
+/// another refused (its queue full) is in the WAL, so a crash cannot take back what was served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_applied_on_one_shard_and_refused_on_another_is_logged() {
+    use spanagg::storage::wal::{self, Wal};
+    use spanagg::telemetry::Protocol;
+
+    let dir = std::env::temp_dir().join(format!(
+        "spanagg-partial-{}-{}",
+        std::process::id(),
+        now_ns()
+    ));
+    let table = Arc::new(Table::start(ShardConfig::default(), 2, 1).unwrap());
+    let telemetry = Arc::new(Telemetry::new(
+        table.stats(),
+        Default::default(),
+        spanagg::config::Config::default().limits,
+    ));
+    let wal = Wal::start(&dir, 1, 0, 1 << 20, Default::default()).unwrap();
+    let ingestor = Arc::new(
+        Ingestor::new(
+            table.clone(),
+            Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
+            telemetry,
+            1 << 20,
+        )
+        .with_wal(Arc::new(wal)),
+    );
+    // Hold shard 1 only.
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new(hold);
+    table.visit(move |i, _| {
+        if i == 1 {
+            let _ = hold.lock().unwrap().recv();
+        }
+    });
+    let t0 = now_ns() - 60_000_000_000;
+    // Twenty routes spread over both shards.
+    let routes: Vec<_> = (0..20)
+        .map(|r| {
+            route(
+                Box::leak(format!("GET /{r}").into_boxed_str()),
+                1,
+                [1, 0, 0, 0, 0],
+                1.0,
+            )
+        })
+        .collect();
+    let req = |pod: &str| {
+        spanmetrics(
+            "svc",
+            pod,
+            &routes,
+            t0,
+            t0 + 1,
+            AggregationTemporality::Delta,
+        )
+    };
+    // A fills shard 1's queue and waits for it.
+    let a = {
+        let ingestor = ingestor.clone();
+        let r = req("a");
+        tokio::spawn(async move { ingestor.export(Protocol::HttpProtobuf, r, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // B: shard 0 applies its part, shard 1's queue is full: refused, retryably.
+    let b = ingestor
+        .export(Protocol::HttpProtobuf, req("b"), None)
+        .await;
+    assert!(
+        matches!(b, Err(spanagg::ingest::IngestError::Unavailable)),
+        "{b:?}"
+    );
+    release.send(()).unwrap();
+    assert!(a.await.unwrap().is_ok());
+    drop(ingestor);
+    let mut records = 0;
+    // The ingestor held the WAL: wait until its writer has stopped and synced.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wal::replay(&dir, wal::Position::default(), |_, _| records += 1).unwrap();
+    assert_eq!(records, 2, "both requests are logged, the refused one too");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,12 +1,14 @@
 //! What a shard interns besides label values: metric families, bucket layouts, fold maps
 //! between layouts, and label-name lists.
 //!
-//! Invariants: a bucket layout or a label-name list lives exactly as long as a series holds it
-//! (reference counts); one interned only to judge a point (the layout of a point that was then
-//! refused or folded into another) is freed at the end of its batch, with the fold maps that
-//! name it. So what a client sends costs memory only while series use it. Families are few and
-//! kept, but at most `max_families` per shard: past it a point of a new family is refused. Freed
-//! ids are reused; ids of live entries never change.
+//! Invariants: a metric family, a bucket layout or a label-name list lives exactly as long as a
+//! series holds it (reference counts); one interned only to judge a point (a point that was then
+//! refused, a layout folded into another) is freed at the end of its batch, a layout with the
+//! fold maps that name it. So what a client sends costs memory only while series use it, and a
+//! burst of junk metric names stops blocking new ones once its series expire. At most
+//! `max_families` families are live per shard: past it a point of a new family is refused.
+//! Freed ids are reused (a freed family is an empty placeholder meanwhile); ids of live entries
+//! never change.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +27,11 @@ pub type FoldResult = Result<Arc<[u16]>, LayoutMismatch>;
 pub struct Interned {
     families: Vec<FamilyDesc>,
     family_index: Map<(Arc<str>, Kind), u32>,
+    /// Series holding each family.
+    family_refs: Vec<u32>,
+    free_families: Vec<u32>,
+    /// Families interned during the current batch: freed at its end unless a series holds them.
+    fresh_families: Vec<u32>,
     max_families: usize,
     layouts: Vec<Arc<[f64]>>,
     /// Series holding each layout, and whether the id is in use at all.
@@ -46,6 +53,9 @@ impl Interned {
         Self {
             families: Vec::new(),
             family_index: Map::default(),
+            family_refs: Vec::new(),
+            free_families: Vec::new(),
+            fresh_families: Vec::new(),
             max_families,
             layouts: Vec::new(),
             layout_refs: Vec::new(),
@@ -68,25 +78,78 @@ impl Interned {
         self.families.get(id as usize)
     }
 
-    /// The id of a family, interning it; `None` for a new family past `max_families`.
+    /// The id of a family, interning it; `None` for a new family past `max_families`. Until a
+    /// series holds it (`hold_family`), it lives only until the end of the current batch.
     pub fn family_id(&mut self, desc: &FamilyDesc) -> Option<u32> {
         if let Some(&id) = self.family_index.get(&(desc.name.clone(), desc.kind)) {
             return Some(id);
         }
-        if self.families.len() >= self.max_families {
+        if self.family_index.len() >= self.max_families {
             return None;
         }
-        let id = self.families.len() as u32;
-        self.families.push(desc.clone());
+        let id = match self.free_families.pop() {
+            Some(id) => {
+                self.families[id as usize] = desc.clone();
+                self.family_refs[id as usize] = 0;
+                id
+            }
+            None => {
+                self.families.push(desc.clone());
+                self.family_refs.push(0);
+                (self.families.len() - 1) as u32
+            }
+        };
         self.family_index.insert((desc.name.clone(), desc.kind), id);
+        self.fresh_families.push(id);
         Some(id)
     }
 
-    /// Like `family_id`, past the cap too: what a checkpoint holds exists already.
+    pub fn hold_family(&mut self, id: u32) {
+        if let Some(r) = self.family_refs.get_mut(id as usize) {
+            *r += 1;
+        }
+    }
+
+    pub fn release_family(&mut self, id: u32) {
+        let Some(r) = self.family_refs.get_mut(id as usize) else {
+            return;
+        };
+        if *r == 0 {
+            return;
+        }
+        *r -= 1;
+        if *r == 0 {
+            self.free_family(id);
+        }
+    }
+
+    /// Frees a live family no series holds: its slot becomes an empty placeholder.
+    fn free_family(&mut self, id: u32) {
+        let Some(desc) = self.families.get(id as usize) else {
+            return;
+        };
+        let key = (desc.name.clone(), desc.kind);
+        let live = self.family_index.get(&key) == Some(&id);
+        if !live || self.family_refs[id as usize] != 0 {
+            return;
+        }
+        self.family_index.remove(&key);
+        self.families[id as usize] = FamilyDesc {
+            name: "".into(),
+            kind: Kind::Counter,
+            otel_name: "".into(),
+            unit: "".into(),
+            help: "".into(),
+        };
+        self.free_families.push(id);
+    }
+
+    /// Like `family_id` and held, past the cap too: what a checkpoint holds exists already.
     pub fn restore_family(&mut self, desc: &FamilyDesc) -> u32 {
         let max = std::mem::replace(&mut self.max_families, usize::MAX);
         let id = self.family_id(desc).unwrap_or(0);
         self.max_families = max;
+        self.hold_family(id);
         id
     }
 
@@ -153,10 +216,13 @@ impl Interned {
         self.free_layouts.push(id);
     }
 
-    /// Frees the layouts interned during this batch that no series holds.
+    /// Frees the families and layouts interned during this batch that no series holds.
     pub fn end_batch(&mut self) {
         while let Some(id) = self.fresh_layouts.pop() {
             self.free_layout(id);
+        }
+        while let Some(id) = self.fresh_families.pop() {
+            self.free_family(id);
         }
     }
 
@@ -288,7 +354,7 @@ mod tests {
     }
 
     #[test]
-    fn families_stop_at_the_cap_but_restores_pass() {
+    fn families_stop_at_the_cap_and_free_with_their_series() {
         let desc = |name: &str| FamilyDesc {
             name: name.into(),
             kind: Kind::Counter,
@@ -305,6 +371,25 @@ mod tests {
             Some(0),
             "known families still pass"
         );
-        assert_eq!(t.restore_family(&desc("c")), 2);
+        // Held by series: a and b. c's points were refused.
+        t.hold_family(0);
+        t.hold_family(1);
+        t.end_batch();
+        assert_eq!(t.family_id(&desc("c")), None);
+        // b's series expire: c fits now, in b's slot.
+        t.release_family(1);
+        assert!(
+            t.family(1).is_some_and(|f| f.name.is_empty()),
+            "a placeholder"
+        );
+        assert_eq!(t.family_id(&desc("c")), Some(1));
+        t.end_batch();
+        assert_eq!(
+            t.family_index.len(),
+            1,
+            "c held nothing: freed with its batch"
+        );
+        assert_eq!(t.restore_family(&desc("d")), 1);
+        assert_eq!(t.family_id(&desc("e")), None, "a, d: at the cap");
     }
 }

@@ -665,6 +665,7 @@ impl ShardState {
         };
         let raw = batch.labels.labels(p.label_ref);
         let keys = self.tables.hold_key_set(&mut self.strings, &raw);
+        self.tables.hold_family(fam);
         let values = raw.iter().map(|(_, v)| self.strings.acquire(v)).collect();
         Ok(Series {
             family: fam,
@@ -698,7 +699,7 @@ impl ShardState {
             self.source_removed(id);
         }
         let mut dead: Vec<(u32, Box<str>, bool)> = Vec::new();
-        let mut held: Vec<(u32, Option<u32>)> = Vec::new();
+        let mut held: Vec<(u32, u32, Option<u32>)> = Vec::new();
         let strings = &mut self.strings;
         let tables = &self.tables;
         self.series.retain_or(
@@ -709,7 +710,7 @@ impl ShardState {
                     SeriesValue::Histogram { layout, .. } => Some(*layout),
                     SeriesValue::Counter(_) => None,
                 };
-                held.push((s.labels.keys, layout));
+                held.push((s.family, s.labels.keys, layout));
                 let service = keys
                     .iter()
                     .zip(s.labels.values.iter())
@@ -722,7 +723,8 @@ impl ShardState {
                 }
             },
         );
-        for (keys, layout) in held {
+        for (family, keys, layout) in held {
+            self.tables.release_family(family);
             self.tables.release_key_set(&mut self.strings, keys);
             if let Some(l) = layout {
                 self.tables.release_layout(l);

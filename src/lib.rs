@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod cardinality;
+pub mod columnar;
 pub mod config;
 pub mod export;
 pub mod ingest;

@@ -3,7 +3,6 @@
 //! one shard's copy. The schema is a contract: `schema/snapshot.txt` is its documented form and
 //! a test fails if the two drift apart.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::builder::{
@@ -12,82 +11,13 @@ use arrow_array::builder::{
 };
 use arrow_array::types::Int32Type;
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 
 use crate::aggregate::key::Kind;
 use crate::aggregate::series::SeriesValue;
 use crate::aggregate::shard::{SeriesFilter, ShardState};
-
-/// Output labels that get their own dictionary-encoded column; the rest go to `labels`.
-pub const FIXED_LABELS: [&str; 4] = ["service_name", "span_name", "span_kind", "status_code"];
-
-/// A field with its documentation (what `schema_text` prints after `--`).
-pub(crate) fn doc(f: Field, text: &str) -> Field {
-    f.with_metadata(HashMap::from([("doc".to_owned(), text.to_owned())]))
-}
-
-/// Dictionary-encoded strings.
-pub(crate) fn dict() -> DataType {
-    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
-}
-
-/// Nanosecond UTC timestamps.
-pub(crate) fn ts() -> DataType {
-    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
-}
-
-/// The `labels` column: every output label without a column of its own, name to value.
-pub(crate) fn label_map() -> DataType {
-    let entries = Field::new(
-        "entries",
-        DataType::Struct(
-            vec![
-                Field::new("key", DataType::Utf8, false),
-                Field::new("value", DataType::Utf8, true),
-            ]
-            .into(),
-        ),
-        false,
-    );
-    DataType::Map(Arc::new(entries), false)
-}
-
-pub(crate) type LabelMapBuilder = MapBuilder<StringBuilder, StringBuilder>;
-
-/// Appends one series' labels: those in `FIXED_LABELS` to their columns, the rest to the map.
-pub(crate) fn append_labels<'a>(
-    labels: impl Iterator<Item = (&'a str, &'a str)>,
-    fixed: &mut [StringDictionaryBuilder<Int32Type>],
-    map: &mut LabelMapBuilder,
-) -> Result<(), ArrowError> {
-    let mut present = [None; FIXED_LABELS.len()];
-    for (k, v) in labels {
-        match FIXED_LABELS.iter().position(|f| *f == k) {
-            Some(i) => present[i] = Some(v),
-            None => {
-                map.keys().append_value(k);
-                map.values().append_value(v);
-            }
-        }
-    }
-    map.append(true)?;
-    for (b, v) in fixed.iter_mut().zip(present) {
-        b.append_option(v);
-    }
-    Ok(())
-}
-
-/// The field lines of a documented schema file (`schema/*.txt`), for the tests that keep the
-/// files and the code equal.
-#[cfg(test)]
-pub(crate) fn documented_fields(file: &str) -> String {
-    let path = format!("{}/schema/{file}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
+use crate::columnar::{append_labels, dict, doc, label_map, ts};
+pub use crate::columnar::{schema_text, FIXED_LABELS};
 
 /// The snapshot schema, field by field.
 pub fn snapshot_schema() -> SchemaRef {
@@ -237,25 +167,6 @@ pub fn shard_batch(state: &ShardState, filter: &Filter) -> Result<RecordBatch, A
     RecordBatch::try_new(snapshot_schema(), columns)
 }
 
-/// The schema as documented in `schema/snapshot.txt`: one line per field.
-pub fn schema_text(schema: &Schema) -> String {
-    let mut out = String::new();
-    for f in schema.fields() {
-        let doc = f.metadata().get("doc").map_or("", String::as_str);
-        let null = if f.is_nullable() {
-            "nullable"
-        } else {
-            "required"
-        };
-        out.push_str(&format!(
-            "{}: {} ({null}) -- {doc}\n",
-            f.name(),
-            f.data_type()
-        ));
-    }
-    out
-}
-
 /// Writes batches as one Arrow IPC stream.
 pub fn ipc_stream(batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
     let schema = snapshot_schema();
@@ -273,7 +184,7 @@ mod tests {
     #[test]
     fn the_schema_file_documents_the_code_schema_exactly() {
         assert_eq!(
-            documented_fields("snapshot.txt"),
+            crate::columnar::documented_fields("snapshot.txt"),
             schema_text(&snapshot_schema()),
             "schema/snapshot.txt and the code disagree: update one to match the other"
         );

@@ -22,7 +22,7 @@ use super::wal::Position;
 use super::{numbered_files, sync_dir};
 use crate::aggregate::shard::ShardState;
 use crate::aggregate::table::shard_for;
-use crate::export::arrow::schema_text;
+use crate::columnar::schema_text;
 
 /// Bumped when the meaning of the file changes; a reader refuses versions it does not know.
 /// 2: output keys hash the labels a scrape shows (sanitised names, empty values dropped,

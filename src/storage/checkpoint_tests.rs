@@ -344,7 +344,7 @@ fn truncated_and_corrupt_files_are_errors_not_panics() {
 #[test]
 fn the_schema_file_documents_the_checkpoint_schema_exactly() {
     assert_eq!(
-        crate::export::arrow::documented_fields("checkpoint.txt"),
+        crate::columnar::documented_fields("checkpoint.txt"),
         schema_text(&super::super::columns::checkpoint_schema()),
         "schema/checkpoint.txt and the code disagree: update one to match the other"
     );

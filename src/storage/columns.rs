@@ -21,9 +21,7 @@ use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef};
 use crate::aggregate::key::Kind;
 use crate::aggregate::series::{CumulativeValue, SeriesValue};
 use crate::aggregate::shard::{ShardState, StreamState};
-use crate::export::arrow::{
-    append_labels, dict, doc, label_map, ts, LabelMapBuilder, FIXED_LABELS,
-};
+use crate::columnar::{append_labels, dict, doc, label_map, ts, LabelMapBuilder, FIXED_LABELS};
 
 fn list(t: DataType) -> DataType {
     DataType::List(Arc::new(Field::new_list_field(t, true)))

@@ -12,7 +12,7 @@ use crate::aggregate::key::{FamilyDesc, Kind};
 use crate::aggregate::series::{CounterValue, CumulativeState, CumulativeValue};
 use crate::aggregate::shard::{ShardState, StreamState, ValueRecord};
 use crate::aggregate::window::Window;
-use crate::export::arrow::FIXED_LABELS;
+use crate::columnar::FIXED_LABELS;
 
 /// Why a batch could not be read back.
 #[derive(Debug, thiserror::Error)]

@@ -171,6 +171,7 @@ impl Telemetry {
                 Outcome::LayoutMismatch.as_str(),
                 Outcome::Conflict.as_str(),
                 Outcome::FamilyLimit.as_str(),
+                Outcome::InternalError.as_str(),
             ])
             .map(|r| rejected_f.get_or_create(&vec![("reason", r)]).clone())
             .collect();
@@ -309,6 +310,7 @@ impl Telemetry {
                 Outcome::LayoutMismatch => Reason::COUNT + 1,
                 Outcome::Conflict => Reason::COUNT + 2,
                 Outcome::FamilyLimit => Reason::COUNT + 3,
+                Outcome::InternalError => Reason::COUNT + 4,
                 _ => continue,
             };
             self.rejected[idx].inc_by(u64::from(n));

@@ -47,10 +47,12 @@ pub enum Outcome {
     Conflict,
     /// A new metric family past `limits.max_metric_families`.
     FamilyLimit,
+    /// An invariant of spanagg's own failed (a bug): logged, never blamed on the client.
+    InternalError,
 }
 
 impl Outcome {
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
     pub const ALL: [Outcome; Self::COUNT] = [
         Self::Applied,
         Self::AppliedAfterGap,
@@ -64,6 +66,7 @@ impl Outcome {
         Self::StreamLimit,
         Self::Conflict,
         Self::FamilyLimit,
+        Self::InternalError,
     ];
     /// Why a refused point (reported to the client in the partial success) was refused, as the client reads it; `None` for the rest.
     pub fn explain(self) -> Option<&'static str> {
@@ -75,6 +78,10 @@ impl Outcome {
             Self::LayoutMismatch => {
                 Some("bucket bounds do not contain every bound of the output series")
             }
+            Self::InternalError => Some(
+                "an internal error in spanagg (a bug, not the data): please report it with the \
+                 server's log",
+            ),
             Self::FamilyLimit => Some(
                 "a new metric past limits.max_metric_families (spanagg aggregates span metrics: \
                  send other metrics elsewhere)",
@@ -101,6 +108,7 @@ impl Outcome {
             Self::StreamLimit => "stream_limit",
             Self::Conflict => "conflict",
             Self::FamilyLimit => "family_limit",
+            Self::InternalError => "internal_error",
         }
     }
 }

@@ -112,6 +112,39 @@ enum Add<'a> {
     },
 }
 
+/// Why a value could not be added to its series.
+#[derive(Debug)]
+enum AddError {
+    /// The client's bucket bounds do not fold into the series' (refused, counted).
+    Layout,
+    /// An invariant of spanagg's own failed: a bug, never the client's doing.
+    Internal(&'static str),
+}
+
+impl From<LayoutMismatch> for AddError {
+    fn from(_: LayoutMismatch) -> Self {
+        Self::Layout
+    }
+}
+
+impl AddError {
+    fn outcome(self) -> Outcome {
+        match self {
+            Self::Layout => Outcome::LayoutMismatch,
+            Self::Internal(what) => internal(what),
+        }
+    }
+}
+
+/// Logs a failed invariant; the point is refused as `internal_error`, not blamed on the client.
+fn internal(what: &'static str) -> Outcome {
+    tracing::error!(
+        invariant = what,
+        "spanagg bug: a point was refused (internal_error)"
+    );
+    Outcome::InternalError
+}
+
 /// The state of one shard.
 pub struct ShardState {
     cfg: ShardConfig,
@@ -416,10 +449,11 @@ impl ShardState {
             Verdict::Conflict => return Outcome::Conflict,
         };
         let Some(add) = self.batch_add(batch, &p.value, layout_ids) else {
-            return Outcome::LayoutMismatch;
+            return internal("a point's layout or counts are outside its batch");
         };
-        let Ok(id) = self.add_to_series(batch, p, fam, add, p.start_ns, p.end_ns) else {
-            return Outcome::LayoutMismatch;
+        let id = match self.add_to_series(batch, p, fam, add, p.start_ns, p.end_ns) {
+            Ok(id) => id,
+            Err(e) => return e.outcome(),
         };
         match self.deltas.get_mut_tagged(p.source) {
             Some((tag, w)) => {
@@ -458,7 +492,7 @@ impl ShardState {
                     batch.layouts.get(*layout as usize),
                     batch.counts.get(*from as usize..*to as usize),
                 ) else {
-                    return Outcome::LayoutMismatch;
+                    return internal("a point's layout or counts are outside its batch");
                 };
                 CumulativeValue::Histogram {
                     bounds: bounds.to_vec().into(),
@@ -542,7 +576,7 @@ impl ShardState {
                 self.link_cumulative(source, id);
                 outcome
             }
-            Err(LayoutMismatch) => Outcome::LayoutMismatch,
+            Err(e) => e.outcome(),
         }
     }
 
@@ -566,7 +600,7 @@ impl ShardState {
         add: Add<'_>,
         start_ns: u64,
         end_ns: u64,
-    ) -> Result<u32, LayoutMismatch> {
+    ) -> Result<u32, AddError> {
         if self.series.get(p.series).is_none() {
             let s = self.new_series(batch, p, fam, &add, start_ns)?;
             let service: Box<str> = self.service(&s.labels).into();
@@ -590,7 +624,7 @@ impl ShardState {
         };
         let clock = self.clock;
         let Some((&mut id, s)) = self.series.get_mut_tagged(p.series) else {
-            return Err(LayoutMismatch);
+            return Err(AddError::Internal("a series just found is gone"));
         };
         match (&mut s.value, add) {
             (SeriesValue::Counter(c), Add::Int(i)) => c.int = c.int.saturating_add(i),
@@ -619,11 +653,15 @@ impl ShardState {
                             out.add(j as usize, *c);
                         }
                     }
-                    _ => return Err(LayoutMismatch),
+                    _ => return Err(AddError::Internal("bucket counts do not fit their layout")),
                 }
                 *osum = (*osum + sum).min(f64::MAX);
             }
-            _ => return Err(LayoutMismatch),
+            _ => {
+                return Err(AddError::Internal(
+                    "a point's kind differs from its series'",
+                ))
+            }
         }
         s.created_ns = s.created_ns.min(start_ns);
         s.updated_ns = s.updated_ns.max(end_ns);

@@ -105,3 +105,25 @@ fn the_series_quota_counts_exactly_the_series_that_exist() {
         "expired series are given back, their service forgotten"
     );
 }
+
+#[test]
+fn a_broken_invariant_is_an_internal_error_not_the_clients_layout_mismatch() {
+    let mut s = ShardState::new(ShardConfig::default());
+    s.now_ns = T + 100;
+    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
+    let shape = Shape {
+        services: 1,
+        routes: 2,
+        bounds: 4,
+        counters: false,
+    };
+    let mut batch = single_shard_batch(request(&shape, 0, T, T + 10), &projection);
+    // A point whose counts lie outside its batch: what only a bug in spanagg could produce.
+    if let PointValue::Histogram { counts, .. } = &mut batch.points[0].value {
+        *counts = (1_000, 1_005);
+    }
+    let r = s.apply(&batch);
+    assert_eq!(r.get(Outcome::InternalError), 1);
+    assert_eq!(r.get(Outcome::LayoutMismatch), 0);
+    assert_eq!(r.get(Outcome::Applied), 1, "the other point is applied");
+}

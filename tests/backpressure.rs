@@ -189,3 +189,79 @@ async fn a_request_applied_on_one_shard_and_refused_on_another_is_logged() {
     assert_eq!(records, 2, "both requests are logged, the refused one too");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A client that hangs up while its export is being applied cannot cancel the logging: what
+/// the shards applied is in the WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_export_cannot_keep_it_out_of_the_log() {
+    use spanagg::storage::wal::{self, Wal};
+    use std::io::Write;
+
+    let dir = std::env::temp_dir().join(format!(
+        "spanagg-hangup-{}-{}",
+        std::process::id(),
+        now_ns()
+    ));
+    let table = Arc::new(Table::start(ShardConfig::default(), 1, 4).unwrap());
+    let telemetry = Arc::new(Telemetry::new(
+        table.stats(),
+        Default::default(),
+        spanagg::config::Config::default().limits,
+    ));
+    let wal = Wal::start(&dir, 1, 0, 1 << 20, Default::default()).unwrap();
+    let ingestor = Arc::new(
+        Ingestor::new(
+            table.clone(),
+            Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
+            telemetry,
+            1 << 20,
+        )
+        .with_wal(Arc::new(wal)),
+    );
+    let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http_l.local_addr().unwrap();
+    let app = spanagg::ingest::http::router(ingestor.clone());
+    tokio::spawn(async move { axum::serve(http_l, app).await });
+    // Hold the shard, so the export waits between sending its batch and logging it.
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new(hold);
+    table.visit(move |_, _| {
+        let _ = hold.lock().unwrap().recv();
+    });
+    let body = spanmetrics(
+        "svc",
+        "a",
+        &[route("GET /", 1, [1, 0, 0, 0, 0], 1.0)],
+        now_ns() - 60_000_000_000,
+        now_ns() - 59_000_000_000,
+        AggregationTemporality::Delta,
+    )
+    .encode_to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(http_addr).unwrap();
+        let head = format!(
+            "POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Hang up while the export waits for the shard.
+        drop(s);
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(ingestor);
+    let mut records = 0;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wal::replay(&dir, wal::Position::default(), |_, _| records += 1).unwrap();
+    assert_eq!(
+        records, 1,
+        "the applied request is logged though its client left"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

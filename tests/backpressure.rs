@@ -18,27 +18,79 @@ use spanagg::aggregate::table::Table;
 use spanagg::ingest::grpc::MetricsGrpc;
 use spanagg::ingest::otlp::Projection;
 use spanagg::ingest::Ingestor;
-use spanagg::telemetry::Telemetry;
+use spanagg::storage::wal::{self, Wal};
+use spanagg::telemetry::{Protocol, Telemetry};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
-    let cfg = ShardConfig::default();
-    let table = Arc::new(Table::start(cfg, 1, 1).unwrap());
+/// The real ingest stack over `shards` shards with queues of `capacity`, logging to a WAL in
+/// `dir` if given. Returns the table, the ingestor and its telemetry.
+fn stack(
+    shards: usize,
+    capacity: usize,
+    dir: Option<&std::path::Path>,
+) -> (Arc<Table>, Arc<Ingestor>, Arc<Telemetry>) {
+    let table = Arc::new(Table::start(ShardConfig::default(), shards, capacity).unwrap());
     let telemetry = Arc::new(Telemetry::new(
         table.stats(),
         Default::default(),
         spanagg::config::Config::default().limits,
     ));
-    let ingestor = Arc::new(Ingestor::new(
+    let mut ingestor = Ingestor::new(
         table.clone(),
         Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
         telemetry.clone(),
         1 << 20,
-    ));
-    let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http_l.local_addr().unwrap();
+    );
+    if let Some(dir) = dir {
+        let wal = Wal::start(dir, 1, 0, 1 << 20, Default::default()).unwrap();
+        ingestor = ingestor.with_wal(Arc::new(wal));
+    }
+    (table, Arc::new(ingestor), telemetry)
+}
+
+/// Holds the shards `which` selects: each runs a read that waits until the sender is used.
+fn hold(
+    table: &Table,
+    which: impl Fn(usize) -> bool + Send + Sync + 'static,
+) -> std::sync::mpsc::Sender<()> {
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new(hold);
+    table.visit(move |i, _| {
+        if which(i) {
+            let _ = hold.lock().unwrap().recv();
+        }
+    });
+    release
+}
+
+/// A fresh directory for a WAL.
+fn wal_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "spanagg-{name}-{}-{}",
+        std::process::id(),
+        now_ns()
+    ))
+}
+
+/// Records in the WAL at `dir` (every append was synced before its export returned).
+fn wal_records(dir: &std::path::Path) -> usize {
+    let mut records = 0;
+    wal::replay(dir, wal::Position::default(), |_, _| records += 1).unwrap();
+    records
+}
+
+/// Serves OTLP/HTTP for `ingestor` on a loopback port.
+async fn serve_http(ingestor: &Arc<Ingestor>) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
     let app = spanagg::ingest::http::router(ingestor.clone());
-    tokio::spawn(async move { axum::serve(http_l, app).await });
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
+    let (table, ingestor, telemetry) = stack(1, 1, None);
+    let http_addr = serve_http(&ingestor).await;
     let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc_l.local_addr().unwrap();
     tokio::spawn(
@@ -48,11 +100,7 @@ async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
     );
 
     // Hold the shard: it runs this read and waits until we let go.
-    let (release, hold) = std::sync::mpsc::channel::<()>();
-    let hold = std::sync::Mutex::new(hold);
-    table.visit(move |_, _| {
-        let _ = hold.lock().unwrap().recv();
-    });
+    let release = hold(&table, |_| true);
 
     let t0 = now_ns() - 60_000_000_000;
     let req = |pod: &str, i: u64| {
@@ -110,38 +158,10 @@ async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
 /// another refused (its queue full) is in the WAL, so a crash cannot take back what was served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_applied_on_one_shard_and_refused_on_another_is_logged() {
-    use spanagg::storage::wal::{self, Wal};
-    use spanagg::telemetry::Protocol;
-
-    let dir = std::env::temp_dir().join(format!(
-        "spanagg-partial-{}-{}",
-        std::process::id(),
-        now_ns()
-    ));
-    let table = Arc::new(Table::start(ShardConfig::default(), 2, 1).unwrap());
-    let telemetry = Arc::new(Telemetry::new(
-        table.stats(),
-        Default::default(),
-        spanagg::config::Config::default().limits,
-    ));
-    let wal = Wal::start(&dir, 1, 0, 1 << 20, Default::default()).unwrap();
-    let ingestor = Arc::new(
-        Ingestor::new(
-            table.clone(),
-            Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
-            telemetry,
-            1 << 20,
-        )
-        .with_wal(Arc::new(wal)),
-    );
+    let dir = wal_dir("partial");
+    let (table, ingestor, _) = stack(2, 1, Some(&dir));
     // Hold shard 1 only.
-    let (release, hold) = std::sync::mpsc::channel::<()>();
-    let hold = std::sync::Mutex::new(hold);
-    table.visit(move |i, _| {
-        if i == 1 {
-            let _ = hold.lock().unwrap().recv();
-        }
-    });
+    let release = hold(&table, |i| i == 1);
     let t0 = now_ns() - 60_000_000_000;
     // Twenty routes spread over both shards.
     let routes: Vec<_> = (0..20)
@@ -181,12 +201,11 @@ async fn a_request_applied_on_one_shard_and_refused_on_another_is_logged() {
     );
     release.send(()).unwrap();
     assert!(a.await.unwrap().is_ok());
-    drop(ingestor);
-    let mut records = 0;
-    // The ingestor held the WAL: wait until its writer has stopped and synced.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    wal::replay(&dir, wal::Position::default(), |_, _| records += 1).unwrap();
-    assert_eq!(records, 2, "both requests are logged, the refused one too");
+    assert_eq!(
+        wal_records(&dir),
+        2,
+        "both requests are logged, the refused one too"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -194,40 +213,13 @@ async fn a_request_applied_on_one_shard_and_refused_on_another_is_logged() {
 /// the shards applied is in the WAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_mid_export_cannot_keep_it_out_of_the_log() {
-    use spanagg::storage::wal::{self, Wal};
     use std::io::Write;
 
-    let dir = std::env::temp_dir().join(format!(
-        "spanagg-hangup-{}-{}",
-        std::process::id(),
-        now_ns()
-    ));
-    let table = Arc::new(Table::start(ShardConfig::default(), 1, 4).unwrap());
-    let telemetry = Arc::new(Telemetry::new(
-        table.stats(),
-        Default::default(),
-        spanagg::config::Config::default().limits,
-    ));
-    let wal = Wal::start(&dir, 1, 0, 1 << 20, Default::default()).unwrap();
-    let ingestor = Arc::new(
-        Ingestor::new(
-            table.clone(),
-            Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
-            telemetry,
-            1 << 20,
-        )
-        .with_wal(Arc::new(wal)),
-    );
-    let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http_l.local_addr().unwrap();
-    let app = spanagg::ingest::http::router(ingestor.clone());
-    tokio::spawn(async move { axum::serve(http_l, app).await });
+    let dir = wal_dir("hangup");
+    let (table, ingestor, _) = stack(1, 4, Some(&dir));
+    let http_addr = serve_http(&ingestor).await;
     // Hold the shard, so the export waits between sending its batch and logging it.
-    let (release, hold) = std::sync::mpsc::channel::<()>();
-    let hold = std::sync::Mutex::new(hold);
-    table.visit(move |_, _| {
-        let _ = hold.lock().unwrap().recv();
-    });
+    let release = hold(&table, |_| true);
     let body = spanmetrics(
         "svc",
         "a",
@@ -254,13 +246,11 @@ async fn a_client_that_hangs_up_mid_export_cannot_keep_it_out_of_the_log() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     release.send(()).unwrap();
+    // The export, now on its own, logs once the shard has applied it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    drop(ingestor);
-    let mut records = 0;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    wal::replay(&dir, wal::Position::default(), |_, _| records += 1).unwrap();
     assert_eq!(
-        records, 1,
+        wal_records(&dir),
+        1,
         "the applied request is logged though its client left"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -3,9 +3,43 @@
 use super::*;
 use crate::ingest::otlp::Projection;
 use crate::workload::{request, single_shard_batch, Shape};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
 const T: u64 = 1_000_000_000;
+
+/// A shard at data time `T + 100`.
+fn shard(cfg: ShardConfig) -> ShardState {
+    let mut s = ShardState::new(cfg);
+    s.now_ns = T + 100;
+    s
+}
+
+/// One pod's points for `routes` routes, 4 bounds each, as one batch of interval `[start, start + 10)`.
+fn batch(
+    routes: usize,
+    counters: bool,
+    start: u64,
+    edit: impl FnOnce(&mut ExportMetricsServiceRequest),
+) -> Batch {
+    let shape = Shape {
+        services: 1,
+        routes,
+        bounds: 4,
+        counters,
+    };
+    let mut req = request(&shape, 0, start, start + 10);
+    edit(&mut req);
+    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
+    single_shard_batch(req, &projection)
+}
+
+/// Moves the clock past the TTL and sweeps.
+fn expire_all(s: &mut ShardState) {
+    s.clock += s.ttl_secs() + 1;
+    s.now_ns += u64::from(s.ttl_secs() + 1) * 1_000_000_000;
+    s.sweep();
+}
 
 #[test]
 fn refused_layouts_and_expired_series_leave_no_tables_behind() {
@@ -14,27 +48,19 @@ fn refused_layouts_and_expired_series_leave_no_tables_behind() {
         "traces.span.metrics.duration".into(),
         Arc::from(&[1.0, 2.25][..]),
     );
-    let mut s = ShardState::new(cfg);
-    s.now_ns = T + 100;
-    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
-    let shape = Shape {
-        services: 1,
-        routes: 5,
-        bounds: 4,
-        counters: false,
-    };
+    let mut s = shard(cfg);
     // Bounds that do not contain 1 (the first bound is moved): every point is refused.
     for i in 0..200u64 {
-        let mut req = request(&shape, 0, T + i * 10, T + i * 10 + 10);
-        if let Some(Data::Histogram(h)) =
-            &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data
-        {
-            for p in &mut h.data_points {
-                p.explicit_bounds[0] = 0.5 + i as f64 / 1000.0; // a new layout per request
+        let b = batch(5, false, T + i * 10, |req| {
+            if let Some(Data::Histogram(h)) =
+                &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data
+            {
+                for p in &mut h.data_points {
+                    p.explicit_bounds[0] = 0.5 + i as f64 / 1000.0; // a new layout per request
+                }
             }
-        }
-        let r = s.apply(&single_shard_batch(req, &projection));
-        assert_eq!(r.get(Outcome::LayoutMismatch), 5);
+        });
+        assert_eq!(s.apply(&b).get(Outcome::LayoutMismatch), 5);
     }
     assert_eq!(s.series_len(), 0);
     assert_eq!(
@@ -44,10 +70,7 @@ fn refused_layouts_and_expired_series_leave_no_tables_behind() {
     );
 
     // Series that exist hold their layout and label names until they expire.
-    s.apply(&single_shard_batch(
-        request(&shape, 0, T, T + 10),
-        &projection,
-    ));
+    s.apply(&batch(5, false, T, |_| {}));
     assert_eq!(s.series_len(), 5);
     let (layouts, _, key_sets) = s.table_sizes();
     assert_eq!(
@@ -55,9 +78,7 @@ fn refused_layouts_and_expired_series_leave_no_tables_behind() {
         (1, 1),
         "the configured layout (the input one only lived through its batch)"
     );
-    s.clock += s.ttl_secs() + 1;
-    s.now_ns += u64::from(s.ttl_secs() + 1) * 1_000_000_000;
-    s.sweep();
+    expire_all(&mut s);
     assert_eq!(s.series_len(), 0);
     assert_eq!(
         s.table_sizes(),
@@ -69,36 +90,19 @@ fn refused_layouts_and_expired_series_leave_no_tables_behind() {
 #[test]
 fn the_series_quota_counts_exactly_the_series_that_exist() {
     let quota = Arc::new(crate::aggregate::quota::SeriesQuota::new(1000, 1000));
-    let cfg = ShardConfig {
+    let mut s = shard(ShardConfig {
         quota: quota.clone(),
         max_families: 1,
         ..ShardConfig::default()
-    };
-    let mut s = ShardState::new(cfg);
-    s.now_ns = T + 100;
-    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
-    let shape = Shape {
-        services: 1,
-        routes: 5,
-        bounds: 4,
-        counters: true,
-    };
+    });
     // Two families, one past the cap: its points are refused and count for nothing.
-    let r = s.apply(&single_shard_batch(
-        request(&shape, 0, T, T + 10),
-        &projection,
-    ));
+    let r = s.apply(&batch(5, true, T, |_| {}));
     assert_eq!(r.get(Outcome::FamilyLimit), 5);
     // A retry: duplicates create nothing.
-    s.apply(&single_shard_batch(
-        request(&shape, 0, T, T + 10),
-        &projection,
-    ));
+    s.apply(&batch(5, true, T, |_| {}));
     assert_eq!(s.series_len(), 5);
     assert_eq!(quota.usage().0, 5);
-    s.clock += s.ttl_secs() + 1;
-    s.now_ns += u64::from(s.ttl_secs() + 1) * 1_000_000_000;
-    s.sweep();
+    expire_all(&mut s);
     assert_eq!(
         quota.usage(),
         (0, 0),
@@ -108,21 +112,13 @@ fn the_series_quota_counts_exactly_the_series_that_exist() {
 
 #[test]
 fn a_broken_invariant_is_an_internal_error_not_the_clients_layout_mismatch() {
-    let mut s = ShardState::new(ShardConfig::default());
-    s.now_ns = T + 100;
-    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
-    let shape = Shape {
-        services: 1,
-        routes: 2,
-        bounds: 4,
-        counters: false,
-    };
-    let mut batch = single_shard_batch(request(&shape, 0, T, T + 10), &projection);
+    let mut s = shard(ShardConfig::default());
+    let mut b = batch(2, false, T, |_| {});
     // A point whose counts lie outside its batch: what only a bug in spanagg could produce.
-    if let PointValue::Histogram { counts, .. } = &mut batch.points[0].value {
+    if let PointValue::Histogram { counts, .. } = &mut b.points[0].value {
         *counts = (1_000, 1_005);
     }
-    let r = s.apply(&batch);
+    let r = s.apply(&b);
     assert_eq!(r.get(Outcome::InternalError), 1);
     assert_eq!(r.get(Outcome::LayoutMismatch), 0);
     assert_eq!(r.get(Outcome::Applied), 1, "the other point is applied");

@@ -122,7 +122,7 @@ pub struct ShardSummary {
     services: HashMap<String, ServiceAcc>,
     metrics: HashMap<String, (String, Counts)>,
     labels: HashMap<String, LabelAcc>,
-    /// The shards' shares of `limits.max_series_per_service`, summed.
+    /// `limits.max_series_per_service` (the shards agree on it).
     series_budget: u64,
 }
 
@@ -183,7 +183,7 @@ impl ShardSummary {
     pub fn of(state: &ShardState, scope: &Scope) -> Self {
         let mut s = ShardSummary {
             streams_total: state.sources_len() as u64,
-            series_budget: state.limits().series_per_service,
+            series_budget: state.series_budget(),
             ..Default::default()
         };
         let in_scope = |service: &str| scope.service.as_deref().is_none_or(|want| want == service);
@@ -255,7 +255,7 @@ impl ShardSummary {
     fn absorb(&mut self, o: ShardSummary) {
         self.series += o.series;
         self.streams_total += o.streams_total;
-        self.series_budget = self.series_budget.saturating_add(o.series_budget);
+        self.series_budget = self.series_budget.max(o.series_budget);
         for (name, acc) in o.services {
             self.services.entry(name).or_default().absorb(acc);
         }

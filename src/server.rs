@@ -81,12 +81,7 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
             .iter()
             .map(|(k, v)| (k.clone(), Arc::from(v.bounds())))
             .collect::<HashMap<_, _>>(),
-        limits: ShardLimits::share(
-            config.limits.max_series_per_service,
-            config.limits.max_series,
-            config.limits.max_source_streams,
-            config.shards.get(),
-        ),
+        limits: ShardLimits::share(config.limits.max_source_streams, config.shards.get()),
         quota: Arc::default(),
         max_families: usize::try_from(config.limits.max_metric_families).unwrap_or(usize::MAX),
     };

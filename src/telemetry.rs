@@ -166,13 +166,11 @@ impl Telemetry {
         let rejected = Reason::ALL
             .iter()
             .map(|r| r.as_str())
-            .chain([
-                Outcome::TooLate.as_str(),
-                Outcome::LayoutMismatch.as_str(),
-                Outcome::Conflict.as_str(),
-                Outcome::FamilyLimit.as_str(),
-                Outcome::InternalError.as_str(),
-            ])
+            .chain(
+                Outcome::ALL
+                    .iter()
+                    .filter_map(|o| o.explain().map(|_| o.as_str())),
+            )
             .map(|r| rejected_f.get_or_create(&vec![("reason", r)]).clone())
             .collect();
         let no_value = Counter::default();
@@ -305,15 +303,17 @@ impl Telemetry {
                 continue;
             }
             self.points[o as usize].inc_by(u64::from(n));
-            let idx = match o {
-                Outcome::TooLate => Reason::COUNT,
-                Outcome::LayoutMismatch => Reason::COUNT + 1,
-                Outcome::Conflict => Reason::COUNT + 2,
-                Outcome::FamilyLimit => Reason::COUNT + 3,
-                Outcome::InternalError => Reason::COUNT + 4,
-                _ => continue,
-            };
-            self.rejected[idx].inc_by(u64::from(n));
+            // The refused outcomes (those the client is told about) follow the reasons, in
+            // `Outcome::ALL` order, as registered above.
+            if o.explain().is_none() {
+                continue;
+            }
+            let nth = Outcome::ALL
+                .iter()
+                .filter(|x| x.explain().is_some())
+                .position(|x| *x == o)
+                .unwrap_or(0);
+            self.rejected[Reason::COUNT + nth].inc_by(u64::from(n));
         }
     }
 

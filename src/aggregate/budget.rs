@@ -12,33 +12,25 @@
 
 use super::*;
 
-/// This shard's share of the configured limits.
+/// This shard's share of the limits enforced per shard (series budgets are shared instead,
+/// see `quota.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardLimits {
-    pub series_per_service: u64,
-    pub series: u64,
     pub streams: u64,
 }
 
 impl Default for ShardLimits {
     /// No limits.
     fn default() -> Self {
-        Self {
-            series_per_service: u64::MAX,
-            series: u64::MAX,
-            streams: u64::MAX,
-        }
+        Self { streams: u64::MAX }
     }
 }
 
 impl ShardLimits {
-    /// Each of `shards` shards' share of the limits.
-    pub fn share(series_per_service: u64, series: u64, streams: u64, shards: usize) -> Self {
-        let n = shards.max(1) as u64;
+    /// Each of `shards` shards' share of `limits.max_source_streams`.
+    pub fn share(streams: u64, shards: usize) -> Self {
         Self {
-            series_per_service: series_per_service.div_ceil(n),
-            series: series.div_ceil(n),
-            streams: streams.div_ceil(n),
+            streams: streams.div_ceil(shards.max(1) as u64),
         }
     }
 }
@@ -62,15 +54,16 @@ pub(super) struct Budget {
 }
 
 /// A source stream that goes to an overflow series until it is idle for the TTL.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sticky {
     /// The stored output key its points carry: the shard that judges them is that key's, and
     /// a checkpoint row of the mark goes back there.
     series: u128,
     /// Shard clock when last seen.
     touched: u32,
-    /// To the global overflow series (else to its service's).
-    global: bool,
+    /// The service whose overflow series it goes to ("" is the global one), so its points need
+    /// not build their labels to find it; unknown after a restore until its next point.
+    target: Option<Box<str>>,
 }
 
 /// What the budgets say about one point (see `ShardState::admit`).
@@ -127,6 +120,11 @@ impl ShardState {
         self.cfg.limits
     }
 
+    /// `limits.max_series_per_service`, as the shared quota enforces it.
+    pub fn series_budget(&self) -> u64 {
+        self.cfg.quota.per_service()
+    }
+
     /// What the series budgets say about `p`. A stream already sent to an overflow series
     /// keeps going there; a point that would create a series goes on if the shared quota
     /// (`quota.rs`) has room (the series is counted when it is created), else to its service's
@@ -138,10 +136,9 @@ impl ShardState {
         }
         if !self.budget.sticky.is_empty() {
             if let Some(s) = self.budget.sticky.get(&stored_key(p.source)) {
-                return Admit::Overflow(if s.global {
-                    "".into()
-                } else {
-                    service_of(batch, p)
+                return Admit::Overflow(match &s.target {
+                    Some(t) => t.clone(),
+                    None => service_of(batch, p),
                 });
             }
         }
@@ -167,7 +164,7 @@ impl ShardState {
         let sticky = Sticky {
             series: stored_key(p.series),
             touched: self.clock,
-            global: service.is_empty(),
+            target: Some(service.clone()),
         };
         self.budget.sticky.insert(stored_key(p.source), sticky);
         let clock = self.clock;
@@ -202,7 +199,12 @@ impl ShardState {
         (self.sources_len() as u64) < self.cfg.limits.streams
     }
 
-    pub(super) fn series_added(&mut self, service: &str) {
+    /// Counts a new series of `service` (an overflow series, in the shard's use only: the
+    /// shared quota does not count those, see `quota.rs`).
+    pub(super) fn series_added(&mut self, service: &str, overflow: bool) {
+        if !overflow {
+            self.cfg.quota.force(service);
+        }
         match self.budget.services.get_mut(service) {
             Some(u) => u.series += 1,
             None => {
@@ -218,7 +220,11 @@ impl ShardState {
         }
     }
 
-    pub(super) fn series_gone(&mut self, service: &str) {
+    /// Counts a series of `service` gone; `overflow` as it was added.
+    pub(super) fn series_gone(&mut self, service: &str, overflow: bool) {
+        if !overflow {
+            self.cfg.quota.give_back(service);
+        }
         if let Some(u) = self.budget.services.get_mut(service) {
             u.series = u.series.saturating_sub(1);
             if u.series == 0 && u.overflowed == 0 {
@@ -233,7 +239,7 @@ impl ShardState {
         self.budget
             .sticky
             .iter()
-            .map(|(k, s)| (*k, s.series, s.global))
+            .map(|(k, s)| (*k, s.series, s.target.as_deref() == Some("")))
     }
 
     /// Marks a stream as going to an overflow series (as a checkpoint recorded it).
@@ -241,7 +247,7 @@ impl ShardState {
         let sticky = Sticky {
             series: stored_key(series),
             touched: self.clock,
-            global,
+            target: global.then(|| "".into()),
         };
         self.budget.sticky.insert(stored_key(source), sticky);
     }
@@ -264,6 +270,11 @@ pub struct OverflowLabels {
 }
 
 pub use crate::aggregate::naming::OVERFLOW_LABEL;
+
+/// Whether a series with these label names is an overflow series.
+pub(super) fn is_overflow<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    names.any(|k| k == OVERFLOW_LABEL)
+}
 
 impl LabelResolver for OverflowLabels {
     fn labels(&self, label_ref: [u32; 4]) -> Vec<(String, String)> {

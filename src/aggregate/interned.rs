@@ -38,6 +38,8 @@ pub struct Interned {
     layout_refs: Vec<(u32, bool)>,
     layout_index: Map<Box<[u64]>, u32>,
     free_layouts: Vec<u32>,
+    /// Freed layouts whose fold maps are not purged yet: not reused before `purge`.
+    freed_layouts: Vec<u32>,
     /// Layouts interned during the current batch: freed at its end unless a series holds them.
     fresh_layouts: Vec<u32>,
     folds: Map<(u32, u32), FoldResult>,
@@ -61,6 +63,7 @@ impl Interned {
             layout_refs: Vec::new(),
             layout_index: Map::default(),
             free_layouts: Vec::new(),
+            freed_layouts: Vec::new(),
             fresh_layouts: Vec::new(),
             folds: Map::default(),
             key_sets: Vec::new(),
@@ -212,8 +215,20 @@ impl Interned {
         let bounds = std::mem::replace(&mut self.layouts[id as usize], Arc::from(&[][..]));
         let bits: Box<[u64]> = bounds.iter().map(|b| b.to_bits()).collect();
         self.layout_index.remove(&bits);
-        self.folds.retain(|&(a, b), _| a != id && b != id);
-        self.free_layouts.push(id);
+        self.freed_layouts.push(id);
+    }
+
+    /// Drops the fold maps that name freed layouts (one pass for all of them), then lets
+    /// their ids be reused.
+    pub fn purge(&mut self) {
+        if self.freed_layouts.is_empty() {
+            return;
+        }
+        let freed: std::collections::HashSet<u32, RandomState> =
+            self.freed_layouts.iter().copied().collect();
+        self.folds
+            .retain(|(a, b), _| !freed.contains(a) && !freed.contains(b));
+        self.free_layouts.append(&mut self.freed_layouts);
     }
 
     /// Frees the families and layouts interned during this batch that no series holds.
@@ -224,6 +239,7 @@ impl Interned {
         while let Some(id) = self.fresh_families.pop() {
             self.free_family(id);
         }
+        self.purge();
     }
 
     /// How the buckets of layout `input` fold into `output`, cached.
@@ -326,6 +342,7 @@ mod tests {
         t.release_layout(kept);
         assert_eq!(t.sizes().0, 0);
         t.release_layout(kept);
+        t.purge();
         assert_eq!(
             t.free_layouts.len(),
             t.layouts.len(),

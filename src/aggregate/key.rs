@@ -60,7 +60,17 @@ pub struct SetHash(u128);
 impl SetHash {
     /// The hash of one (key, value) pair, to add to one or more sets.
     pub fn pair(key: &str, value: &str) -> u128 {
-        xxh3_128_with_seed(value.as_bytes(), xxh3_64(key.as_bytes()))
+        Self::pair_with(Self::key_hash(key), value)
+    }
+
+    /// A key's part of its pairs' hashes: computed once, used for many values.
+    pub fn key_hash(key: &str) -> u64 {
+        xxh3_64(key.as_bytes())
+    }
+
+    /// `pair(key, value)` for a key whose `key_hash` is known.
+    pub fn pair_with(key_hash: u64, value: &str) -> u128 {
+        xxh3_128_with_seed(value.as_bytes(), key_hash)
     }
 
     pub fn add(&mut self, key: &str, value: &str) {

@@ -140,11 +140,11 @@ impl ShardState {
         labels.sort_unstable();
         let keys = self.tables.hold_key_set(&mut self.strings, labels);
         let service = service_in(labels).to_owned();
-        self.series_added(&service);
-        // A restored series exists whatever the limits say now; overflow series are not counted.
-        if !labels.iter().any(|(k, _)| k == OVERFLOW_LABEL) {
-            self.cfg.quota.force(&service);
-        }
+        // A restored series exists whatever the limits say now.
+        self.series_added(
+            &service,
+            budget::is_overflow(labels.iter().map(|(k, _)| &k[..])),
+        );
         let values = labels
             .iter()
             .map(|(_, v)| self.strings.acquire(v))

@@ -326,7 +326,7 @@ impl ShardState {
                 last_pod = Some(p.resource);
                 self.saw_pod(batch, p);
             }
-            // The family first: a point refused for it must not take from the series budget.
+            // The family first: a point past the family cap is refused, not sent to overflow.
             let Some(desc) = batch.families.get(p.family as usize) else {
                 continue;
             };
@@ -604,12 +604,8 @@ impl ShardState {
         if self.series.get(p.series).is_none() {
             let s = self.new_series(batch, p, fam, &add, start_ns)?;
             let service: Box<str> = self.service(&s.labels).into();
-            self.series_added(&service);
-            // Overflow series are not counted (see `quota.rs`); every other one is, now that
-            // it exists.
-            if !batch.overflow {
-                self.cfg.quota.force(&service);
-            }
+            let overflow = budget::is_overflow(self.labels(&s.labels).map(|(k, _)| k));
+            self.series_added(&service, overflow);
             let id = self.alloc_id();
             self.series.insert_tagged(p.series, id, s);
         }
@@ -754,7 +750,7 @@ impl ShardState {
                     .zip(s.labels.values.iter())
                     .find(|(k, _)| strings.get(**k) == SERVICE_LABEL)
                     .map_or_else(|| "".into(), |(_, v)| strings.get(*v).into());
-                let overflow = keys.iter().any(|k| strings.get(*k) == OVERFLOW_LABEL);
+                let overflow = budget::is_overflow(keys.iter().map(|k| strings.get(*k)));
                 dead.push((id, service, overflow));
                 for v in s.labels.values.iter() {
                     strings.release(*v);
@@ -771,11 +767,9 @@ impl ShardState {
         let dropped = dead.len();
         for (id, service, overflow) in dead {
             self.series_removed(id);
-            self.series_gone(&service);
-            if !overflow {
-                self.cfg.quota.give_back(&service);
-            }
+            self.series_gone(&service, overflow);
         }
+        self.tables.purge();
         self.sweep_sticky();
         (dropped, sources_before - self.sources_len())
     }

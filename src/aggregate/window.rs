@@ -11,8 +11,8 @@
 //! applied any more.
 //!
 //! A true retry repeats an applied delta exactly: the same interval and the same values. So the
-//! window also keeps a fingerprint of the newest applied delta's values (in what would be
-//! padding: the window stays 32 bytes); an overlapping delta that ends where the newest one did
+//! window also keeps a fingerprint of the newest applied delta's values (4 bytes, which with
+//! alignment take the window from 24 to 32 bytes); an overlapping delta that ends where the newest one did
 //! but carries other values comes from a second writer with the same identity (a sidecar
 //! without a pod identity) and is a conflict, not a duplicate. Other overlaps cannot be told
 //! apart and are duplicates. A fingerprint of 0 means "unknown" (a restored window, a caller

@@ -33,7 +33,7 @@ pub struct DecodeBudget {
 
 /// A share of the budget, returned when dropped.
 pub struct Admission {
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
     bytes: i64,
     in_use: Gauge,
 }
@@ -57,8 +57,8 @@ impl DecodeBudget {
         }
     }
 
-    /// Takes `bytes` of the budget for a request of `points` data points.
-    pub async fn admit(&self, bytes: u64, points: u64) -> Result<Admission, IngestError> {
+    /// Refuses a request of more than `limits.max_points_per_request` data points.
+    pub fn check_points(&self, points: u64) -> Result<(), IngestError> {
         if points > self.max_points {
             return Err(IngestError::TooCostly(format!(
                 "{points} data points in one request, more than limits.max_points_per_request \
@@ -66,6 +66,12 @@ impl DecodeBudget {
                 self.max_points
             )));
         }
+        Ok(())
+    }
+
+    /// Takes `bytes` of the budget for a request of `points` data points.
+    pub async fn admit(&self, bytes: u64, points: u64) -> Result<Admission, IngestError> {
+        self.check_points(points)?;
         let kib = bytes.div_ceil(1024).max(1);
         if kib > u64::from(self.kib) {
             return Err(IngestError::TooCostly(format!(
@@ -82,7 +88,7 @@ impl DecodeBudget {
         let bytes = i64::try_from(kib * 1024).unwrap_or(i64::MAX);
         self.in_use.inc_by(bytes);
         Ok(Admission {
-            _permit: Some(permit),
+            _permit: permit,
             bytes,
             in_use: self.in_use.clone(),
         })

@@ -17,7 +17,9 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use prost::Message;
 
 use super::{IngestError, Logged};
-use crate::storage::wal::{Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY, TIMED};
+use crate::storage::wal::{
+    timed, timed_with, Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY,
+};
 
 /// The WAL as the ingest path writes it.
 pub struct Durable {
@@ -86,24 +88,14 @@ impl Durable {
 /// Snappy-compressed.
 fn record(req: &ExportMetricsServiceRequest, raw: Option<Logged>, accepted_ns: u64) -> (u8, Bytes) {
     let raw = raw.unwrap_or_else(|| Logged::Protobuf(Bytes::from(req.encode_to_vec())));
-    let timed = |kind: u8, body: &[u8]| {
-        let mut out = Vec::with_capacity(8 + body.len());
-        out.extend_from_slice(&accepted_ns.to_le_bytes());
-        out.extend_from_slice(body);
-        (kind | TIMED, Bytes::from(out))
-    };
     match raw {
-        Logged::Gzip(b) => timed(KIND_METRICS_GZIP, &b),
+        Logged::Gzip(b) => timed(KIND_METRICS_GZIP, accepted_ns, &b),
         Logged::Protobuf(b) => {
-            let mut out = vec![0u8; 8 + snap::raw::max_compress_len(b.len())];
-            out[..8].copy_from_slice(&accepted_ns.to_le_bytes());
-            match snap::raw::Encoder::new().compress(&b, &mut out[8..]) {
-                Ok(n) => {
-                    out.truncate(8 + n);
-                    (KIND_METRICS_SNAPPY | TIMED, Bytes::from(out))
-                }
-                Err(_) => timed(KIND_METRICS, &b),
-            }
+            let max = snap::raw::max_compress_len(b.len());
+            timed_with(KIND_METRICS_SNAPPY, accepted_ns, max, |out| {
+                snap::raw::Encoder::new().compress(&b, out)
+            })
+            .unwrap_or_else(|_| timed(KIND_METRICS, accepted_ns, &b))
         }
     }
 }

@@ -53,9 +53,7 @@ pub fn encode_response(resp: &ExportMetricsServiceResponse) -> Vec<u8> {
 
 /// Standard or URL-safe base64, padded or not: proto3 JSON accepts each.
 fn base64_any(s: &str) -> Option<Vec<u8>> {
-    use base64::engine::{
-        general_purpose, DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig,
-    };
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
     let cfg = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
     [
         GeneralPurpose::new(&base64::alphabet::STANDARD, cfg),
@@ -63,7 +61,6 @@ fn base64_any(s: &str) -> Option<Vec<u8>> {
     ]
     .iter()
     .find_map(|e| e.decode(s).ok())
-    .or_else(|| general_purpose::STANDARD.decode(s).ok())
 }
 
 /// A client's text quoted in an error, cut short: a 400 is never as large as the request.

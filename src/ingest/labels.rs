@@ -18,7 +18,6 @@ use ahash::RandomState;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
-use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
 
 use super::reason::Reason;
 use crate::aggregate::key::SetHash;
@@ -240,14 +239,14 @@ impl<'r> Keyer<'r> {
             Some(&id) => id,
             None => {
                 let id = self.names.len() as u32;
-                self.names.push(xxh3_64(self.name_buf.as_bytes()));
+                self.names.push(SetHash::key_hash(&self.name_buf));
                 self.name_ids.insert(self.name_buf.clone(), id);
                 id
             }
         };
         let v = Name {
             id,
-            raw_hash: xxh3_64(key.as_bytes()),
+            raw_hash: SetHash::key_hash(key),
             renamed,
             kept: self.projection.keeps(key),
         };
@@ -290,7 +289,7 @@ impl<'r> Keyer<'r> {
             }
             part.collide |= part.pairs.iter().any(|(i, _)| *i == id);
             part.renamed |= renamed;
-            let pair = xxh3_128_with_seed(v.as_bytes(), self.names[id as usize]);
+            let pair = SetHash::pair_with(self.names[id as usize], v);
             part.pairs.push((id, pair));
         }
         part
@@ -326,7 +325,7 @@ impl<'r> Keyer<'r> {
             } = self.name_at(i, &kv.key, histogram);
             let v = value_str(kv.value.as_ref(), &mut self.value_buf);
             self.limits.check(&kv.key, v)?;
-            source.add_pair(xxh3_128_with_seed(v.as_bytes(), raw_hash));
+            source.add_pair(SetHash::pair_with(raw_hash, v));
             if v.is_empty() || !kept {
                 continue;
             }
@@ -336,10 +335,7 @@ impl<'r> Keyer<'r> {
             }
             renamed |= name_renamed;
             mask |= bit;
-            scratch.push((
-                id,
-                xxh3_128_with_seed(v.as_bytes(), self.names[id as usize]),
-            ));
+            scratch.push((id, SetHash::pair_with(self.names[id as usize], v)));
         }
         self.relabeled.reserved += u64::from(renamed);
         self.relabeled.colliding += u64::from(collide);

@@ -146,15 +146,7 @@ impl Ingestor {
 
     /// Refuses a decoded request with more points than `limits.max_points_per_request`.
     pub fn check_points(&self, req: &ExportMetricsServiceRequest) -> Result<(), IngestError> {
-        let points = otlp::count_points(req);
-        if points > self.limits.max_points_per_request {
-            return Err(IngestError::TooCostly(format!(
-                "{points} data points in one request, more than limits.max_points_per_request \
-                 ({}): send smaller batches",
-                self.limits.max_points_per_request
-            )));
-        }
-        Ok(())
+        self.budget.check_points(otlp::count_points(req))
     }
 
     async fn admit(&self, bytes: u64, points: u64) -> Result<admit::Admission, IngestError> {

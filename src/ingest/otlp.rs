@@ -114,11 +114,10 @@ pub fn prepare(
         for (si, sm) in rm.scope_metrics.iter().enumerate() {
             let scope = sm.scope.as_ref().map_or("", |s| &s.name[..]);
             for (mi, m) in sm.metrics.iter().enumerate() {
-                let Some((kind, temporality)) = out.classify(m) else {
+                let Some((kind, temporality, n)) = out.classify(m) else {
                     continue;
                 };
                 let histogram = kind == Kind::Histogram;
-                let n = points_of(m);
                 if m.name.len() + m.unit.len() > limits.max_metric_name_len {
                     out.rej.add(Reason::NameTooLong, n);
                     continue;
@@ -225,7 +224,7 @@ struct Prep<'r> {
 impl<'r> Prep<'r> {
     /// Counts a metric's points as received; the kinds spanagg aggregates come back with their
     /// temporality (`None` when unspecified), the others are rejected here.
-    fn classify(&mut self, m: &Metric) -> Option<(Kind, Option<Temporality>)> {
+    fn classify(&mut self, m: &Metric) -> Option<(Kind, Option<Temporality>, u64)> {
         let n = points_of(m);
         self.received += n;
         let (kind, t) = match &m.data {
@@ -250,7 +249,7 @@ impl<'r> Prep<'r> {
         } else {
             None
         };
-        Some((kind, t))
+        Some((kind, t, n))
     }
 
     fn family_index(&mut self, m: &'r Metric, kind: Kind) -> u32 {

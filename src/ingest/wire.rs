@@ -166,16 +166,7 @@ pub fn cost(body: &[u8]) -> Result<Cost, Malformed> {
 }
 
 fn varint(buf: &mut &[u8]) -> Result<u64, Malformed> {
-    let mut v = 0u64;
-    for i in 0..10 {
-        let (&b, rest) = buf.split_first().ok_or(Malformed("truncated varint"))?;
-        *buf = rest;
-        v |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(Malformed("varint longer than 10 bytes"))
+    prost::encoding::decode_varint(buf).map_err(|_| Malformed("invalid varint"))
 }
 
 fn skip(buf: &mut &[u8], n: u64) -> Result<(), Malformed> {

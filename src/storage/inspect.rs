@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::checkpoint::{self, CheckpointError};
-use crate::aggregate::shard::{ShardConfig, ShardLimits, ShardState, StreamState};
+use crate::aggregate::quota::SeriesQuota;
+use crate::aggregate::shard::{ShardConfig, ShardState, StreamState};
 
 /// Loads `path` into shards as a restore would.
 pub fn load_file(path: &Path) -> Result<(checkpoint::Meta, Vec<ShardState>), CheckpointError> {
@@ -16,11 +17,11 @@ pub fn load_file(path: &Path) -> Result<(checkpoint::Meta, Vec<ShardState>), Che
         ttl_secs: u32::MAX,
         process_start_ns: meta.state_start_ns,
         bounds: HashMap::new(),
-        limits: match meta.series_budget {
+        limits: Default::default(),
+        quota: match meta.series_budget {
             0 => Default::default(),
-            b => ShardLimits::share(b, u64::MAX, u64::MAX, meta.shards.max(1) as usize),
+            b => std::sync::Arc::new(SeriesQuota::new(b, u64::MAX)),
         },
-        quota: Default::default(),
         max_families: usize::MAX,
     };
     let mut states: Vec<ShardState> = (0..meta.shards.max(1))

@@ -261,18 +261,15 @@ impl Storage {
             None => None,
         };
         let parts = crate::export::gather_indexed(table, |i, s: &ShardState| {
-            (
-                columns::shard_batches(s, i as u32),
-                s.limits().series_per_service,
-            )
+            (columns::shard_batches(s, i as u32), s.series_budget())
         })
         .await
         .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
         let mut batches = Vec::with_capacity(parts.len() * 3);
         let mut series_budget = 0u64;
-        for (p, share) in parts {
+        for (p, budget) in parts {
             batches.extend(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
-            series_budget = series_budget.saturating_add(share);
+            series_budget = series_budget.max(budget);
         }
         let rows = |i: usize| -> u64 {
             batches

@@ -27,12 +27,9 @@ pub async fn replay(
         wal::replay(&dir, from, |kind, payload| {
             // A timed record starts with the time it was accepted: it is judged by that time
             // (TTLs, late windows, clock skew), not by when replay runs.
-            let (accepted, payload) = match payload.split_first_chunk::<8>() {
-                Some((at, rest)) if kind & wal::TIMED != 0 => (Some(u64::from_le_bytes(*at)), rest),
-                _ => (None, payload),
-            };
+            let (kind, accepted, payload) = wal::split_timed(kind, payload);
             // The receiver only goes away if the start is abandoned.
-            let _ = tx.blocking_send((kind & !wal::TIMED, accepted, payload.to_vec()));
+            let _ = tx.blocking_send((kind, accepted, payload.to_vec()));
         })
     });
     let mut undecodable = 0u64;

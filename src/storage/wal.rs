@@ -46,6 +46,40 @@ pub const KIND_METRICS_GZIP: u8 = 3;
 /// Added to a kind: the payload starts with the time the request was accepted (u64 LE ns),
 /// which replay judges it by, however long after the crash it runs.
 pub const TIMED: u8 = 0x10;
+
+/// A `TIMED` record of `kind`: the acceptance time, then `body`.
+pub fn timed(kind: u8, accepted_ns: u64, body: &[u8]) -> (u8, Bytes) {
+    let mut out = Vec::with_capacity(8 + body.len());
+    out.extend_from_slice(&accepted_ns.to_le_bytes());
+    out.extend_from_slice(body);
+    (kind | TIMED, Bytes::from(out))
+}
+
+/// A `TIMED` record of `kind` whose body `write` puts into the buffer it is given (at most
+/// `max` bytes) and says how many it wrote.
+pub fn timed_with<E>(
+    kind: u8,
+    accepted_ns: u64,
+    max: usize,
+    write: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+) -> Result<(u8, Bytes), E> {
+    let mut out = vec![0u8; 8 + max];
+    out[..8].copy_from_slice(&accepted_ns.to_le_bytes());
+    let n = write(&mut out[8..])?;
+    out.truncate(8 + n);
+    Ok((kind | TIMED, Bytes::from(out)))
+}
+
+/// A replayed record's kind without the `TIMED` bit, its acceptance time if it has one, and
+/// its body.
+pub fn split_timed(kind: u8, payload: &[u8]) -> (u8, Option<u64>, &[u8]) {
+    match payload.split_first_chunk::<8>() {
+        Some((at, rest)) if kind & TIMED != 0 => {
+            (kind & !TIMED, Some(u64::from_le_bytes(*at)), rest)
+        }
+        _ => (kind & !TIMED, None, payload),
+    }
+}
 /// Requests waiting for the writer before exports are refused (retryably).
 const QUEUE: usize = 4096;
 /// A group stops growing here, so one sync never waits behind an unbounded write.
@@ -418,8 +452,6 @@ pub struct ReplayStats {
     /// Damaged records (or runs of them) with readable records after them: corruption, not a
     /// torn tail. Skipped; the segment is copied aside as `*.wal.corrupt`.
     pub corrupt: u64,
-    /// Segments that held such damage.
-    pub corrupt_segments: Vec<u64>,
 }
 
 /// Where the next record starts after a damaged one at `off`, if the damage spared its length
@@ -460,6 +492,7 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
             HEADER_LEN
         };
         let mut off = usize::try_from(start).unwrap_or(usize::MAX);
+        let mut copied_aside = false;
         while off < data.len() {
             match decode_record(&data[off..]) {
                 Some((version, kind, payload, used)) => {
@@ -482,12 +515,12 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
                         // Readable records follow: this is damage, not a write cut short.
                         // Keep a copy of the segment as it is, skip the damage, go on.
                         let aside = path.with_extension("wal.corrupt");
-                        if stats.corrupt_segments.last() != Some(&seq) {
+                        if !copied_aside {
+                            copied_aside = true;
                             // A copy that fails (a full disk) must not stop the start.
                             if let Err(e) = std::fs::copy(&path, &aside) {
                                 tracing::error!(error = %e, "could not copy the damaged segment aside");
                             }
-                            stats.corrupt_segments.push(seq);
                         }
                         tracing::error!(
                             path = %path.display(),

@@ -351,77 +351,83 @@ impl Config {
     }
 }
 
-/// The per-point limits, each at least what normal spanmetrics needs.
+/// The per-point limits, each at least what normal spanmetrics needs and at most what keeps
+/// the per-point work they bound small.
 fn input_limits(raw: &RawLimits) -> Result<InputLimits, ConfigError> {
-    let d = InputLimits::default();
-    // The upper bound keeps the per-point work of a limit that is meant to bound it small.
-    let at_least = |key: &str, v: Option<usize>, default: usize, min: usize| match v {
-        Some(v) if v < min || v > 1 << 20 => Err(ConfigError::Invalid {
-            key: format!("limits.{key}"),
-            reason: format!("must be between {min} and {}", 1 << 20),
-        }),
-        v => Ok(v.unwrap_or(default)),
+    /// `v` (else `default`), refused outside `min..=max`.
+    fn within(
+        key: &str,
+        v: Option<u64>,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        match v {
+            Some(v) if v < min || v > max => Err(ConfigError::Invalid {
+                key: format!("limits.{key}"),
+                reason: format!("must be between {min} and {max}"),
+            }),
+            v => Ok(v.unwrap_or(default)),
+        }
+    }
+    let size = |key: &str, v: Option<usize>, default: usize, min: u64, max: u64| {
+        within(key, v.map(|v| v as u64), default as u64, min, max).map(|v| v as usize)
     };
-    let a = d.attributes;
-    let skew = raw.max_future_skew.map_or(d.max_future_skew_ns, |s| {
-        s.as_nanos().min(u128::from(u64::MAX)) as u64
-    });
+    let d = InputLimits::default();
     let mut out = d;
-    out.attributes.max_attributes = at_least(
+    // Points are checked for attribute names that collide: the count stays small.
+    out.attributes.max_attributes = size(
         "max_attributes_per_point",
         raw.max_attributes_per_point,
-        a.max_attributes,
+        d.attributes.max_attributes,
         16,
+        1024,
     )?;
-    if out.attributes.max_attributes > 1024 {
-        return Err(ConfigError::Invalid {
-            key: "limits.max_attributes_per_point".into(),
-            reason: "must be at most 1024 (points are checked for names that collide)".into(),
-        });
-    }
-    out.attributes.max_name_len = at_least(
+    out.attributes.max_name_len = size(
         "max_label_name_length",
         raw.max_label_name_length,
-        a.max_name_len,
+        d.attributes.max_name_len,
         32,
+        1 << 20,
     )?;
-    out.attributes.max_value_len = at_least(
+    out.attributes.max_value_len = size(
         "max_label_value_length",
         raw.max_label_value_length,
-        a.max_value_len,
+        d.attributes.max_value_len,
         64,
+        1 << 20,
     )?;
-    out.max_metric_name_len = at_least(
+    out.max_metric_name_len = size(
         "max_metric_name_length",
         raw.max_metric_name_length,
         d.max_metric_name_len,
         64,
+        1 << 20,
     )?;
-    out.max_buckets = at_least(
+    out.max_buckets = size(
         "max_buckets_per_point",
         raw.max_buckets_per_point,
         d.max_buckets,
         2,
+        1 << 20,
     )?;
-    out.max_future_skew_ns = skew;
-    out.max_points_per_request = raw
-        .max_points_per_request
-        .unwrap_or(d.max_points_per_request);
-    if out.max_points_per_request < 1000 {
-        return Err(ConfigError::Invalid {
-            key: "limits.max_points_per_request".into(),
-            reason: "must be at least 1000".into(),
-        });
-    }
-    out.max_decode_memory = raw
-        .max_decode_memory
-        .map_or(d.max_decode_memory, |b| b.as_u64());
-    if out.max_decode_memory < 16 << 20 {
-        return Err(ConfigError::Invalid {
-            key: "limits.max_decode_memory".into(),
-            reason: "must be at least 16MiB".into(),
-        });
-    }
+    out.max_future_skew_ns = raw.max_future_skew.map_or(d.max_future_skew_ns, |s| {
+        s.as_nanos().min(u128::from(u64::MAX)) as u64
+    });
+    out.max_points_per_request = within(
+        "max_points_per_request",
+        raw.max_points_per_request,
+        d.max_points_per_request,
+        1000,
+        u64::MAX,
+    )?;
+    out.max_decode_memory = within(
+        "max_decode_memory",
+        raw.max_decode_memory.map(|b| b.as_u64()),
+        d.max_decode_memory,
+        16 << 20,
+        u64::MAX,
+    )?;
     Ok(out)
 }
 

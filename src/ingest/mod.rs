@@ -305,44 +305,29 @@ impl Ingestor {
             req: req.clone(),
             projection: self.projection.clone(),
         });
-        let mut failed = None;
-        let mut waits = Vec::new();
-        for (shard, part) in parts.into_iter().enumerate() {
-            if part.points.is_empty() {
-                continue;
-            }
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let batch = Batch {
-                families: prepared.families.clone(),
-                layouts: prepared.layouts.clone(),
-                counts: part.counts,
-                points: part.points,
-                labels: resolver.clone(),
-                overflow: false,
-                now_ns: at,
-                done: Box::new(move |r: BatchResult| {
-                    let _ = tx.send(r);
-                }),
-            };
-            if let Err(e) = self.send(shard, batch).await {
-                failed = Some(e);
-                break;
-            }
-            waits.push(rx);
-        }
-        let sent = !waits.is_empty();
+        let batches = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, part)| !part.points.is_empty())
+            .map(|(shard, part)| {
+                let batch = Batch {
+                    families: prepared.families.clone(),
+                    layouts: prepared.layouts.clone(),
+                    counts: part.counts,
+                    points: part.points,
+                    labels: resolver.clone(),
+                    overflow: false,
+                    now_ns: at,
+                    done: Box::new(|_| {}),
+                };
+                (shard, batch)
+            });
+        let (results, sent, mut failed) = self.dispatch(batches).await;
         let mut total = BatchResult::default();
         let mut redirects = Vec::new();
-        for rx in waits {
-            match rx.await {
-                Ok(mut r) => {
-                    total.add(&r);
-                    redirects.extend(r.redirect.take().map(|b| *b));
-                }
-                Err(_) => {
-                    failed.get_or_insert(IngestError::ShuttingDown);
-                }
-            }
+        for mut r in results {
+            total.add(&r);
+            redirects.extend(r.redirect.take().map(|b| *b));
         }
         if !redirects.is_empty() {
             let (r, err) = self
@@ -354,6 +339,39 @@ impl Ingestor {
             }
         }
         (total, sent, failed)
+    }
+
+    /// Sends each batch to its shard and waits for every one that was sent. Returns their
+    /// results, whether any was sent (and so may be applied), and the first error: after one,
+    /// no more are sent, but those already sent are always waited for.
+    async fn dispatch(
+        &self,
+        batches: impl Iterator<Item = (usize, Batch)>,
+    ) -> (Vec<BatchResult>, bool, Option<IngestError>) {
+        let mut failed = None;
+        let mut waits = Vec::new();
+        for (shard, mut batch) in batches {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            batch.done = Box::new(move |r: BatchResult| {
+                let _ = tx.send(r);
+            });
+            if let Err(e) = self.send(shard, batch).await {
+                failed = Some(e);
+                break;
+            }
+            waits.push(rx);
+        }
+        let sent = !waits.is_empty();
+        let mut results = Vec::with_capacity(waits.len());
+        for rx in waits {
+            match rx.await {
+                Ok(r) => results.push(r),
+                Err(_) => {
+                    failed.get_or_insert(IngestError::ShuttingDown);
+                }
+            }
+        }
+        (results, sent, failed)
     }
 
     async fn send(&self, shard: usize, mut batch: Batch) -> Result<(), IngestError> {

@@ -61,10 +61,7 @@ impl Ingestor {
         }
         self.telemetry.overflowed(overflowed);
         let labels = Arc::new(OverflowLabels { services });
-        let mut waits = Vec::new();
-        let mut failed = None;
-        for (shard, part) in parts {
-            let (tx, rx) = tokio::sync::oneshot::channel();
+        let batches = parts.into_iter().map(|(shard, part)| {
             let batch = Batch {
                 families: families.clone(),
                 layouts: layouts.clone(),
@@ -73,24 +70,14 @@ impl Ingestor {
                 labels: labels.clone(),
                 overflow: true,
                 now_ns: at,
-                done: Box::new(move |r: BatchResult| {
-                    let _ = tx.send(r);
-                }),
+                done: Box::new(|_| {}),
             };
-            if let Err(e) = self.send(shard, batch).await {
-                failed = Some(e);
-                break;
-            }
-            waits.push(rx);
-        }
+            (shard, batch)
+        });
+        let (results, _, failed) = self.dispatch(batches).await;
         let mut total = BatchResult::default();
-        for rx in waits {
-            match rx.await {
-                Ok(r) => total.add(&r),
-                Err(_) => {
-                    failed.get_or_insert(IngestError::ShuttingDown);
-                }
-            }
+        for r in &results {
+            total.add(r);
         }
         (total, failed)
     }

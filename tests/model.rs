@@ -9,15 +9,20 @@ use std::sync::Arc;
 
 use spanagg::aggregate::key::{FamilyDesc, Kind, SetHash};
 use spanagg::aggregate::series::{Point, PointValue, SeriesValue, Temporality};
-use spanagg::aggregate::shard::{Batch, BatchResult, LabelResolver, Outcome, ShardConfig};
+use spanagg::aggregate::shard::{
+    Batch, BatchResult, LabelRef, LabelResolver, Outcome, ShardConfig,
+};
 use spanagg::aggregate::table::Table;
 
 const BOUNDS: [f64; 4] = [1.0, 5.0, 10.0, 50.0];
 
 struct RouteLabels;
 impl LabelResolver for RouteLabels {
-    fn labels(&self, r: [u32; 4]) -> Vec<(String, String)> {
-        vec![("route".into(), format!("r{}", r[0]))]
+    fn labels(&self, r: LabelRef) -> Option<Vec<(String, String)>> {
+        let LabelRef::Entry(route) = r else {
+            return None;
+        };
+        Some(vec![("route".into(), format!("r{route}"))])
     }
 }
 
@@ -82,7 +87,7 @@ fn send(table: &Table, deltas: &[Delta]) -> BatchResult {
                 source,
                 resource: 0,
                 family: fi as u32,
-                label_ref: [d.route, 0, 0, 0],
+                label_ref: LabelRef::Entry(d.route),
                 start_ns: d.start,
                 end_ns: d.end,
                 temporality: Temporality::Delta,

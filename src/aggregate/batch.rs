@@ -6,10 +6,25 @@ use std::sync::Arc;
 use super::key::FamilyDesc;
 use super::series::Point;
 
-/// Turns a point's opaque `label_ref` into output labels (sanitised keys, sorted). Called only
-/// when a point creates a new series, so the hot path never builds labels.
+/// Where a point's labels come from, for its batch's resolver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelRef {
+    /// A data point of an OTLP request, by its indexes along the request's nesting.
+    Otlp {
+        resource: u32,
+        scope: u32,
+        metric: u32,
+        point: u32,
+    },
+    /// An entry of the resolver's own list (the services of overflow series).
+    Entry(u32),
+}
+
+/// Turns a point's `label_ref` into output labels (sanitised keys, sorted). Called only when a
+/// point creates a new series, so the hot path never builds labels. `None` when the handle is
+/// not one this resolver made (a bug: the point is refused as `internal_error`).
 pub trait LabelResolver: Send + Sync {
-    fn labels(&self, label_ref: [u32; 4]) -> Vec<(String, String)>;
+    fn labels(&self, label_ref: LabelRef) -> Option<Vec<(String, String)>>;
 }
 
 /// Points for one shard from one request, and how to report back.

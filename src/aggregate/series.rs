@@ -1,6 +1,7 @@
 //! Values: points as the core receives them, output series, and per-source state (the
 //! exactly-once window of a delta stream, or the last values of a cumulative one).
 
+use super::batch::LabelRef;
 use super::key::Labels;
 
 /// A validated value of one data point. Histogram counts live in the batch's arena.
@@ -36,8 +37,8 @@ pub struct Point {
     pub resource: u64,
     /// Index into the batch's families.
     pub family: u32,
-    /// Opaque handle the batch's label resolver turns into labels for a new series.
-    pub label_ref: [u32; 4],
+    /// What the batch's label resolver turns into labels for a new series.
+    pub label_ref: LabelRef,
     pub start_ns: u64,
     pub end_ns: u64,
     pub temporality: Temporality,
@@ -211,21 +212,6 @@ pub enum CumulativeValue {
         count: u64,
     },
 }
-
-/// A cumulative source stream: its last point, and when it was last seen (shard clock).
-#[derive(Debug, Clone, PartialEq)]
-pub struct CumulativeSource {
-    pub last: CumulativeState,
-    pub touched: u32,
-    /// Id of the series it feeds; `NO_SERIES` until its first delta created or reached one.
-    pub series: u32,
-    /// The stored output key of its points: where a checkpoint row of it must go back to,
-    /// even while it feeds no series (0: unknown).
-    pub key: u128,
-}
-
-/// A cumulative source that has only been baselined feeds no series yet.
-pub const NO_SERIES: u32 = u32::MAX;
 
 /// The difference between two cumulative points, or why there is none.
 #[derive(Debug, Clone, PartialEq)]

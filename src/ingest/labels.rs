@@ -22,7 +22,7 @@ use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use super::reason::Reason;
 use crate::aggregate::key::SetHash;
 use crate::aggregate::naming::output_label_name;
-use crate::aggregate::shard::LabelResolver;
+use crate::aggregate::shard::{LabelRef, LabelResolver};
 
 /// Which attributes become output labels.
 #[derive(Debug)]
@@ -376,39 +376,35 @@ pub struct RequestLabels {
 }
 
 impl LabelResolver for RequestLabels {
-    fn labels(&self, [ri, si, mi, pi]: [u32; 4]) -> Vec<(String, String)> {
-        let Some(rm) = self.req.resource_metrics.get(ri as usize) else {
-            return Vec::new();
-        };
-        let Some(metric) = rm
-            .scope_metrics
-            .get(si as usize)
-            .and_then(|sm| sm.metrics.get(mi as usize))
+    fn labels(&self, label_ref: LabelRef) -> Option<Vec<(String, String)>> {
+        let LabelRef::Otlp {
+            resource,
+            scope,
+            metric,
+            point,
+        } = label_ref
         else {
-            return Vec::new();
+            return None;
         };
+        let rm = self.req.resource_metrics.get(resource as usize)?;
+        let metric = rm
+            .scope_metrics
+            .get(scope as usize)?
+            .metrics
+            .get(metric as usize)?;
+        let pi = point as usize;
         let (attrs, histogram): (&[KeyValue], bool) = match &metric.data {
-            Some(Data::Sum(s)) => (
-                s.data_points
-                    .get(pi as usize)
-                    .map_or(&[], |p| &p.attributes),
-                false,
-            ),
-            Some(Data::Histogram(h)) => (
-                h.data_points
-                    .get(pi as usize)
-                    .map_or(&[], |p| &p.attributes),
-                true,
-            ),
-            _ => (&[], false),
+            Some(Data::Sum(s)) => (&s.data_points.get(pi)?.attributes, false),
+            Some(Data::Histogram(h)) => (&h.data_points.get(pi)?.attributes, true),
+            _ => return None,
         };
         let resource: &[KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes[..]);
-        canonical(
+        Some(canonical(
             histogram,
             &self.projection.kept_resource(resource),
             attrs,
             &self.projection,
-        )
+        ))
     }
 }
 

@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 pub use super::labels::{value_str, Projection, Relabeled, RequestLabels};
 use super::labels::{AttributeLimits, Keyer, ResourcePart};
 pub use super::reason::{Reason, Rejections};
+use crate::aggregate::batch::LabelRef;
 use crate::aggregate::key::{source_seed, FamilyDesc, Kind, SetHash};
 use crate::aggregate::layout::{BucketLayout, LayoutError};
 use crate::aggregate::naming::family_name;
@@ -142,7 +143,7 @@ pub fn prepare(
                     resource: identity.finish(0) as u64,
                     family,
                     temporality,
-                    label_ref: [ri as u32, si as u32, mi as u32, 0],
+                    at: [ri as u32, si as u32, mi as u32],
                     latest_end,
                     max_buckets: limits.max_buckets,
                 };
@@ -303,10 +304,24 @@ struct MetricCtx<'a> {
     resource: u64,
     family: u32,
     temporality: Temporality,
-    label_ref: [u32; 4],
+    /// The metric's indexes in the request (resource, scope, metric), for its points' labels.
+    at: [u32; 3],
     /// Points ending after this are refused as `future`.
     latest_end: u64,
     max_buckets: usize,
+}
+
+impl MetricCtx<'_> {
+    /// The label handle of the metric's point `pi`.
+    fn label_ref(&self, pi: usize) -> LabelRef {
+        let [resource, scope, metric] = self.at;
+        LabelRef::Otlp {
+            resource,
+            scope,
+            metric,
+            point: pi as u32,
+        }
+    }
 }
 
 /// Checks timestamps and computes (output key, source key). Timestamps first: a point from a
@@ -365,8 +380,7 @@ fn number_point<'r>(
         p.start_time_unix_nano,
         p.time_unix_nano,
     )?;
-    let mut label_ref = ctx.label_ref;
-    label_ref[3] = pi as u32;
+    let label_ref = ctx.label_ref(pi);
     let fp = fingerprint(std::iter::once(match value {
         PointValue::Int(i) => i,
         PointValue::Float(f) => f.to_bits() ^ 1 << 63,
@@ -443,8 +457,7 @@ fn histogram_point<'r>(
     let from = target.counts.len() as u32;
     target.counts.extend_from_slice(&p.bucket_counts);
     let to = target.counts.len() as u32;
-    let mut label_ref = ctx.label_ref;
-    label_ref[3] = pi as u32;
+    let label_ref = ctx.label_ref(pi);
     // The count, the sum and the first and last buckets tell two writers' values apart.
     let fp = fingerprint(
         [

@@ -1,7 +1,7 @@
 //! Unit tests of validation, projection and keying (`otlp.rs`).
 
 use super::*;
-use crate::aggregate::shard::LabelResolver;
+use crate::aggregate::shard::{LabelRef, LabelResolver};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     Gauge, Histogram, Metric, ResourceMetrics, ScopeMetrics, Sum,
@@ -144,11 +144,21 @@ fn labels_keep_by_resource_attributes_and_drop_without_point_attributes() {
             true,
         )],
     ));
-    let labels = RequestLabels {
+    let resolver = RequestLabels {
         req,
         projection: Arc::new(projection()),
-    }
-    .labels([0, 0, 0, 0]);
+    };
+    let at = |point| LabelRef::Otlp {
+        resource: 0,
+        scope: 0,
+        metric: 0,
+        point,
+    };
+    let labels = resolver.labels(at(0));
+    // A handle this resolver did not make, or one outside the request, is a bug, not a
+    // series without labels.
+    assert_eq!(resolver.labels(at(1)), None);
+    assert_eq!(resolver.labels(LabelRef::Entry(0)), None);
     let want: Vec<(String, String)> = [
         ("k8s_cluster_name", "eu-1"),
         ("service_name", "checkout"),
@@ -158,7 +168,7 @@ fn labels_keep_by_resource_attributes_and_drop_without_point_attributes() {
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect();
-    assert_eq!(labels, want);
+    assert_eq!(labels, Some(want));
 }
 
 #[test]

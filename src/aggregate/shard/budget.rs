@@ -10,7 +10,20 @@
 //! it has been idle for the TTL (a stream never flips between two series, and a retry of a delta
 //! the overflow series took is still a duplicate).
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ahash::RandomState;
+
+use crate::aggregate::key::SetHash;
+use crate::aggregate::keytable::stored_key;
+use crate::aggregate::quota::{Full, SeriesQuota};
+use crate::aggregate::series::{Point, PointValue};
+
+use super::SERVICE_LABEL;
+use crate::aggregate::batch::{Batch, LabelRef, LabelResolver};
+
+type Map<K, V> = HashMap<K, V, RandomState>;
 
 /// This shard's share of the limits enforced per shard (series budgets are shared instead,
 /// see `quota.rs`).
@@ -46,13 +59,6 @@ pub struct ServiceUse {
     touched: u32,
 }
 
-#[derive(Debug, Default)]
-pub(super) struct Budget {
-    pub(super) services: Map<Box<str>, ServiceUse>,
-    /// Source streams sent to overflow series.
-    sticky: Map<u128, Sticky>,
-}
-
 /// A source stream that goes to an overflow series until it is idle for the TTL.
 #[derive(Debug, Clone)]
 struct Sticky {
@@ -66,8 +72,8 @@ struct Sticky {
     target: Option<Box<str>>,
 }
 
-/// What the budgets say about one point (see `ShardState::admit`).
-pub(super) enum Admit {
+/// What the budgets say about one point (see [`Budget::admit`]).
+pub enum Admit {
     /// Its series exists, there is room for it, or it feeds an overflow series: apply it.
     Go,
     /// Send it on to the overflow series of this service ("" is the global one).
@@ -77,110 +83,110 @@ pub(super) enum Admit {
 /// Points a shard hands back for their service's overflow series.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Redirect {
-    /// The points as they came, but `label_ref[0]` indexes `services` and histogram ranges
-    /// index `counts`.
+    /// The points as they came, but each `label_ref` is `LabelRef::Entry` of `services` and
+    /// histogram ranges index `counts`.
     pub points: Vec<Point>,
     pub counts: Vec<u64>,
     pub services: Vec<Box<str>>,
     /// Index into `services`, so a batch of many services stays linear.
-    index: HashMap<Box<str>, u32, ahash::RandomState>,
+    index: Map<Box<str>, u32>,
 }
 
-/// The `service_name` label of a point, as its new series would get it.
-fn service_of(batch: &Batch, p: &Point) -> Box<str> {
-    service_in(&batch.labels.labels(p.label_ref)).into()
+/// The budgets of one shard.
+pub struct Budget {
+    services: Map<Box<str>, ServiceUse>,
+    /// Source streams sent to overflow series.
+    sticky: Map<u128, Sticky>,
+    /// The series budgets all shards draw from.
+    quota: Arc<SeriesQuota>,
+    limits: ShardLimits,
 }
 
-impl ShardState {
-    /// Per-service use of this shard.
-    pub fn service_use(&self) -> impl Iterator<Item = (&str, ServiceUse)> {
-        self.budget.services.iter().map(|(k, v)| (&**k, *v))
-    }
-
-    /// Series, source streams and overflowed points per service (one pass over the series).
-    pub fn service_lines(&self) -> Vec<super::super::table::ServiceLine> {
-        let mut streams: Map<&str, u64> = Map::default();
-        for (s, n) in self.series_with_sources() {
-            *streams.entry(self.service(&s.labels)).or_default() += u64::from(n);
+impl Budget {
+    pub fn new(quota: Arc<SeriesQuota>, limits: ShardLimits) -> Self {
+        Self {
+            services: Map::default(),
+            sticky: Map::default(),
+            quota,
+            limits,
         }
-        self.budget
-            .services
-            .iter()
-            .map(|(k, u)| super::super::table::ServiceLine {
-                service: k.clone(),
-                series: u.series,
-                streams: streams.get(&**k).copied().unwrap_or(0),
-                overflowed: u.overflowed,
-            })
-            .collect()
     }
 
-    /// This shard's share of the budgets.
+    /// Per-service use of this shard.
+    pub fn services(&self) -> impl Iterator<Item = (&str, ServiceUse)> {
+        self.services.iter().map(|(k, v)| (&**k, *v))
+    }
+
     pub fn limits(&self) -> ShardLimits {
-        self.cfg.limits
+        self.limits
     }
 
     /// `limits.max_series_per_service`, as the shared quota enforces it.
     pub fn series_budget(&self) -> u64 {
-        self.cfg.quota.per_service()
+        self.quota.per_service()
     }
 
-    /// What the series budgets say about `p`. A stream already sent to an overflow series
-    /// keeps going there; a point that would create a series goes on if the shared quota
-    /// (`quota.rs`) has room (the series is counted when it is created), else to its service's
-    /// overflow series (the service is at its limit) or to the one global overflow series,
-    /// service "" (all services are at `max_series`).
-    pub(super) fn admit(&self, batch: &Batch, p: &Point) -> Admit {
+    /// What the series budgets say about `p`, whose series exists if `exists`; `service`
+    /// names the service its new series would have. A stream already sent to an overflow
+    /// series keeps going there; a point that would create a series goes on if the shared
+    /// quota (`quota.rs`) has room (the series is counted when it is created), else to its
+    /// service's overflow series (the service is at its limit) or to the one global overflow
+    /// series, service "" (all services are at `max_series`).
+    pub fn admit(
+        &self,
+        batch: &Batch,
+        p: &Point,
+        exists: bool,
+        service: impl Fn() -> Box<str>,
+    ) -> Admit {
         if batch.overflow {
             return Admit::Go;
         }
-        if !self.budget.sticky.is_empty() {
-            if let Some(s) = self.budget.sticky.get(&stored_key(p.source)) {
-                return Admit::Overflow(match &s.target {
-                    Some(t) => t.clone(),
-                    None => service_of(batch, p),
-                });
+        if !self.sticky.is_empty() {
+            if let Some(s) = self.sticky.get(&stored_key(p.source)) {
+                return Admit::Overflow(s.target.clone().unwrap_or_else(&service));
             }
         }
-        if self.series.get(p.series).is_some() {
+        if exists {
             return Admit::Go;
         }
-        let service = service_of(batch, p);
-        match self.cfg.quota.fits(&service) {
+        let service = service();
+        match self.quota.fits(&service) {
             Ok(()) => Admit::Go,
             Err(Full::Service) => Admit::Overflow(service),
             Err(Full::Global) => Admit::Overflow("".into()),
         }
     }
 
-    /// Hands `p` back for the overflow series of `service`.
-    pub(super) fn redirect(
+    /// Hands `p` back for the overflow series of `service`, and marks its stream sticky.
+    pub fn redirect(
         &mut self,
         batch: &Batch,
         p: &Point,
         service: Box<str>,
         out: &mut Redirect,
+        clock: u32,
     ) {
         let sticky = Sticky {
             series: stored_key(p.series),
-            touched: self.clock,
+            touched: clock,
             target: Some(service.clone()),
         };
-        self.budget.sticky.insert(stored_key(p.source), sticky);
-        let clock = self.clock;
-        let u = self.budget.services.entry(service.clone()).or_default();
+        self.sticky.insert(stored_key(p.source), sticky);
+        let u = self.services.entry(service.clone()).or_default();
         u.overflowed += 1;
         u.touched = clock;
         let idx = match out.index.get(&service) {
-            Some(&i) => i as usize,
+            Some(&i) => i,
             None => {
-                out.index.insert(service.clone(), out.services.len() as u32);
+                let i = out.services.len() as u32;
+                out.index.insert(service.clone(), i);
                 out.services.push(service);
-                out.services.len() - 1
+                i
             }
         };
         let mut q = p.clone();
-        q.label_ref = [idx as u32, 0, 0, 0];
+        q.label_ref = LabelRef::Entry(idx);
         if let PointValue::Histogram { counts, .. } = &mut q.value {
             let from = out.counts.len() as u32;
             out.counts.extend_from_slice(
@@ -194,41 +200,39 @@ impl ShardState {
         out.points.push(q);
     }
 
-    /// Whether a new source stream would pass this shard's stream budget.
-    pub(super) fn stream_room(&self) -> bool {
-        (self.sources_len() as u64) < self.cfg.limits.streams
+    /// Whether one more source stream, beside `streams`, passes this shard's stream budget.
+    pub fn stream_room(&self, streams: usize) -> bool {
+        (streams as u64) < self.limits.streams
     }
 
     /// Counts a new series of `service` (an overflow series, in the shard's use only: the
     /// shared quota does not count those, see `quota.rs`).
-    pub(super) fn series_added(&mut self, service: &str, overflow: bool) {
+    pub fn series_added(&mut self, service: &str, overflow: bool, clock: u32) {
         if !overflow {
-            self.cfg.quota.force(service);
+            self.quota.force(service);
         }
-        match self.budget.services.get_mut(service) {
+        match self.services.get_mut(service) {
             Some(u) => u.series += 1,
             None => {
-                self.budget.services.insert(
-                    service.into(),
-                    ServiceUse {
-                        series: 1,
-                        overflowed: 0,
-                        touched: self.clock,
-                    },
-                );
+                let u = ServiceUse {
+                    series: 1,
+                    overflowed: 0,
+                    touched: clock,
+                };
+                self.services.insert(service.into(), u);
             }
         }
     }
 
     /// Counts a series of `service` gone; `overflow` as it was added.
-    pub(super) fn series_gone(&mut self, service: &str, overflow: bool) {
+    pub fn series_gone(&mut self, service: &str, overflow: bool) {
         if !overflow {
-            self.cfg.quota.give_back(service);
+            self.quota.give_back(service);
         }
-        if let Some(u) = self.budget.services.get_mut(service) {
+        if let Some(u) = self.services.get_mut(service) {
             u.series = u.series.saturating_sub(1);
             if u.series == 0 && u.overflowed == 0 {
-                self.budget.services.remove(service);
+                self.services.remove(service);
             }
         }
     }
@@ -236,30 +240,26 @@ impl ShardState {
     /// Source streams that go to overflow series (stored keys), the stored output key of their
     /// points, and whether they go to the global overflow series.
     pub fn sticky_streams(&self) -> impl Iterator<Item = (u128, u128, bool)> + '_ {
-        self.budget
-            .sticky
+        self.sticky
             .iter()
             .map(|(k, s)| (*k, s.series, s.target.as_deref() == Some("")))
     }
 
     /// Marks a stream as going to an overflow series (as a checkpoint recorded it).
-    pub fn restore_sticky(&mut self, source: u128, series: u128, global: bool) {
+    pub fn restore_sticky(&mut self, source: u128, series: u128, global: bool, clock: u32) {
         let sticky = Sticky {
             series: stored_key(series),
-            touched: self.clock,
+            touched: clock,
             target: global.then(|| "".into()),
         };
-        self.budget.sticky.insert(stored_key(source), sticky);
+        self.sticky.insert(stored_key(source), sticky);
     }
 
-    /// Forgets sticky streams idle for longer than the TTL, and services with no series whose
-    /// last overflowed point is as old.
-    pub(super) fn sweep_sticky(&mut self) {
-        let (now, ttl) = (self.clock, self.cfg.ttl_secs);
-        let idle = |touched: u32| now.saturating_sub(touched) > ttl;
-        self.budget.sticky.retain(|_, s| !idle(s.touched));
-        self.budget
-            .services
+    /// Forgets sticky streams `idle` says were not seen within the TTL, and services with no
+    /// series whose last overflowed point is as old.
+    pub fn sweep(&mut self, idle: impl Fn(u32) -> bool) {
+        self.sticky.retain(|_, s| !idle(s.touched));
+        self.services
             .retain(|_, u| u.series > 0 || !idle(u.touched));
     }
 }
@@ -272,22 +272,22 @@ pub struct OverflowLabels {
 pub use crate::aggregate::naming::OVERFLOW_LABEL;
 
 /// Whether a series with these label names is an overflow series.
-pub(super) fn is_overflow<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+pub fn is_overflow<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
     names.any(|k| k == OVERFLOW_LABEL)
 }
 
 impl LabelResolver for OverflowLabels {
-    fn labels(&self, label_ref: [u32; 4]) -> Vec<(String, String)> {
-        let service = self
-            .services
-            .get(label_ref[0] as usize)
-            .map_or("", |s| &**s);
+    fn labels(&self, label_ref: LabelRef) -> Option<Vec<(String, String)>> {
+        let LabelRef::Entry(i) = label_ref else {
+            return None;
+        };
+        let service = self.services.get(i as usize)?;
         let mut labels = vec![(OVERFLOW_LABEL.to_owned(), "true".to_owned())];
         // An empty value is no label, as for every other series.
         if !service.is_empty() {
-            labels.push((SERVICE_LABEL.to_owned(), service.to_owned()));
+            labels.push((SERVICE_LABEL.to_owned(), service.to_string()));
         }
-        labels
+        Some(labels)
     }
 }
 

@@ -1,4 +1,6 @@
-//! Unit tests of one shard's interned tables under hostile layouts and churn (`shard.rs`).
+//! Unit tests of one shard's interned tables under hostile layouts and churn.
+
+use std::sync::Arc;
 
 use super::*;
 use crate::ingest::otlp::Projection;
@@ -122,4 +124,26 @@ fn a_broken_invariant_is_an_internal_error_not_the_clients_layout_mismatch() {
     assert_eq!(r.get(Outcome::InternalError), 1);
     assert_eq!(r.get(Outcome::LayoutMismatch), 0);
     assert_eq!(r.get(Outcome::Applied), 1, "the other point is applied");
+}
+
+#[test]
+fn a_label_handle_the_resolver_did_not_make_is_an_internal_error_and_creates_nothing() {
+    let quota = Arc::new(crate::aggregate::quota::SeriesQuota::new(1000, 1000));
+    let mut s = shard(ShardConfig {
+        quota: quota.clone(),
+        ..ShardConfig::default()
+    });
+    let mut b = batch(3, false, T, |_| {});
+    // An overflow handle in an OTLP batch: its resolver cannot name the series.
+    b.points[0].label_ref = LabelRef::Entry(0);
+    let r = s.apply(&b);
+    assert_eq!(r.get(Outcome::InternalError), 1);
+    assert_eq!(r.get(Outcome::Applied), 2);
+    assert_eq!(s.series_len(), 2, "no series without labels");
+    assert_eq!(quota.usage().0, 2);
+    assert_eq!(
+        s.sources_len(),
+        2,
+        "no stream recorded for the refused point"
+    );
 }

@@ -1,9 +1,15 @@
 //! A shard's state as records and back: what a checkpoint writes (every output series and every
-//! source stream with its key) and how a restore rebuilds the shard from them. It sits beside
-//! `shard.rs` because it reads and rebuilds the shard's private tables (ids, interned labels).
+//! source stream with its key) and how a restore rebuilds the shard from them, through the
+//! series store's and the source table's own interfaces.
 
-use super::*;
+use crate::aggregate::key::FamilyDesc;
 use crate::aggregate::layout::BucketLayout;
+use crate::aggregate::series::{BucketCounts, CounterValue, CumulativeState, Series, SeriesValue};
+use crate::aggregate::window::Window;
+
+use super::ids::SeriesIds;
+use super::store::NewSeries;
+use super::{service_in, ShardState};
 
 /// One output series with what it takes to rebuild it.
 pub struct SeriesRecord<'a> {
@@ -36,6 +42,8 @@ pub enum RestoreError {
     Bounds(String),
     #[error("{counts} bucket counts for {bounds} bounds")]
     Shape { counts: usize, bounds: usize },
+    #[error("more series than ids")]
+    Ids,
 }
 
 /// A series value as a checkpoint holds it.
@@ -52,10 +60,11 @@ pub enum ValueRecord<'a> {
 impl ShardState {
     /// Every live series with its key.
     pub fn series_records(&self) -> impl Iterator<Item = SeriesRecord<'_>> {
-        self.series.iter().filter_map(move |(key, _, series)| {
-            let family = self.tables.family(series.family)?;
+        let tables = self.store.tables();
+        self.store.iter().filter_map(move |(key, _, series)| {
+            let family = tables.family(series.family)?;
             let bounds = match &series.value {
-                SeriesValue::Histogram { layout, .. } => self.layout(*layout),
+                SeriesValue::Histogram { layout, .. } => tables.layout(*layout),
                 SeriesValue::Counter(_) => &[],
             };
             Some(SeriesRecord {
@@ -70,30 +79,14 @@ impl ShardState {
     /// Every source stream: its key, the key of the series it feeds (none for a cumulative
     /// stream only baselined, or one whose series expired), and its state.
     pub fn stream_records(&self) -> impl Iterator<Item = (u128, Option<u128>, StreamState)> + '_ {
-        let mut key_of: Vec<Option<u128>> = vec![None; self.ids.len()];
-        for (key, id, _) in self.series.iter() {
-            if let Some(slot) = key_of.get_mut(id as usize) {
+        let mut key_of: Vec<Option<u128>> = vec![None; self.ids.bound()];
+        for (key, id, _) in self.store.iter() {
+            if let Some(slot) = id.and_then(|id| key_of.get_mut(SeriesIds::dense(id))) {
                 *slot = Some(key);
             }
         }
-        let series_key = move |id: u32| key_of.get(id as usize).copied().flatten();
-        let deltas = self
-            .deltas
-            .iter()
-            .map(|(key, id, w)| (key, id, 0, StreamState::Delta(w.clone())));
-        // A cumulative stream knows its output key even while it feeds no series (only
-        // baselined), so its row goes back to the shard its points go to.
-        let cumulative = self.cumulative.iter().map(|(key, s)| {
-            let state = StreamState::Cumulative {
-                last: s.last.clone(),
-                feeds: s.series != NO_SERIES,
-            };
-            (*key, s.series, s.key, state)
-        });
-        deltas.chain(cumulative).map(move |(key, id, own, state)| {
-            let series = series_key(id).or((own != 0).then_some(own));
-            (key, series, state)
-        })
+        self.sources
+            .records(move |id| key_of.get(SeriesIds::dense(id)).copied().flatten())
     }
 
     /// Rebuilds one series. Labels may come in any order.
@@ -106,7 +99,7 @@ impl ShardState {
         created_ns: u64,
         updated_ns: u64,
     ) -> Result<(), RestoreError> {
-        if self.series.get(key).is_some() {
+        if self.store.get(key).is_some() {
             return Err(RestoreError::Duplicate(key));
         }
         let value = match value {
@@ -125,40 +118,32 @@ impl ShardState {
                     });
                 }
                 SeriesValue::Histogram {
-                    layout: {
-                        let id = self.tables.layout_id(bounds);
-                        self.tables.hold_layout(id);
-                        id
-                    },
+                    layout: self.store.layout_id(bounds),
                     counts: BucketCounts::from_counts(counts),
                     sum,
                     input_buckets,
                 }
             }
         };
-        let fam = self.tables.restore_family(family);
         labels.sort_unstable();
-        let keys = self.tables.hold_key_set(&mut self.strings, labels);
-        let service = service_in(labels).to_owned();
-        // A restored series exists whatever the limits say now.
-        self.series_added(
-            &service,
-            budget::is_overflow(labels.iter().map(|(k, _)| &k[..])),
-        );
-        let values = labels
-            .iter()
-            .map(|(_, v)| self.strings.acquire(v))
-            .collect();
-        let id = self.alloc_id();
-        let series = Series {
-            family: fam,
-            labels: Labels { keys, values },
+        let new = NewSeries {
+            family: self.store.restore_family(family),
+            labels,
+            value,
             created_ns,
             updated_ns,
-            touched: self.clock,
-            value,
         };
-        self.series.insert_tagged(key, id, series);
+        if self
+            .store
+            .create(&mut self.ids, key, new, self.clock)
+            .is_none()
+        {
+            return Err(RestoreError::Ids);
+        }
+        // A restored series exists whatever the limits say now.
+        let overflow = super::budget::is_overflow(labels.iter().map(|(k, _)| &k[..]));
+        self.budget
+            .series_added(service_in(labels), overflow, self.clock);
         Ok(())
     }
 
@@ -169,31 +154,13 @@ impl ShardState {
         series_key: Option<u128>,
         state: StreamState,
     ) -> Result<(), RestoreError> {
-        if self.deltas.get(key).is_some() || self.cumulative.contains_key(&key) {
+        if self.sources.contains(key) {
             return Err(RestoreError::Duplicate(key));
         }
         let feeds = !matches!(state, StreamState::Cumulative { feeds: false, .. });
-        let id = series_key
-            .filter(|_| feeds)
-            .and_then(|k| self.series.get_tagged(k))
-            .map_or(NO_SERIES, |(id, _)| id);
-        if id != NO_SERIES {
-            self.source_added(id);
-        }
-        match state {
-            StreamState::Delta(w) => self.deltas.insert_tagged(key, id, w),
-            StreamState::Cumulative { last, .. } => {
-                self.cumulative.insert(
-                    key,
-                    CumulativeSource {
-                        last,
-                        touched: self.clock,
-                        series: id,
-                        key: series_key.map_or(0, stored_key),
-                    },
-                );
-            }
-        }
+        let id = series_key.filter(|_| feeds).and_then(|k| self.store.id(k));
+        self.sources
+            .restore(&mut self.ids, key, id, series_key, state, self.clock);
         Ok(())
     }
 }

@@ -18,7 +18,6 @@ use crate::aggregate::table::{ShardStats, APPLY_BUCKETS};
 use crate::ingest::otlp::{Reason, Rejections, Relabeled};
 use crate::storage::StorageMetrics;
 
-#[path = "telemetry_budget.rs"]
 mod budget;
 pub use budget::{LimitKind, TOP_SERVICES};
 

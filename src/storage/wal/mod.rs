@@ -30,56 +30,16 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
 use super::{numbered_files, sync_dir, StorageMetrics};
 
-const MAGIC: &[u8; 8] = b"SPANWAL\0";
-const SEGMENT_VERSION: u32 = 1;
-/// Bytes before the first record of a segment.
-pub const HEADER_LEN: u64 = 8 + 4 + 8;
-const RECORD_VERSION: u8 = 1;
-const RECORD_HEADER: usize = 4 + 4 + 1 + 1;
-/// Record kinds: an `ExportMetricsServiceRequest`, as is or Snappy-compressed (the raw
-/// protobuf repeats every attribute key per point and compresses several-fold; writing less is
-/// what keeps the log's cost on ingest small).
-pub const KIND_METRICS: u8 = 1;
-pub const KIND_METRICS_SNAPPY: u8 = 2;
-/// The request body exactly as a client gzip-compressed it (nothing to compress again).
-pub const KIND_METRICS_GZIP: u8 = 3;
-/// Added to a kind: the payload starts with the time the request was accepted (u64 LE ns),
-/// which replay judges it by, however long after the crash it runs.
-pub const TIMED: u8 = 0x10;
+mod format;
+mod replay;
 
-/// A `TIMED` record of `kind`: the acceptance time, then `body`.
-pub fn timed(kind: u8, accepted_ns: u64, body: &[u8]) -> (u8, Bytes) {
-    let mut out = Vec::with_capacity(8 + body.len());
-    out.extend_from_slice(&accepted_ns.to_le_bytes());
-    out.extend_from_slice(body);
-    (kind | TIMED, Bytes::from(out))
-}
+use format::{encode_record, MAGIC, SEGMENT_VERSION};
+pub use format::{
+    segment_state_start, split_timed, timed, timed_with, HEADER_LEN, KIND_METRICS,
+    KIND_METRICS_GZIP, KIND_METRICS_SNAPPY, TIMED,
+};
+pub use replay::{replay, ReplayStats};
 
-/// A `TIMED` record of `kind` whose body `write` puts into the buffer it is given (at most
-/// `max` bytes) and says how many it wrote.
-pub fn timed_with<E>(
-    kind: u8,
-    accepted_ns: u64,
-    max: usize,
-    write: impl FnOnce(&mut [u8]) -> Result<usize, E>,
-) -> Result<(u8, Bytes), E> {
-    let mut out = vec![0u8; 8 + max];
-    out[..8].copy_from_slice(&accepted_ns.to_le_bytes());
-    let n = write(&mut out[8..])?;
-    out.truncate(8 + n);
-    Ok((kind | TIMED, Bytes::from(out)))
-}
-
-/// A replayed record's kind without the `TIMED` bit, its acceptance time if it has one, and
-/// its body.
-pub fn split_timed(kind: u8, payload: &[u8]) -> (u8, Option<u64>, &[u8]) {
-    match payload.split_first_chunk::<8>() {
-        Some((at, rest)) if kind & TIMED != 0 => {
-            (kind & !TIMED, Some(u64::from_le_bytes(*at)), rest)
-        }
-        _ => (kind & !TIMED, None, payload),
-    }
-}
 /// Requests waiting for the writer before exports are refused (retryably).
 const QUEUE: usize = 4096;
 /// A group stops growing here, so one sync never waits behind an unbounded write.
@@ -408,160 +368,6 @@ fn sync_loop(rx: Receiver<SyncJob>, metrics: StorageMetrics, failed: Arc<AtomicB
     }
 }
 
-fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record over 4 GiB"))?;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&[RECORD_VERSION, kind]);
-    crc.update(payload);
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc.finalize().to_le_bytes());
-    buf.push(RECORD_VERSION);
-    buf.push(kind);
-    buf.extend_from_slice(payload);
-    Ok(())
-}
-
-/// The state start recorded in a segment's header.
-pub fn segment_state_start(path: &Path) -> io::Result<u64> {
-    use std::io::Read;
-    let mut header = [0u8; HEADER_LEN as usize];
-    File::open(path)?.read_exact(&mut header)?;
-    parse_header(&header)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a WAL segment"))
-}
-
-/// The state start of a segment that begins with a header this code wrote.
-fn parse_header(data: &[u8]) -> Option<u64> {
-    let header = data.get(..HEADER_LEN as usize)?;
-    let version = u32::from_le_bytes(header[8..12].try_into().ok()?);
-    (&header[..8] == MAGIC && version == SEGMENT_VERSION)
-        .then(|| header[12..20].try_into().ok().map(u64::from_le_bytes))
-        .flatten()
-}
-
-/// What replay found.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReplayStats {
-    /// Records handed to the callback.
-    pub records: u64,
-    /// Torn or corrupt tails cut off (one per segment at most).
-    pub truncated: u64,
-    /// Records skipped because a newer spanagg wrote them (unknown version or kind).
-    pub skipped: u64,
-    /// Damaged records (or runs of them) with readable records after them: corruption, not a
-    /// torn tail. Skipped; the segment is copied aside as `*.wal.corrupt`.
-    pub corrupt: u64,
-}
-
-/// Where the next record starts after a damaged one at `off`, if the damage spared its length
-/// and a readable record follows. No byte-by-byte search for one: payloads hold what clients
-/// sent (gzip bodies as they came), and a record forged inside one must never be replayed. A
-/// damaged record whose length runs past the end, or whose successor does not read, is a torn
-/// tail.
-fn next_readable(data: &[u8], off: usize) -> Option<usize> {
-    let head = data.get(off..off.checked_add(RECORD_HEADER)?)?;
-    let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
-    let next = off.checked_add(RECORD_HEADER)?.checked_add(len)?;
-    (next < data.len() && decode_record(&data[next..]).is_some()).then_some(next)
-}
-
-/// Reads every record at or after `from`, oldest first, truncating torn tails.
-pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::Result<ReplayStats> {
-    let mut stats = ReplayStats::default();
-    for (seq, path) in segments(dir)? {
-        if seq < from.segment {
-            continue;
-        }
-        // Only regular files: a device or FIFO under a segment's name could read forever.
-        if !std::fs::symlink_metadata(&path)?.file_type().is_file() {
-            tracing::warn!(path = %path.display(), "not a regular file: skipped");
-            continue;
-        }
-        let data = std::fs::read(&path)?;
-        if parse_header(&data).is_none() {
-            // Torn while being created (nothing in it was ever acknowledged) or not ours.
-            tracing::warn!(path = %path.display(), "WAL segment without a valid header: set aside");
-            std::fs::rename(&path, path.with_extension("wal.corrupt"))?;
-            stats.truncated += 1;
-            continue;
-        }
-        let start = if seq == from.segment {
-            from.offset.max(HEADER_LEN)
-        } else {
-            HEADER_LEN
-        };
-        let mut off = usize::try_from(start).unwrap_or(usize::MAX);
-        let mut copied_aside = false;
-        while off < data.len() {
-            match decode_record(&data[off..]) {
-                Some((version, kind, payload, used)) => {
-                    if version == RECORD_VERSION
-                        && matches!(
-                            kind & !TIMED,
-                            KIND_METRICS | KIND_METRICS_SNAPPY | KIND_METRICS_GZIP
-                        )
-                        && (kind & TIMED == 0 || payload.len() >= 8)
-                    {
-                        f(kind, payload);
-                        stats.records += 1;
-                    } else {
-                        stats.skipped += 1;
-                    }
-                    off += used;
-                }
-                None => {
-                    if let Some(next) = next_readable(&data, off) {
-                        // Readable records follow: this is damage, not a write cut short.
-                        // Keep a copy of the segment as it is, skip the damage, go on.
-                        let aside = path.with_extension("wal.corrupt");
-                        if !copied_aside {
-                            copied_aside = true;
-                            // A copy that fails (a full disk) must not stop the start.
-                            if let Err(e) = std::fs::copy(&path, &aside) {
-                                tracing::error!(error = %e, "could not copy the damaged segment aside");
-                            }
-                        }
-                        tracing::error!(
-                            path = %path.display(),
-                            offset = off,
-                            skipped_bytes = next - off,
-                            copy = %aside.display(),
-                            "corrupt WAL record with readable records after it: skipped \
-                             (acknowledged requests in it are lost; the segment is copied aside)"
-                        );
-                        stats.corrupt += 1;
-                        off = next;
-                        continue;
-                    }
-                    tracing::warn!(
-                        path = %path.display(),
-                        offset = off,
-                        dropped_bytes = data.len() - off,
-                        "torn WAL tail: truncated (those requests were never acknowledged)"
-                    );
-                    let file = OpenOptions::new().write(true).open(&path)?;
-                    file.set_len(off as u64)?;
-                    file.sync_all()?;
-                    stats.truncated += 1;
-                    break;
-                }
-            }
-        }
-    }
-    Ok(stats)
-}
-
-/// One record at the start of `data`: (version, kind, payload, bytes used), or `None` if it is
-/// short or its CRC does not match.
-fn decode_record(data: &[u8]) -> Option<(u8, u8, &[u8], usize)> {
-    let head = data.get(..RECORD_HEADER)?;
-    let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
-    let body = data.get(8..RECORD_HEADER.checked_add(len)?)?;
-    (crc32fast::hash(body) == crc).then(|| (body[0], body[1], &body[2..], RECORD_HEADER + len))
-}
-
 /// Deletes segments numbered below `before` (covered by checkpoints); returns how many.
 pub fn remove_before(dir: &Path, before: u64) -> io::Result<usize> {
     let mut n = 0;
@@ -578,5 +384,4 @@ pub fn remove_before(dir: &Path, before: u64) -> io::Result<usize> {
 }
 
 #[cfg(test)]
-#[path = "wal_tests.rs"]
 mod tests;

@@ -1,3 +1,4 @@
+use super::format::RECORD_HEADER;
 use super::*;
 use crate::storage::ScratchDir;
 

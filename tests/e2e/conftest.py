@@ -104,6 +104,8 @@ class Prometheus:
     """A real Prometheus server (Debian's package) scraping one target every second."""
 
     def __init__(self, target, internal=False, rule_files=()):
+        """`target`: one address, or a list of them (replicas scraped as one job)."""
+        targets = [target] if isinstance(target, str) else list(target)
         self.dir = tempfile.mkdtemp(prefix="spanagg-prom-")
         self.port = free_port()
         cfg = pathlib.Path(self.dir) / "prometheus.yml"
@@ -112,7 +114,7 @@ class Prometheus:
             text += "rule_files:\n" + "".join(f"  - {f}\n" for f in rule_files)
         text += (
             "scrape_configs:\n  - job_name: spanagg\n    static_configs:\n"
-            f"      - targets: ['{target}']\n"
+            f"      - targets: {targets!r}\n"
         )
         if internal:
             # spanagg's own telemetry, as the alerts and the dashboard expect it.

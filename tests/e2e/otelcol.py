@@ -169,35 +169,41 @@ def sidecar_overrides(endpoint, receiver_port):
 
 
 class Pod:
-    """One pod: the SDK exporting its spans to its own sidecar."""
+    """One pod: the SDK exporting its spans to its own sidecar. With `services`, the sidecar
+    takes the spans of several services (as a node's agent would), each its own SDK."""
 
-    def __init__(self, endpoint, service, i):
-        """A pod of `service` whose sidecar exports to spanagg's gRPC `endpoint`."""
+    def __init__(self, endpoint, service, i, services=None):
+        """A pod of `service` whose sidecar exports to gRPC `endpoint` (spanagg or a tier)."""
         self.service, self.name = service, f"{service}-{i}"
         port = free_port()
         self.sidecar = Collector(
             "sidecar.yaml", sidecar_overrides(endpoint, port), env={"K8S_POD_NAME": self.name}, name=self.name
         )
-        exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True)
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service, "service.instance.id": self.name}))
-        self.provider.add_span_processor(BatchSpanProcessor(exporter))
-        self.tracer = self.provider.get_tracer("shop")
+        self.providers, self.tracers = [], {}
+        for svc in services or [service]:
+            exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True)
+            provider = TracerProvider(resource=Resource.create({"service.name": svc, "service.instance.id": self.name}))
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+            self.providers.append(provider)
+            self.tracers[svc] = provider.get_tracer("shop")
 
-    def span(self, route, ms):
+    def span(self, route, ms, service=None):
         name, kind, method, code, status = route
         attrs = {}
         if method:
             attrs = {"http.request.method": method, "http.response.status_code": code}
         start = time.time_ns()
-        span = self.tracer.start_span(name, kind=kind, attributes=attrs, start_time=start)
+        span = self.tracers[service or self.service].start_span(name, kind=kind, attributes=attrs, start_time=start)
         span.set_status(Status(status))
         span.end(end_time=start + int(ms * 1_000_000))
 
     def flush(self):
-        assert self.provider.force_flush(10_000)
+        for p in self.providers:
+            assert p.force_flush(10_000)
 
     def close(self):
-        self.provider.shutdown()
+        for p in self.providers:
+            p.shutdown()
         self.sidecar.stop()
 
 

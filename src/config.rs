@@ -104,11 +104,17 @@ fn parse_yaml(text: &str) -> Result<RawConfig, String> {
     let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
+        let inner = e.inner().to_string();
         if path == "." {
-            e.inner().to_string()
-        } else {
-            format!("`{path}`: {}", e.inner())
+            return inner;
         }
+        // The YAML error may name the key itself ("grpc_listen: invalid ..."): say it once.
+        let key = path.rsplit('.').next().unwrap_or_default();
+        let reason = inner
+            .strip_prefix(key)
+            .and_then(|r| r.strip_prefix(": "))
+            .unwrap_or(&inner);
+        format!("`{path}`: {reason}")
     })
 }
 

@@ -196,13 +196,23 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 
 fn main() -> std::process::ExitCode {
     // Errors are for operators: one line with its causes, no backtrace.
-    match run(Cli::parse()) {
+    match run(Cli::parse_from(help_args(std::env::args_os()))) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spanagg: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `spanagg help --help` (or `-h`) asks for help on `help`: clap's help subcommand takes only
+/// subcommand names and refuses the flag, so it is dropped and the top-level help printed.
+fn help_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.collect();
+    if args.get(1).is_some_and(|a| a == "help") {
+        args.retain(|a| a != "--help" && a != "-h");
+    }
+    args
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -838,10 +838,16 @@ async fn the_cardinality_report_counts_a_known_workload_exactly() {
         r["services"][0]["top_span_names"].as_array().unwrap().len(),
         3
     );
-    let (_, body) = s.get("/api/v1/cardinality?metric=traces.span.metrics.duration");
-    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(r["totals"]["output_series"], 14);
-    assert_eq!(r["totals"]["source_streams"], 44);
+    // The OTel name, and the names as scraped, select the same series.
+    for metric in [
+        "traces.span.metrics.duration",
+        "traces_span_metrics_duration_milliseconds_bucket",
+    ] {
+        let (_, body) = s.get(&format!("/api/v1/cardinality?metric={metric}"));
+        let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(r["totals"]["output_series"], 14, "{metric}");
+        assert_eq!(r["totals"]["source_streams"], 44, "{metric}");
+    }
 
     // The CLI prints the same report as tables, or as JSON for scripts.
     let url = format!("http://{}", s.http);

@@ -30,9 +30,10 @@ enum Protocol {
 #[derive(Debug, Parser)]
 #[command(name = "spanagg-loadgen", version)]
 struct Args {
-    /// OTLP/HTTP base URL or gRPC endpoint.
-    #[arg(long, default_value = "http://127.0.0.1:4318")]
-    endpoint: String,
+    /// OTLP/HTTP base URL or gRPC endpoint. Default: spanagg's default port for `--protocol`
+    /// (http://127.0.0.1:4318, or http://127.0.0.1:4317 for grpc).
+    #[arg(long)]
+    endpoint: Option<String>,
     #[arg(long, value_enum, default_value = "http")]
     protocol: Protocol,
     /// Pods (distinct source identities).
@@ -119,10 +120,46 @@ struct Counts {
     ok_points: AtomicU64,
     errors: AtomicU64,
     rejected_points: AtomicU64,
+    /// What the first failed request was told, so a run of errors says why.
+    first_error: std::sync::Mutex<Option<String>>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+impl Counts {
+    /// Keeps the first error's text (the request is counted as an error by the caller).
+    fn error(&self, what: String) {
+        if let Ok(mut first) = self.first_error.lock() {
+            first.get_or_insert(what);
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    // One line with its causes, as spanagg reports errors.
+    match generate(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spanagg-loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its sources, joined: transport errors keep their reason in a source.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+fn generate(args: Args) -> anyhow::Result<()> {
     let shape = Shape {
         services: args.services,
         routes: args.routes,
@@ -133,8 +170,15 @@ fn main() -> anyhow::Result<()> {
     let step = args.interval.as_nanos() as u64;
     let base = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64
         - (args.intervals as u64 + 1) * step;
+    let endpoint = args.endpoint.clone().unwrap_or_else(|| {
+        match args.protocol {
+            Protocol::Http => "http://127.0.0.1:4318",
+            Protocol::Grpc => "http://127.0.0.1:4317",
+        }
+        .to_owned()
+    });
     eprintln!(
-        "encoding {} requests ({} pods × {} intervals, {} points each)…",
+        "encoding {} requests ({} pods × {} intervals, {} points each) for {endpoint}…",
         args.pods * args.intervals,
         args.pods,
         args.intervals,
@@ -151,11 +195,12 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(args, requests, per_req))
+    runtime.block_on(run(args, endpoint, requests, per_req))
 }
 
 async fn run(
     args: Args,
+    endpoint: String,
     requests: Vec<ExportMetricsServiceRequest>,
     per_req: u64,
 ) -> anyhow::Result<()> {
@@ -183,7 +228,7 @@ async fn run(
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         let (counts, next, bodies) = (counts.clone(), next.clone(), bodies.clone());
-        let endpoint = args.endpoint.clone();
+        let endpoint = endpoint.clone();
         let (protocol, rate) = (args.protocol, args.rate);
         workers.push(tokio::spawn(async move {
             let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
@@ -194,7 +239,9 @@ async fn run(
                         .initial_connection_window_size(4 << 20)
                         .connect()
                         .await
-                        .context("connecting")?,
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot connect to {endpoint}: {}", chain(&e))
+                        })?,
                 )),
                 Protocol::Http => None,
             };
@@ -214,10 +261,20 @@ async fn run(
                     Some(c) => {
                         c.ready().await.context("gRPC channel")?;
                         let path = http::uri::PathAndQuery::from_static(EXPORT);
-                        c.unary(tonic::Request::new(bodies[i].clone()), path, RawClientCodec)
+                        match c
+                            .unary(tonic::Request::new(bodies[i].clone()), path, RawClientCodec)
                             .await
-                            .ok()
-                            .map(|r| r.into_inner())
+                        {
+                            Ok(r) => Some(r.into_inner()),
+                            Err(status) => {
+                                counts.error(format!(
+                                    "gRPC {:?}: {}",
+                                    status.code(),
+                                    status.message()
+                                ));
+                                None
+                            }
+                        }
                     }
                     None => {
                         let mut req = http::Request::post(&url)
@@ -233,10 +290,25 @@ async fn run(
                                     .and_then(|b| ExportMetricsServiceResponse::decode(b).ok())
                             }
                             Ok(res) => {
-                                let _ = res.into_body().collect().await;
+                                let status = res.status();
+                                let body = res.into_body().collect().await.map(|b| b.to_bytes());
+                                let text = body.map_or_else(
+                                    |_| String::new(),
+                                    |b| {
+                                        String::from_utf8_lossy(&b)
+                                            .trim()
+                                            .chars()
+                                            .take(200)
+                                            .collect()
+                                    },
+                                );
+                                counts.error(format!("HTTP {status}: {text}"));
                                 None
                             }
-                            Err(_) => None,
+                            Err(e) => {
+                                counts.error(format!("{url}: {}", chain(&e)));
+                                None
+                            }
                         }
                     }
                 };
@@ -270,5 +342,11 @@ async fn run(
         secs,
         ok_points as f64 / secs
     );
+    if let Some(e) = counts.first_error.lock().ok().and_then(|e| e.clone()) {
+        eprintln!(
+            "first error (of {}): {e}",
+            counts.errors.load(Ordering::Relaxed)
+        );
+    }
     Ok(())
 }

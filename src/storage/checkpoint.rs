@@ -135,12 +135,21 @@ impl Meta {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{0}")]
+    // Transparent: the I/O error's own text, once (not again as its source).
+    #[error(transparent)]
     Io(#[from] io::Error),
-    #[error("parquet: {0}")]
-    Parquet(#[from] parquet::errors::ParquetError),
+    // Its text in the message and no source, so logs (`%e`) and chains (`{e:#}`) both show it
+    // once.
+    #[error("{0}")]
+    Parquet(parquet::errors::ParquetError),
     #[error("not a checkpoint this spanagg can read: {0}")]
     Format(String),
+}
+
+impl From<parquet::errors::ParquetError> for CheckpointError {
+    fn from(e: parquet::errors::ParquetError) -> Self {
+        Self::Parquet(e)
+    }
 }
 
 impl CheckpointError {

@@ -62,8 +62,11 @@ def test_snapshot_filters_by_service_and_metric(spanagg):
     calls = snapshot(spanagg, metric="traces.span.metrics.calls")
     assert set(calls.column("kind").to_pylist()) == {"counter"}
     assert sum(calls.column("value").to_pylist()) == sum(v["calls"] for v in expected.series.values())
-    same = snapshot(spanagg, metric="traces_span_metrics_calls")
-    assert same.num_rows == calls.num_rows
+    # The family name, and the sample names as scraped, select the same series.
+    for name in ("traces_span_metrics_calls", "traces_span_metrics_calls_total"):
+        assert snapshot(spanagg, metric=name).num_rows == calls.num_rows, name
+    buckets = snapshot(spanagg, metric="traces_span_metrics_duration_milliseconds_bucket")
+    assert buckets.num_rows == calls.num_rows and set(buckets.column("kind").to_pylist()) == {"histogram"}
     none = snapshot(spanagg, service="nope")
     assert none.num_rows == 0
 

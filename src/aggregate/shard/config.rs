@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::aggregate::key::{FamilyDesc, Kind};
 use crate::aggregate::quota::SeriesQuota;
 
 use super::ShardLimits;
@@ -12,8 +13,28 @@ use super::ShardLimits;
 pub struct SeriesFilter {
     /// Only series whose `service_name` label equals this.
     pub service: Option<String>,
-    /// Only series whose Prometheus family name or OTel metric name equals this.
+    /// Only series of this metric: its OTel name, its Prometheus family name, or a sample name
+    /// as scraped (`…_total`, `…_bucket`, `…_sum`, `…_count`, `…_created`).
     pub metric: Option<String>,
+}
+
+impl SeriesFilter {
+    /// Whether series of `family` pass the metric part of the filter.
+    pub fn takes(&self, family: &FamilyDesc) -> bool {
+        let Some(m) = self.metric.as_deref() else {
+            return true;
+        };
+        if m == &*family.name || m == &*family.otel_name {
+            return true;
+        }
+        let Some(suffix) = m.strip_prefix(&*family.name) else {
+            return false;
+        };
+        match family.kind {
+            Kind::Counter => matches!(suffix, "_total" | "_created"),
+            Kind::Histogram => matches!(suffix, "_bucket" | "_sum" | "_count" | "_created"),
+        }
+    }
 }
 
 /// Settings every shard shares.
@@ -47,5 +68,40 @@ impl Default for ShardConfig {
             max_families: usize::MAX,
             quota: Arc::new(SeriesQuota::default()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metric_filter_takes_every_name_a_user_sees() {
+        let family = |name: &str, kind| FamilyDesc {
+            name: name.into(),
+            kind,
+            otel_name: "traces.span.metrics.calls".into(),
+            unit: "".into(),
+            help: "".into(),
+        };
+        let calls = family("traces_span_metrics_calls", Kind::Counter);
+        let hist = family("traces_span_metrics_duration_milliseconds", Kind::Histogram);
+        let filter = |m: &str| SeriesFilter {
+            metric: Some(m.into()),
+            ..SeriesFilter::default()
+        };
+        for m in [
+            "traces_span_metrics_calls",
+            "traces_span_metrics_calls_total",
+            "traces.span.metrics.calls",
+        ] {
+            assert!(filter(m).takes(&calls), "{m}");
+        }
+        assert!(!filter("traces_span_metrics_calls_bucket").takes(&calls));
+        assert!(!filter("traces_span_metrics_call").takes(&calls));
+        assert!(filter("traces_span_metrics_duration_milliseconds_bucket").takes(&hist));
+        assert!(filter("traces_span_metrics_duration_milliseconds_count").takes(&hist));
+        assert!(!filter("traces_span_metrics_duration_milliseconds_total").takes(&hist));
+        assert!(SeriesFilter::default().takes(&hist));
     }
 }

@@ -116,10 +116,8 @@ impl ShardState {
     ) -> impl Iterator<Item = (&'a Series, &'a FamilyDesc, u32)> + 'a {
         self.series_with_sources().filter_map(move |(s, streams)| {
             let fam = self.store.tables().family(s.family)?;
-            if let Some(m) = filter.metric.as_deref() {
-                if m != &*fam.name && m != &*fam.otel_name {
-                    return None;
-                }
+            if !filter.takes(fam) {
+                return None;
             }
             if let Some(want) = filter.service.as_deref() {
                 if self.service(&s.labels) != want {

@@ -172,13 +172,18 @@ class Pod:
     """One pod: the SDK exporting its spans to its own sidecar. With `services`, the sidecar
     takes the spans of several services (as a node's agent would), each its own SDK."""
 
-    def __init__(self, endpoint, service, i, services=None):
-        """A pod of `service` whose sidecar exports to gRPC `endpoint` (spanagg or a tier)."""
+    def __init__(self, endpoint, service, i, services=None, http=None):
+        """A pod of `service` whose sidecar exports to gRPC `endpoint` (spanagg or a tier), or
+        with `http` (spanagg's OTLP/HTTP address) through an otlp_http exporter instead."""
         self.service, self.name = service, f"{service}-{i}"
         port = free_port()
-        self.sidecar = Collector(
-            "sidecar.yaml", sidecar_overrides(endpoint, port), env={"K8S_POD_NAME": self.name}, name=self.name
-        )
+        overrides = sidecar_overrides(endpoint, port)
+        self.exporter = "otlp_grpc/spanagg"
+        if http:
+            self.exporter = "otlp_http/spanagg"
+            overrides["exporters"][self.exporter] = {"endpoint": f"http://{http}", "compression": "gzip"}
+            overrides["service"] = {"pipelines": {"metrics/spanmetrics": {"exporters": [self.exporter]}}}
+        self.sidecar = Collector("sidecar.yaml", overrides, env={"K8S_POD_NAME": self.name}, name=self.name)
         self.providers, self.tracers = [], {}
         for svc in services or [service]:
             exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True)

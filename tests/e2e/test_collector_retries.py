@@ -6,6 +6,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from conftest import Spanagg, free_port
@@ -86,28 +88,30 @@ def test_kill_9_while_sidecars_export_loses_and_doubles_nothing():
             spanagg.stop()
 
 
-def test_unavailable_is_retried_until_it_succeeds():
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unavailable_is_retried_until_it_succeeds(protocol):
     rng = random.Random(7)
     ports = (free_port(), free_port(), free_port())
-    # One source stream per shard: the sidecar's series are refused with UNAVAILABLE.
+    # One source stream per shard: the sidecar's series are refused with UNAVAILABLE (gRPC) or
+    # 503 (OTLP/HTTP, through an otlp_http exporter).
     spanagg = Spanagg("limits:\n  max_source_streams: 1\n", ports=ports)
-    pod = Pod(spanagg.grpc, "checkout", 0)
+    pod = Pod(spanagg.grpc, "checkout", 0, http=spanagg.otlp_http if protocol == "http" else None)
     expected = Expected()
     try:
         send([pod], expected, rng, 40)
         wait_for(
             "an UNAVAILABLE answer",
-            lambda: internal(spanagg, "spanagg_requests_total", outcome="unavailable") > 0,
+            lambda: internal(spanagg, "spanagg_requests_total", outcome="unavailable", protocol={"grpc": "grpc", "http": "http_protobuf"}[protocol]) > 0,
         )
         # The limit raised, on the same state: the exporter's retry gets through.
         spanagg.proc.kill()
         spanagg.proc.wait(30)
         spanagg = Spanagg("", dir=spanagg.dir, ports=ports)
         # The refused export is sent again (the Collector counts it sent only then) ...
-        wait_for("the retried export", lambda: pod.sidecar.exporter_points("otlp_grpc/spanagg")[0] > 0, timeout=90)
+        wait_for("the retried export", lambda: pod.sidecar.exporter_points(pod.exporter)[0] > 0, timeout=90)
         # ... and what the first try had applied comes back as duplicates, not twice.
         settle(spanagg, expected)
-        assert pod.sidecar.exporter_points("otlp_grpc/spanagg")[1] == 0
+        assert pod.sidecar.exporter_points(pod.exporter)[1] == 0
     finally:
         pod.close()
         spanagg.stop()

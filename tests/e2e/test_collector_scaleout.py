@@ -66,10 +66,13 @@ def test_services_spread_over_replicas_and_sums_stay_exact_across_a_rollout():
     print(f"workload seed {seed}")
     rng = random.Random(seed)
     replicas = [Spanagg() for _ in range(3)]
+    # The fourth replica's ports are chosen now, so Prometheus scrapes it from the start (a
+    # target that is down until the rollout brings it up).
+    fourth = (free_port(), free_port(), free_port())
     tier_port = free_port()
     lb = tier(tier_port, replicas)
     pods = [Pod(f"127.0.0.1:{tier_port}", f"node{p}", 0, services=PODS[p]) for p in range(4)]
-    prom = Prometheus([r.http for r in replicas])
+    prom = Prometheus([r.http for r in replicas] + [f"127.0.0.1:{fourth[2]}"])
     expected = Expected()
     try:
         send(pods, expected, rng, 300)
@@ -87,11 +90,10 @@ def test_services_spread_over_replicas_and_sums_stay_exact_across_a_rollout():
         print(f"{len(home)} services over 3 replicas: {[sum(1 for v in home.values() if v == i) for i in range(3)]}")
 
         # PromQL over all replicas answers the totals.
-        by_service = {}
-        for (service, *_), s in expected.series.items():
-            by_service[service] = by_service.get(service, 0) + s["calls"]
-
         def promql():
+            by_service = {}
+            for (service, *_), s in expected.series.items():
+                by_service[service] = by_service.get(service, 0) + s["calls"]
             res = prom.query(f"sum by (service_name) ({CALLS})")
             got = {r["metric"]["service_name"]: float(r["value"][1]) for r in res}
             return got == by_service or got
@@ -100,7 +102,7 @@ def test_services_spread_over_replicas_and_sums_stay_exact_across_a_rollout():
 
         # The rollout, under traffic: a fourth replica, the tier stopped (it drains its queues
         # to the old replicas) and started with the new list; the sidecars retry meanwhile.
-        replicas.append(Spanagg())
+        replicas.append(Spanagg(ports=fourth))
         stop, errors = threading.Event(), []
 
         def traffic():
@@ -131,6 +133,8 @@ def test_services_spread_over_replicas_and_sums_stay_exact_across_a_rollout():
         # new ones start from zero on the new one: the sum of both is exact.
         for key in parts[3]:
             assert any(key in p for p in parts[:3]), f"{key} moved but has no old series"
+        # And PromQL over the four, old and new series of the moved services together.
+        assert wait_for("PromQL sums across four replicas", lambda: promql() is True, timeout=30)
     finally:
         for pod in pods:
             pod.close()

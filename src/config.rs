@@ -51,6 +51,7 @@ pub struct RawConfig {
     pub labels: RawLabels,
     pub histogram: RawHistogram,
     pub limits: RawLimits,
+    pub auth: crate::auth::AuthFiles,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +208,8 @@ pub struct Config {
     /// What one data point may cost (attributes, name and value lengths, buckets) and how far
     /// ahead of our clock it may end; points past them are refused with a counted reason.
     pub input: InputLimits,
+    /// Bearer token files per door (`auth.*`). Default: none, every door open. Read at start.
+    pub auth: crate::auth::AuthFiles,
 }
 
 /// Guard rails: what keeps memory bounded when a client explodes.
@@ -326,6 +329,7 @@ impl Config {
             without: raw.labels.without.unwrap_or_else(|| owned(DEFAULT_WITHOUT)),
             histogram_bounds,
             input,
+            auth: raw.auth,
             limits: Limits {
                 max_series_per_service: positive(
                     "limits.max_series_per_service",

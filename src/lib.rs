@@ -6,6 +6,7 @@
 //! `storage` keeps the WAL and Parquet checkpoints; `server` wires them together. See `ARCHITECTURE.md` for one point's path through it.
 
 pub mod aggregate;
+pub mod auth;
 pub mod cardinality;
 pub mod columnar;
 pub mod config;

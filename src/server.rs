@@ -2,11 +2,13 @@
 //! resolves, then stops accepting, lets in-flight requests finish, and stops the shards after
 //! they applied everything queued.
 
+use crate::auth::{Door, Guard, Tokens};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tonic::service::interceptor::InterceptedService;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,6 +46,8 @@ pub enum ServeError {
     Shards(std::io::Error),
     #[error(transparent)]
     Storage(#[from] crate::storage::OpenError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::TokenError),
     #[error("cannot replay the write-ahead log: {0}")]
     Replay(std::io::Error),
     #[error("cannot start the write-ahead log: {0}")]
@@ -211,6 +215,8 @@ pub async fn serve(
         path: config.data_dir.clone(),
         cause,
     })?;
+    // Token files are read first: a typo in one must stop the start, not open a door.
+    let tokens = Arc::new(Tokens::load(&config.auth)?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -246,10 +252,13 @@ pub async fn serve(
         http: http_addr,
     };
 
+    let guard = |door| Guard::new(tokens.clone(), door, telemetry.clone());
     let app = Arc::new(AppState {
         table: table.clone(),
         telemetry: telemetry.clone(),
         ready: Default::default(),
+        scrape: guard(Door::Scrape),
+        read: guard(Door::Read),
     });
 
     // h2's default 64 KiB windows stall every request larger than that on WINDOW_UPDATE round
@@ -257,14 +266,21 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
         .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
-        .add_service(MetricsGrpc::new(ingestor.clone()))
-        .add_service(crate::export::flight::Flight::server(table.clone()))
+        .add_service(InterceptedService::new(
+            MetricsGrpc::new(ingestor.clone()),
+            guard(Door::Ingest),
+        ))
+        .add_service(InterceptedService::new(
+            crate::export::flight::Flight::server(table.clone()),
+            guard(Door::Read),
+        ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc_l),
             stopped(stop_rx.clone()),
         );
-    let otlp_http = axum::serve(otlp_l, crate::ingest::http::router(ingestor.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let otlp_router = crate::ingest::http::router(ingestor.clone(), guard(Door::Ingest));
+    let otlp_http =
+        axum::serve(otlp_l, otlp_router).with_graceful_shutdown(stopped(stop_rx.clone()));
     let _ = lazy.set(crate::export::http::router(app.clone()));
 
     let grpc = tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) });

@@ -15,6 +15,7 @@ use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 use prost::Message;
 use spanagg::aggregate::shard::ShardConfig;
 use spanagg::aggregate::table::Table;
+use spanagg::auth::{Door, Guard};
 use spanagg::ingest::grpc::MetricsGrpc;
 use spanagg::ingest::otlp::Projection;
 use spanagg::ingest::Ingestor;
@@ -79,10 +80,12 @@ fn wal_records(dir: &std::path::Path) -> usize {
 }
 
 /// Serves OTLP/HTTP for `ingestor` on a loopback port.
-async fn serve_http(ingestor: &Arc<Ingestor>) -> std::net::SocketAddr {
+async fn serve_http(ingestor: &Arc<Ingestor>, telemetry: &Arc<Telemetry>) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let app = spanagg::ingest::http::router(ingestor.clone());
+    // No token files: the ingest door is open, as by default.
+    let open = Guard::new(Arc::default(), Door::Ingest, telemetry.clone());
+    let app = spanagg::ingest::http::router(ingestor.clone(), open);
     tokio::spawn(async move { axum::serve(l, app).await });
     addr
 }
@@ -90,7 +93,7 @@ async fn serve_http(ingestor: &Arc<Ingestor>) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
     let (table, ingestor, telemetry) = stack(1, 1, None);
-    let http_addr = serve_http(&ingestor).await;
+    let http_addr = serve_http(&ingestor, &telemetry).await;
     let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc_l.local_addr().unwrap();
     tokio::spawn(
@@ -216,8 +219,8 @@ async fn a_client_that_hangs_up_mid_export_cannot_keep_it_out_of_the_log() {
     use std::io::Write;
 
     let dir = wal_dir("hangup");
-    let (table, ingestor, _) = stack(1, 4, Some(&dir));
-    let http_addr = serve_http(&ingestor).await;
+    let (table, ingestor, telemetry) = stack(1, 4, Some(&dir));
+    let http_addr = serve_http(&ingestor, &telemetry).await;
     // Hold the shard, so the export waits between sending its batch and logging it.
     let release = hold(&table, |_| true);
     let body = spanmetrics(

@@ -17,6 +17,7 @@ use super::arrow::{ipc_stream, shard_batch, Filter};
 use super::gather;
 use super::prometheus::{encode_shard, stitch, Format};
 use crate::aggregate::table::Table;
+use crate::auth::Guard;
 use crate::telemetry::Telemetry;
 
 /// What the HTTP handlers share.
@@ -24,6 +25,10 @@ pub struct AppState {
     pub table: Arc<Table>,
     pub telemetry: Arc<Telemetry>,
     pub ready: AtomicBool,
+    /// `/metrics`, `/internal/metrics`: open without `auth.scrape_token_file`.
+    pub scrape: Guard,
+    /// `/api/v1/*`: the state itself, every service and label value.
+    pub read: Guard,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -43,7 +48,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/-/healthy", get(|| async { "spanagg is healthy\n" }))
         .route("/-/ready", get(ready))
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// Turns away a request without its door's bearer token (401, counted). Health and readiness
+/// stay open, so probes need no secret.
+async fn guard(
+    State(app): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let door = match path {
+        "/metrics" | "/internal/metrics" => &app.scrape,
+        p if p.starts_with("/api/") => &app.read,
+        _ => return next.run(req).await,
+    };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if door.admit(authorization).is_ok() {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::WWW_AUTHENTICATE, "Bearer realm=\"spanagg\""),
+        ],
+        format!("{}\n", door.message()),
+    )
+        .into_response()
 }
 
 /// A 405 that says what it is (axum's own has no body and no Content-Type). axum still adds

@@ -18,6 +18,7 @@ use prost::Message;
 use super::admit::Admission;
 use super::body::{decode, Encoding};
 use super::{IngestError, Ingestor, Logged};
+use crate::auth::Guard;
 use crate::telemetry::Protocol;
 
 /// How long a client should wait before retrying a refused export.
@@ -53,11 +54,18 @@ impl Format {
     }
 }
 
-pub fn router(ingestor: Arc<Ingestor>) -> Router {
+/// What the export handler holds: the ingest path and the ingest door's token check.
+#[derive(Clone)]
+struct Door {
+    ingestor: Arc<Ingestor>,
+    guard: Guard,
+}
+
+pub fn router(ingestor: Arc<Ingestor>, guard: Guard) -> Router {
     Router::new()
         .route("/v1/metrics", post(export))
         .method_not_allowed_fallback(crate::export::http::method_not_allowed)
-        .with_state(ingestor)
+        .with_state(Door { ingestor, guard })
 }
 
 fn error_response(format: Format, e: &IngestError) -> Response {
@@ -71,21 +79,10 @@ fn error_response(format: Format, e: &IngestError) -> Response {
         | IngestError::NotDurable(_)
         | IngestError::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
     };
-    let message = e.to_string();
-    let body = match format {
-        Format::Protobuf => RpcStatus { code, message }.encode_to_vec(),
-        Format::Json => serde_json::json!({ "code": code, "message": message })
-            .to_string()
-            .into_bytes(),
-    };
-    let mut res = (status, body).into_response();
-    let headers = res.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
+    let mut res = status_response(format, code, e.to_string());
+    *res.status_mut() = status;
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(
+        res.headers_mut().insert(
             header::RETRY_AFTER,
             HeaderValue::from_static(RETRY_AFTER_SECS),
         );
@@ -93,7 +90,24 @@ fn error_response(format: Format, e: &IngestError) -> Response {
     res
 }
 
-async fn export(State(ingestor): State<Arc<Ingestor>>, headers: HeaderMap, body: Body) -> Response {
+/// A `google.rpc.Status` body in the request's encoding (status 200: the caller sets it).
+fn status_response(format: Format, code: i32, message: String) -> Response {
+    let body = match format {
+        Format::Protobuf => RpcStatus { code, message }.encode_to_vec(),
+        Format::Json => serde_json::json!({ "code": code, "message": message })
+            .to_string()
+            .into_bytes(),
+    };
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, format.content_type())],
+        body,
+    )
+        .into_response()
+}
+
+async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Response {
+    let ingestor = door.ingestor;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -113,6 +127,17 @@ async fn export(State(ingestor): State<Arc<Ingestor>>, headers: HeaderMap, body:
             return res;
         }
     };
+    // Before the body is read: a client without the token costs no decoding.
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if door.guard.admit(authorization).is_err() {
+        let mut res = status_response(format, 16, door.guard.message());
+        *res.status_mut() = StatusCode::UNAUTHORIZED;
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"spanagg\""),
+        );
+        return res;
+    }
     match read_request(&ingestor, format, &headers, body).await {
         // The admission is held until the reply: the decoded request lives until then.
         Ok((req, raw, admission)) => match ingestor

@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use crate::aggregate::shard::{BatchResult, Outcome};
 use crate::aggregate::table::{ShardStats, APPLY_BUCKETS};
+use crate::auth::{Denied, Door};
 use crate::ingest::otlp::{Reason, Rejections, Relabeled};
 use crate::storage::StorageMetrics;
 
@@ -90,6 +91,8 @@ pub struct Telemetry {
     /// Points relabeled: [reserved name renamed, colliding names joined].
     relabeled: [Counter; 2],
     invalid_utf8: Counter,
+    /// Requests turned away for their bearer token: [door][why].
+    denied: Vec<Vec<Counter>>,
     pub scrape_duration: Histogram,
     pub scrape_bytes: Histogram,
     pub family_conflicts: Counter,
@@ -121,6 +124,26 @@ impl Telemetry {
                     .map(|o| {
                         requests_f
                             .get_or_create(&vec![("protocol", p.as_str()), ("outcome", o.as_str())])
+                            .clone()
+                    })
+                    .collect()
+            })
+            .collect();
+        let denied_f = Family::<Labels2, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Requests refused with 401 / UNAUTHENTICATED, by door (ingest, read, scrape) and \
+             reason (missing or wrong bearer token)",
+            denied_f.clone(),
+        );
+        let denied = Door::ALL
+            .iter()
+            .map(|d| {
+                Denied::ALL
+                    .iter()
+                    .map(|w| {
+                        denied_f
+                            .get_or_create(&vec![("door", d.as_str()), ("reason", w.as_str())])
                             .clone()
                     })
                     .collect()
@@ -240,6 +263,7 @@ impl Telemetry {
             no_value,
             relabeled,
             invalid_utf8,
+            denied,
             scrape_duration,
             scrape_bytes,
             family_conflicts,
@@ -258,6 +282,11 @@ impl Telemetry {
     /// The gauge of decode budget in use.
     pub fn decode_memory(&self) -> prometheus_client::metrics::gauge::Gauge {
         self.budget.decode_memory.clone()
+    }
+
+    /// A request refused for its bearer token (the token itself is never recorded).
+    pub fn denied(&self, door: Door, why: Denied) {
+        self.denied[door as usize][why as usize].inc();
     }
 
     pub fn limit_refusal(&self, k: LimitKind) {

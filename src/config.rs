@@ -52,6 +52,7 @@ pub struct RawConfig {
     pub histogram: RawHistogram,
     pub limits: RawLimits,
     pub auth: crate::auth::AuthFiles,
+    pub tls: crate::tls::TlsFiles,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +211,8 @@ pub struct Config {
     pub input: InputLimits,
     /// Bearer token files per door (`auth.*`). Default: none, every door open. Read at start.
     pub auth: crate::auth::AuthFiles,
+    /// Certificate and key (and client CA for mTLS) for every listener. Default: plaintext.
+    pub tls: crate::tls::TlsFiles,
 }
 
 /// Guard rails: what keeps memory bounded when a client explodes.
@@ -256,6 +259,7 @@ impl Config {
             key: key.to_owned(),
             reason,
         };
+        raw.tls.check().map_err(|why| invalid("tls", why))?;
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let shards = NonZeroUsize::new(raw.shards.unwrap_or(cores))
             .ok_or_else(|| invalid("shards", "must be at least 1".into()))?;
@@ -330,6 +334,7 @@ impl Config {
             histogram_bounds,
             input,
             auth: raw.auth,
+            tls: raw.tls,
             limits: Limits {
                 max_series_per_service: positive(
                     "limits.max_series_per_service",

@@ -12,9 +12,11 @@ pub mod columnar;
 pub mod config;
 pub mod export;
 pub mod ingest;
+pub mod listen;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod workload;
 
 /// Wall-clock time as Unix nanoseconds (0 before 1970, saturating far in the future).

@@ -255,8 +255,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let _inside = runtime.enter();
         shutdown_signal()?
     };
+    // What a reader of the log needs to trust the start: is it encrypted, which doors are shut.
+    let security = match (config.tls.enabled(), config.tls.client_ca_file.is_some()) {
+        (false, _) => "plaintext",
+        (true, false) => "TLS",
+        (true, true) => "TLS with client certificates",
+    };
+    let auth = &config.auth;
+    let doors: Vec<&str> = [
+        ("ingest", auth.ingest_token_file.is_some()),
+        ("read", auth.read_token_file.is_some()),
+        ("scrape", auth.scrape_token_file.is_some()),
+    ]
+    .iter()
+    .filter_map(|(d, on)| on.then_some(*d))
+    .collect();
     runtime.block_on(serve(config, shutdown, |b: Bound| {
         tracing::info!(
+            security,
+            tokens = ?doors,
             "listening: OTLP/gRPC on {}, OTLP/HTTP on {} (POST /v1/metrics), HTTP on {} \
              (GET /metrics, /internal/metrics, /-/healthy, /-/ready)",
             b.grpc,

@@ -3,6 +3,10 @@
 //! they applied everything queued.
 
 use crate::auth::{Door, Guard, Tokens};
+use crate::tls::Tls;
+
+/// How often the TLS files are checked for changes (SIGHUP reloads at once).
+const TLS_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,12 +46,16 @@ pub enum ServeError {
         path: std::path::PathBuf,
         cause: std::io::Error,
     },
+    #[error("cannot serve a listener: {0}")]
+    Listen(std::io::Error),
     #[error("cannot start shard threads: {0}")]
     Shards(std::io::Error),
     #[error(transparent)]
     Storage(#[from] crate::storage::OpenError),
     #[error(transparent)]
     Auth(#[from] crate::auth::TokenError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot replay the write-ahead log: {0}")]
     Replay(std::io::Error),
     #[error("cannot start the write-ahead log: {0}")]
@@ -215,8 +223,17 @@ pub async fn serve(
         path: config.data_dir.clone(),
         cause,
     })?;
-    // Token files are read first: a typo in one must stop the start, not open a door.
+    // Token and certificate files are read first: a typo in one must stop the start, not
+    // open a door or fall back to plaintext.
     let tokens = Arc::new(Tokens::load(&config.auth)?);
+    let tls_for = |alpn: &[&'static [u8]]| {
+        (config.tls.enabled())
+            .then(|| Tls::load(&config.tls, alpn))
+            .transpose()
+    };
+    // axum serves HTTP/1.1 here; gRPC is HTTP/2 only.
+    let http_tls = tls_for(&[b"http/1.1"])?;
+    let grpc_tls = tls_for(&[b"h2"])?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -226,9 +243,9 @@ pub async fn serve(
     let http_l = bind("HTTP (scrape and API)", config.http_listen).await?;
     let http_addr = http_l.local_addr().unwrap_or(config.http_listen);
     let lazy: Arc<std::sync::OnceLock<axum::Router>> = Default::default();
-    let http = axum::serve(http_l, crate::export::http::front(lazy.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
+    let front = crate::export::http::front(lazy.clone());
+    let http = crate::listen::http(http_l, front, http_tls.clone(), stopped(stop_rx.clone()))
+        .map_err(ServeError::Listen)?;
     tracing::info!(http = %http_addr, "restoring state; /-/healthy answers meanwhile");
     let (table, telemetry, storage) = start_state(&config).await?;
     let mut ingestor = Ingestor::new(
@@ -273,18 +290,20 @@ pub async fn serve(
         .add_service(InterceptedService::new(
             crate::export::flight::Flight::server(table.clone()),
             guard(Door::Read),
-        ))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_l),
-            stopped(stop_rx.clone()),
-        );
+        ));
+    let grpc = crate::listen::grpc(grpc_l, grpc, grpc_tls.clone(), stopped(stop_rx.clone()));
     let otlp_router = crate::ingest::http::router(ingestor.clone(), guard(Door::Ingest));
-    let otlp_http =
-        axum::serve(otlp_l, otlp_router).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let otlp_http = crate::listen::http(
+        otlp_l,
+        otlp_router,
+        http_tls.clone(),
+        stopped(stop_rx.clone()),
+    )
+    .map_err(ServeError::Listen)?;
     let _ = lazy.set(crate::export::http::router(app.clone()));
-
-    let grpc = tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) });
-    let otlp_http = tokio::spawn(async move { otlp_http.await.map_err(|e| e.to_string()) });
+    if let (Some(h), Some(g)) = (http_tls, grpc_tls) {
+        tokio::spawn(crate::tls::watch(vec![h, g], TLS_RECHECK));
+    }
 
     if let Some(limit) = config.limits.max_memory {
         tokio::spawn(watch_memory(

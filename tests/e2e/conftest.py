@@ -60,14 +60,20 @@ class Spanagg:
             self.proc.kill()
             raise RuntimeError("spanagg did not start: " + "".join(self.log))
 
+    # With auth.scrape_token_file set: the token scrape() and internal() send.
+    scrape_token = None
+
+    def _auth(self):
+        return {"Authorization": f"Bearer {self.scrape_token}"} if self.scrape_token else {}
+
     def scrape(self, accept=None):
         headers = {"Accept": accept} if accept else {}
-        status, hdrs, body = http_get(f"http://{self.http}/metrics", headers)
+        status, hdrs, body = http_get(f"http://{self.http}/metrics", {**headers, **self._auth()})
         assert status == 200
         return body.decode(), hdrs
 
     def internal(self):
-        return http_get(f"http://{self.http}/internal/metrics")[2].decode()
+        return http_get(f"http://{self.http}/internal/metrics", self._auth())[2].decode()
 
     def stop(self, keep=False):
         self.proc.send_signal(signal.SIGTERM)
@@ -103,8 +109,9 @@ def free_port():
 class Prometheus:
     """A real Prometheus server (Debian's package) scraping one target every second."""
 
-    def __init__(self, target, internal=False, rule_files=()):
-        """`target`: one address, or a list of them (replicas scraped as one job)."""
+    def __init__(self, target, internal=False, rule_files=(), credentials_file=None):
+        """`target`: one address, or a list of them (replicas scraped as one job);
+        `credentials_file`: a bearer token for the scrape (`authorization`)."""
         targets = [target] if isinstance(target, str) else list(target)
         self.dir = tempfile.mkdtemp(prefix="spanagg-prom-")
         self.port = free_port()
@@ -116,6 +123,8 @@ class Prometheus:
             "scrape_configs:\n  - job_name: spanagg\n    static_configs:\n"
             f"      - targets: {targets!r}\n"
         )
+        if credentials_file:
+            text += f"    authorization:\n      credentials_file: {credentials_file}\n"
         if internal:
             # spanagg's own telemetry, as the alerts and the dashboard expect it.
             text += (

@@ -29,7 +29,8 @@ DEPLOY = ROOT / "deploy" / "collector"
 class Collector:
     """One Collector process running `deploy/collector/<config>` with `overrides` merged on top."""
 
-    def __init__(self, config, overrides, env=None, name="otelcol"):
+    def __init__(self, config, overrides, env=None, name="otelcol", overlays=()):
+        """`overlays`: more files of deploy/collector merged on `config`, as shipped."""
         self.dir = tempfile.mkdtemp(prefix=f"spanagg-{name}-")
         self.name = name
         self.metrics_port = free_port()
@@ -54,7 +55,9 @@ class Collector:
         self.config = DEPLOY / config
         self.log = []
         self.proc = subprocess.Popen(
-            [OTELCOL, "--config", str(self.config), "--config", str(self.override_file)],
+            [OTELCOL, "--config", str(self.config)]
+            + [a for o in overlays for a in ("--config", str(DEPLOY / o))]
+            + ["--config", str(self.override_file)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -172,18 +175,25 @@ class Pod:
     """One pod: the SDK exporting its spans to its own sidecar. With `services`, the sidecar
     takes the spans of several services (as a node's agent would), each its own SDK."""
 
-    def __init__(self, endpoint, service, i, services=None, http=None):
+    def __init__(self, endpoint, service, i, services=None, http=None, token_file=None):
         """A pod of `service` whose sidecar exports to gRPC `endpoint` (spanagg or a tier), or
-        with `http` (spanagg's OTLP/HTTP address) through an otlp_http exporter instead."""
+        with `http` (spanagg's OTLP/HTTP address) through an otlp_http exporter instead; with
+        `token_file`, the shipped `sidecar-auth.yaml` sends the ingest token from that file."""
         self.service, self.name = service, f"{service}-{i}"
         port = free_port()
         overrides = sidecar_overrides(endpoint, port)
+        overlays = ()
+        if token_file:
+            overlays = ("sidecar-auth.yaml",)
+            overrides["extensions"] = {"bearertokenauth/spanagg": {"filename": str(token_file)}}
         self.exporter = "otlp_grpc/spanagg"
         if http:
             self.exporter = "otlp_http/spanagg"
             overrides["exporters"][self.exporter] = {"endpoint": f"http://{http}", "compression": "gzip"}
             overrides["service"] = {"pipelines": {"metrics/spanmetrics": {"exporters": [self.exporter]}}}
-        self.sidecar = Collector("sidecar.yaml", overrides, env={"K8S_POD_NAME": self.name}, name=self.name)
+        self.sidecar = Collector(
+            "sidecar.yaml", overrides, env={"K8S_POD_NAME": self.name}, name=self.name, overlays=overlays
+        )
         self.providers, self.tracers = [], {}
         for svc in services or [service]:
             exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True)

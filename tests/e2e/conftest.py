@@ -18,9 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("SPANAGG_BIN", str(ROOT / "target" / "debug" / "spanagg"))
 
 
-def http_get(url, headers=None, timeout=10):
+def http_get(url, headers=None, timeout=10, context=None):
     req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
+    with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
         return r.status, r.headers, r.read()
 
 
@@ -62,18 +62,26 @@ class Spanagg:
 
     # With auth.scrape_token_file set: the token scrape() and internal() send.
     scrape_token = None
+    # With tls set: the CA file that scrape() and internal() trust (they then use https).
+    ca_file = None
 
-    def _auth(self):
-        return {"Authorization": f"Bearer {self.scrape_token}"} if self.scrape_token else {}
+    def _get(self, path, headers=None):
+        headers = dict(headers or {})
+        if self.scrape_token:
+            headers["Authorization"] = f"Bearer {self.scrape_token}"
+        if self.ca_file:
+            import ssl
+
+            return http_get(f"https://{self.http}{path}", headers, context=ssl.create_default_context(cafile=self.ca_file))
+        return http_get(f"http://{self.http}{path}", headers)
 
     def scrape(self, accept=None):
-        headers = {"Accept": accept} if accept else {}
-        status, hdrs, body = http_get(f"http://{self.http}/metrics", {**headers, **self._auth()})
+        status, hdrs, body = self._get("/metrics", {"Accept": accept} if accept else {})
         assert status == 200
         return body.decode(), hdrs
 
     def internal(self):
-        return http_get(f"http://{self.http}/internal/metrics", self._auth())[2].decode()
+        return self._get("/internal/metrics")[2].decode()
 
     def stop(self, keep=False):
         self.proc.send_signal(signal.SIGTERM)
@@ -109,9 +117,10 @@ def free_port():
 class Prometheus:
     """A real Prometheus server (Debian's package) scraping one target every second."""
 
-    def __init__(self, target, internal=False, rule_files=(), credentials_file=None):
+    def __init__(self, target, internal=False, rule_files=(), credentials_file=None, ca_file=None):
         """`target`: one address, or a list of them (replicas scraped as one job);
-        `credentials_file`: a bearer token for the scrape (`authorization`)."""
+        `credentials_file`: a bearer token for the scrape (`authorization`); `ca_file`: scrape
+        over https, trusting this CA."""
         targets = [target] if isinstance(target, str) else list(target)
         self.dir = tempfile.mkdtemp(prefix="spanagg-prom-")
         self.port = free_port()
@@ -125,6 +134,8 @@ class Prometheus:
         )
         if credentials_file:
             text += f"    authorization:\n      credentials_file: {credentials_file}\n"
+        if ca_file:
+            text += f"    scheme: https\n    tls_config:\n      ca_file: {ca_file}\n"
         if internal:
             # spanagg's own telemetry, as the alerts and the dashboard expect it.
             text += (

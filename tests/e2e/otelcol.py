@@ -175,10 +175,11 @@ class Pod:
     """One pod: the SDK exporting its spans to its own sidecar. With `services`, the sidecar
     takes the spans of several services (as a node's agent would), each its own SDK."""
 
-    def __init__(self, endpoint, service, i, services=None, http=None, token_file=None):
+    def __init__(self, endpoint, service, i, services=None, http=None, token_file=None, ca_file=None):
         """A pod of `service` whose sidecar exports to gRPC `endpoint` (spanagg or a tier), or
         with `http` (spanagg's OTLP/HTTP address) through an otlp_http exporter instead; with
-        `token_file`, the shipped `sidecar-auth.yaml` sends the ingest token from that file."""
+        `token_file` (and the `ca_file` of spanagg's certificate), the shipped
+        `sidecar-auth.yaml` sends the ingest token from that file over TLS."""
         self.service, self.name = service, f"{service}-{i}"
         port = free_port()
         overrides = sidecar_overrides(endpoint, port)
@@ -186,6 +187,7 @@ class Pod:
         if token_file:
             overlays = ("sidecar-auth.yaml",)
             overrides["extensions"] = {"bearertokenauth/spanagg": {"filename": str(token_file)}}
+            overrides["exporters"]["otlp_grpc/spanagg"]["tls"] = {"ca_file": str(ca_file)}
         self.exporter = "otlp_grpc/spanagg"
         if http:
             self.exporter = "otlp_http/spanagg"

@@ -223,6 +223,9 @@ pub async fn serve(
         path: config.data_dir.clone(),
         cause,
     })?;
+    // Before anything slow: a SIGHUP (a certificate renewal hook) during a long restore must
+    // not end the process.
+    let hup = crate::tls::hangups();
     // Token and certificate files are read first: a typo in one must stop the start, not
     // open a door or fall back to plaintext.
     let tokens = Arc::new(Tokens::load(&config.auth)?);
@@ -301,9 +304,8 @@ pub async fn serve(
     )
     .map_err(ServeError::Listen)?;
     let _ = lazy.set(crate::export::http::router(app.clone()));
-    if let (Some(h), Some(g)) = (http_tls, grpc_tls) {
-        tokio::spawn(crate::tls::watch(vec![h, g], TLS_RECHECK));
-    }
+    let reloadable = http_tls.into_iter().chain(grpc_tls).collect();
+    tokio::spawn(crate::tls::watch(reloadable, hup, TLS_RECHECK));
 
     if let Some(limit) = config.limits.max_memory {
         tokio::spawn(watch_memory(

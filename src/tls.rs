@@ -146,6 +146,8 @@ pub struct Tls {
     current: RwLock<Arc<ServerConfig>>,
     /// Modification times of the files as last read.
     stamps: Mutex<Vec<Option<SystemTime>>>,
+    /// The last reload's error, until a reload succeeds.
+    error: Mutex<Option<String>>,
 }
 
 impl Tls {
@@ -157,6 +159,7 @@ impl Tls {
             alpn: alpn.to_vec(),
             current: RwLock::new(Arc::new(config)),
             stamps: Mutex::new(files.stamps()),
+            error: Mutex::new(None),
         }))
     }
 
@@ -169,21 +172,41 @@ impl Tls {
     }
 
     /// Reads the files again if `force` or they changed; the old config stays on failure.
+    /// A failed read is tried again at every check (a file caught half written is read whole
+    /// next time), and reported once per distinct error (see [`failed`](Self::failed)).
     pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
         let now = self.files.stamps();
-        let Ok(mut stamps) = self.stamps.lock() else {
-            return Ok(false);
+        let mut stamps = match self.stamps.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
         };
-        if !force && *stamps == now {
+        if !force && *stamps == now && self.last_error().is_none() {
             return Ok(false);
         }
-        // Recorded even on failure: a broken file is reported once, not every few seconds.
-        *stamps = now;
         let config = build(&self.files, &self.alpn)?;
+        *stamps = now;
         if let Ok(mut current) = self.current.write() {
             *current = Arc::new(config);
         }
+        if let Ok(mut e) = self.error.lock() {
+            *e = None;
+        }
         Ok(true)
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Logs a failed reload, once for each distinct error.
+    fn failed(&self, e: &TlsError) {
+        let text = e.to_string();
+        if let Ok(mut last) = self.error.lock() {
+            if last.as_deref() != Some(&text) {
+                tracing::error!(error = %text, "TLS reload failed: the previous certificates stay");
+                *last = Some(text);
+            }
+        }
     }
 }
 
@@ -303,29 +326,40 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// Reloads every listener's TLS on SIGHUP, and when the files change (checked every `every`).
-pub async fn watch(tls: Vec<Arc<Tls>>, every: Duration) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+/// Takes SIGHUP from now on: its default action would end the process, even while the state is
+/// being restored. `None` where signals cannot be handled.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "no SIGHUP handler: TLS reloads on file changes only");
             None
         }
-    };
+    }
+}
+
+/// Reloads every listener's TLS on SIGHUP, and when the files change (checked every `every`).
+/// Without TLS it only says that a SIGHUP has nothing to reload.
+pub async fn watch(
+    tls: Vec<Arc<Tls>>,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let force = tokio::select! {
-            _ = tick.tick() => false,
+            _ = tick.tick(), if !tls.is_empty() => false,
             Some(()) = async { match &mut hup { Some(h) => h.recv().await, None => None } } => true,
         };
+        if force && tls.is_empty() {
+            tracing::info!("SIGHUP: no TLS configured, nothing to reload");
+        }
         for t in &tls {
             match t.reload(force) {
                 Ok(true) => tracing::info!("TLS certificates reloaded"),
                 Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS reload failed: the previous certificates stay")
-                }
+                Err(e) => t.failed(&e),
             }
         }
     }

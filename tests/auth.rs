@@ -92,6 +92,9 @@ fn each_door_opens_only_with_its_own_token() {
         assert_eq!(reply.first(), Some(&0x08));
         assert_eq!(reply.get(1), Some(&16));
     }
+    // Without the token, a wrong Content-Type is not even looked at: the answer is 401.
+    let (status, _, _) = s.post_otlp("text/plain", &[], &body);
+    assert_eq!(status, 401, "the token is checked first");
     let scraped = |s: &Spanagg| {
         let (status, _, text) = http(
             s.http,
@@ -111,7 +114,7 @@ fn each_door_opens_only_with_its_own_token() {
     );
     assert_eq!(status, 200);
     assert!(scraped(&s).contains("traces_span_metrics_calls_total{"));
-    assert_eq!(denied(&s, "ingest", "missing"), 2.0);
+    assert_eq!(denied(&s, "ingest", "missing"), 3.0);
     assert_eq!(denied(&s, "ingest", "wrong"), 4.0);
 
     // Ingest over gRPC, and Flight: UNAUTHENTICATED without the right token.

@@ -263,6 +263,54 @@ fn every_listener_speaks_tls_and_checks_client_certificates() {
         "the gRPC export was applied"
     );
     assert!(s.log_text().contains("TLS certificates reloaded"));
+
+    // A renewal caught half written: the certificate in use stays, the failure is said, and
+    // the file is read again (not only on its next change) once it is whole.
+    let (cert_path, _) = write_pem(&dir, "server", &renewed);
+    std::fs::write(&cert_path, &renewed.cert[..renewed.cert.len() / 2]).unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(s.log_text().contains("TLS reload failed"));
+    let mut c = connect(s.http, client(&server_ca, Some(&good)));
+    assert_eq!(get(&mut c, "/-/healthy").unwrap(), 200, "still serving");
+    assert_eq!(c.conn.peer_certificates().unwrap()[0], der(&renewed.cert));
+    let broken_mtime = std::fs::metadata(&cert_path).unwrap().modified().unwrap();
+    let third = leaf(&server_ca, "spanagg third", false);
+    write_pem(&dir, "server", &third);
+    // The same modification time as the broken file: only the retry can pick it up.
+    std::fs::File::options()
+        .write(true)
+        .open(&cert_path)
+        .unwrap()
+        .set_modified(broken_mtime)
+        .unwrap();
+    let key_path = dir.join("server.key");
+    std::fs::File::options()
+        .write(true)
+        .open(&key_path)
+        .unwrap()
+        .set_modified(broken_mtime)
+        .unwrap();
+    let mut served = None;
+    for _ in 0..100 {
+        let mut c = connect(s.http, client(&server_ca, Some(&good)));
+        if get(&mut c, "/-/healthy").is_ok() {
+            served = Some(c.conn.peer_certificates().unwrap()[0].clone());
+            if served.as_ref() == Some(&der(&third.cert)) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        served,
+        Some(der(&third.cert)),
+        "the failed reload is tried again"
+    );
     drop(before);
     s.stop();
     std::fs::remove_dir_all(&dir).ok();
@@ -282,4 +330,21 @@ fn a_certificate_without_its_key_stops_the_start() {
         out.stderr
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_sighup_never_ends_the_process() {
+    // No TLS: a SIGHUP (a renewal hook fired at the wrong pod) has nothing to reload.
+    let s = Spanagg::start("");
+    for _ in 0..2 {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &s.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.get("/-/healthy").0, 200, "still running");
+    assert!(s.log_text().contains("SIGHUP: no TLS configured"));
+    s.stop();
 }

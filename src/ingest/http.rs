@@ -114,9 +114,26 @@ async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Res
         .unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     let format = match mime.to_ascii_lowercase().as_str() {
-        "application/x-protobuf" | "application/protobuf" => Format::Protobuf,
-        "application/json" => Format::Json,
-        _ => {
+        "application/json" => Some(Format::Json),
+        "application/x-protobuf" | "application/protobuf" => Some(Format::Protobuf),
+        _ => None,
+    };
+    // The token before anything else is looked at: a client without it is told so (and
+    // counted as that, not as a bad request), and costs no decoding.
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if door.guard.admit(authorization).is_err() {
+        let reply = format.unwrap_or(Format::Protobuf);
+        let mut res = status_response(reply, 16, door.guard.message());
+        *res.status_mut() = StatusCode::UNAUTHORIZED;
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"spanagg\""),
+        );
+        return res;
+    }
+    let format = match format {
+        Some(f) => f,
+        None => {
             let err = IngestError::InvalidArgument(format!(
                 "unsupported Content-Type {content_type:?}: use application/x-protobuf or \
                  application/json"
@@ -127,17 +144,6 @@ async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Res
             return res;
         }
     };
-    // Before the body is read: a client without the token costs no decoding.
-    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    if door.guard.admit(authorization).is_err() {
-        let mut res = status_response(format, 16, door.guard.message());
-        *res.status_mut() = StatusCode::UNAUTHORIZED;
-        res.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"spanagg\""),
-        );
-        return res;
-    }
     match read_request(&ingestor, format, &headers, body).await {
         // The admission is held until the reply: the decoded request lives until then.
         Ok((req, raw, admission)) => match ingestor

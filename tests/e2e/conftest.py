@@ -62,8 +62,10 @@ class Spanagg:
 
     # With auth.scrape_token_file set: the token scrape() and internal() send.
     scrape_token = None
-    # With tls set: the CA file that scrape() and internal() trust (they then use https).
+    # With tls set: the CA file that scrape() and internal() trust (they then use https), and
+    # whether the certificate must name the address dialled (not when it names a Service).
     ca_file = None
+    check_hostname = True
 
     def _get(self, path, headers=None):
         headers = dict(headers or {})
@@ -72,7 +74,9 @@ class Spanagg:
         if self.ca_file:
             import ssl
 
-            return http_get(f"https://{self.http}{path}", headers, context=ssl.create_default_context(cafile=self.ca_file))
+            context = ssl.create_default_context(cafile=self.ca_file)
+            context.check_hostname = self.check_hostname
+            return http_get(f"https://{self.http}{path}", headers, context=context)
         return http_get(f"http://{self.http}{path}", headers)
 
     def scrape(self, accept=None):

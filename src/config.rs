@@ -53,6 +53,7 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub auth: crate::auth::AuthFiles,
     pub tls: crate::tls::TlsFiles,
+    pub connections: crate::listen::RawConnections,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +214,8 @@ pub struct Config {
     pub auth: crate::auth::AuthFiles,
     /// Certificate and key (and client CA for mTLS) for every listener. Default: plaintext.
     pub tls: crate::tls::TlsFiles,
+    /// Timeouts and limits per connection and listener (`connections.*`).
+    pub connections: crate::listen::Connections,
 }
 
 /// Guard rails: what keeps memory bounded when a client explodes.
@@ -260,6 +263,8 @@ impl Config {
             reason,
         };
         raw.tls.check().map_err(|why| invalid("tls", why))?;
+        let connections = crate::listen::Connections::from_raw(&raw.connections)
+            .map_err(|(key, why)| invalid(&key, why))?;
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let shards = NonZeroUsize::new(raw.shards.unwrap_or(cores))
             .ok_or_else(|| invalid("shards", "must be at least 1".into()))?;
@@ -335,6 +340,7 @@ impl Config {
             input,
             auth: raw.auth,
             tls: raw.tls,
+            connections,
             limits: Limits {
                 max_series_per_service: positive(
                     "limits.max_series_per_service",

@@ -3,6 +3,7 @@
 //! they applied everything queued.
 
 use crate::auth::{Door, Guard, Tokens};
+use crate::listen::ListenMetrics;
 use crate::tls::Tls;
 
 /// How often the TLS files are checked for changes (SIGHUP reloads at once).
@@ -80,7 +81,10 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
 
 /// Opens the data dir, restores the newest usable checkpoint, starts the shards on it, replays
 /// the WAL after it, and starts the WAL writer.
-async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Storage), ServeError> {
+async fn start_state(
+    config: &Config,
+    listen: ListenMetrics,
+) -> Result<(Arc<Table>, Arc<Telemetry>, Storage), ServeError> {
     let base = ShardConfig {
         late_ns: config
             .late_delta_window
@@ -126,10 +130,11 @@ async fn start_state(config: &Config) -> Result<(Arc<Table>, Arc<Telemetry>, Sto
         Table::start_with(restored.states, config.shard_queue_capacity.get())
             .map_err(ServeError::Shards)?,
     );
-    let telemetry = Arc::new(Telemetry::new(
+    let telemetry = Arc::new(Telemetry::with_listeners(
         table.stats(),
         metrics.clone(),
         config.limits,
+        listen,
     ));
     if let Some(from) = restored.replay_from {
         let replayer = Ingestor::new(
@@ -246,11 +251,20 @@ pub async fn serve(
     let http_l = bind("HTTP (scrape and API)", config.http_listen).await?;
     let http_addr = http_l.local_addr().unwrap_or(config.http_listen);
     let lazy: Arc<std::sync::OnceLock<axum::Router>> = Default::default();
+    let listen = ListenMetrics::default();
+    let limits = config.connections;
     let front = crate::export::http::front(lazy.clone());
-    let http = crate::listen::http(http_l, front, http_tls.clone(), stopped(stop_rx.clone()))
-        .map_err(ServeError::Listen)?;
+    let http = crate::listen::http(
+        http_l,
+        front,
+        http_tls.clone(),
+        limits,
+        "http",
+        listen.clone(),
+        stopped(stop_rx.clone()),
+    );
     tracing::info!(http = %http_addr, "restoring state; /-/healthy answers meanwhile");
-    let (table, telemetry, storage) = start_state(&config).await?;
+    let (table, telemetry, storage) = start_state(&config, listen.clone()).await?;
     let mut ingestor = Ingestor::new(
         table.clone(),
         Projection::new(&config.by, &config.without),
@@ -286,6 +300,10 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
         .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
+        .max_concurrent_streams(Some(limits.http2_max_concurrent_streams))
+        .http2_max_header_list_size(Some(limits.http2_max_header_list_size))
+        .http2_keepalive_interval(Some(limits.grpc_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.grpc_keepalive_timeout))
         .add_service(InterceptedService::new(
             MetricsGrpc::new(ingestor.clone()),
             guard(Door::Ingest),
@@ -294,15 +312,29 @@ pub async fn serve(
             crate::export::flight::Flight::server(table.clone()),
             guard(Door::Read),
         ));
-    let grpc = crate::listen::grpc(grpc_l, grpc, grpc_tls.clone(), stopped(stop_rx.clone()));
-    let otlp_router = crate::ingest::http::router(ingestor.clone(), guard(Door::Ingest));
+    let grpc = crate::listen::grpc(
+        grpc_l,
+        grpc,
+        grpc_tls.clone(),
+        limits,
+        listen.clone(),
+        stopped(stop_rx.clone()),
+    );
+    let otlp_router = crate::ingest::http::router(
+        ingestor.clone(),
+        guard(Door::Ingest),
+        limits.body_timeout,
+        listen.clone(),
+    );
     let otlp_http = crate::listen::http(
         otlp_l,
         otlp_router,
         http_tls.clone(),
+        limits,
+        "otlp_http",
+        listen,
         stopped(stop_rx.clone()),
-    )
-    .map_err(ServeError::Listen)?;
+    );
     let _ = lazy.set(crate::export::http::router(app.clone()));
     let reloadable = http_tls.into_iter().chain(grpc_tls).collect();
     tokio::spawn(crate::tls::watch(reloadable, hup, TLS_RECHECK));

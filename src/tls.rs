@@ -4,8 +4,8 @@
 //! Each listener holds a [`Tls`]: the current `ServerConfig`, swapped whole when the files are
 //! read again (on SIGHUP, or when their modification times change). A connection keeps the
 //! config it was accepted with, so a reload drops nothing; a reload that fails keeps the old
-//! config and says why. Handshakes run on their own tasks with a deadline, so a client that
-//! connects and sends nothing holds one task, not the accept loop.
+//! config and says why. Handshakes run on their own tasks (see `listen.rs`) with a deadline,
+//! so a client that connects and sends nothing holds one task, not the accept loop.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,8 +21,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -213,38 +212,22 @@ impl Tls {
 /// How long a client has to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts on `listener` and hands over connections whose handshake completed, each handshake
-/// on its own task. Stops when the receiver is dropped.
-pub fn accept(listener: TcpListener, tls: Arc<Tls>) -> mpsc::Receiver<(TlsIo, SocketAddr)> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            if tx.is_closed() {
-                return;
+impl Tls {
+    /// The server side of a handshake, with the current config; `Err(true)` when the client
+    /// did not finish within [`HANDSHAKE_TIMEOUT`], `Err(false)` when it failed.
+    pub async fn handshake(&self, tcp: TcpStream, peer: SocketAddr) -> Result<TlsIo, bool> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor().accept(tcp)).await {
+            Ok(Ok(stream)) => Ok(TlsIo(stream)),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                Err(false)
             }
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (tls.acceptor(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send((TlsIo(stream), peer)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                Err(true)
+            }
         }
-    });
-    rx
+    }
 }
 
 /// A server-side TLS connection, as the HTTP and gRPC servers take it.
@@ -290,39 +273,6 @@ impl tonic::transport::server::Connected for TlsIo {
     type ConnectInfo = Option<SocketAddr>;
     fn connect_info(&self) -> Self::ConnectInfo {
         self.0.get_ref().0.peer_addr().ok()
-    }
-}
-
-/// The HTTP servers' side: connections whose handshake is done.
-pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsIo, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    pub fn new(listener: TcpListener, tls: Arc<Tls>) -> io::Result<Self> {
-        let local = listener.local_addr()?;
-        Ok(Self {
-            rx: accept(listener, tls),
-            local,
-        })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept task is gone: nothing will ever come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }
 

@@ -85,7 +85,12 @@ async fn serve_http(ingestor: &Arc<Ingestor>, telemetry: &Arc<Telemetry>) -> std
     let addr = l.local_addr().unwrap();
     // No token files: the ingest door is open, as by default.
     let open = Guard::new(Arc::default(), Door::Ingest, telemetry.clone());
-    let app = spanagg::ingest::http::router(ingestor.clone(), open);
+    let app = spanagg::ingest::http::router(
+        ingestor.clone(),
+        open,
+        std::time::Duration::from_secs(30),
+        Default::default(),
+    );
     tokio::spawn(async move { axum::serve(l, app).await });
     addr
 }

@@ -2,6 +2,7 @@
 //! content type; errors carry a `google.rpc.Status` body as the OTLP spec asks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -19,6 +20,7 @@ use super::admit::Admission;
 use super::body::{decode, Encoding};
 use super::{IngestError, Ingestor, Logged};
 use crate::auth::Guard;
+use crate::listen::ListenMetrics;
 use crate::telemetry::Protocol;
 
 /// How long a client should wait before retrying a refused export.
@@ -54,18 +56,32 @@ impl Format {
     }
 }
 
-/// What the export handler holds: the ingest path and the ingest door's token check.
+/// What the export handler holds: the ingest path, the ingest door's token check, and how
+/// long a body may take to arrive.
 #[derive(Clone)]
 struct Door {
     ingestor: Arc<Ingestor>,
     guard: Guard,
+    body_timeout: Duration,
+    metrics: ListenMetrics,
 }
 
-pub fn router(ingestor: Arc<Ingestor>, guard: Guard) -> Router {
+pub fn router(
+    ingestor: Arc<Ingestor>,
+    guard: Guard,
+    body_timeout: Duration,
+    metrics: ListenMetrics,
+) -> Router {
+    let door = Door {
+        ingestor,
+        guard,
+        body_timeout,
+        metrics,
+    };
     Router::new()
         .route("/v1/metrics", post(export))
         .method_not_allowed_fallback(crate::export::http::method_not_allowed)
-        .with_state(Door { ingestor, guard })
+        .with_state(door)
 }
 
 fn error_response(format: Format, e: &IngestError) -> Response {
@@ -144,7 +160,18 @@ async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Res
             return res;
         }
     };
-    match read_request(&ingestor, format, &headers, body).await {
+    // A body sent a byte at a time is cut off, not waited for.
+    let reading = read_request(&ingestor, format, &headers, body);
+    let Ok(read) = tokio::time::timeout(door.body_timeout, reading).await else {
+        door.metrics.timed_out("otlp_http", "body");
+        let message = "request body not received within connections.body_timeout".to_owned();
+        let mut res = status_response(format, 4, message);
+        *res.status_mut() = StatusCode::REQUEST_TIMEOUT;
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return res;
+    };
+    match read {
         // The admission is held until the reply: the decoded request lives until then.
         Ok((req, raw, admission)) => match ingestor
             .export_detached(format.protocol(), req, raw, admission)

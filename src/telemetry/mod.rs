@@ -17,6 +17,7 @@ use crate::aggregate::shard::{BatchResult, Outcome};
 use crate::aggregate::table::{ShardStats, APPLY_BUCKETS};
 use crate::auth::{Denied, Door};
 use crate::ingest::otlp::{Reason, Rejections, Relabeled};
+use crate::listen::ListenMetrics;
 use crate::storage::StorageMetrics;
 
 mod budget;
@@ -107,8 +108,20 @@ impl Telemetry {
         storage: StorageMetrics,
         limits: crate::config::Limits,
     ) -> Self {
+        Self::with_listeners(shards, storage, limits, ListenMetrics::default())
+    }
+
+    /// Like `new`, with the listeners' counters (made before the state, as the HTTP listener
+    /// serves health checks while it is restored).
+    pub fn with_listeners(
+        shards: Vec<Arc<ShardStats>>,
+        storage: StorageMetrics,
+        limits: crate::config::Limits,
+        listen: ListenMetrics,
+    ) -> Self {
         let mut registry = Registry::with_prefix("spanagg");
         storage.register(&mut registry);
+        listen.register(&mut registry);
         let budget = budget::BudgetMetrics::register(&mut registry, shards.clone(), limits);
         let requests_f = Family::<Labels2, Counter>::default();
         registry.register(

@@ -1,0 +1,212 @@
+//! Connection limits on the real binary, as a slow or greedy client meets them: headers sent a
+//! byte at a time and idle keep-alive connections are closed after `connections.header_timeout`
+//! on both HTTP ports, a slow OTLP/HTTP body gets 408 after `connections.body_timeout`, a
+//! connection over `connections.max_per_listener` is closed at once, and gRPC advertises its
+//! HTTP/2 stream limit. Meanwhile a well-behaved exporter's requests go through. Each limit is
+//! counted when it acts.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{cart_delta, now_ns, Spanagg};
+use prost::Message;
+
+/// Whether the server closed `s` within `within` (a read returns end of stream or an error).
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return start.elapsed() <= within,
+        }
+    }
+}
+
+fn internal(s: &Spanagg, sample: &str) -> f64 {
+    s.internal(sample)
+}
+
+fn export_ok(s: &Spanagg, pod: &str) {
+    let body = cart_delta(pod, 1, [1, 0, 0, 0, 0], 1.0, now_ns() - 5_000_000_000).encode_to_vec();
+    assert_eq!(s.post_protobuf(&body), 200);
+}
+
+#[test]
+fn slow_headers_slow_bodies_and_idle_connections_are_cut_off_while_exports_go_on() {
+    let s = Spanagg::start("connections:\n  header_timeout: 1s\n  body_timeout: 1s\n");
+    // Slow headers on both HTTP ports: one line, then nothing.
+    let mut slow: Vec<TcpStream> = [s.http, s.otlp_http]
+        .iter()
+        .map(|a| {
+            let mut c = TcpStream::connect(a).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    // A well-behaved exporter meanwhile.
+    export_ok(&s, "pod-a");
+    for c in &mut slow {
+        assert!(
+            closed_within(c, Duration::from_secs(5)),
+            "slow headers not cut off"
+        );
+    }
+    assert!(
+        internal(
+            &s,
+            "spanagg_connection_timeouts_total{listener=\"http\",what=\"header\"}"
+        ) >= 1.0
+    );
+    assert!(
+        internal(
+            &s,
+            "spanagg_connection_timeouts_total{listener=\"otlp_http\",what=\"header\"}"
+        ) >= 1.0
+    );
+
+    // A slow body: its headers promise 1000 bytes, 10 come.
+    let mut c = TcpStream::connect(s.otlp_http).unwrap();
+    c.write_all(
+        b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
+          Content-Length: 1000\r\n\r\n0123456789",
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = Vec::new();
+    let _ = c.read_to_end(&mut reply);
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert_eq!(
+        internal(
+            &s,
+            "spanagg_connection_timeouts_total{listener=\"otlp_http\",what=\"body\"}"
+        ),
+        1.0
+    );
+
+    // A keep-alive connection left idle after its request is closed too.
+    let mut c = TcpStream::connect(s.http).unwrap();
+    c.write_all(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(
+        closed_within(&mut c, Duration::from_secs(5)),
+        "an idle connection stays open"
+    );
+    export_ok(&s, "pod-b");
+    s.stop();
+}
+
+#[test]
+fn a_listener_holds_at_most_its_connections() {
+    let s = Spanagg::start("connections:\n  max_per_listener: 3\n  header_timeout: 30s\n");
+    // Four connections: whichever comes when three are held is closed at once (the start's
+    // probe may still hold a slot for a moment, so which one is not fixed).
+    let mut conns: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let c = TcpStream::connect(s.http).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            c
+        })
+        .collect();
+    let mut closed = 0;
+    for c in &mut conns {
+        closed += usize::from(closed_within(c, Duration::from_secs(2)));
+    }
+    assert_eq!(closed, 1, "three held, one refused");
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(300));
+    // Slots come back when connections close.
+    assert!(internal(&s, "spanagg_connections_refused_total{listener=\"http\"}") >= 1.0);
+    s.stop();
+}
+
+/// The parameters of the server's first HTTP/2 SETTINGS frame.
+fn h2_settings(addr: SocketAddr) -> Vec<(u16, u32)> {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap(); // an empty SETTINGS frame
+    loop {
+        let mut head = [0u8; 9];
+        c.read_exact(&mut head).unwrap();
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        c.read_exact(&mut payload).unwrap();
+        if head[3] == 4 && head[4] & 1 == 0 {
+            return payload
+                .chunks_exact(6)
+                .map(|p| {
+                    (
+                        u16::from_be_bytes([p[0], p[1]]),
+                        u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                    )
+                })
+                .collect();
+        }
+    }
+}
+
+#[test]
+fn grpc_advertises_its_stream_and_header_limits() {
+    let s = Spanagg::start(
+        "connections:\n  http2_max_concurrent_streams: 7\n  http2_max_header_list_size: 8KiB\n",
+    );
+    let settings = h2_settings(s.grpc);
+    assert!(
+        settings.contains(&(0x3, 7)),
+        "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+    assert!(
+        settings.contains(&(0x6, 8192)),
+        "SETTINGS_MAX_HEADER_LIST_SIZE: {settings:?}"
+    );
+    s.stop();
+}
+
+#[test]
+fn limits_outside_their_range_stop_the_start() {
+    for (yaml, key) in [
+        (
+            "connections:\n  header_timeout: 1ms\n",
+            "connections.header_timeout",
+        ),
+        (
+            "connections:\n  max_per_listener: 0\n",
+            "connections.max_per_listener",
+        ),
+        (
+            "connections:\n  http2_max_concurrent_streams: 0\n",
+            "connections.http2_max_concurrent_streams",
+        ),
+    ] {
+        let dir = std::env::temp_dir().join(format!("spanagg-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("spanagg.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let out = common::cli(["serve", "--config", config.to_str().unwrap()]);
+        assert!(
+            !out.ok && out.stderr.contains(key),
+            "{yaml}: {}",
+            out.stderr
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -6,7 +6,7 @@
 //! HTTP/1.1 client gets `header_timeout` to send each request's headers, which also closes a
 //! keep-alive connection idle that long; gRPC connections get HTTP/2 keepalive pings and a
 //! stream limit. Each server's task ends when `stop` resolves and its connections finish, or
-//! `DRAIN` after it, whichever is first.
+//! `drain_timeout` after it, whichever is first.
 
 use std::future::Future;
 use std::io;
@@ -29,9 +29,6 @@ use crate::tls::{Tls, TlsIo};
 
 type Served = JoinHandle<Result<(), String>>;
 
-/// How long a stopping server waits for its connections before it drops them.
-pub const DRAIN: Duration = Duration::from_secs(30);
-
 /// `connections:` as written in the config file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,6 +40,7 @@ pub struct RawConnections {
     pub http2_max_header_list_size: Option<bytesize::ByteSize>,
     pub grpc_keepalive_interval: Option<String>,
     pub grpc_keepalive_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
 }
 
 /// Limits on what one client can hold (see the module docs).
@@ -62,6 +60,8 @@ pub struct Connections {
     pub grpc_keepalive_interval: Duration,
     /// ...and closed if the ping is not answered within this.
     pub grpc_keepalive_timeout: Duration,
+    /// How long a stopping server waits for its open connections before it drops them.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Connections {
@@ -74,6 +74,7 @@ impl Default for Connections {
             http2_max_header_list_size: 16 * 1024,
             grpc_keepalive_interval: Duration::from_secs(30),
             grpc_keepalive_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -138,6 +139,7 @@ impl Connections {
                 &raw.grpc_keepalive_timeout,
                 d.grpc_keepalive_timeout,
             )?,
+            drain_timeout: time("drain_timeout", &raw.drain_timeout, d.drain_timeout)?,
         })
     }
 }
@@ -416,8 +418,8 @@ pub fn http(
         }
         drop(conns);
         // In-flight requests finish; a client that holds its connection open cannot hold the
-        // stop for longer than DRAIN.
-        let _ = tokio::time::timeout(DRAIN, graceful.shutdown()).await;
+        // stop for longer than the drain timeout.
+        let _ = tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await;
         Ok(())
     })
 }
@@ -434,7 +436,16 @@ pub fn grpc(
     let conns = accept(listener, tls, limits.max_per_listener, "grpc", metrics);
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(conns).map(Ok::<_, io::Error>);
-        let serving = router.serve_with_incoming_shutdown(incoming, stop);
-        serving.await.map_err(|e| e.to_string())
+        let stop = futures_util::FutureExt::shared(Box::pin(stop));
+        let serving = router.serve_with_incoming_shutdown(incoming, stop.clone());
+        // tonic waits for every connection to go; one that never answers GOAWAY would hold
+        // the stop forever, so it waits the drain timeout at most.
+        tokio::select! {
+            r = serving => r.map_err(|e| e.to_string()),
+            _ = async { stop.await; tokio::time::sleep(limits.drain_timeout).await } => {
+                tracing::warn!("gRPC connections still open after the drain: closed");
+                Ok(())
+            }
+        }
     })
 }

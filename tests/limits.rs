@@ -210,3 +210,26 @@ fn limits_outside_their_range_stop_the_start() {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+#[test]
+fn a_client_that_never_lets_go_cannot_hold_the_stop() {
+    let s = Spanagg::start("connections:\n  drain_timeout: 1s\n");
+    // An HTTP/2 connection on the gRPC port that never reads again (no GOAWAY answer), and an
+    // HTTP/1.1 request on the scrape port left half sent.
+    let mut h2 = TcpStream::connect(s.grpc).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let mut h1 = TcpStream::connect(s.http).unwrap();
+    h1.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = s.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the stop waited {:?}",
+        started.elapsed()
+    );
+    drop((h1, h2));
+}

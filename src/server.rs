@@ -304,6 +304,9 @@ pub async fn serve(
         .http2_max_header_list_size(Some(limits.http2_max_header_list_size))
         .http2_keepalive_interval(Some(limits.grpc_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.grpc_keepalive_timeout))
+        .timeout(limits.grpc_request_timeout)
+        .max_connection_age(limits.grpc_max_connection_age)
+        .max_connection_age_grace(limits.drain_timeout)
         .add_service(InterceptedService::new(
             MetricsGrpc::new(ingestor.clone()),
             guard(Door::Ingest),

@@ -1,6 +1,7 @@
 //! Connection limits on the real binary, as a slow or greedy client meets them: headers sent a
 //! byte at a time and idle keep-alive connections are closed after `connections.header_timeout`
-//! on both HTTP ports, a slow OTLP/HTTP body gets 408 after `connections.body_timeout`, a
+//! on both HTTP ports, a slow OTLP/HTTP body gets a retryable 503 after
+//! `connections.body_timeout`, a
 //! connection over `connections.max_per_listener` is closed at once, and gRPC advertises its
 //! HTTP/2 stream limit. Meanwhile a well-behaved exporter's requests go through. Each limit is
 //! counted when it acts.
@@ -90,7 +91,7 @@ fn slow_headers_slow_bodies_and_idle_connections_are_cut_off_while_exports_go_on
     let mut reply = Vec::new();
     let _ = c.read_to_end(&mut reply);
     assert!(
-        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 408"),
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 503"),
         "{}",
         String::from_utf8_lossy(&reply)
     );
@@ -232,4 +233,80 @@ fn a_client_that_never_lets_go_cannot_hold_the_stop() {
         started.elapsed()
     );
     drop((h1, h2));
+}
+
+#[test]
+fn a_client_that_stops_reading_or_says_nothing_loses_its_connection() {
+    let s = Spanagg::start(
+        "connections:\n  write_timeout: 1s\n  grpc_keepalive_interval: 300ms\n  \
+         grpc_keepalive_timeout: 300ms\n  grpc_idle_timeout: 1s\n",
+    );
+    // Pipelined requests whose answers are never read: the server's writes stall, then fail.
+    let c = TcpStream::connect(s.http).unwrap();
+    let mut writer = c.try_clone().unwrap();
+    writer
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let flood = std::thread::spawn(move || {
+        let req = b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+        let started = Instant::now();
+        // Writes stall once both sides' buffers are full (a timeout here, tried again); they
+        // fail for good once the server gave up on the connection.
+        while started.elapsed() < Duration::from_secs(30) {
+            match writer.write(&req) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    });
+    assert!(
+        flood.join().unwrap(),
+        "a client that never reads kept its connection"
+    );
+    let _ = c.shutdown(std::net::Shutdown::Both);
+    assert!(
+        internal(
+            &s,
+            "spanagg_connection_timeouts_total{listener=\"http\",what=\"write\"}"
+        ) >= 1.0
+    );
+
+    // A TCP connection to the gRPC port that never sends its HTTP/2 preface.
+    let mut silent = TcpStream::connect(s.grpc).unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)),
+        "a silent gRPC connection stays"
+    );
+    assert!(
+        internal(
+            &s,
+            "spanagg_connection_timeouts_total{listener=\"grpc\",what=\"idle\"}"
+        ) >= 1.0
+    );
+
+    // An honest gRPC client idle for longer than the idle limit answers the pings and exports.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+        let mut client = MetricsServiceClient::connect(format!("http://{}", s.grpc))
+            .await
+            .unwrap();
+        let req = || cart_delta("pod-g", 1, [1, 0, 0, 0, 0], 1.0, now_ns() - 5_000_000_000);
+        client.export(req()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut later = req();
+        later.resource_metrics[0].scope_metrics[0].metrics[0].name = "other".into();
+        client.export(later).await.unwrap();
+    });
+    drop(rt);
+    s.stop();
 }

@@ -164,11 +164,17 @@ async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Res
     let reading = read_request(&ingestor, format, &headers, body);
     let Ok(read) = tokio::time::timeout(door.body_timeout, reading).await else {
         door.metrics.timed_out("otlp_http", "body");
-        let message = "request body not received within connections.body_timeout".to_owned();
-        let mut res = status_response(format, 4, message);
-        *res.status_mut() = StatusCode::REQUEST_TIMEOUT;
-        res.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        // 503, which OTLP exporters retry: an honest client on a slow link loses nothing, and
+        // a slowloris client gains nothing from trying again.
+        let message = "request body not received within connections.body_timeout: retry".to_owned();
+        let mut res = status_response(format, 14, message);
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let headers = res.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
         return res;
     };
     match read {

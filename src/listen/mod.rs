@@ -10,9 +10,7 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -20,12 +18,15 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::tls::{Tls, TlsIo};
+use crate::tls::Tls;
+
+mod conn;
+
+use conn::{Conn, Deadlines, Guarded};
 
 type Served = JoinHandle<Result<(), String>>;
 
@@ -41,6 +42,10 @@ pub struct RawConnections {
     pub grpc_keepalive_interval: Option<String>,
     pub grpc_keepalive_timeout: Option<String>,
     pub drain_timeout: Option<String>,
+    pub write_timeout: Option<String>,
+    pub grpc_idle_timeout: Option<String>,
+    pub grpc_max_connection_age: Option<String>,
+    pub grpc_request_timeout: Option<String>,
 }
 
 /// Limits on what one client can hold (see the module docs).
@@ -62,6 +67,15 @@ pub struct Connections {
     pub grpc_keepalive_timeout: Duration,
     /// How long a stopping server waits for its open connections before it drops them.
     pub drain_timeout: Duration,
+    /// A response write that makes no progress this long (the client stopped reading) fails.
+    pub write_timeout: Duration,
+    /// A gRPC connection on which nothing arrives this long is closed (keepalive pings make an
+    /// honest idle client answer well within it).
+    pub grpc_idle_timeout: Duration,
+    /// A gRPC connection is told to go away (GOAWAY, then `drain_timeout` of grace) at this age.
+    pub grpc_max_connection_age: Duration,
+    /// One gRPC call, body included, must finish within this (DEADLINE_EXCEEDED).
+    pub grpc_request_timeout: Duration,
 }
 
 impl Default for Connections {
@@ -75,6 +89,10 @@ impl Default for Connections {
             grpc_keepalive_interval: Duration::from_secs(30),
             grpc_keepalive_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            grpc_idle_timeout: Duration::from_secs(120),
+            grpc_max_connection_age: Duration::from_secs(1800),
+            grpc_request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -123,7 +141,7 @@ impl Connections {
                 "must be between 1KiB and 1MiB".into(),
             ));
         }
-        Ok(Self {
+        let c = Self {
             header_timeout: time("header_timeout", &raw.header_timeout, d.header_timeout)?,
             body_timeout: time("body_timeout", &raw.body_timeout, d.body_timeout)?,
             max_per_listener: max,
@@ -140,7 +158,31 @@ impl Connections {
                 d.grpc_keepalive_timeout,
             )?,
             drain_timeout: time("drain_timeout", &raw.drain_timeout, d.drain_timeout)?,
-        })
+            write_timeout: time("write_timeout", &raw.write_timeout, d.write_timeout)?,
+            grpc_idle_timeout: time(
+                "grpc_idle_timeout",
+                &raw.grpc_idle_timeout,
+                d.grpc_idle_timeout,
+            )?,
+            grpc_max_connection_age: time(
+                "grpc_max_connection_age",
+                &raw.grpc_max_connection_age,
+                d.grpc_max_connection_age,
+            )?,
+            grpc_request_timeout: time(
+                "grpc_request_timeout",
+                &raw.grpc_request_timeout,
+                d.grpc_request_timeout,
+            )?,
+        };
+        // An honest idle client only sends when pinged: the idle limit must leave it time.
+        if c.grpc_idle_timeout <= c.grpc_keepalive_interval + c.grpc_keepalive_timeout {
+            return Err((
+                "connections.grpc_idle_timeout".into(),
+                "must exceed grpc_keepalive_interval + grpc_keepalive_timeout".into(),
+            ));
+        }
+        Ok(c)
     }
 }
 
@@ -163,11 +205,16 @@ impl ListenMetrics {
         r.register(
             "connection_timeouts",
             "Connections or requests cut off by a timeout: header (slow or idle HTTP/1.1), body \
-             (slow OTLP/HTTP body), handshake (TLS)",
+             (slow OTLP/HTTP body), write (a client that stopped reading), idle (a silent gRPC \
+             connection), handshake (TLS)",
             self.timeouts.clone(),
         );
         // Every series that can move, at 0 from the start, so increase() sees its first event.
         let timeouts = [
+            ("grpc", "write"),
+            ("otlp_http", "write"),
+            ("http", "write"),
+            ("grpc", "idle"),
             ("grpc", "handshake"),
             ("otlp_http", "handshake"),
             ("http", "handshake"),
@@ -198,135 +245,32 @@ impl ListenMetrics {
     }
 }
 
-/// A connection with the listener slot it holds; the slot is free again when it is dropped.
-pub struct Slotted<T> {
-    io: T,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Slotted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Slotted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
-
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Slotted<T> {
-    type ConnectInfo = T::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-/// A connection of either kind, as the servers take it.
-pub enum Conn {
-    Plain(TcpStream),
-    // Boxed: a TLS session is over a kilobyte, a TCP stream a few words.
-    Tls(Box<TlsIo>),
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = Option<std::net::SocketAddr>;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Conn::Plain(s) => s.peer_addr().ok(),
-            Conn::Tls(s) => s.connect_info(),
-        }
-    }
-}
-
 /// Accepts connections (TLS ones once their handshake is done), each holding a slot; one over
 /// the limit is closed at once and counted.
 fn accept(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     max: usize,
-    name: &'static str,
-    metrics: ListenMetrics,
-) -> mpsc::Receiver<Slotted<Conn>> {
+    deadlines: Deadlines,
+) -> mpsc::Receiver<Guarded> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max));
+    let (name, metrics) = (deadlines.listener, deadlines.metrics.clone());
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let (tcp, peer) = tokio::select! {
+                // Stop listening once the server is gone, not at the next connection.
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, do not spin.
+                        tracing::warn!(listener = name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
             };
-            if tx.is_closed() {
-                return;
-            }
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 metrics.refused(name);
                 drop(tcp);
@@ -335,30 +279,20 @@ fn accept(
             let _ = tcp.set_nodelay(true);
             match &tls {
                 None => {
-                    let _ = tx
-                        .send(Slotted {
-                            io: Conn::Plain(tcp),
-                            _slot: slot,
-                        })
-                        .await;
+                    let conn = Guarded::new(Conn::Plain(tcp), slot, deadlines.clone());
+                    let _ = tx.send(conn).await;
                 }
                 Some(tls) => {
                     let (tls, tx, metrics) = (tls.clone(), tx.clone(), metrics.clone());
+                    let deadlines = deadlines.clone();
                     tokio::spawn(async move {
                         match tls.handshake(tcp, peer).await {
                             Ok(io) => {
-                                let _ = tx
-                                    .send(Slotted {
-                                        io: Conn::Tls(Box::new(io)),
-                                        _slot: slot,
-                                    })
-                                    .await;
+                                let conn = Guarded::new(Conn::Tls(Box::new(io)), slot, deadlines);
+                                let _ = tx.send(conn).await;
                             }
-                            Err(timed_out) => {
-                                if timed_out {
-                                    metrics.timed_out(name, "handshake");
-                                }
-                            }
+                            Err(true) => metrics.timed_out(name, "handshake"),
+                            Err(false) => {}
                         }
                     });
                 }
@@ -378,13 +312,16 @@ pub fn http(
     metrics: ListenMetrics,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Served {
-    let mut conns = accept(
-        listener,
-        tls,
-        limits.max_per_listener,
-        name,
-        metrics.clone(),
-    );
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
+    let deadlines = Deadlines {
+        write_timeout: limits.write_timeout,
+        // Headers (hyper's timer) bound reads here.
+        read_idle: None,
+        closed,
+        metrics: metrics.clone(),
+        listener: name,
+    };
+    let mut conns = accept(listener, tls, limits.max_per_listener, deadlines);
     tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -417,9 +354,18 @@ pub fn http(
             });
         }
         drop(conns);
-        // In-flight requests finish; a client that holds its connection open cannot hold the
-        // stop for longer than the drain timeout.
-        let _ = tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await;
+        // In-flight requests finish; what is still open after the drain fails at its next read
+        // or write, so no connection (and no request in it) outlives the stop.
+        if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = name,
+                "connections still open after the drain: closed"
+            );
+            let _ = closed_tx.send(true);
+        }
         Ok(())
     })
 }
@@ -433,19 +379,32 @@ pub fn grpc(
     metrics: ListenMetrics,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Served {
-    let conns = accept(listener, tls, limits.max_per_listener, "grpc", metrics);
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
+    let deadlines = Deadlines {
+        write_timeout: limits.write_timeout,
+        // The keepalive pings make an honest idle client send within this.
+        read_idle: Some(limits.grpc_idle_timeout),
+        closed,
+        metrics,
+        listener: "grpc",
+    };
+    let conns = accept(listener, tls, limits.max_per_listener, deadlines);
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(conns).map(Ok::<_, io::Error>);
         let stop = futures_util::FutureExt::shared(Box::pin(stop));
         let serving = router.serve_with_incoming_shutdown(incoming, stop.clone());
         // tonic waits for every connection to go; one that never answers GOAWAY would hold
-        // the stop forever, so it waits the drain timeout at most.
+        // the stop forever, so after the drain every connection's I/O fails.
+        tokio::pin!(serving);
         tokio::select! {
-            r = serving => r.map_err(|e| e.to_string()),
-            _ = async { stop.await; tokio::time::sleep(limits.drain_timeout).await } => {
-                tracing::warn!("gRPC connections still open after the drain: closed");
-                Ok(())
-            }
+            r = &mut serving => return r.map_err(|e| e.to_string()),
+            _ = async { stop.await; tokio::time::sleep(limits.drain_timeout).await } => {}
         }
+        tracing::warn!(
+            listener = "grpc",
+            "connections still open after the drain: closed"
+        );
+        let _ = closed_tx.send(true);
+        serving.await.map_err(|e| e.to_string())
     })
 }

@@ -91,7 +91,8 @@ pub struct RawHistogram {
     pub output_bounds: BTreeMap<String, Vec<f64>>,
 }
 
-mod humantime_opt {
+/// `Option<Duration>` fields written as `30s`, `10m`, `1h30m`.
+pub(crate) mod humantime_opt {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
@@ -263,8 +264,7 @@ impl Config {
             reason,
         };
         raw.tls.check().map_err(|why| invalid("tls", why))?;
-        let connections = crate::listen::Connections::from_raw(&raw.connections)
-            .map_err(|(key, why)| invalid(&key, why))?;
+        let connections = crate::listen::Connections::from_raw(&raw.connections)?;
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let shards = NonZeroUsize::new(raw.shards.unwrap_or(cores))
             .ok_or_else(|| invalid("shards", "must be at least 1".into()))?;
@@ -372,25 +372,29 @@ impl Config {
     }
 }
 
+/// Config key `key`'s value `v` (else `default`), refused outside `min..=max`.
+pub(crate) fn within<T: PartialOrd + std::fmt::Debug>(
+    key: &str,
+    v: Option<T>,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    match v {
+        Some(v) if v < min || v > max => Err(ConfigError::Invalid {
+            key: key.to_owned(),
+            reason: format!("must be between {min:?} and {max:?}"),
+        }),
+        v => Ok(v.unwrap_or(default)),
+    }
+}
+
 /// The per-point limits, each at least what normal spanmetrics needs and at most what keeps
 /// the per-point work they bound small.
 fn input_limits(raw: &RawLimits) -> Result<InputLimits, ConfigError> {
-    /// `v` (else `default`), refused outside `min..=max`.
-    fn within(
-        key: &str,
-        v: Option<u64>,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<u64, ConfigError> {
-        match v {
-            Some(v) if v < min || v > max => Err(ConfigError::Invalid {
-                key: format!("limits.{key}"),
-                reason: format!("must be between {min} and {max}"),
-            }),
-            v => Ok(v.unwrap_or(default)),
-        }
-    }
+    let within = |key: &str, v: Option<u64>, default: u64, min: u64, max: u64| {
+        within(&format!("limits.{key}"), v, default, min, max)
+    };
     let size = |key: &str, v: Option<usize>, default: usize, min: u64, max: u64| {
         within(key, v.map(|v| v as u64), default as u64, min, max).map(|v| v as usize)
     };

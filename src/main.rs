@@ -261,19 +261,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (true, false) => "TLS",
         (true, true) => "TLS with client certificates",
     };
-    let auth = &config.auth;
-    let doors: Vec<&str> = [
-        ("ingest", auth.ingest_token_file.is_some()),
-        ("read", auth.read_token_file.is_some()),
-        ("scrape", auth.scrape_token_file.is_some()),
-    ]
-    .iter()
-    .filter_map(|(d, on)| on.then_some(*d))
-    .collect();
     runtime.block_on(serve(config, shutdown, |b: Bound| {
         tracing::info!(
             security,
-            tokens = ?doors,
+            tokens = ?b.tokens,
             "listening: OTLP/gRPC on {}, OTLP/HTTP on {} (POST /v1/metrics), HTTP on {} \
              (GET /metrics, /internal/metrics, /-/healthy, /-/ready)",
             b.grpc,

@@ -47,8 +47,6 @@ pub enum ServeError {
         path: std::path::PathBuf,
         cause: std::io::Error,
     },
-    #[error("cannot serve a listener: {0}")]
-    Listen(std::io::Error),
     #[error("cannot start shard threads: {0}")]
     Shards(std::io::Error),
     #[error(transparent)]
@@ -66,11 +64,13 @@ pub enum ServeError {
 }
 
 /// Addresses actually bound (useful when the config asked for port 0).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Bound {
     pub grpc: SocketAddr,
     pub otlp_http: SocketAddr,
     pub http: SocketAddr,
+    /// The doors that need a bearer token.
+    pub tokens: Vec<&'static str>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -234,14 +234,9 @@ pub async fn serve(
     // Token and certificate files are read first: a typo in one must stop the start, not
     // open a door or fall back to plaintext.
     let tokens = Arc::new(Tokens::load(&config.auth)?);
-    let tls_for = |alpn: &[&'static [u8]]| {
-        (config.tls.enabled())
-            .then(|| Tls::load(&config.tls, alpn))
-            .transpose()
-    };
-    // axum serves HTTP/1.1 here; gRPC is HTTP/2 only.
-    let http_tls = tls_for(&[b"http/1.1"])?;
-    let grpc_tls = tls_for(&[b"h2"])?;
+    let tls = (config.tls.enabled())
+        .then(|| Tls::load(&config.tls))
+        .transpose()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -257,7 +252,7 @@ pub async fn serve(
     let http = crate::listen::http(
         http_l,
         front,
-        http_tls.clone(),
+        tls.clone(),
         limits,
         "http",
         listen.clone(),
@@ -284,6 +279,11 @@ pub async fn serve(
         grpc: local(&grpc_l, config.grpc_listen),
         otlp_http: local(&otlp_l, config.otlp_http_listen),
         http: http_addr,
+        tokens: Door::ALL
+            .into_iter()
+            .filter(|d| tokens.guarded(*d))
+            .map(Door::as_str)
+            .collect(),
     };
 
     let guard = |door| Guard::new(tokens.clone(), door, telemetry.clone());
@@ -291,8 +291,6 @@ pub async fn serve(
         table: table.clone(),
         telemetry: telemetry.clone(),
         ready: Default::default(),
-        scrape: guard(Door::Scrape),
-        read: guard(Door::Read),
     });
 
     // h2's default 64 KiB windows stall every request larger than that on WINDOW_UPDATE round
@@ -318,7 +316,7 @@ pub async fn serve(
     let grpc = crate::listen::grpc(
         grpc_l,
         grpc,
-        grpc_tls.clone(),
+        tls.clone(),
         limits,
         listen.clone(),
         stopped(stop_rx.clone()),
@@ -332,15 +330,18 @@ pub async fn serve(
     let otlp_http = crate::listen::http(
         otlp_l,
         otlp_router,
-        http_tls.clone(),
+        tls.clone(),
         limits,
         "otlp_http",
         listen,
         stopped(stop_rx.clone()),
     );
-    let _ = lazy.set(crate::export::http::router(app.clone()));
-    let reloadable = http_tls.into_iter().chain(grpc_tls).collect();
-    tokio::spawn(crate::tls::watch(reloadable, hup, TLS_RECHECK));
+    let _ = lazy.set(crate::export::http::router(
+        app.clone(),
+        guard(Door::Scrape),
+        guard(Door::Read),
+    ));
+    tokio::spawn(crate::tls::watch(tls, hup, TLS_RECHECK));
 
     if let Some(limit) = config.limits.max_memory {
         tokio::spawn(watch_memory(

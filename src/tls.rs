@@ -1,18 +1,16 @@
 //! TLS on the listeners: rustls with the ring provider, TLS 1.2 and 1.3 only, optional
 //! client-certificate verification (mTLS), and certificates reloaded from their files.
 //!
-//! Each listener holds a [`Tls`]: the current `ServerConfig`, swapped whole when the files are
-//! read again (on SIGHUP, or when their modification times change). A connection keeps the
+//! One [`Tls`] holds the current `ServerConfig` of each protocol (told apart by ALPN only),
+//! swapped whole when the files are read again (on SIGHUP, or when their modification times
+//! change). A connection keeps the
 //! config it was accepted with, so a reload drops nothing; a reload that fails keeps the old
 //! config and says why. Handshakes run on their own tasks (see `listen.rs`) with a deadline,
 //! so a client that connects and sends nothing holds one task, not the accept loop.
 
-use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
@@ -20,7 +18,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -104,8 +101,8 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-/// A `ServerConfig` from the files, for a listener speaking `alpn`.
-fn build(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
+/// The `ServerConfig`s the files make, one per [`Alpn`] (read once, told apart by ALPN only).
+fn build(files: &TlsFiles) -> Result<Configs, TlsError> {
     let (Some(cert_file), Some(key_file)) = (&files.cert_file, &files.key_file) else {
         return Err(TlsError::ClientCa("no certificate configured".into()));
     };
@@ -133,91 +130,71 @@ fn build(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key)?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
+    let config = builder.with_single_cert(chain, key)?;
+    let speaking = |alpn: &[u8]| {
+        let mut c = config.clone();
+        c.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(c)
+    };
+    // axum serves HTTP/1.1 here; gRPC is HTTP/2 only.
+    Ok([speaking(b"http/1.1"), speaking(b"h2")])
 }
 
-/// One listener's TLS: the config in use, and how to read it again.
+/// What a listener speaks after the handshake, by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    Http1 = 0,
+    H2,
+}
+
+type Configs = [Arc<ServerConfig>; 2];
+
+/// The listeners' TLS: the configs in use, swapped whole when the files are read again.
 pub struct Tls {
     files: TlsFiles,
-    alpn: Vec<&'static [u8]>,
-    current: RwLock<Arc<ServerConfig>>,
-    /// Modification times of the files as last read.
-    stamps: Mutex<Vec<Option<SystemTime>>>,
-    /// The last reload's error, until a reload succeeds.
-    error: Mutex<Option<String>>,
-}
-
-impl Tls {
-    /// Reads the files now (a start with unusable files fails).
-    pub fn load(files: &TlsFiles, alpn: &[&'static [u8]]) -> Result<Arc<Self>, TlsError> {
-        let config = build(files, alpn)?;
-        Ok(Arc::new(Self {
-            files: files.clone(),
-            alpn: alpn.to_vec(),
-            current: RwLock::new(Arc::new(config)),
-            stamps: Mutex::new(files.stamps()),
-            error: Mutex::new(None),
-        }))
-    }
-
-    fn acceptor(&self) -> TlsAcceptor {
-        let config = match self.current.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        TlsAcceptor::from(config)
-    }
-
-    /// Reads the files again if `force` or they changed; the old config stays on failure.
-    /// A failed read is tried again at every check (a file caught half written is read whole
-    /// next time), and reported once per distinct error (see [`failed`](Self::failed)).
-    pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
-        let now = self.files.stamps();
-        let mut stamps = match self.stamps.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if !force && *stamps == now && self.last_error().is_none() {
-            return Ok(false);
-        }
-        let config = build(&self.files, &self.alpn)?;
-        *stamps = now;
-        if let Ok(mut current) = self.current.write() {
-            *current = Arc::new(config);
-        }
-        if let Ok(mut e) = self.error.lock() {
-            *e = None;
-        }
-        Ok(true)
-    }
-
-    fn last_error(&self) -> Option<String> {
-        self.error.lock().ok().and_then(|e| e.clone())
-    }
-
-    /// Logs a failed reload, once for each distinct error.
-    fn failed(&self, e: &TlsError) {
-        let text = e.to_string();
-        if let Ok(mut last) = self.error.lock() {
-            if last.as_deref() != Some(&text) {
-                tracing::error!(error = %text, "TLS reload failed: the previous certificates stay");
-                *last = Some(text);
-            }
-        }
-    }
+    current: RwLock<Configs>,
 }
 
 /// How long a client has to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Tls {
+    /// Reads the files now (a start with unusable files fails).
+    pub fn load(files: &TlsFiles) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(build(files)?),
+            files: files.clone(),
+        }))
+    }
+
+    /// Reads the files again; the configs in use stay if that fails.
+    fn reload(&self) -> Result<(), TlsError> {
+        let configs = build(&self.files)?;
+        match self.current.write() {
+            Ok(mut c) => *c = configs,
+            Err(poisoned) => *poisoned.into_inner() = configs,
+        }
+        Ok(())
+    }
+
+    fn acceptor(&self, alpn: Alpn) -> TlsAcceptor {
+        let config = match self.current.read() {
+            Ok(c) => c[alpn as usize].clone(),
+            Err(poisoned) => poisoned.into_inner()[alpn as usize].clone(),
+        };
+        TlsAcceptor::from(config)
+    }
+
     /// The server side of a handshake, with the current config; `Err(true)` when the client
     /// did not finish within [`HANDSHAKE_TIMEOUT`], `Err(false)` when it failed.
-    pub async fn handshake(&self, tcp: TcpStream, peer: SocketAddr) -> Result<TlsIo, bool> {
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor().accept(tcp)).await {
-            Ok(Ok(stream)) => Ok(TlsIo(stream)),
+    pub async fn handshake(
+        &self,
+        alpn: Alpn,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<TlsStream<TcpStream>, bool> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor(alpn).accept(tcp)).await {
+            Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 Err(false)
@@ -227,52 +204,6 @@ impl Tls {
                 Err(true)
             }
         }
-    }
-}
-
-/// A server-side TLS connection, as the HTTP and gRPC servers take it.
-pub struct TlsIo(TlsStream<TcpStream>);
-
-impl AsyncRead for TlsIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-impl tonic::transport::server::Connected for TlsIo {
-    type ConnectInfo = Option<SocketAddr>;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.peer_addr().ok()
     }
 }
 
@@ -288,28 +219,45 @@ pub fn hangups() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
-/// Reloads every listener's TLS on SIGHUP, and when the files change (checked every `every`).
-/// Without TLS it only says that a SIGHUP has nothing to reload.
+/// Reloads the TLS files on SIGHUP, and when they change (checked every `every`). A failed
+/// read is tried again at every check (a file caught half written is read whole next time) and
+/// reported once per distinct error. Without TLS it only says that a SIGHUP has nothing to
+/// reload.
 pub async fn watch(
-    tls: Vec<Arc<Tls>>,
+    tls: Option<Arc<Tls>>,
     mut hup: Option<tokio::signal::unix::Signal>,
     every: Duration,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Modification times as last read successfully, and the error being reported.
+    let mut stamps = tls.as_ref().map(|t| t.files.stamps());
+    let mut failing: Option<String> = None;
     loop {
         let force = tokio::select! {
-            _ = tick.tick(), if !tls.is_empty() => false,
+            _ = tick.tick(), if tls.is_some() => false,
             Some(()) = async { match &mut hup { Some(h) => h.recv().await, None => None } } => true,
         };
-        if force && tls.is_empty() {
+        let Some(t) = &tls else {
             tracing::info!("SIGHUP: no TLS configured, nothing to reload");
+            continue;
+        };
+        let now = t.files.stamps();
+        if !force && stamps.as_ref() == Some(&now) {
+            continue;
         }
-        for t in &tls {
-            match t.reload(force) {
-                Ok(true) => tracing::info!("TLS certificates reloaded"),
-                Ok(false) => {}
-                Err(e) => t.failed(&e),
+        match t.reload() {
+            Ok(()) => {
+                tracing::info!("TLS certificates reloaded");
+                stamps = Some(now);
+                failing = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if failing.as_deref() != Some(&text) {
+                    tracing::error!(error = %text, "TLS reload failed: the previous certificates stay");
+                    failing = Some(text);
+                }
             }
         }
     }

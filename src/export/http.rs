@@ -25,16 +25,17 @@ pub struct AppState {
     pub table: Arc<Table>,
     pub telemetry: Arc<Telemetry>,
     pub ready: AtomicBool,
-    /// `/metrics`, `/internal/metrics`: open without `auth.scrape_token_file`.
-    pub scrape: Guard,
-    /// `/api/v1/*`: the state itself, every service and label value.
-    pub read: Guard,
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The routes, each behind its door: `scrape` for `/metrics` and `/internal/metrics` (open
+/// without `auth.scrape_token_file`), `read` for `/api/v1/*` (the state itself, every service
+/// and label value). Health and readiness stay open, so probes need no secret.
+pub fn router(state: Arc<AppState>, scrape: Guard, read: Guard) -> Router {
+    let scrapes = Router::new()
         .route("/metrics", get(metrics))
         .route("/internal/metrics", get(internal_metrics))
+        .route_layer(axum::middleware::from_fn_with_state(scrape, require));
+    let api = Router::new()
         .route("/api/v1/snapshot", get(snapshot))
         .route("/api/v1/cardinality", get(super::report::cardinality))
         .route(
@@ -45,26 +46,22 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/cardinality/label_values",
             get(super::report::label_values),
         )
+        .route_layer(axum::middleware::from_fn_with_state(read, require));
+    Router::new()
+        .merge(scrapes)
+        .merge(api)
         .route("/-/healthy", get(|| async { "spanagg is healthy\n" }))
         .route("/-/ready", get(ready))
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
-/// Turns away a request without its door's bearer token (401, counted). Health and readiness
-/// stay open, so probes need no secret.
-async fn guard(
-    State(app): State<Arc<AppState>>,
+/// Turns away a request without its door's bearer token (401, counted).
+async fn require(
+    State(door): State<Guard>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let path = req.uri().path();
-    let door = match path {
-        "/metrics" | "/internal/metrics" => &app.scrape,
-        p if p.starts_with("/api/") => &app.read,
-        _ => return next.run(req).await,
-    };
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)

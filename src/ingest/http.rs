@@ -58,7 +58,6 @@ impl Format {
 
 /// What the export handler holds: the ingest path, the ingest door's token check, and how
 /// long a body may take to arrive.
-#[derive(Clone)]
 struct Door {
     ingestor: Arc<Ingestor>,
     guard: Guard,
@@ -81,7 +80,7 @@ pub fn router(
     Router::new()
         .route("/v1/metrics", post(export))
         .method_not_allowed_fallback(crate::export::http::method_not_allowed)
-        .with_state(door)
+        .with_state(Arc::new(door))
 }
 
 fn error_response(format: Format, e: &IngestError) -> Response {
@@ -95,8 +94,7 @@ fn error_response(format: Format, e: &IngestError) -> Response {
         | IngestError::NotDurable(_)
         | IngestError::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
     };
-    let mut res = status_response(format, code, e.to_string());
-    *res.status_mut() = status;
+    let mut res = status_response(format, status, code, e.to_string());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         res.headers_mut().insert(
             header::RETRY_AFTER,
@@ -106,8 +104,8 @@ fn error_response(format: Format, e: &IngestError) -> Response {
     res
 }
 
-/// A `google.rpc.Status` body in the request's encoding (status 200: the caller sets it).
-fn status_response(format: Format, code: i32, message: String) -> Response {
+/// `status` with a `google.rpc.Status` body (gRPC `code`, `message`) in the request's encoding.
+fn status_response(format: Format, status: StatusCode, code: i32, message: String) -> Response {
     let body = match format {
         Format::Protobuf => RpcStatus { code, message }.encode_to_vec(),
         Format::Json => serde_json::json!({ "code": code, "message": message })
@@ -115,15 +113,15 @@ fn status_response(format: Format, code: i32, message: String) -> Response {
             .into_bytes(),
     };
     (
-        StatusCode::OK,
+        status,
         [(header::CONTENT_TYPE, format.content_type())],
         body,
     )
         .into_response()
 }
 
-async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Response {
-    let ingestor = door.ingestor;
+async fn export(State(door): State<Arc<Door>>, headers: HeaderMap, body: Body) -> Response {
+    let ingestor = &door.ingestor;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -139,8 +137,7 @@ async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Res
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
     if door.guard.admit(authorization).is_err() {
         let reply = format.unwrap_or(Format::Protobuf);
-        let mut res = status_response(reply, 16, door.guard.message());
-        *res.status_mut() = StatusCode::UNAUTHORIZED;
+        let mut res = status_response(reply, StatusCode::UNAUTHORIZED, 16, door.guard.message());
         res.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"spanagg\""),
@@ -160,23 +157,7 @@ async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Res
             return res;
         }
     };
-    // A body sent a byte at a time is cut off, not waited for.
-    let reading = read_request(&ingestor, format, &headers, body);
-    let Ok(read) = tokio::time::timeout(door.body_timeout, reading).await else {
-        door.metrics.timed_out("otlp_http", "body");
-        // 503, which OTLP exporters retry: an honest client on a slow link loses nothing, and
-        // a slowloris client gains nothing from trying again.
-        let message = "request body not received within connections.body_timeout: retry".to_owned();
-        let mut res = status_response(format, 14, message);
-        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let headers = res.headers_mut();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        headers.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static(RETRY_AFTER_SECS),
-        );
-        return res;
-    };
+    let read = read_request(ingestor, format, &headers, body, door.body_timeout).await;
     match read {
         // The admission is held until the reply: the decoded request lives until then.
         Ok((req, raw, admission)) => match ingestor
@@ -203,28 +184,63 @@ async fn export(State(door): State<Door>, headers: HeaderMap, body: Body) -> Res
             }
             Err(e) => error_response(format, &e),
         },
-        Err(e) => {
+        Err(Unread::Refused(e)) => {
             ingestor.refused(format.protocol(), &e);
             error_response(format, &e)
+        }
+        Err(Unread::Slow) => {
+            door.metrics.timed_out("otlp_http", "body");
+            slow_body(format)
         }
     }
 }
 
+/// 503, which OTLP exporters retry: an honest client on a slow link loses nothing, and a
+/// slowloris client gains nothing from trying again.
+fn slow_body(format: Format) -> Response {
+    let message = "request body not received within connections.body_timeout: retry".to_owned();
+    let mut res = status_response(format, StatusCode::SERVICE_UNAVAILABLE, 14, message);
+    let headers = res.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    res
+}
+
+/// Why a request was not read.
+enum Unread {
+    /// Its body did not arrive within the body timeout.
+    Slow,
+    Refused(IngestError),
+}
+
+impl From<IngestError> for Unread {
+    fn from(e: IngestError) -> Self {
+        Self::Refused(e)
+    }
+}
+
+/// The body, within `body_timeout` (a body sent a byte at a time is cut off, not waited for;
+/// admission and decoding come after, not under that clock), decoded and admitted.
 async fn read_request(
     ingestor: &Ingestor,
     format: Format,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(ExportMetricsServiceRequest, Option<Logged>, Admission), IngestError> {
+    body_timeout: Duration,
+) -> Result<(ExportMetricsServiceRequest, Option<Logged>, Admission), Unread> {
     let limit = ingestor.max_request_bytes;
     let encoding = Encoding::parse(
         headers
             .get(header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok()),
     )?;
-    let raw = Limited::new(body, limit)
-        .collect()
+    let collected = tokio::time::timeout(body_timeout, Limited::new(body, limit).collect())
         .await
+        .map_err(|_| Unread::Slow)?;
+    let raw = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 IngestError::TooLarge { limit }

@@ -19,13 +19,13 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Sleep;
 
 use super::ListenMetrics;
-use crate::tls::TlsIo;
+use tokio_rustls::server::TlsStream;
 
 /// A connection of either kind.
 pub enum Conn {
     Plain(TcpStream),
     // Boxed: a TLS session is over a kilobyte, a TCP stream a few words.
-    Tls(Box<TlsIo>),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// What fails a stalled connection, what says the drain is over, and where it is counted.
@@ -47,10 +47,12 @@ pub struct Guarded {
     _slot: OwnedSemaphorePermit,
     write_timeout: Duration,
     read_idle: Option<Duration>,
-    /// Running while a write waits for the client to read.
+    /// The write-stall timer, and whether it runs for the current wait.
     write_stall: Option<Pin<Box<Sleep>>>,
-    /// Running while a read waits for the client to send.
+    write_armed: bool,
+    /// The read-idle timer, and whether it runs for the current wait.
     read_stall: Option<Pin<Box<Sleep>>>,
+    read_armed: bool,
     closed: Closed,
     metrics: ListenMetrics,
     listener: &'static str,
@@ -69,7 +71,9 @@ impl Guarded {
             write_timeout: deadlines.write_timeout,
             read_idle: deadlines.read_idle,
             write_stall: None,
+            write_armed: false,
             read_stall: None,
+            read_armed: false,
             closed,
             metrics: deadlines.metrics,
             listener: deadlines.listener,
@@ -79,7 +83,7 @@ impl Guarded {
     pub fn peer(&self) -> Option<std::net::SocketAddr> {
         match &self.io {
             Conn::Plain(s) => s.peer_addr().ok(),
-            Conn::Tls(s) => tonic::transport::server::Connected::connect_info(s.as_ref()),
+            Conn::Tls(s) => s.get_ref().0.peer_addr().ok(),
         }
     }
 
@@ -100,9 +104,20 @@ impl Guarded {
         })
     }
 
-    /// Runs `stall` while an operation is pending; an error once it expires.
-    fn stalled(stall: &mut Option<Pin<Box<Sleep>>>, after: Duration, cx: &mut Context<'_>) -> bool {
-        let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+    /// Whether an operation pending since the last progress has waited `after`. The timer is
+    /// armed once per wait (`armed`) and reused, so a busy connection allocates none.
+    fn stalled(
+        stall: &mut Option<Pin<Box<Sleep>>>,
+        armed: &mut bool,
+        after: Duration,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + after;
+        let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !*armed {
+            timer.as_mut().reset(deadline);
+            *armed = true;
+        }
         timer.as_mut().poll(cx).is_ready()
     }
 
@@ -119,11 +134,12 @@ impl Guarded {
         }
         match op(self.io(), cx) {
             Poll::Ready(r) => {
-                self.write_stall = None;
+                self.write_armed = false;
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                if Self::stalled(&mut self.write_stall, self.write_timeout, cx) {
+                let after = self.write_timeout;
+                if Self::stalled(&mut self.write_stall, &mut self.write_armed, after, cx) {
                     self.metrics.timed_out(self.listener, "write");
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -152,12 +168,12 @@ impl AsyncRead for Guarded {
         }
         match this.io().poll_read(cx, buf) {
             Poll::Ready(r) => {
-                this.read_stall = None;
+                this.read_armed = false;
                 Poll::Ready(r)
             }
             Poll::Pending => {
                 if let Some(idle) = this.read_idle {
-                    if Guarded::stalled(&mut this.read_stall, idle, cx) {
+                    if Guarded::stalled(&mut this.read_stall, &mut this.read_armed, idle, cx) {
                         this.metrics.timed_out(this.listener, "idle");
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
@@ -198,7 +214,8 @@ impl AsyncWrite for Guarded {
         self.get_mut().write_with(cx, |io, cx| io.poll_flush(cx))
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().io().poll_shutdown(cx)
+        // A TLS shutdown writes close_notify: a client that stopped reading stalls it too.
+        self.get_mut().write_with(cx, |io, cx| io.poll_shutdown(cx))
     }
 }
 

@@ -22,7 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::tls::Tls;
+use crate::config::{humantime_opt, within, ConfigError};
+use crate::tls::{Alpn, Tls};
 
 mod conn;
 
@@ -34,18 +35,27 @@ type Served = JoinHandle<Result<(), String>>;
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConnections {
-    pub header_timeout: Option<String>,
-    pub body_timeout: Option<String>,
+    #[serde(with = "humantime_opt", default)]
+    pub header_timeout: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub body_timeout: Option<Duration>,
     pub max_per_listener: Option<usize>,
     pub http2_max_concurrent_streams: Option<u32>,
     pub http2_max_header_list_size: Option<bytesize::ByteSize>,
-    pub grpc_keepalive_interval: Option<String>,
-    pub grpc_keepalive_timeout: Option<String>,
-    pub drain_timeout: Option<String>,
-    pub write_timeout: Option<String>,
-    pub grpc_idle_timeout: Option<String>,
-    pub grpc_max_connection_age: Option<String>,
-    pub grpc_request_timeout: Option<String>,
+    #[serde(with = "humantime_opt", default)]
+    pub grpc_keepalive_interval: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub grpc_keepalive_timeout: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub drain_timeout: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub write_timeout: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub grpc_idle_timeout: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub grpc_max_connection_age: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub grpc_request_timeout: Option<Duration>,
 }
 
 /// Limits on what one client can hold (see the module docs).
@@ -98,89 +108,72 @@ impl Default for Connections {
 }
 
 impl Connections {
-    /// Applies defaults and checks every value; `Err((key, why))`.
-    pub fn from_raw(raw: &RawConnections) -> Result<Self, (String, String)> {
+    /// Applies defaults and checks every value.
+    pub fn from_raw(raw: &RawConnections) -> Result<Self, ConfigError> {
         let d = Self::default();
-        let time = |key: &str,
-                    v: &Option<String>,
-                    default: Duration|
-         -> Result<Duration, (String, String)> {
-            let Some(v) = v else { return Ok(default) };
-            let t = humantime::parse_duration(v)
-                .map_err(|e| (format!("connections.{key}"), e.to_string()))?;
-            if t < Duration::from_millis(100) || t > Duration::from_secs(3600) {
-                return Err((
-                    format!("connections.{key}"),
-                    "must be between 100ms and 1h".into(),
-                ));
-            }
-            Ok(t)
+        let (short, long) = (Duration::from_millis(100), Duration::from_secs(3600));
+        let time = |key: &str, v: Option<Duration>, default: Duration| {
+            within(&format!("connections.{key}"), v, default, short, long)
         };
-        let max = raw.max_per_listener.unwrap_or(d.max_per_listener);
-        if !(1..=1_000_000).contains(&max) {
-            return Err((
-                "connections.max_per_listener".into(),
-                "must be between 1 and 1000000".into(),
-            ));
-        }
-        let streams = raw
-            .http2_max_concurrent_streams
-            .unwrap_or(d.http2_max_concurrent_streams);
-        if !(1..=10_000).contains(&streams) {
-            return Err((
-                "connections.http2_max_concurrent_streams".into(),
-                "must be between 1 and 10000".into(),
-            ));
-        }
-        let header_list = raw
-            .http2_max_header_list_size
-            .map_or(u64::from(d.http2_max_header_list_size), |b| b.as_u64());
-        if !(1024..=1 << 20).contains(&header_list) {
-            return Err((
-                "connections.http2_max_header_list_size".into(),
-                "must be between 1KiB and 1MiB".into(),
-            ));
-        }
+        let header_list = within(
+            "connections.http2_max_header_list_size",
+            raw.http2_max_header_list_size.map(|b| b.as_u64()),
+            u64::from(d.http2_max_header_list_size),
+            1 << 10,
+            1 << 20,
+        )?;
         let c = Self {
-            header_timeout: time("header_timeout", &raw.header_timeout, d.header_timeout)?,
-            body_timeout: time("body_timeout", &raw.body_timeout, d.body_timeout)?,
-            max_per_listener: max,
-            http2_max_concurrent_streams: streams,
+            header_timeout: time("header_timeout", raw.header_timeout, d.header_timeout)?,
+            body_timeout: time("body_timeout", raw.body_timeout, d.body_timeout)?,
+            max_per_listener: within(
+                "connections.max_per_listener",
+                raw.max_per_listener,
+                d.max_per_listener,
+                1,
+                1_000_000,
+            )?,
+            http2_max_concurrent_streams: within(
+                "connections.http2_max_concurrent_streams",
+                raw.http2_max_concurrent_streams,
+                d.http2_max_concurrent_streams,
+                1,
+                10_000,
+            )?,
             http2_max_header_list_size: header_list as u32,
             grpc_keepalive_interval: time(
                 "grpc_keepalive_interval",
-                &raw.grpc_keepalive_interval,
+                raw.grpc_keepalive_interval,
                 d.grpc_keepalive_interval,
             )?,
             grpc_keepalive_timeout: time(
                 "grpc_keepalive_timeout",
-                &raw.grpc_keepalive_timeout,
+                raw.grpc_keepalive_timeout,
                 d.grpc_keepalive_timeout,
             )?,
-            drain_timeout: time("drain_timeout", &raw.drain_timeout, d.drain_timeout)?,
-            write_timeout: time("write_timeout", &raw.write_timeout, d.write_timeout)?,
+            drain_timeout: time("drain_timeout", raw.drain_timeout, d.drain_timeout)?,
+            write_timeout: time("write_timeout", raw.write_timeout, d.write_timeout)?,
             grpc_idle_timeout: time(
                 "grpc_idle_timeout",
-                &raw.grpc_idle_timeout,
+                raw.grpc_idle_timeout,
                 d.grpc_idle_timeout,
             )?,
             grpc_max_connection_age: time(
                 "grpc_max_connection_age",
-                &raw.grpc_max_connection_age,
+                raw.grpc_max_connection_age,
                 d.grpc_max_connection_age,
             )?,
             grpc_request_timeout: time(
                 "grpc_request_timeout",
-                &raw.grpc_request_timeout,
+                raw.grpc_request_timeout,
                 d.grpc_request_timeout,
             )?,
         };
         // An honest idle client only sends when pinged: the idle limit must leave it time.
         if c.grpc_idle_timeout <= c.grpc_keepalive_interval + c.grpc_keepalive_timeout {
-            return Err((
-                "connections.grpc_idle_timeout".into(),
-                "must exceed grpc_keepalive_interval + grpc_keepalive_timeout".into(),
-            ));
+            return Err(ConfigError::Invalid {
+                key: "connections.grpc_idle_timeout".into(),
+                reason: "must exceed grpc_keepalive_interval + grpc_keepalive_timeout".into(),
+            });
         }
         Ok(c)
     }
@@ -250,6 +243,7 @@ impl ListenMetrics {
 fn accept(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
+    alpn: Alpn,
     max: usize,
     deadlines: Deadlines,
 ) -> mpsc::Receiver<Guarded> {
@@ -286,7 +280,7 @@ fn accept(
                     let (tls, tx, metrics) = (tls.clone(), tx.clone(), metrics.clone());
                     let deadlines = deadlines.clone();
                     tokio::spawn(async move {
-                        match tls.handshake(tcp, peer).await {
+                        match tls.handshake(alpn, tcp, peer).await {
                             Ok(io) => {
                                 let conn = Guarded::new(Conn::Tls(Box::new(io)), slot, deadlines);
                                 let _ = tx.send(conn).await;
@@ -321,7 +315,13 @@ pub fn http(
         metrics: metrics.clone(),
         listener: name,
     };
-    let mut conns = accept(listener, tls, limits.max_per_listener, deadlines);
+    let mut conns = accept(
+        listener,
+        tls,
+        Alpn::Http1,
+        limits.max_per_listener,
+        deadlines,
+    );
     tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -388,7 +388,7 @@ pub fn grpc(
         metrics,
         listener: "grpc",
     };
-    let conns = accept(listener, tls, limits.max_per_listener, deadlines);
+    let conns = accept(listener, tls, Alpn::H2, limits.max_per_listener, deadlines);
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(conns).map(Ok::<_, io::Error>);
         let stop = futures_util::FutureExt::shared(Box::pin(stop));

@@ -14,7 +14,8 @@ use crate::aggregate::keytable::Chunked;
 pub struct SeriesId(NonZeroU32);
 
 impl SeriesId {
-    fn index(self) -> usize {
+    /// A dense index, below [`SeriesIds::bound`].
+    pub(super) fn index(self) -> usize {
         self.0.get() as usize - 1
     }
 
@@ -69,11 +70,6 @@ impl SeriesIds {
     /// One past the highest index handed out: the size of a table indexed by id.
     pub fn bound(&self) -> usize {
         self.slots.len()
-    }
-
-    /// A dense index for `id`, below [`bound`](Self::bound).
-    pub fn dense(id: SeriesId) -> usize {
-        id.index()
     }
 
     /// A source moved from feeding `from` to feeding `to` (either may be none).

@@ -239,8 +239,8 @@ impl ShardState {
                 continue;
             }
             let outcome = match p.temporality {
-                Temporality::Delta => self.apply_delta(batch, p, fam, &mut layout_ids),
-                Temporality::Cumulative => self.apply_cumulative(batch, p, fam),
+                Temporality::Delta => self.apply_delta(batch, p, fam, exists, &mut layout_ids),
+                Temporality::Cumulative => self.apply_cumulative(batch, p, fam, exists),
             };
             result.counts[outcome as usize] += 1;
         }
@@ -291,11 +291,13 @@ impl ShardState {
         })
     }
 
+    /// Applies a delta point; `exists`: whether its series does.
     fn apply_delta(
         &mut self,
         batch: &Batch,
         p: &Point,
         fam: u32,
+        exists: bool,
         layout_ids: &mut [Option<u32>],
     ) -> Outcome {
         let late = self.cfg.late_ns;
@@ -318,7 +320,7 @@ impl ShardState {
         let Some(add) = self.batch_add(batch, &p.value, layout_ids) else {
             return internal("a point's layout or counts are outside its batch");
         };
-        match self.add_to_series(batch, p, fam, add, p.start_ns) {
+        match self.add_to_series(batch, p, fam, exists, add, p.start_ns) {
             Ok(id) => {
                 self.sources.record_delta(&mut self.ids, p, id, late);
                 outcome
@@ -327,7 +329,8 @@ impl ShardState {
         }
     }
 
-    fn apply_cumulative(&mut self, batch: &Batch, p: &Point, fam: u32) -> Outcome {
+    /// Applies a cumulative point; `exists`: whether its series does.
+    fn apply_cumulative(&mut self, batch: &Batch, p: &Point, fam: u32, exists: bool) -> Outcome {
         let value = match &p.value {
             PointValue::Int(i) => CumulativeValue::Int(*i),
             PointValue::Float(f) => CumulativeValue::Float(*f),
@@ -378,7 +381,7 @@ impl ShardState {
                 sum: *sum,
             },
         };
-        match self.add_to_series(batch, p, fam, add, step.start_ns) {
+        match self.add_to_series(batch, p, fam, exists, add, step.start_ns) {
             Ok(id) => {
                 self.sources.link_cumulative(&mut self.ids, p, id);
                 step.outcome
@@ -388,22 +391,27 @@ impl ShardState {
     }
 
     /// Adds `add` over `(start_ns, p.end_ns)` to `p`'s series, creating it (and counting it in
-    /// its service's budget) if it is new.
+    /// its service's budget) unless it `exists`.
     fn add_to_series(
         &mut self,
         batch: &Batch,
         p: &Point,
         fam: u32,
+        exists: bool,
         add: Add<'_>,
         start_ns: u64,
     ) -> Result<ids::SeriesId, Outcome> {
-        if self.store.get(p.series).is_none() {
-            let configured = self
-                .store
-                .tables()
-                .family(fam)
-                .and_then(|f| self.cfg.bounds.get(&*f.otel_name))
-                .cloned();
+        if !exists {
+            // Configured output bounds are a histogram's only.
+            let configured = match add {
+                Add::Hist { .. } => self
+                    .store
+                    .tables()
+                    .family(fam)
+                    .and_then(|f| self.cfg.bounds.get(&*f.otel_name))
+                    .cloned(),
+                Add::Int(_) | Add::Float(_) => None,
+            };
             let value = self
                 .store
                 .empty_value(&add, configured.as_deref())

@@ -7,7 +7,6 @@ use crate::aggregate::layout::BucketLayout;
 use crate::aggregate::series::{BucketCounts, CounterValue, CumulativeState, Series, SeriesValue};
 use crate::aggregate::window::Window;
 
-use super::ids::SeriesIds;
 use super::store::NewSeries;
 use super::{service_in, ShardState};
 
@@ -81,12 +80,12 @@ impl ShardState {
     pub fn stream_records(&self) -> impl Iterator<Item = (u128, Option<u128>, StreamState)> + '_ {
         let mut key_of: Vec<Option<u128>> = vec![None; self.ids.bound()];
         for (key, id, _) in self.store.iter() {
-            if let Some(slot) = id.and_then(|id| key_of.get_mut(SeriesIds::dense(id))) {
+            if let Some(slot) = id.and_then(|id| key_of.get_mut(id.index())) {
                 *slot = Some(key);
             }
         }
         self.sources
-            .records(move |id| key_of.get(SeriesIds::dense(id)).copied().flatten())
+            .records(move |id| key_of.get(id.index()).copied().flatten())
     }
 
     /// Rebuilds one series. Labels may come in any order.

@@ -226,17 +226,16 @@ impl Store {
         end_ns: u64,
         clock: u32,
     ) -> Result<SeriesId, AddError> {
-        // The fold map is looked up before borrowing the series mutably.
-        let fold = match (&add, self.series.get(key).map(|s| &s.value)) {
-            (Add::Hist { layout, .. }, Some(SeriesValue::Histogram { layout: out, .. }))
+        let Some((tag, s)) = self.series.get_mut_tagged(key) else {
+            return Err(AddError::Internal("a series just found is gone"));
+        };
+        let fold = match (&add, &s.value) {
+            (Add::Hist { layout, .. }, SeriesValue::Histogram { layout: out, .. })
                 if layout != out =>
             {
                 Some(self.tables.fold(*layout, *out)?)
             }
             _ => None,
-        };
-        let Some((tag, s)) = self.series.get_mut_tagged(key) else {
-            return Err(AddError::Internal("a series just found is gone"));
         };
         let Some(id) = SeriesId::from_tag(*tag) else {
             return Err(AddError::Internal("a series has no id"));

@@ -201,31 +201,18 @@ fn each_door_opens_only_with_its_own_token() {
 
 #[test]
 fn a_token_file_that_cannot_be_used_stops_the_start() {
-    let dir = std::env::temp_dir().join(format!("spanagg-auth-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let empty = dir.join("empty");
+    let dir = common::Scratch::new();
+    let empty = dir.path().join("empty");
     std::fs::write(&empty, "\n").unwrap();
-    let config = dir.join("spanagg.yaml");
     for (file, why) in [
-        (empty.display().to_string(), "holds no token"),
-        (dir.join("absent").display().to_string(), "cannot read"),
+        (empty, "holds no token"),
+        (dir.path().join("absent"), "cannot read"),
     ] {
-        std::fs::write(
-            &config,
-            format!(
-                "http_listen: 127.0.0.1:0\ngrpc_listen: 127.0.0.1:0\notlp_http_listen: 127.0.0.1:0\n\
-                 data_dir: {}\nauth:\n  ingest_token_file: {file}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        let out = common::cli(["serve", "--config", config.to_str().unwrap()]);
-        assert!(!out.ok);
+        let err =
+            common::serve_refuses(&format!("auth:\n  ingest_token_file: {}\n", file.display()));
         assert!(
-            out.stderr.contains("auth.ingest_token_file") && out.stderr.contains(why),
-            "{}",
-            out.stderr
+            err.contains("auth.ingest_token_file") && err.contains(why),
+            "{err}"
         );
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

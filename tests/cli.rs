@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn run(bin: &str, args: &[&str]) -> Output {
@@ -49,8 +51,8 @@ fn assert_said_once(line: &str) {
 
 #[test]
 fn errors_say_their_cause_once() {
-    let dir = std::env::temp_dir().join(format!("spanagg-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new();
+    let dir = scratch.path();
     let bad_config = dir.join("bad.yaml");
     std::fs::write(&bad_config, "grpc_listen: 1.2.3.4:99999\n").unwrap();
     let not_parquet = dir.join("x.parquet");
@@ -68,51 +70,30 @@ fn errors_say_their_cause_once() {
         assert_said_once(&err);
     }
     assert!(stderr(&run(SPANAGG, cases[2])).contains("`grpc_listen`: invalid socket address"));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn the_load_generator_uses_the_port_of_its_protocol_and_says_why_requests_fail() {
+    // One pod, one interval: the smallest run.
+    let loadgen = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--pods", "1", "--intervals", "1"]);
+        run(LOADGEN, &all)
+    };
     // Nothing listens on port 1: both protocols fail, each saying where and why.
-    let out = run(
-        LOADGEN,
-        &["--protocol", "grpc", "--pods", "1", "--intervals", "1"],
-    );
+    let out = loadgen(&["--protocol", "grpc"]);
     assert!(
         stderr(&out).contains("for http://127.0.0.1:4317…"),
         "the gRPC default is spanagg's gRPC port: {}",
         stderr(&out)
     );
-    let out = run(
-        LOADGEN,
-        &[
-            "--endpoint",
-            "http://127.0.0.1:1",
-            "--pods",
-            "1",
-            "--intervals",
-            "1",
-        ],
-    );
-    let err = stderr(&out);
+    let err = stderr(&loadgen(&["--endpoint", "http://127.0.0.1:1"]));
     assert!(
         err.contains("first error (of 1): http://127.0.0.1:1/v1/metrics:")
             && err.contains("onnection refused"),
         "{err}"
     );
-    let out = run(
-        LOADGEN,
-        &[
-            "--protocol",
-            "grpc",
-            "--endpoint",
-            "http://127.0.0.1:1",
-            "--pods",
-            "1",
-            "--intervals",
-            "1",
-        ],
-    );
+    let out = loadgen(&["--protocol", "grpc", "--endpoint", "http://127.0.0.1:1"]);
     let err = stderr(&out);
     assert!(
         err.contains("cannot connect to http://127.0.0.1:1") && err.contains("onnection refused"),

@@ -7,30 +7,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::Scratch;
 
 use serde::Deserialize;
 use serde_norway::Value;
-
-/// A directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("spanagg-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -78,7 +62,7 @@ fn yaml(text: &str) -> Value {
 fn the_kubernetes_example_config_is_a_valid_spanagg_config() {
     let objects = objects();
     let cfg = config_map(&objects, "spanagg", "spanagg.yaml");
-    let dir = Scratch::new("deploy");
+    let dir = Scratch::new();
     let path = dir.path().join("spanagg.yaml");
     std::fs::write(&path, cfg).unwrap();
     let c = spanagg::config::Config::from_file(&path).unwrap();
@@ -368,7 +352,7 @@ fn the_image_runs_unprivileged_with_its_state_on_a_volume_and_a_command_spanagg_
     // The default command starts spanagg (its addresses moved to free loopback ports here).
     let cmd: Vec<String> = serde_json::from_str(&get("CMD ")[0]).unwrap();
     assert_eq!(cmd[0], "serve");
-    let dir = Scratch::new("image-cmd");
+    let dir = Scratch::new();
     let args: Vec<String> = cmd
         .iter()
         .map(|a| {

@@ -37,8 +37,11 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
-fn internal(s: &Spanagg, sample: &str) -> f64 {
-    s.internal(sample)
+/// How often a limit cut `listener`'s connections off for `what`.
+fn timeouts(s: &Spanagg, listener: &str, what: &str) -> f64 {
+    s.internal(&format!(
+        "spanagg_connection_timeouts_total{{listener=\"{listener}\",what=\"{what}\"}}"
+    ))
 }
 
 fn export_ok(s: &Spanagg, pod: &str) {
@@ -67,18 +70,8 @@ fn slow_headers_slow_bodies_and_idle_connections_are_cut_off_while_exports_go_on
             "slow headers not cut off"
         );
     }
-    assert!(
-        internal(
-            &s,
-            "spanagg_connection_timeouts_total{listener=\"http\",what=\"header\"}"
-        ) >= 1.0
-    );
-    assert!(
-        internal(
-            &s,
-            "spanagg_connection_timeouts_total{listener=\"otlp_http\",what=\"header\"}"
-        ) >= 1.0
-    );
+    assert!(timeouts(&s, "http", "header") >= 1.0);
+    assert!(timeouts(&s, "otlp_http", "header") >= 1.0);
 
     // A slow body: its headers promise 1000 bytes, 10 come.
     let mut c = TcpStream::connect(s.otlp_http).unwrap();
@@ -95,13 +88,7 @@ fn slow_headers_slow_bodies_and_idle_connections_are_cut_off_while_exports_go_on
         "{}",
         String::from_utf8_lossy(&reply)
     );
-    assert_eq!(
-        internal(
-            &s,
-            "spanagg_connection_timeouts_total{listener=\"otlp_http\",what=\"body\"}"
-        ),
-        1.0
-    );
+    assert_eq!(timeouts(&s, "otlp_http", "body"), 1.0);
 
     // A keep-alive connection left idle after its request is closed too.
     let mut c = TcpStream::connect(s.http).unwrap();
@@ -135,7 +122,7 @@ fn a_listener_holds_at_most_its_connections() {
     drop(conns);
     std::thread::sleep(Duration::from_millis(300));
     // Slots come back when connections close.
-    assert!(internal(&s, "spanagg_connections_refused_total{listener=\"http\"}") >= 1.0);
+    assert!(s.internal("spanagg_connections_refused_total{listener=\"http\"}") >= 1.0);
     s.stop();
 }
 
@@ -198,17 +185,8 @@ fn limits_outside_their_range_stop_the_start() {
             "connections.http2_max_concurrent_streams",
         ),
     ] {
-        let dir = std::env::temp_dir().join(format!("spanagg-limits-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("spanagg.yaml");
-        std::fs::write(&config, yaml).unwrap();
-        let out = common::cli(["serve", "--config", config.to_str().unwrap()]);
-        assert!(
-            !out.ok && out.stderr.contains(key),
-            "{yaml}: {}",
-            out.stderr
-        );
-        std::fs::remove_dir_all(&dir).ok();
+        let err = common::serve_refuses(yaml);
+        assert!(err.contains(key), "{yaml}: {err}");
     }
 }
 
@@ -270,12 +248,7 @@ fn a_client_that_stops_reading_or_says_nothing_loses_its_connection() {
         "a client that never reads kept its connection"
     );
     let _ = c.shutdown(std::net::Shutdown::Both);
-    assert!(
-        internal(
-            &s,
-            "spanagg_connection_timeouts_total{listener=\"http\",what=\"write\"}"
-        ) >= 1.0
-    );
+    assert!(timeouts(&s, "http", "write") >= 1.0);
 
     // A TCP connection to the gRPC port that never sends its HTTP/2 preface.
     let mut silent = TcpStream::connect(s.grpc).unwrap();
@@ -283,12 +256,7 @@ fn a_client_that_stops_reading_or_says_nothing_loses_its_connection() {
         closed_within(&mut silent, Duration::from_secs(5)),
         "a silent gRPC connection stays"
     );
-    assert!(
-        internal(
-            &s,
-            "spanagg_connection_timeouts_total{listener=\"grpc\",what=\"idle\"}"
-        ) >= 1.0
-    );
+    assert!(timeouts(&s, "grpc", "idle") >= 1.0);
 
     // An honest gRPC client idle for longer than the idle limit answers the pings and exports.
     let rt = tokio::runtime::Builder::new_current_thread()

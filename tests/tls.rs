@@ -120,6 +120,29 @@ fn connect(
     rustls::StreamOwned::new(conn, tcp)
 }
 
+/// The certificate new connections to `addr` are served, polled until it is `want` or
+/// `within` passed (the last one seen then).
+fn served_within(
+    addr: SocketAddr,
+    config: impl Fn() -> rustls::ClientConfig,
+    want: &CertificateDer<'static>,
+    within: Duration,
+) -> Option<CertificateDer<'static>> {
+    let started = std::time::Instant::now();
+    let mut served = None;
+    while started.elapsed() < within {
+        let mut c = connect(addr, config());
+        if get(&mut c, "/-/healthy").is_ok() {
+            served = Some(c.conn.peer_certificates().unwrap()[0].clone());
+            if served.as_ref() == Some(want) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    served
+}
+
 fn write_pem(dir: &Path, name: &str, pem: &Pem) -> (String, String) {
     let cert = dir.join(format!("{name}.crt"));
     let key = dir.join(format!("{name}.key"));
@@ -226,17 +249,12 @@ fn every_listener_speaks_tls_and_checks_client_certificates() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let mut served = None;
-    for _ in 0..50 {
-        let mut c = connect(s.http, client(&server_ca, Some(&good)));
-        if get(&mut c, "/-/healthy").is_ok() {
-            served = Some(c.conn.peer_certificates().unwrap()[0].clone());
-            if served.as_ref() == Some(&der(&renewed.cert)) {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let served = served_within(
+        s.http,
+        || client(&server_ca, Some(&good)),
+        &der(&renewed.cert),
+        Duration::from_millis(100 * 50),
+    );
     assert_eq!(
         served,
         Some(der(&renewed.cert)),
@@ -295,17 +313,12 @@ fn every_listener_speaks_tls_and_checks_client_certificates() {
         .unwrap()
         .set_modified(broken_mtime)
         .unwrap();
-    let mut served = None;
-    for _ in 0..100 {
-        let mut c = connect(s.http, client(&server_ca, Some(&good)));
-        if get(&mut c, "/-/healthy").is_ok() {
-            served = Some(c.conn.peer_certificates().unwrap()[0].clone());
-            if served.as_ref() == Some(&der(&third.cert)) {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let served = served_within(
+        s.http,
+        || client(&server_ca, Some(&good)),
+        &der(&third.cert),
+        Duration::from_millis(100 * 100),
+    );
     assert_eq!(
         served,
         Some(der(&third.cert)),
@@ -318,18 +331,8 @@ fn every_listener_speaks_tls_and_checks_client_certificates() {
 
 #[test]
 fn a_certificate_without_its_key_stops_the_start() {
-    let dir = std::env::temp_dir().join(format!("spanagg-tls-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("spanagg.yaml");
-    std::fs::write(&config, "tls:\n  cert_file: /etc/spanagg/tls.crt\n").unwrap();
-    let out = common::cli(["serve", "--config", config.to_str().unwrap()]);
-    assert!(!out.ok);
-    assert!(
-        out.stderr.contains("tls.cert_file needs tls.key_file"),
-        "{}",
-        out.stderr
-    );
-    std::fs::remove_dir_all(&dir).ok();
+    let err = common::serve_refuses("tls:\n  cert_file: /etc/spanagg/tls.crt\n");
+    assert!(err.contains("tls.cert_file needs tls.key_file"), "{err}");
 }
 
 #[test]

@@ -42,6 +42,43 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
+/// A fresh directory, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self(temp_dir())
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// Runs `spanagg serve` with `yaml` appended to a config on loopback port 0 with its state in a
+/// scratch directory, insists that it refuses to start, and returns what it said.
+pub fn serve_refuses(yaml: &str) -> String {
+    let dir = Scratch::new();
+    let config = dir.path().join("spanagg.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "grpc_listen: 127.0.0.1:0\notlp_http_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\n\
+             data_dir: {}\n{yaml}",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = cli(["serve", "--config", config.to_str().unwrap()]);
+    assert!(!out.ok, "spanagg started with {yaml}");
+    out.stderr
+}
+
 fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(marker)? + marker.len()..];
     let end = rest.find([' ', ',']).unwrap_or(rest.len());

@@ -276,3 +276,44 @@ def assert_exact(expected, got):
 
 def scraped_calls(spanagg):
     return sum(e["calls"] or 0 for e in scraped(spanagg.scrape()[0]).values())
+
+
+def send(pods, expected, rng, n):
+    """`n` random spans per pod (of a service it runs, picked at random when it runs several),
+    recorded in `expected` and flushed to the sidecars."""
+    for pod in pods:
+        services = list(pod.tracers)
+        for _ in range(n):
+            service = services[0] if len(services) == 1 else rng.choice(services)
+            route, ms = rng.choice(ROUTES), rng.choice(DURATIONS_MS)
+            pod.span(route, ms, service)
+            expected.add(service, route, ms)
+        pod.flush()
+
+
+class Traffic:
+    """`send` rounds in the background, every `pause` seconds, while the `with` block runs: spans
+    are in flight whatever the block does to the pipeline. An error in them fails the block."""
+
+    def __init__(self, pods, expected, rng, n, pause=0.2):
+        self.stop, self.errors = threading.Event(), []
+
+        def run():
+            try:
+                while not self.stop.is_set():
+                    send(pods, expected, rng, n)
+                    time.sleep(pause)
+            except Exception as e:  # noqa: BLE001 - raised by __exit__
+                self.errors.append(e)
+
+        self.thread = threading.Thread(target=run)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, *_):
+        self.stop.set()
+        self.thread.join(30)
+        if kind is None and self.errors:
+            raise self.errors[0]

@@ -4,11 +4,10 @@ included), and still do after one of them is killed and restarted while data flo
 retries into it out of its queue and its WAL restores the rest."""
 
 import random
-import threading
 import time
 
 from conftest import Spanagg, free_port
-from otelcol import DURATIONS_MS, ROUTES, Collector, Expected, Pod, assert_exact, scraped, scraped_calls, wait_for
+from otelcol import Collector, Expected, Pod, Traffic, assert_exact, scraped, scraped_calls, send, wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -19,15 +18,6 @@ def ha_tier(port, a, b):
         "exporters": {"otlp_grpc/spanagg-a": {"endpoint": a.grpc}, "otlp_grpc/spanagg-b": {"endpoint": b.grpc}},
     }
     return Collector("ha.yaml", overrides, name="ha-tier")
-
-
-def send(pods, expected, rng, n):
-    for pod in pods:
-        for _ in range(n):
-            route, ms = rng.choice(ROUTES), rng.choice(DURATIONS_MS)
-            pod.span(route, ms)
-            expected.add(pod.service, route, ms)
-        pod.flush()
 
 
 def exposition(replica):
@@ -55,38 +45,24 @@ def test_two_replicas_fed_the_same_stream_serve_identical_output_through_a_resta
     tier = ha_tier(tier_port, a, b)
     pods = [Pod(f"127.0.0.1:{tier_port}", service, i) for service, i in [("checkout", 0), ("checkout", 1), ("cart", 0)]]
     expected = Expected()
-    stop, errors = threading.Event(), []
     try:
         send(pods, expected, rng, 50)
         time.sleep(1.5)
         send(pods, expected, rng, 50)
         converged(a, b, expected)
 
-        def traffic():
-            try:
-                while not stop.is_set():
-                    send(pods, expected, rng, 5)
-                    time.sleep(0.2)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        t = threading.Thread(target=traffic)
-        t.start()
-        time.sleep(2)
-        # Replica b dies hard and is down for a few flush intervals; a keeps serving.
-        b.proc.kill()
-        b.proc.wait(30)
-        time.sleep(3)
-        assert scraped_calls(a) > 0
-        b = Spanagg(dir=b.dir, ports=ports_b)
-        time.sleep(2)
-        stop.set()
-        t.join(30)
-        assert not errors, errors
+        with Traffic(pods, expected, rng, 5):
+            time.sleep(2)
+            # Replica b dies hard and is down for a few flush intervals; a keeps serving.
+            b.proc.kill()
+            b.proc.wait(30)
+            time.sleep(3)
+            assert scraped_calls(a) > 0
+            b = Spanagg(dir=b.dir, ports=ports_b)
+            time.sleep(2)
         converged(a, b, expected)
         print(f"{expected.total()} spans; both replicas identical after b's restart")
     finally:
-        stop.set()
         for pod in pods:
             pod.close()
         tier.stop()

@@ -3,7 +3,6 @@ what to retry: with the WAL on, `kill -9` while sidecars export and a restart lo
 nothing; an UNAVAILABLE answer is retried until it succeeds; a partial success is not retried."""
 
 import random
-import threading
 import time
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from conftest import Spanagg, free_port
-from otelcol import DURATIONS_MS, ROUTES, Expected, Pod, assert_exact, scraped, scraped_calls, wait_for
+from otelcol import Expected, Pod, Traffic, assert_exact, scraped, scraped_calls, send, wait_for
 
 
 def internal(spanagg, name, **labels):
@@ -22,16 +21,6 @@ def internal(spanagg, name, **labels):
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
-
-
-def send(pods, expected, rng, n):
-    """`n` spans per pod, flushed to the sidecars."""
-    for pod in pods:
-        for _ in range(n):
-            route, ms = rng.choice(ROUTES), rng.choice(DURATIONS_MS)
-            pod.span(route, ms)
-            expected.add(pod.service, route, ms)
-        pod.flush()
 
 
 def settle(spanagg, expected):
@@ -49,31 +38,16 @@ def test_kill_9_while_sidecars_export_loses_and_doubles_nothing():
     spanagg = Spanagg("durability: wal\n", ports=ports)
     pods = [Pod(spanagg.grpc, service, i) for service, i in [("checkout", 0), ("checkout", 1), ("cart", 0)]]
     expected = Expected()
-    stop = threading.Event()
-    errors = []
-
-    def traffic():
-        # Spans all the while: some deltas are in flight when spanagg dies.
-        try:
-            while not stop.is_set():
-                send(pods, expected, rng, 5)
-                time.sleep(0.1)
-        except Exception as e:  # noqa: BLE001 - reported by the test below
-            errors.append(e)
-
-    t = threading.Thread(target=traffic)
-    t.start()
     try:
-        time.sleep(3)
-        spanagg.proc.kill()
-        spanagg.proc.wait(30)
-        # Down for several flush intervals, well inside the exporter's max_elapsed_time (5m).
-        time.sleep(4)
-        spanagg = Spanagg("durability: wal\n", dir=spanagg.dir, ports=ports)
-        time.sleep(3)
-        stop.set()
-        t.join(30)
-        assert not errors, errors
+        # Spans all the while: some deltas are in flight when spanagg dies.
+        with Traffic(pods, expected, rng, 5, pause=0.1):
+            time.sleep(3)
+            spanagg.proc.kill()
+            spanagg.proc.wait(30)
+            # Down for several flush intervals, well inside the exporter's max_elapsed_time (5m).
+            time.sleep(4)
+            spanagg = Spanagg("durability: wal\n", dir=spanagg.dir, ports=ports)
+            time.sleep(3)
         settle(spanagg, expected)
         print(f"{expected.total()} spans, {len(expected.series)} series, exact across kill -9")
         assert internal(spanagg, "spanagg_wal_replayed_records_total") > 0
@@ -81,7 +55,6 @@ def test_kill_9_while_sidecars_export_loses_and_doubles_nothing():
             sent, failed = pod.sidecar.exporter_points("otlp_grpc/spanagg")
             assert sent > 0 and failed == 0, (pod.name, sent, failed)
     finally:
-        stop.set()
         for pod in pods:
             pod.close()
         if spanagg.proc.poll() is None:

@@ -6,11 +6,10 @@ replicas (a new resolver list, the tier restarted, as a rollout does): the servi
 start over on their new replica, and the sums across replicas stay exact."""
 
 import random
-import threading
 import time
 
 from conftest import Prometheus, Spanagg, free_port
-from otelcol import CALLS, DURATIONS_MS, ROUTES, Collector, Expected, Pod, assert_exact, scraped, wait_for
+from otelcol import CALLS, Collector, Expected, Pod, Traffic, assert_exact, scraped, send, wait_for
 
 # 24 services on 4 pods' sidecars, each service on two pods: with routing by service, adding a
 # fourth replica moves about a quarter of them (none move with probability (3/4)^24 = 0.1%).
@@ -45,16 +44,6 @@ def summed(parts):
             for le, n in e["buckets"].items():
                 o["buckets"][le] = o["buckets"].get(le, 0) + n
     return out
-
-
-def send(pods, expected, rng, n):
-    for pod, services in zip(pods, PODS):
-        for _ in range(n):
-            service = rng.choice(services)
-            route, ms = rng.choice(ROUTES), rng.choice(DURATIONS_MS)
-            pod.span(route, ms, service)
-            expected.add(service, route, ms)
-        pod.flush()
 
 
 def total_calls(replicas):
@@ -103,25 +92,11 @@ def test_services_spread_over_replicas_and_sums_stay_exact_across_a_rollout():
         # The rollout, under traffic: a fourth replica, the tier stopped (it drains its queues
         # to the old replicas) and started with the new list; the sidecars retry meanwhile.
         replicas.append(Spanagg(ports=fourth))
-        stop, errors = threading.Event(), []
-
-        def traffic():
-            try:
-                while not stop.is_set():
-                    send(pods, expected, rng, 20)
-                    time.sleep(0.2)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        t = threading.Thread(target=traffic)
-        t.start()
-        time.sleep(2)
-        lb.stop()
-        lb = tier(tier_port, replicas)
-        time.sleep(3)
-        stop.set()
-        t.join(30)
-        assert not errors, errors
+        with Traffic(pods, expected, rng, 20):
+            time.sleep(2)
+            lb.stop()
+            lb = tier(tier_port, replicas)
+            time.sleep(3)
         wait_for("every call after the rollout", lambda: total_calls(replicas) >= expected.total(), timeout=120)
         time.sleep(3)
         parts = per_replica(replicas)

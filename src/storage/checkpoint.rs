@@ -222,6 +222,24 @@ pub fn set_aside(path: &Path, suffix: &str) -> io::Result<PathBuf> {
     Ok(to)
 }
 
+/// Marks a checkpoint as restored, so it is never restored again: renamed `*.restored` (the
+/// one before it, if any, removed). Without a WAL a crash after the restore must start from
+/// zero; restoring the same file again would serve counters below what was scraped since.
+pub fn mark_restored(path: &Path) -> io::Result<PathBuf> {
+    if let Some(dir) = path.parent() {
+        for entry in std::fs::read_dir(dir)? {
+            let old = entry?.path();
+            if old
+                .to_str()
+                .is_some_and(|p| p.ends_with(".parquet.restored"))
+            {
+                std::fs::remove_file(&old)?;
+            }
+        }
+    }
+    set_aside(path, ".restored")
+}
+
 /// Writes `batches` as checkpoint `seq`; returns its path and size. On error nothing but the
 /// temp file was touched, and that is removed.
 pub fn write(

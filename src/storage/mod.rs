@@ -3,7 +3,8 @@
 //!
 //! The rule that keeps restarts honest (DESIGN §4): never serve a counter lower than one already
 //! served. So a checkpoint is restored only when the WAL from its position on is still there
-//! (`durability: wal`), or when a clean shutdown wrote it. Otherwise the state starts empty, with
+//! (`durability: wal`), or when a clean shutdown wrote it, and then only once (it is renamed
+//! `*.restored`: after a later crash it would be stale). Otherwise the state starts empty, with
 //! a new start time: a reset Prometheus handles, never a stale value it would count twice.
 
 pub mod checkpoint;
@@ -381,11 +382,19 @@ fn restore(
         let mut states = make_states(meta.state_start_ns);
         match checkpoint::load(path, &mut states) {
             Ok(meta) => {
-                // A checkpoint without a WAL position was written with `durability: none`,
-                // which removes the WAL at start: any segment now there came after it.
                 let replay_from = match durability {
+                    // A checkpoint without a WAL position was written with `durability: none`,
+                    // which removes the WAL at start: any segment now there came after it.
                     Durability::Wal => Some(meta.wal_position.unwrap_or_default()),
-                    Durability::None => None,
+                    // A clean checkpoint may be restored once: after this start only the next
+                    // clean stop's checkpoint is the truth.
+                    Durability::None => match checkpoint::mark_restored(path) {
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "could not mark the clean checkpoint as restored: not restoring it (a crash would restore it again, stale)");
+                            break;
+                        }
+                    },
                 };
                 tracing::info!(path = %path.display(), series = meta.series, streams = meta.streams, "restored checkpoint");
                 metrics.restored_series.set(meta.series as i64);

@@ -1,10 +1,10 @@
 //! Connection limits on the real binary, as a slow or greedy client meets them: headers sent a
-//! byte at a time and idle keep-alive connections are closed after `connections.header_timeout`
-//! on both HTTP ports, a slow OTLP/HTTP body gets a retryable 503 after
-//! `connections.body_timeout`, a
+//! byte at a time are cut off `connections.header_timeout` after their first byte on both HTTP
+//! ports, keep-alive connections without a request after `connections.idle_timeout` (and not
+//! before), a slow OTLP/HTTP body gets a retryable 503 after `connections.body_timeout`, a
 //! connection over `connections.max_per_listener` is closed at once, and gRPC advertises its
-//! HTTP/2 stream limit. Meanwhile a well-behaved exporter's requests go through. Each limit is
-//! counted when it acts.
+//! HTTP/2 stream limit and refuses streams over it. Meanwhile a well-behaved exporter's
+//! requests go through. Each limit is counted when it acts.
 
 #![allow(clippy::unwrap_used)]
 
@@ -51,7 +51,9 @@ fn export_ok(s: &Spanagg, pod: &str) {
 
 #[test]
 fn slow_headers_slow_bodies_and_idle_connections_are_cut_off_while_exports_go_on() {
-    let s = Spanagg::start("connections:\n  header_timeout: 1s\n  body_timeout: 1s\n");
+    let s = Spanagg::start(
+        "connections:\n  header_timeout: 1s\n  idle_timeout: 3s\n  body_timeout: 1s\n",
+    );
     // Slow headers on both HTTP ports: one line, then nothing.
     let mut slow: Vec<TcpStream> = [s.http, s.otlp_http]
         .iter()
@@ -90,14 +92,42 @@ fn slow_headers_slow_bodies_and_idle_connections_are_cut_off_while_exports_go_on
     );
     assert_eq!(timeouts(&s, "otlp_http", "body"), 1.0);
 
-    // A keep-alive connection left idle after its request is closed too.
+    // A keep-alive connection may wait longer than the header limit between requests...
     let mut c = TcpStream::connect(s.http).unwrap();
-    c.write_all(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    let healthy = b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..2 {
+        c.write_all(healthy).unwrap();
+        let mut reply = [0u8; 12];
+        c.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"HTTP/1.1 200");
+        assert!(!closed_within(&mut c, Duration::from_millis(1500)));
+    }
+    // ...and is closed once idle for the idle limit, counted as idle.
+    let idle_before = timeouts(&s, "http", "idle");
     assert!(
         closed_within(&mut c, Duration::from_secs(5)),
         "an idle connection stays open"
     );
+    assert_eq!(timeouts(&s, "http", "idle"), idle_before + 1.0);
+
+    // Idle time does not lend a slow head more time: its clock starts at its first byte.
+    let mut c = TcpStream::connect(s.otlp_http).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let header_before = timeouts(&s, "otlp_http", "header");
+    let started = Instant::now();
+    for b in b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n" {
+        if c.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(closed_within(&mut c, Duration::from_secs(3)));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(timeouts(&s, "otlp_http", "header"), header_before + 1.0);
     export_ok(&s, "pod-b");
     s.stop();
 }
@@ -166,6 +196,64 @@ fn grpc_advertises_its_stream_and_header_limits() {
         settings.contains(&(0x6, 8192)),
         "SETTINGS_MAX_HEADER_LIST_SIZE: {settings:?}"
     );
+    s.stop();
+}
+
+/// Writes one HTTP/2 frame.
+fn h2_frame(c: &mut TcpStream, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    c.write_all(&f).unwrap();
+}
+
+#[test]
+fn grpc_refuses_streams_over_its_limit_and_serves_the_rest() {
+    let s = Spanagg::start("connections:\n  http2_max_concurrent_streams: 3\n");
+    let mut c = TcpStream::connect(s.grpc).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    h2_frame(&mut c, 4, 0, 0, &[]);
+    // Eight export calls opened at once, none sending its body: a client ignoring the
+    // advertised limit. HPACK: POST, http, then `:path` and `content-type` as literals.
+    let path = b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+    let mut headers = vec![0x83, 0x86, 0x04, path.len() as u8];
+    headers.extend_from_slice(path);
+    headers.extend_from_slice(&[0x0f, 0x10, 16]);
+    headers.extend_from_slice(b"application/grpc");
+    for i in 0..8u32 {
+        h2_frame(&mut c, 1, 0x4, 2 * i + 1, &headers);
+    }
+    let mut refused = Vec::new();
+    while refused.len() < 5 {
+        let mut head = [0u8; 9];
+        c.read_exact(&mut head).unwrap();
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        c.read_exact(&mut payload).unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        match head[3] {
+            // SETTINGS: acknowledge the server's.
+            4 if head[4] & 1 == 0 => h2_frame(&mut c, 4, 1, 0, &[]),
+            // RST_STREAM with REFUSED_STREAM (7).
+            3 => {
+                assert_eq!(payload, [0, 0, 0, 7], "stream {stream} reset, not refused");
+                refused.push(stream);
+            }
+            7 => panic!("GOAWAY instead of refusing streams: {payload:?}"),
+            _ => {}
+        }
+    }
+    refused.sort();
+    assert_eq!(
+        refused,
+        [7, 9, 11, 13, 15],
+        "the first three are kept, the rest refused"
+    );
+    // The connection still serves: a well-behaved exporter on its own connection too.
+    export_ok(&s, "pod-a");
+    drop(c);
     s.stop();
 }
 

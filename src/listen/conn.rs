@@ -2,21 +2,25 @@
 //! against clients that stop moving.
 //!
 //! Invariants: a write (or flush) that makes no progress for `write_timeout` fails, so a
-//! client that stops reading its responses frees its slot; with `read_idle`, a connection on
-//! which nothing arrives for that long fails (gRPC: the server's keepalive pings make an
-//! honest idle client answer well within it); and when the listener's drain ends, every read
-//! and write fails at once, so no connection outlives the stop.
+//! client that stops reading its responses frees its slot; a pending read fails by the
+//! connection's `Reads` policy (gRPC: nothing arrived for the idle limit, which the server's
+//! keepalive pings make an honest idle client beat; HTTP/1.1: no request for the idle limit,
+//! or a request's head not complete within the header limit of its first byte, however slowly
+//! it trickles); and when the listener's drain ends, every read and write fails at once, so
+//! no connection outlives the stop.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::ListenMetrics;
 use tokio_rustls::server::TlsStream;
@@ -28,11 +32,53 @@ pub enum Conn {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+/// When a pending read fails.
+#[derive(Debug, Clone, Copy)]
+pub enum Reads {
+    /// Nothing arrived for this long (gRPC).
+    Idle(Duration),
+    /// HTTP/1.1: no request begun for `idle` after the last response (or the accept), or a
+    /// request's head not complete `header` after its first byte.
+    Http { idle: Duration, header: Duration },
+}
+
+/// Whether the connection's HTTP/1.1 request is with its handler, as the server tells it: the
+/// connection cannot see where a request's head ends.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicBool);
+
+/// Marks a request in flight until dropped (its handler finished or was abandoned).
+pub struct Handling(Arc<InFlight>);
+
+impl InFlight {
+    pub fn begin(self: &Arc<Self>) -> Handling {
+        self.0.store(true, Ordering::Relaxed);
+        Handling(self.clone())
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0 .0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Where an HTTP/1.1 connection is between requests, as its reads see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request since this instant (the accept, or the end of the last one).
+    Idle(Instant),
+    /// A request's first byte came at this instant; its head is still arriving.
+    Head(Instant),
+    /// The handler has the request.
+    Busy,
+}
+
 /// What fails a stalled connection, what says the drain is over, and where it is counted.
 #[derive(Clone)]
 pub struct Deadlines {
     pub write_timeout: Duration,
-    pub read_idle: Option<Duration>,
+    pub reads: Reads,
     /// Turns true when the listener's drain is over.
     pub closed: watch::Receiver<bool>,
     pub metrics: ListenMetrics,
@@ -46,7 +92,9 @@ pub struct Guarded {
     io: Conn,
     _slot: OwnedSemaphorePermit,
     write_timeout: Duration,
-    read_idle: Option<Duration>,
+    reads: Reads,
+    in_flight: Arc<InFlight>,
+    phase: Phase,
     /// The write-stall timer, and whether it runs for the current wait.
     write_stall: Option<Pin<Box<Sleep>>>,
     write_armed: bool,
@@ -69,7 +117,9 @@ impl Guarded {
             io,
             _slot: slot,
             write_timeout: deadlines.write_timeout,
-            read_idle: deadlines.read_idle,
+            reads: deadlines.reads,
+            in_flight: Arc::default(),
+            phase: Phase::Idle(Instant::now()),
             write_stall: None,
             write_armed: false,
             read_stall: None,
@@ -78,6 +128,11 @@ impl Guarded {
             metrics: deadlines.metrics,
             listener: deadlines.listener,
         }
+    }
+
+    /// The flag the HTTP/1.1 server raises while this connection's request is being handled.
+    pub fn in_flight(&self) -> Arc<InFlight> {
+        self.in_flight.clone()
     }
 
     pub fn peer(&self) -> Option<std::net::SocketAddr> {
@@ -112,13 +167,62 @@ impl Guarded {
         after: Duration,
         cx: &mut Context<'_>,
     ) -> bool {
-        let deadline = tokio::time::Instant::now() + after;
+        let deadline = Instant::now() + after;
         let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if !*armed {
             timer.as_mut().reset(deadline);
             *armed = true;
         }
         timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// Whether `deadline` has passed, waking the task when it does.
+    fn past(stall: &mut Option<Pin<Box<Sleep>>>, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// Follows an HTTP/1.1 connection's phase: the handler's flag, and bytes read outside it.
+    fn advance(&mut self, read_bytes: bool) {
+        let busy = self.in_flight.0.load(Ordering::Relaxed);
+        self.phase = match (self.phase, busy, read_bytes) {
+            (_, true, _) => Phase::Busy,
+            // Bytes outside a request begin one (or are the rest of a body nobody read, which
+            // the header limit bounds as well).
+            (Phase::Busy | Phase::Idle(_), false, true) => Phase::Head(Instant::now()),
+            (Phase::Busy, false, false) => Phase::Idle(Instant::now()),
+            (p, false, _) => p,
+        };
+    }
+
+    /// Why a read pending now should fail, if it should: what it is counted as and says.
+    fn read_expired(&mut self, cx: &mut Context<'_>) -> Option<(&'static str, &'static str)> {
+        match self.reads {
+            Reads::Idle(idle) => {
+                Self::stalled(&mut self.read_stall, &mut self.read_armed, idle, cx)
+                    .then_some(("idle", "nothing arrived for the idle timeout"))
+            }
+            Reads::Http { idle, header } => {
+                self.advance(false);
+                let (deadline, why) = match self.phase {
+                    Phase::Busy => return None,
+                    Phase::Idle(since) => {
+                        (since + idle, ("idle", "no request for the idle timeout"))
+                    }
+                    Phase::Head(first) => (
+                        first + header,
+                        (
+                            "header",
+                            "request headers not complete within the header timeout",
+                        ),
+                    ),
+                };
+                Self::past(&mut self.read_stall, deadline, cx).then_some(why)
+            }
+        }
     }
 
     fn write_with<T>(
@@ -135,6 +239,12 @@ impl Guarded {
         match op(self.io(), cx) {
             Poll::Ready(r) => {
                 self.write_armed = false;
+                // A response still being written after its handler ended is not idleness.
+                if let Phase::Idle(_) = self.phase {
+                    if matches!(self.reads, Reads::Http { .. }) {
+                        self.phase = Phase::Idle(Instant::now());
+                    }
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => {
@@ -166,23 +276,22 @@ impl AsyncRead for Guarded {
         if let Some(e) = this.check_closed(cx) {
             return Poll::Ready(Err(e));
         }
+        let before = buf.filled().len();
         match this.io().poll_read(cx, buf) {
             Poll::Ready(r) => {
                 this.read_armed = false;
+                if matches!(this.reads, Reads::Http { .. }) {
+                    this.advance(buf.filled().len() > before);
+                }
                 Poll::Ready(r)
             }
-            Poll::Pending => {
-                if let Some(idle) = this.read_idle {
-                    if Guarded::stalled(&mut this.read_stall, &mut this.read_armed, idle, cx) {
-                        this.metrics.timed_out(this.listener, "idle");
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "nothing arrived for the idle timeout",
-                        )));
-                    }
+            Poll::Pending => match this.read_expired(cx) {
+                Some((what, why)) => {
+                    this.metrics.timed_out(this.listener, what);
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
                 }
-                Poll::Pending
-            }
+                None => Poll::Pending,
+            },
         }
     }
 }

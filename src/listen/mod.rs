@@ -3,9 +3,9 @@
 //!
 //! Invariants: a listener holds at most `max_per_listener` connections (one over is accepted and
 //! closed at once, so it is counted and the client is not left waiting in the backlog); an
-//! HTTP/1.1 client gets `header_timeout` to send each request's headers, which also closes a
-//! keep-alive connection idle that long; gRPC connections get HTTP/2 keepalive pings and a
-//! stream limit. Each server's task ends when `stop` resolves and its connections finish, or
+//! HTTP/1.1 client gets `header_timeout` from a request's first byte to send its headers, and a
+//! keep-alive connection without a request for `idle_timeout` is closed; gRPC connections get
+//! HTTP/2 keepalive pings and a stream limit. Each server's task ends when `stop` resolves and its connections finish, or
 //! `drain_timeout` after it, whichever is first.
 
 use std::future::Future;
@@ -27,7 +27,7 @@ use crate::tls::{Alpn, Tls};
 
 mod conn;
 
-use conn::{Conn, Deadlines, Guarded};
+use conn::{Conn, Deadlines, Guarded, Reads};
 
 type Served = JoinHandle<Result<(), String>>;
 
@@ -37,6 +37,8 @@ type Served = JoinHandle<Result<(), String>>;
 pub struct RawConnections {
     #[serde(with = "humantime_opt", default)]
     pub header_timeout: Option<Duration>,
+    #[serde(with = "humantime_opt", default)]
+    pub idle_timeout: Option<Duration>,
     #[serde(with = "humantime_opt", default)]
     pub body_timeout: Option<Duration>,
     pub max_per_listener: Option<usize>,
@@ -61,8 +63,11 @@ pub struct RawConnections {
 /// Limits on what one client can hold (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Connections {
-    /// An HTTP/1.1 request's headers must arrive within this; also the keep-alive idle limit.
+    /// An HTTP/1.1 request's headers must arrive within this of its first byte.
     pub header_timeout: Duration,
+    /// An HTTP/1.1 keep-alive connection without a request this long is closed. Longer than a
+    /// one-minute scrape interval, so scrapers keep their connection (and TLS session).
+    pub idle_timeout: Duration,
     /// An OTLP/HTTP request body must arrive within this (408 after).
     pub body_timeout: Duration,
     /// Open connections per listener.
@@ -92,6 +97,7 @@ impl Default for Connections {
     fn default() -> Self {
         Self {
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
             body_timeout: Duration::from_secs(30),
             max_per_listener: 4096,
             http2_max_concurrent_streams: 100,
@@ -124,6 +130,7 @@ impl Connections {
         )?;
         let c = Self {
             header_timeout: time("header_timeout", raw.header_timeout, d.header_timeout)?,
+            idle_timeout: time("idle_timeout", raw.idle_timeout, d.idle_timeout)?,
             body_timeout: time("body_timeout", raw.body_timeout, d.body_timeout)?,
             max_per_listener: within(
                 "connections.max_per_listener",
@@ -197,9 +204,9 @@ impl ListenMetrics {
         );
         r.register(
             "connection_timeouts",
-            "Connections or requests cut off by a timeout: header (slow or idle HTTP/1.1), body \
+            "Connections or requests cut off by a timeout: header (slow HTTP/1.1 headers), body \
              (slow OTLP/HTTP body), write (a client that stopped reading), idle (a silent gRPC \
-             connection), handshake (TLS)",
+             connection, or an HTTP/1.1 one without a request), handshake (TLS)",
             self.timeouts.clone(),
         );
         // Every series that can move, at 0 from the start, so increase() sees its first event.
@@ -208,6 +215,8 @@ impl ListenMetrics {
             ("otlp_http", "write"),
             ("http", "write"),
             ("grpc", "idle"),
+            ("otlp_http", "idle"),
+            ("http", "idle"),
             ("grpc", "handshake"),
             ("otlp_http", "handshake"),
             ("http", "handshake"),
@@ -309,8 +318,10 @@ pub fn http(
     let (closed_tx, closed) = tokio::sync::watch::channel(false);
     let deadlines = Deadlines {
         write_timeout: limits.write_timeout,
-        // Headers (hyper's timer) bound reads here.
-        read_idle: None,
+        reads: Reads::Http {
+            idle: limits.idle_timeout,
+            header: limits.header_timeout,
+        },
         closed,
         metrics: metrics.clone(),
         listener: name,
@@ -325,9 +336,11 @@ pub fn http(
     tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // hyper's header timer runs from the start of the wait for a request, idle time
+        // included: the connection's own timers (see `conn`) act first; this is a backstop.
         builder
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
+            .header_read_timeout(limits.idle_timeout + limits.header_timeout)
             .keep_alive(true);
         tokio::pin!(stop);
         loop {
@@ -338,9 +351,15 @@ pub fn http(
                     None => break,
                 },
             };
-            let router = router.clone();
+            let (router, in_flight) = (router.clone(), conn.in_flight());
             let service = hyper::service::service_fn(move |req| {
-                tower_service::Service::call(&mut router.clone(), req)
+                let handling = in_flight.begin();
+                let response = tower_service::Service::call(&mut router.clone(), req);
+                async move {
+                    let r = response.await;
+                    drop(handling);
+                    r
+                }
             });
             let serving = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
             let serving = graceful.watch(serving);
@@ -383,7 +402,7 @@ pub fn grpc(
     let deadlines = Deadlines {
         write_timeout: limits.write_timeout,
         // The keepalive pings make an honest idle client send within this.
-        read_idle: Some(limits.grpc_idle_timeout),
+        reads: Reads::Idle(limits.grpc_idle_timeout),
         closed,
         metrics,
         listener: "grpc",

@@ -208,25 +208,49 @@ fn h2_frame(c: &mut TcpStream, kind: u8, flags: u8, stream: u32, payload: &[u8])
     c.write_all(&f).unwrap();
 }
 
-#[test]
-fn grpc_refuses_streams_over_its_limit_and_serves_the_rest() {
-    let s = Spanagg::start("connections:\n  http2_max_concurrent_streams: 3\n");
-    let mut c = TcpStream::connect(s.grpc).unwrap();
+/// An HTTP/2 connection past its preface and first SETTINGS.
+fn h2_open(addr: SocketAddr) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
     h2_frame(&mut c, 4, 0, 0, &[]);
-    // Eight export calls opened at once, none sending its body: a client ignoring the
-    // advertised limit. HPACK: POST, http, then `:path` and `content-type` as literals.
+    c
+}
+
+/// Opens export call `stream` (HPACK: POST, http, `:path`, `content-type`, then `extra` as
+/// literal headers) without sending its body.
+fn h2_export(c: &mut TcpStream, stream: u32, extra: &[(&str, &str)]) {
     let path = b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
     let mut headers = vec![0x83, 0x86, 0x04, path.len() as u8];
     headers.extend_from_slice(path);
     headers.extend_from_slice(&[0x0f, 0x10, 16]);
     headers.extend_from_slice(b"application/grpc");
-    for i in 0..8u32 {
-        h2_frame(&mut c, 1, 0x4, 2 * i + 1, &headers);
+    for (name, value) in extra {
+        // Literal without indexing, new name; lengths as HPACK 7-bit prefixed integers.
+        headers.push(0);
+        for text in [name.as_bytes(), value.as_bytes()] {
+            let mut n = text.len();
+            if n < 127 {
+                headers.push(n as u8);
+            } else {
+                headers.push(127);
+                n -= 127;
+                while n >= 128 {
+                    headers.push((n % 128) as u8 | 0x80);
+                    n /= 128;
+                }
+                headers.push(n as u8);
+            }
+            headers.extend_from_slice(text);
+        }
     }
-    let mut refused = Vec::new();
-    while refused.len() < 5 {
+    h2_frame(c, 1, 0x4, stream, &headers);
+}
+
+/// Reads frames (acknowledging SETTINGS) until `n` streams were reset; their ids and codes.
+fn h2_resets(c: &mut TcpStream, n: usize) -> Vec<(u32, u32)> {
+    let mut resets = Vec::new();
+    while resets.len() < n {
         let mut head = [0u8; 9];
         c.read_exact(&mut head).unwrap();
         let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
@@ -234,26 +258,44 @@ fn grpc_refuses_streams_over_its_limit_and_serves_the_rest() {
         c.read_exact(&mut payload).unwrap();
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
         match head[3] {
-            // SETTINGS: acknowledge the server's.
-            4 if head[4] & 1 == 0 => h2_frame(&mut c, 4, 1, 0, &[]),
-            // RST_STREAM with REFUSED_STREAM (7).
-            3 => {
-                assert_eq!(payload, [0, 0, 0, 7], "stream {stream} reset, not refused");
-                refused.push(stream);
-            }
+            4 if head[4] & 1 == 0 => h2_frame(c, 4, 1, 0, &[]),
+            3 => resets.push((stream, u32::from_be_bytes(payload[..4].try_into().unwrap()))),
             7 => panic!("GOAWAY instead of refusing streams: {payload:?}"),
             _ => {}
         }
     }
-    refused.sort();
-    assert_eq!(
-        refused,
-        [7, 9, 11, 13, 15],
-        "the first three are kept, the rest refused"
+    resets.sort();
+    resets
+}
+
+#[test]
+fn grpc_refuses_streams_over_its_limits_counts_them_and_serves_the_rest() {
+    let s = Spanagg::start(
+        "connections:\n  http2_max_concurrent_streams: 3\n  http2_max_header_list_size: 1KiB\n",
     );
-    // The connection still serves: a well-behaved exporter on its own connection too.
+    // Eight export calls opened at once, none sending its body: a client ignoring the
+    // advertised limit has the last five refused (REFUSED_STREAM, 7), the first three kept.
+    let mut c = h2_open(s.grpc);
+    for i in 0..8u32 {
+        h2_export(&mut c, 2 * i + 1, &[]);
+    }
+    let refused: Vec<(u32, u32)> = [7, 9, 11, 13, 15].map(|id| (id, 7)).into();
+    assert_eq!(h2_resets(&mut c, 5), refused);
+    assert_eq!(
+        s.internal("spanagg_http2_stream_resets_total{code=\"refused_stream\"}"),
+        5.0
+    );
+    // A header list over its limit is answered 431 and reset (PROTOCOL_ERROR, 1).
+    let mut big = h2_open(s.grpc);
+    h2_export(&mut big, 1, &[("x-padding", &"p".repeat(2048))]);
+    assert_eq!(h2_resets(&mut big, 1), [(1, 1)]);
+    assert_eq!(
+        s.internal("spanagg_http2_stream_resets_total{code=\"protocol_error\"}"),
+        1.0
+    );
+    // Meanwhile a well-behaved exporter goes on.
     export_ok(&s, "pod-a");
-    drop(c);
+    drop((c, big));
     s.stop();
 }
 

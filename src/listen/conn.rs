@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
+use super::frames::{reset_reason, FrameWatch};
 use super::ListenMetrics;
 use tokio_rustls::server::TlsStream;
 
@@ -79,6 +80,8 @@ enum Phase {
 pub struct Deadlines {
     pub write_timeout: Duration,
     pub reads: Reads,
+    /// Whether the connection speaks HTTP/2 (gRPC): its refused streams are counted.
+    pub http2: bool,
     /// Turns true when the listener's drain is over.
     pub closed: watch::Receiver<bool>,
     pub metrics: ListenMetrics,
@@ -93,6 +96,7 @@ pub struct Guarded {
     _slot: OwnedSemaphorePermit,
     write_timeout: Duration,
     reads: Reads,
+    frames: Option<FrameWatch>,
     in_flight: Arc<InFlight>,
     phase: Phase,
     /// The write-stall timer, and whether it runs for the current wait.
@@ -118,6 +122,7 @@ impl Guarded {
             _slot: slot,
             write_timeout: deadlines.write_timeout,
             reads: deadlines.reads,
+            frames: deadlines.http2.then(FrameWatch::default),
             in_flight: Arc::default(),
             phase: Phase::Idle(Instant::now()),
             write_stall: None,
@@ -174,6 +179,22 @@ impl Guarded {
             *armed = true;
         }
         timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// Follows the first `n` bytes of `bufs`, just written, for HTTP/2 stream resets.
+    fn watch(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let Some(frames) = &mut self.frames else {
+            return;
+        };
+        let metrics = &self.metrics;
+        for b in bufs {
+            let part = &b[..n.min(b.len())];
+            frames.scan(part, |code| metrics.stream_reset(reset_reason(code)));
+            n -= part.len();
+            if n == 0 {
+                break;
+            }
+        }
     }
 
     /// Whether `deadline` has passed, waking the task when it does.
@@ -302,16 +323,24 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .write_with(cx, |io, cx| io.poll_write(cx, buf))
+        let this = self.get_mut();
+        let r = this.write_with(cx, |io, cx| io.poll_write(cx, buf));
+        if let Poll::Ready(Ok(n)) = r {
+            this.watch(&[io::IoSlice::new(buf)], n);
+        }
+        r
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+        let this = self.get_mut();
+        let r = this.write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs));
+        if let Poll::Ready(Ok(n)) = r {
+            this.watch(bufs, n);
+        }
+        r
     }
     fn is_write_vectored(&self) -> bool {
         match &self.io {

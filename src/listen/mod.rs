@@ -26,6 +26,7 @@ use crate::config::{humantime_opt, within, ConfigError};
 use crate::tls::{Alpn, Tls};
 
 mod conn;
+mod frames;
 
 use conn::{Conn, Deadlines, Guarded, Reads};
 
@@ -193,6 +194,7 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct ListenMetrics {
     refused: Family<Labels, Counter>,
     timeouts: Family<Labels, Counter>,
+    resets: Family<Labels, Counter>,
 }
 
 impl ListenMetrics {
@@ -209,6 +211,17 @@ impl ListenMetrics {
              connection, or an HTTP/1.1 one without a request), handshake (TLS)",
             self.timeouts.clone(),
         );
+        r.register(
+            "http2_stream_resets",
+            "gRPC streams the server reset, by code: refused_stream (over \
+             connections.http2_max_concurrent_streams on their connection), protocol_error (a \
+             header list over connections.http2_max_header_list_size, answered 431, or a broken \
+             stream), cancel, ...",
+            self.resets.clone(),
+        );
+        for code in ["refused_stream", "protocol_error"] {
+            let _ = self.resets.get_or_create(&vec![("code", code)]);
+        }
         // Every series that can move, at 0 from the start, so increase() sees its first event.
         let timeouts = [
             ("grpc", "write"),
@@ -238,6 +251,10 @@ impl ListenMetrics {
         self.refused
             .get_or_create(&vec![("listener", listener)])
             .inc();
+    }
+
+    pub fn stream_reset(&self, code: &'static str) {
+        self.resets.get_or_create(&vec![("code", code)]).inc();
     }
 
     pub fn timed_out(&self, listener: &'static str, what: &'static str) {
@@ -322,6 +339,7 @@ pub fn http(
             idle: limits.idle_timeout,
             header: limits.header_timeout,
         },
+        http2: false,
         closed,
         metrics: metrics.clone(),
         listener: name,
@@ -403,6 +421,7 @@ pub fn grpc(
         write_timeout: limits.write_timeout,
         // The keepalive pings make an honest idle client send within this.
         reads: Reads::Idle(limits.grpc_idle_timeout),
+        http2: true,
         closed,
         metrics,
         listener: "grpc",

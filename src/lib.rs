@@ -11,6 +11,8 @@ pub mod cardinality;
 pub mod columnar;
 pub mod config;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod listen;
 pub mod server;

@@ -27,7 +27,8 @@ pub struct Shape {
     pub counters: bool,
 }
 
-fn kv(k: &str, v: impl Into<String>) -> KeyValue {
+/// A string attribute.
+pub fn kv(k: &str, v: impl Into<String>) -> KeyValue {
     KeyValue {
         key: k.into(),
         value: Some(AnyValue {

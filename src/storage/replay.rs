@@ -10,6 +10,25 @@ use crate::ingest::body::{decode, Encoding};
 use crate::ingest::{IngestError, Ingestor};
 use crate::telemetry::Protocol;
 
+/// The request body a record holds, inflated as it was logged, or `None` if it does not
+/// inflate within `limit` bytes. The CRC vouches only for what was written: a snappy length
+/// field is checked before anything is allocated for it, as a gzip body is inflated in steps.
+pub fn record_body(kind: u8, record: Vec<u8>, limit: usize) -> Option<Vec<u8>> {
+    match kind {
+        wal::KIND_METRICS_SNAPPY => {
+            let len = snap::raw::decompress_len(&record).ok()?;
+            if len > limit {
+                return None;
+            }
+            snap::raw::Decoder::new().decompress_vec(&record).ok()
+        }
+        wal::KIND_METRICS_GZIP => decode(record.into(), Encoding::Gzip, limit)
+            .ok()
+            .map(Vec::from),
+        _ => Some(record),
+    }
+}
+
 /// Replays `dir` from `from` into `ingestor` (which must not log to the WAL itself). Each
 /// record is judged by when it was accepted, but never earlier than `floor_ns` (when the
 /// restored checkpoint was written): a record accepted before it and logged after it (held
@@ -36,14 +55,7 @@ pub async fn replay(
     let limit = ingestor.max_request_bytes;
     while let Some((kind, accepted, record)) = rx.recv().await {
         metrics.wal_replayed.inc();
-        let payload = match kind {
-            wal::KIND_METRICS_SNAPPY => snap::raw::Decoder::new().decompress_vec(&record).ok(),
-            wal::KIND_METRICS_GZIP => decode(record.into(), Encoding::Gzip, limit)
-                .ok()
-                .map(Vec::from),
-            _ => Some(record),
-        };
-        let Some(payload) = payload else {
+        let Some(payload) = record_body(kind, record, limit) else {
             undecodable += 1;
             continue;
         };

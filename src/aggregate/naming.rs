@@ -63,6 +63,18 @@ pub fn output_label_name(key: &str, histogram: bool, out: &mut String) -> bool {
     reserved
 }
 
+/// Whether `name` is a family name spanagg could have made (one `sanitize_metric_name` leaves
+/// as it is). Names read back from a file are checked with it before they can reach a scrape.
+pub fn is_metric_name(name: &str) -> bool {
+    !name.is_empty() && sanitize_metric_name(name) == name
+}
+
+/// Whether `name` is an output label name spanagg could have made for a series of this kind.
+pub fn is_label_name(name: &str, histogram: bool) -> bool {
+    let mut out = String::new();
+    name == OVERFLOW_LABEL || (!output_label_name(name, histogram, &mut out) && out == name)
+}
+
 /// The Prometheus word for an UCUM unit, or `None` when nothing is appended.
 fn unit_word(unit: &str) -> Option<String> {
     // Annotations like `{call}` carry no unit.
@@ -149,6 +161,19 @@ pub fn unit_suffix(family: &str, unit: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_read_back_from_files_are_checked_as_spanagg_makes_them() {
+        assert!(is_metric_name("traces_span_metrics_calls") && is_metric_name("a:b__c"));
+        for bad in ["", "9a", "a\"b", "a b", "a-b"] {
+            assert!(!is_metric_name(bad), "{bad:?}");
+        }
+        assert!(is_label_name("span_name", true) && is_label_name("le", false));
+        assert!(is_label_name(OVERFLOW_LABEL, false) && is_label_name("exported_le", true));
+        for bad in ["", "le", "__name__", "a b", "0a", "a\"b"] {
+            assert!(!is_label_name(bad, true), "{bad:?}");
+        }
+    }
 
     #[test]
     fn spanmetrics_names_translate_per_the_compatibility_spec() {

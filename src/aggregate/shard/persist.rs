@@ -2,8 +2,9 @@
 //! source stream with its key) and how a restore rebuilds the shard from them, through the
 //! series store's and the source table's own interfaces.
 
-use crate::aggregate::key::FamilyDesc;
+use crate::aggregate::key::{FamilyDesc, Kind};
 use crate::aggregate::layout::BucketLayout;
+use crate::aggregate::naming::{is_label_name, is_metric_name};
 use crate::aggregate::series::{BucketCounts, CounterValue, CumulativeState, Series, SeriesValue};
 use crate::aggregate::window::Window;
 
@@ -43,6 +44,9 @@ pub enum RestoreError {
     Shape { counts: usize, bounds: usize },
     #[error("more series than ids")]
     Ids,
+    /// A family or label name that no scrape could serve (spanagg never writes one).
+    #[error("invalid {0} name {1:?}")]
+    Name(&'static str, String),
 }
 
 /// A series value as a checkpoint holds it.
@@ -124,7 +128,17 @@ impl ShardState {
                 }
             }
         };
+        if !is_metric_name(&family.name) {
+            return Err(RestoreError::Name("metric", family.name.to_string()));
+        }
         labels.sort_unstable();
+        let histogram = family.kind == Kind::Histogram;
+        for (i, (k, _)) in labels.iter().enumerate() {
+            let repeated = i > 0 && labels[i - 1].0 == *k;
+            if repeated || !is_label_name(k, histogram) {
+                return Err(RestoreError::Name("label", k.clone()));
+            }
+        }
         let new = NewSeries {
             family: self.store.restore_family(family),
             labels,

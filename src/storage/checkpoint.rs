@@ -325,6 +325,8 @@ fn load_inner(path: &Path, states: &mut [ShardState]) -> Result<Meta, Checkpoint
     let same_layout = meta.shards as usize == n;
     let bad = |e: super::rows::ReadError| CheckpointError::Format(e.to_string());
     let (mut series, mut streams) = (0u64, 0u64);
+    // What each series shows a scrape: two rows showing the same would serve it twice.
+    let mut shown = std::collections::HashSet::new();
     for batch in builder.with_batch_size(16 * 1024).build()? {
         let batch = batch.map_err(|e| CheckpointError::Format(e.to_string()))?;
         let c = Columns::new(&batch);
@@ -344,7 +346,9 @@ fn load_inner(path: &Path, states: &mut [ShardState]) -> Result<Meta, Checkpoint
                 .ok_or_else(|| CheckpointError::Format(format!("row {i}: shard {shard}")))?;
             match record {
                 "series" => {
-                    restore_series_row(state, &c, i).map_err(bad)?;
+                    if !shown.insert(restore_series_row(state, &c, i).map_err(bad)?) {
+                        return Err(CheckpointError::Format(format!("row {i}: a series twice")));
+                    }
                     series += 1;
                 }
                 "stream" => {

@@ -261,12 +261,13 @@ pub enum Value {
     None,
 }
 
-/// Restores one series row into `state`.
+/// Restores one series row into `state`; returns a hash of what a scrape shows of it (family
+/// name and labels), so the caller can refuse a file holding the same series twice.
 pub fn restore_series_row(
     state: &mut ShardState,
     c: &Columns<'_>,
     i: usize,
-) -> Result<(), ReadError> {
+) -> Result<u128, ReadError> {
     let key = c.row_key(i)?;
     let family = c.family(i)?;
     let mut labels = c.labels(i)?;
@@ -295,7 +296,17 @@ pub fn restore_series_row(
     };
     state
         .restore_series(key, &family, &mut labels, record, created, updated)
-        .map_err(|e| row_err(i, e))
+        .map_err(|e| row_err(i, e))?;
+    // Sorted by the restore; names hold no 0xff byte (UTF-8), so the encoding is unambiguous.
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(family.name.as_bytes());
+    for (k, v) in &labels {
+        h.update(&[0xff]);
+        h.update(k.as_bytes());
+        h.update(&[0xff]);
+        h.update(v.as_bytes());
+    }
+    Ok(h.digest128())
 }
 
 /// Restores one pod row into `state`.

@@ -17,18 +17,6 @@ fn body(pod: &str, calls: u64, t: u64) -> Vec<u8> {
     cart_delta(pod, calls, [calls, 0, 0, 0, 0], calls as f64, t).encode_to_vec()
 }
 
-fn openmetrics(s: &Spanagg) -> String {
-    let (status, _, body) = http(
-        s.http,
-        "GET",
-        "/metrics",
-        &[("Accept", "application/openmetrics-text; version=1.0.0")],
-        b"",
-    );
-    assert_eq!(status, 200);
-    String::from_utf8(body).unwrap()
-}
-
 /// Makes WAL segments `from..to` files every write to fails, as on a full disk.
 fn full_disk(s: &Spanagg, segments: std::ops::Range<u64>) -> Vec<std::path::PathBuf> {
     segments
@@ -50,12 +38,12 @@ fn an_applied_request_whose_append_failed_is_logged_before_the_next_one() {
     assert!(s.scrape().contains("} 7\n"), "served before it is durable");
     // The next export first logs the held one (on a new segment), then its own.
     s.post_ok(&body("b", 5, t));
-    let served = openmetrics(&s);
+    let served = s.openmetrics();
     full.iter().for_each(|p| std::fs::remove_file(p).unwrap());
     let dir = s.kill9();
     let s = Spanagg::start_in(dir, "");
     assert_eq!(
-        openmetrics(&s),
+        s.openmetrics(),
         served,
         "the restart serves what was served"
     );
@@ -85,11 +73,11 @@ fn while_the_log_fails_nothing_new_is_applied() {
         }
     }
     assert!(ok, "exports resume once the log takes writes");
-    let served = openmetrics(&s);
+    let served = s.openmetrics();
     assert!(served.contains("} 10\n"), "a and c, not b: {served}");
     let dir = s.kill9();
     let s = Spanagg::start_in(dir, "");
-    assert_eq!(openmetrics(&s), served);
+    assert_eq!(s.openmetrics(), served);
 }
 
 #[test]
@@ -178,7 +166,7 @@ fn a_damaged_record_mid_log_costs_that_record_only_and_is_counted() {
 
 /// The calls total and its `_created` for checkout's `GET /cart`, if served.
 fn cart_calls(s: &Spanagg) -> Option<(f64, f64)> {
-    let text = openmetrics(s);
+    let text = s.openmetrics();
     let value = |suffix: &str| {
         text.lines()
             .find(|l| l.starts_with(&format!("traces_span_metrics_calls_{suffix}{{")))

@@ -216,6 +216,14 @@ impl Spanagg {
         body
     }
 
+    /// The scrape as OpenMetrics (with `_created`).
+    pub fn openmetrics(&self) -> String {
+        let accept = [("Accept", "application/openmetrics-text; version=1.0.0")];
+        let (status, _, body) = http(self.http, "GET", "/metrics", &accept, b"");
+        assert_eq!(status, 200);
+        String::from_utf8(body).unwrap()
+    }
+
     /// Value of one sample in `/internal/metrics`, 0 when absent.
     pub fn internal(&self, sample: &str) -> f64 {
         sample_value(&self.get("/internal/metrics").1, sample).unwrap_or(0.0)

@@ -1,0 +1,105 @@
+//! Promises the README makes that no other test held the binary to: a gzip-compressed gRPC
+//! export (the Collector's default) is applied and replayed from the WAL after `kill -9`; a
+//! delta older than `late_delta_window` behind its stream is refused in a partial success and
+//! counted, by the configured window; a series' created time is the earliest start of the
+//! deltas that built it, whatever order they came in.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
+use prost::Message;
+
+const SECOND: u64 = 1_000_000_000;
+const CALLS: &str = "traces_span_metrics_calls_total{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"}";
+const CREATED: &str = "traces_span_metrics_calls_created{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_grpc_export_is_applied_and_replayed_from_the_wal() {
+    let s = Spanagg::start("");
+    let mut client = MetricsServiceClient::connect(format!("http://{}", s.grpc))
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let t = now_ns() - 10 * SECOND;
+    for (pod, calls) in [("a", 3), ("b", 4)] {
+        let reply = client
+            .export(cart_delta(pod, calls, [calls, 0, 0, 0, 0], 1.0, t))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.partial_success, None, "{reply:?}");
+    }
+    let served = s.scrape();
+    assert_eq!(sample_value(&served, CALLS), Some(7.0), "{served}");
+    // Nothing but the WAL holds them: no checkpoint was written yet.
+    let s = Spanagg::start_in(s.kill9(), "");
+    assert_eq!(
+        s.scrape(),
+        served,
+        "the gRPC requests replayed from the log"
+    );
+    assert!(
+        s.internal("spanagg_wal_replayed_records_total") >= 2.0,
+        "replayed, not restored from elsewhere"
+    );
+    s.stop();
+}
+
+fn export(s: &Spanagg, body: &[u8]) -> ExportMetricsServiceResponse {
+    let (status, _, reply) = s.post_otlp("application/x-protobuf", &[], body);
+    assert_eq!(status, 200);
+    ExportMetricsServiceResponse::decode(&reply[..]).unwrap()
+}
+
+#[test]
+fn a_delta_older_than_the_configured_late_window_is_refused_and_counted() {
+    let s = Spanagg::start("late_delta_window: 1m\n");
+    let now = now_ns();
+    let delta = |calls: u64, start: u64| cart_delta("a", calls, [calls, 0, 0, 0, 0], 1.0, start);
+    export(&s, &delta(1, now - 2 * SECOND).encode_to_vec());
+    // 30 s behind the stream's newest point: within the window, applied late.
+    let late = export(&s, &delta(2, now - 30 * SECOND).encode_to_vec());
+    assert_eq!(late.partial_success, None, "{late:?}");
+    // 3 minutes behind: outside the configured minute (inside the default ten).
+    let reply = export(&s, &delta(4, now - 180 * SECOND).encode_to_vec());
+    let partial = reply.partial_success.unwrap();
+    assert_eq!(
+        partial.rejected_data_points, 2,
+        "the counter and the histogram"
+    );
+    assert!(
+        partial.error_message.contains("too_late"),
+        "{}",
+        partial.error_message
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"too_late\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"applied_late\"}"),
+        2.0
+    );
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(3.0));
+    s.stop();
+}
+
+#[test]
+fn created_is_the_earliest_start_of_the_deltas_whatever_their_order() {
+    let s = Spanagg::start("");
+    let t = (now_ns() - 60 * SECOND) / SECOND * SECOND;
+    // The later interval first, from one pod; then an earlier one from another pod.
+    s.post_ok(&cart_delta("a", 1, [1, 0, 0, 0, 0], 1.0, t + 20 * SECOND).encode_to_vec());
+    let created = || sample_value(&s.openmetrics(), CREATED).unwrap();
+    assert_eq!(created(), (t / SECOND + 20) as f64);
+    s.post_ok(&cart_delta("b", 1, [1, 0, 0, 0, 0], 1.0, t).encode_to_vec());
+    assert_eq!(created(), (t / SECOND) as f64, "the earliest start");
+    // A later one changes nothing.
+    s.post_ok(&cart_delta("c", 1, [1, 0, 0, 0, 0], 1.0, t + 40 * SECOND).encode_to_vec());
+    assert_eq!(created(), (t / SECOND) as f64);
+    s.stop();
+}

@@ -44,6 +44,8 @@ pub enum RestoreError {
     Shape { counts: usize, bounds: usize },
     #[error("more series than ids")]
     Ids,
+    #[error("counter total or histogram sum {0}")]
+    Value(f64),
     /// A family or label name that no scrape could serve (spanagg never writes one).
     #[error("invalid {0} name {1:?}")]
     Name(&'static str, String),
@@ -106,6 +108,11 @@ impl ShardState {
             return Err(RestoreError::Duplicate(key));
         }
         let value = match value {
+            // Ingest refuses NaN and negative values and sums, so no total spanagg wrote is
+            // either (a sum of finite ones may reach +Inf).
+            ValueRecord::Counter(c) if c.float.is_nan() || c.float < 0.0 => {
+                return Err(RestoreError::Value(c.float));
+            }
             ValueRecord::Counter(c) => SeriesValue::Counter(c),
             ValueRecord::Histogram {
                 bounds,
@@ -114,6 +121,9 @@ impl ShardState {
                 input_buckets,
             } => {
                 BucketLayout::check(bounds).map_err(|e| RestoreError::Bounds(e.to_string()))?;
+                if sum.is_nan() || sum < 0.0 {
+                    return Err(RestoreError::Value(sum));
+                }
                 if counts.len() != bounds.len() + 1 {
                     return Err(RestoreError::Shape {
                         counts: counts.len(),

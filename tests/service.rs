@@ -655,8 +655,14 @@ async fn mutated_and_random_bodies_never_take_the_server_down() {
         if i % 10 == 0 {
             let req = ExportMetricsServiceRequest::decode(&body[..]);
             if let Ok(req) = req {
-                // Whatever decodes must also be safe over gRPC.
-                let _ = grpc_export(&s, req).await;
+                // Whatever decodes must also be safe over gRPC: taken, or refused as invalid.
+                if let Err(e) = grpc_export(&s, req).await {
+                    assert_eq!(
+                        e.code(),
+                        tonic::Code::InvalidArgument,
+                        "seed {seed} case {i}: {e}"
+                    );
+                }
             }
         }
     }

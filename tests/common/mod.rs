@@ -30,6 +30,8 @@ pub struct Spanagg {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Leave `dir` in place on drop (the process was stopped to be restarted on it).
     keep_dir: bool,
+    /// The thread reading stderr into `log`; done once the process is gone.
+    pump: Option<std::thread::JoinHandle<()>>,
 }
 
 fn temp_dir() -> PathBuf {
@@ -128,7 +130,7 @@ impl Spanagg {
         let (tx, rx) = std::sync::mpsc::channel();
         let (restoring_tx, restoring_rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
-        std::thread::spawn(move || {
+        let pump = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if line.contains("listening:") {
@@ -156,6 +158,7 @@ impl Spanagg {
             dir,
             log,
             keep_dir: false,
+            pump: Some(pump),
         };
         // Over TLS this plaintext probe could not talk to it; the TLS tests check on their own.
         if !extra.contains("cert_file:") {
@@ -189,7 +192,8 @@ impl Spanagg {
         self.log.lock().unwrap().join("\n")
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status. Fails if the server's log shows a panic:
+    /// tonic and the shard threads catch panics, so one would otherwise pass unnoticed.
     pub fn stop(mut self) -> ExitStatus {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -198,6 +202,11 @@ impl Spanagg {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(pump) = self.pump.take() {
+                    let _ = pump.join();
+                }
+                let log = self.log_text();
+                assert!(!log.contains("panicked"), "a panic in the log:\n{log}");
                 return status;
             }
             assert!(Instant::now() < deadline, "spanagg did not stop on SIGTERM");

@@ -1,8 +1,9 @@
 //! Whatever was applied is logged, whatever the reply: with the WAL failing, a request that was
 //! applied (and may have been scraped) is logged as soon as the log takes writes again, before
 //! anything new is applied; while it cannot, nothing new is applied. After `kill -9` the
-//! restart serves exactly what was served, `_created` included. Without a WAL, a clean stop's
-//! checkpoint is restored once, never again after a later crash.
+//! restart serves exactly what was served, `_created` included. An export is acknowledged only
+//! once its record is synced (a preloaded shim fails fsync below the page cache). Without a
+//! WAL, a clean stop's checkpoint is restored once, never again after a later crash.
 
 #![allow(clippy::unwrap_used)]
 
@@ -208,5 +209,61 @@ fn without_a_wal_a_clean_checkpoint_is_restored_once_and_not_after_a_later_crash
     // A clean stop now is restored as usual.
     let s = Spanagg::start_in(s.stop_keep(), cfg);
     assert_eq!(cart_calls(&s), Some((1.0, again)));
+    s.stop();
+}
+
+/// `tests/fixtures/fail_fsync.c` built as a preloadable library in `dir`.
+fn fail_fsync_shim(dir: &std::path::Path) -> std::path::PathBuf {
+    let so = dir.join("fail_fsync.so");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fail_fsync.c");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(src)
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (cc) for the fsync shim");
+    assert!(built.success());
+    so
+}
+
+#[test]
+fn an_export_is_acknowledged_only_once_its_record_is_synced() {
+    let scratch = Scratch::new();
+    let so = fail_fsync_shim(scratch.path());
+    let flag = scratch.path().join("fail-fsync");
+    let s = Spanagg::start_with_env(
+        "",
+        &[
+            ("LD_PRELOAD", so.to_str().unwrap()),
+            ("SPANAGG_FAIL_FSYNC", flag.to_str().unwrap()),
+        ],
+    );
+    let t = now_ns() - 60 * SECOND;
+    s.post_ok(&body("a", 7, t));
+    // The disk now loses what it is asked to sync: the write reaches the page cache, the
+    // sync fails, and the export must not be acknowledged.
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(
+        s.post_protobuf(&body("b", 5, t)),
+        503,
+        "acknowledged without a synced record"
+    );
+    assert!(s.internal("spanagg_wal_write_errors_total") >= 1.0);
+    std::fs::remove_file(&flag).unwrap();
+    // Once syncs work again the exporter's retry is acknowledged, and counts once.
+    let acked = (0..10).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        s.post_protobuf(&body("b", 5, t)) == 200
+    });
+    assert!(acked, "exports resume once syncs work");
+    let served = s.openmetrics();
+    assert!(served.contains("_total{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"} 12\n"), "{served}");
+    let s = Spanagg::start_in(s.kill9(), "");
+    assert_eq!(
+        s.openmetrics(),
+        served,
+        "the restart serves what was served"
+    );
     s.stop();
 }

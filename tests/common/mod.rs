@@ -98,11 +98,25 @@ impl Spanagg {
         Self::start_in_restoring(dir, extra, |_| {})
     }
 
+    /// Starts with more environment variables (`LD_PRELOAD` to fail system calls).
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(temp_dir(), extra, env, |_| {})
+    }
+
     /// Like `start_in`; `while_restoring` gets the HTTP address as soon as the process logs that
     /// it is restoring its state (before it serves).
     pub fn start_in_restoring(
         dir: PathBuf,
         extra: &str,
+        while_restoring: impl FnOnce(SocketAddr),
+    ) -> Self {
+        Self::launch(dir, extra, &[], while_restoring)
+    }
+
+    fn launch(
+        dir: PathBuf,
+        extra: &str,
+        env: &[(&str, &str)],
         while_restoring: impl FnOnce(SocketAddr),
     ) -> Self {
         let config = dir.join("spanagg.yaml");
@@ -121,6 +135,7 @@ impl Spanagg {
             .arg(&config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -212,27 +212,15 @@ fn without_a_wal_a_clean_checkpoint_is_restored_once_and_not_after_a_later_crash
     s.stop();
 }
 
-/// `tests/fixtures/fail_fsync.c` built as a preloadable library in `dir`.
-fn fail_fsync_shim(dir: &std::path::Path) -> std::path::PathBuf {
-    let so = dir.join("fail_fsync.so");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fail_fsync.c");
-    let built = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&so)
-        .arg(src)
-        .arg("-ldl")
-        .status()
-        .expect("a C compiler (cc) for the fsync shim");
-    assert!(built.success());
-    so
-}
-
 #[test]
 fn an_export_is_acknowledged_only_once_its_record_is_synced() {
     let scratch = Scratch::new();
-    let so = fail_fsync_shim(scratch.path());
+    let so = faults_shim(scratch.path());
     let flag = scratch.path().join("fail-fsync");
-    let s = Spanagg::start_with_env(
+    let state = scratch.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let s = Spanagg::start_in_with_env(
+        state,
         "",
         &[
             ("LD_PRELOAD", so.to_str().unwrap()),

@@ -98,9 +98,9 @@ impl Spanagg {
         Self::start_in_restoring(dir, extra, |_| {})
     }
 
-    /// Starts with more environment variables (`LD_PRELOAD` to fail system calls).
-    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
-        Self::launch(temp_dir(), extra, env, |_| {})
+    /// Starts on `dir` with more environment variables (`LD_PRELOAD` of `faults_shim`).
+    pub fn start_in_with_env(dir: PathBuf, extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(dir, extra, env, |_| {})
     }
 
     /// Like `start_in`; `while_restoring` gets the HTTP address as soon as the process logs that
@@ -281,6 +281,22 @@ impl Spanagg {
         headers.extend_from_slice(extra);
         http(self.otlp_http, "POST", "/v1/metrics", &headers, body)
     }
+}
+
+/// `tests/fixtures/faults.c` built with the system C compiler as a preloadable library in
+/// `dir`: fsync faults switched by flag files (see the file).
+pub fn faults_shim(dir: &std::path::Path) -> PathBuf {
+    let so = dir.join("faults.so");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/faults.c");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(src)
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (cc) for the faults shim");
+    assert!(built.success());
+    so
 }
 
 /// The outcome of one run of the `spanagg` command line.

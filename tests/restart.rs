@@ -585,7 +585,13 @@ fn a_sigterm_during_start_up_still_stops_cleanly_with_a_final_checkpoint() {
     use std::io::BufRead;
     let s = Spanagg::start("");
     let t0 = now_ns() - 60_000_000_000;
-    s.post_ok(&delta(0, 0, t0));
+    // A WAL long enough that the replay is still running when the signal comes.
+    let wide = common::one_service(20_000, 4, true);
+    for k in 0..10u64 {
+        let start = t0 + k * 1_000_000;
+        s.post_ok(&request(&wide, 0, start, start + 1_000_000).encode_to_vec());
+    }
+    let expected = calls(&s);
     let dir = s.kill9();
     // Signal the process while it restores (before it serves), as an impatient operator or a
     // rolling update would.
@@ -599,12 +605,20 @@ fn a_sigterm_during_start_up_still_stops_cleanly_with_a_final_checkpoint() {
         .spawn()
         .unwrap();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        stderr
+            .lines()
+            .map_while(Result::ok)
+            .try_for_each(|l| tx.send(l))
+    });
     let mut log = Vec::new();
-    for line in stderr.lines() {
-        let line = line.unwrap();
+    let mut signalled_at = None;
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
         let restoring = line.contains("restoring state");
         log.push(line);
         if restoring {
+            signalled_at = Some(log.len());
             std::process::Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status()
@@ -613,10 +627,18 @@ fn a_sigterm_during_start_up_still_stops_cleanly_with_a_final_checkpoint() {
     }
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {log:#?}");
+    let signalled_at = signalled_at.expect("never saw the restore begin");
+    let replayed = log
+        .iter()
+        .position(|l| l.contains("replayed the write-ahead log"));
+    assert!(
+        replayed.is_some_and(|at| at >= signalled_at),
+        "the signal came after the replay, not during it: {log:#?}"
+    );
     assert!(
         log.iter().any(|l| l.contains("checkpoint written")),
         "{log:#?}"
     );
     let s = Spanagg::start_in(dir, "");
-    assert_eq!(calls(&s), ONE_DELTA);
+    assert_eq!(calls(&s), expected);
 }

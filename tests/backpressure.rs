@@ -1,5 +1,5 @@
 //! A full shard queue is a retryable refusal: HTTP 503 with Retry-After, gRPC UNAVAILABLE,
-//! counted, and nothing lost once the shard catches up. The real ingest stack runs on real
+//! counted, and nothing lost or doubled once the shard catches up and the clients retry. The real ingest stack runs on real
 //! sockets; the only trick is holding the one shard busy with a read that waits.
 
 #![allow(clippy::unwrap_used)]
@@ -147,8 +147,21 @@ async fn a_full_shard_queue_refuses_with_a_retryable_error_on_both_protocols() {
 
     release.send(()).unwrap();
     assert_eq!(first.await.unwrap().0, 200, "the queued export completes");
-    // The refused exports succeed on retry.
+    // The refused exports succeed on retry, and nothing was lost or counted twice: one call
+    // from each of a, b and c.
     client.export(req("c", 0)).await.unwrap();
+    assert_eq!(post("b").await.unwrap().0, 200);
+    let calls = spanagg::export::gather(&table, |s| {
+        s.series()
+            .map(|x| match &x.value {
+                spanagg::aggregate::series::SeriesValue::Counter(c) => c.total(),
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(calls.iter().sum::<f64>(), 3.0);
     let text = telemetry.encode().unwrap();
     assert!(
         text.contains(

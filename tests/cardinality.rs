@@ -359,34 +359,43 @@ fn new_streams_past_the_stream_limit_are_refused_retryably_and_live_ones_go_on()
 }
 
 #[test]
-fn past_the_memory_limit_exports_are_refused_retryably() {
-    let s = Spanagg::start("limits:\n  max_memory: 64MiB\n");
+fn past_the_memory_limit_exports_are_refused_retryably_until_memory_is_back_under() {
+    let s = Spanagg::start("series_ttl: 2s\nlimits:\n  max_memory: 64MiB\n");
     let t0 = now_ns() - 60_000_000_000;
-    // Enough series to take the process past 64 MiB.
-    let wide = common::one_service(50_000, 30, true);
-    let status = s.post_protobuf(&service_request("big", &wide, 0, t0));
-    // Decoding it may already take the process past the limit, and be refused.
-    assert!(status == 200 || status == 503, "{status}");
-    let small = common::one_service(1, 4, true);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut k = 1;
+    // New series, batch after batch: each is taken until the process is past 64 MiB, then
+    // the next is refused retryably as over the memory limit (not for any other reason).
+    let wide = common::one_service(5_000, 30, true);
+    let mut k = 0;
     loop {
-        let body = service_request("small", &small, 1, t0 + k * 1_000_000);
-        let (status, _, body) = s.post_otlp("application/x-protobuf", &[], &body);
+        let body = service_request(&format!("big-{k}"), &wide, 0, t0);
+        let (status, _, reply) = s.post_otlp("application/x-protobuf", &[], &body);
         if status == 503 {
-            assert!(String::from_utf8_lossy(&body).contains("memory limit"));
+            assert!(String::from_utf8_lossy(&reply).contains("memory limit"));
+            break;
+        }
+        assert_eq!(status, 200, "batch {k}");
+        k += 1;
+        assert!(k < 200, "never refused at {} MiB", s.rss() >> 20);
+    }
+    assert!(s.internal("spanagg_limit_refusals_total{limit=\"memory\"}") >= 1.0);
+    assert_eq!(s.get("/-/ready").0, 200, "still serving scrapes");
+    // The wide series expire (series_ttl) and their memory goes: exports are taken again.
+    let small = common::one_service(1, 4, true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        k += 1;
+        let body = service_request("small", &small, 1, now_ns() - 1_000_000_000 + k as u64);
+        if s.post_protobuf(&body) == 200 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "never refused at {} MiB",
-            s.peak_rss() >> 20
+            "still refused at {} MiB",
+            s.rss() >> 20
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        k += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert!(s.internal("spanagg_limit_refusals_total{limit=\"memory\"}") >= 1.0);
-    assert_eq!(s.get("/-/ready").0, 200, "still serving scrapes");
+    assert!(s.log_text().contains("back under limits.max_memory"));
 }
 
 #[test]

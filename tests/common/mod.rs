@@ -253,12 +253,20 @@ impl Spanagg {
         sample_value(&self.get("/internal/metrics").1, sample).unwrap_or(0.0)
     }
 
+    /// Resident memory of the process now (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        self.proc_status_kib("VmRSS:") * 1024
+    }
+
+    fn proc_status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     /// Peak resident memory of the process (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kb * 1024
+        self.proc_status_kib("VmHWM:") * 1024
     }
 
     /// POSTs an OTLP/HTTP protobuf body; returns the status.

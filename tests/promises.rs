@@ -2,7 +2,9 @@
 //! export (the Collector's default) is applied and replayed from the WAL after `kill -9`; a
 //! delta older than `late_delta_window` behind its stream is refused in a partial success and
 //! counted, by the configured window; a series' created time is the earliest start of the
-//! deltas that built it, whatever order they came in.
+//! deltas that built it, whatever order they came in; SIGTERM waits for a request in flight
+//! and keeps its data; without configured bounds the first layout holds, a finer one folds
+//! into it exactly and an incompatible one is refused per point.
 
 #![allow(clippy::unwrap_used)]
 
@@ -101,5 +103,89 @@ fn created_is_the_earliest_start_of_the_deltas_whatever_their_order() {
     // A later one changes nothing.
     s.post_ok(&cart_delta("c", 1, [1, 0, 0, 0, 0], 1.0, t + 40 * SECOND).encode_to_vec());
     assert_eq!(created(), (t / SECOND) as f64);
+    s.stop();
+}
+
+#[test]
+fn sigterm_waits_for_a_request_in_flight_and_its_data_survives_the_stop() {
+    use std::io::{Read, Write};
+    let s = Spanagg::start("");
+    let body = cart_delta("a", 4, [4, 0, 0, 0, 0], 1.0, now_ns() - 10 * SECOND).encode_to_vec();
+    let mut c = std::net::TcpStream::connect(s.otlp_http).unwrap();
+    let head = format!(
+        "POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(&body[..body.len() / 2]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The stop begins while the body is half sent...
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // ...and waits for it: the export is acknowledged, and the final checkpoint holds it.
+    c.write_all(&body[body.len() / 2..]).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = [0u8; 12];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"HTTP/1.1 200");
+    drop(c);
+    let s = Spanagg::start_in(s.stop_keep(), "");
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(4.0));
+    s.stop();
+}
+
+#[test]
+fn without_configured_bounds_the_first_layout_holds_finer_ones_fold_and_others_are_refused() {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60 * SECOND;
+    // Pod a sets the series' layout: BOUNDS = [2, 10, 100, 1000].
+    s.post_ok(&cart_delta("a", 5, [1, 1, 1, 1, 1], 5.0, t0).encode_to_vec());
+    let with_bounds = |pod: &str, bounds: &[f64], counts: Vec<u64>| {
+        let mut req = cart_delta(pod, 1, [1, 0, 0, 0, 0], 1.0, t0);
+        let metric = &mut req.resource_metrics[0].scope_metrics[0].metrics[1];
+        let Some(Data::Histogram(h)) = &mut metric.data else {
+            panic!("cart_delta's second metric is its histogram")
+        };
+        h.data_points[0].count = counts.iter().sum();
+        h.data_points[0].explicit_bounds = bounds.to_vec();
+        h.data_points[0].bucket_counts = counts;
+        req.encode_to_vec()
+    };
+    // Pod b's finer layout holds every bound of a's: its buckets fold exactly.
+    let finer = [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0];
+    let reply = export(
+        &s,
+        &with_bounds("b", &finer, vec![1, 1, 1, 1, 1, 1, 1, 1, 1]),
+    );
+    assert_eq!(reply.partial_success, None, "{reply:?}");
+    // Pod c's layout lacks 1000: it cannot fold, and is refused per point.
+    let reply = export(
+        &s,
+        &with_bounds("c", &[2.0, 10.0, 100.0, 500.0], vec![1; 5]),
+    );
+    let partial = reply.partial_success.unwrap();
+    assert_eq!(
+        partial.rejected_data_points, 1,
+        "the histogram, not the counter"
+    );
+    assert!(partial.error_message.contains("layout_mismatch"));
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"layout_mismatch\"}"),
+        1.0
+    );
+    let text = s.scrape();
+    let bucket = |le: &str| {
+        sample_value(&text, &format!("traces_span_metrics_duration_milliseconds_bucket{{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\",le=\"{le}\"}}"))
+    };
+    // a: 1 per bucket; b folded: ≤2 gets 2, ≤10 gets 2, ≤100 gets 2, ≤1000 gets 2, +Inf 1.
+    let got = ["2", "10", "100", "1000", "+Inf"].map(bucket);
+    assert_eq!(got, [3.0, 6.0, 9.0, 12.0, 14.0].map(Some), "{text}");
     s.stop();
 }

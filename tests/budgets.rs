@@ -1,6 +1,7 @@
 //! Series budgets against the real binary: a service overflows at its configured number however
-//! many shards its series spread over, and past `limits.max_series` every new series goes to one
-//! global overflow series, however many services send.
+//! many shards its series spread over, past `limits.max_series` every new series goes to one
+//! global overflow series, however many services send, and an overflowed stream stays in
+//! overflow while it sends and gets its own series once idle for `series_ttl`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -142,4 +143,53 @@ fn new_metric_families_past_the_limit_are_refused_per_point() {
         s.internal("spanagg_points_rejected_total{reason=\"family_limit\"}"),
         2.0
     );
+}
+
+#[test]
+fn an_overflowed_stream_stays_in_overflow_until_idle_for_series_ttl_then_gets_its_series() {
+    // Two series a service: a's counter and histogram.
+    let s = Spanagg::start("shards: 1\nseries_ttl: 1s\nlimits:\n  max_series_per_service: 2\n");
+    let base = now_ns() - SECOND;
+    let step = 300_000_000;
+    let delta = |route_name: &'static str, k: u64| {
+        let start = base + k * step;
+        spanmetrics(
+            "checkout",
+            "a",
+            &[route(route_name, 1, [1, 0, 0, 0, 0], 1.0)],
+            start,
+            start + step,
+            opentelemetry_proto::tonic::metrics::v1::AggregationTemporality::Delta,
+        )
+        .encode_to_vec()
+    };
+    let b_has_its_series = |scrape: &str| scrape.contains("span_name=\"GET /b\"");
+    s.post_ok(&delta("GET /a", 0));
+    s.post_ok(&delta("GET /b", 0));
+    let (normal, overflow) = count_lines(&s.scrape());
+    assert_eq!((normal["checkout"], overflow.len()), (1, 1), "b overflows");
+    // a goes quiet and expires, freeing the budget; b keeps sending and stays in overflow.
+    for k in 1..=7 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        s.post_ok(&delta("GET /b", k));
+    }
+    let scrape = s.scrape();
+    assert!(
+        !scrape.contains("span_name=\"GET /a\""),
+        "a expired: {scrape}"
+    );
+    assert!(!b_has_its_series(&scrape), "sticky while active: {scrape}");
+    assert_eq!(count_lines(&scrape).1.len(), 1);
+    // Idle for longer than series_ttl (shards keep time in whole seconds: idle means more
+    // than one whole second, so up to three), b's stream is new again: its own series.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    s.post_ok(&delta("GET /b", 20));
+    let scrape = s.scrape();
+    assert!(b_has_its_series(&scrape), "{scrape}");
+    assert_eq!(
+        count_lines(&scrape).1.len(),
+        0,
+        "the overflow series expired"
+    );
+    s.stop();
 }

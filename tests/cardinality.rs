@@ -398,6 +398,67 @@ fn past_the_memory_limit_exports_are_refused_retryably_until_memory_is_back_unde
     assert!(s.log_text().contains("back under limits.max_memory"));
 }
 
+/// `GET /api/v1/cardinality`'s entry for the `span_name` label.
+fn span_label(s: &Spanagg) -> Value {
+    let r = get_json(s, "/api/v1/cardinality");
+    r["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["label"] == "span_name")
+        .unwrap()
+        .clone()
+}
+
+/// Rewrites span names `.../N` as words of letters: values that do not look like ids.
+fn span_names_as_words(req: &mut ExportMetricsServiceRequest, offset: usize) {
+    edit_points(req, |k, v| {
+        if k == "span.name" {
+            let n: usize = v.rsplit('/').next().unwrap().parse::<usize>().unwrap() + offset;
+            let word: String = [n / 26, n % 26]
+                .iter()
+                .map(|d| (b'a' + *d as u8) as char)
+                .collect();
+            *v = format!("job run {word}");
+        }
+    });
+}
+
+#[test]
+fn values_fed_by_a_single_pod_are_flagged_on_their_own() {
+    let s = Spanagg::start("");
+    let t0 = now_ns() - 60_000_000_000;
+    // 120 span names, words not ids, recent, each from one pod; 10 others from three pods.
+    let mut req = request(
+        &common::one_service(120, 4, false),
+        0,
+        t0,
+        t0 + 1_000_000_000,
+    );
+    span_names_as_words(&mut req, 0);
+    s.post_ok(&req.encode_to_vec());
+    for pod in 1..=3 {
+        let mut req = request(
+            &common::one_service(10, 4, false),
+            pod,
+            t0,
+            t0 + 1_000_000_000,
+        );
+        span_names_as_words(&mut req, 500);
+        s.post_ok(&req.encode_to_vec());
+    }
+    let span = span_label(&s);
+    assert_eq!(span["distinct_values"], 130);
+    assert_eq!(span["id_like_values"], 0);
+    assert_eq!(span["brief_series"], 0);
+    assert_eq!(span["single_source_series"], 120);
+    let why = span["unbounded"].as_str().expect("flagged");
+    assert!(
+        why.contains("92% of its series are fed by a single pod"),
+        "{why}"
+    );
+}
+
 #[test]
 fn values_seen_once_long_ago_are_flagged_as_unbounded() {
     let s = Spanagg::start("");
@@ -407,25 +468,10 @@ fn values_seen_once_long_ago_are_flagged_as_unbounded() {
     let shape = common::one_service(150, 4, false);
     for pod in 0..2 {
         let mut req = request(&shape, pod, t0, t0 + 1_000_000_000);
-        edit_points(&mut req, |k, v| {
-            if k == "span.name" {
-                let n: usize = v.rsplit('/').next().unwrap().parse().unwrap();
-                let word: String = [n / 26, n % 26]
-                    .iter()
-                    .map(|d| (b'a' + *d as u8) as char)
-                    .collect();
-                *v = format!("job run {word}");
-            }
-        });
+        span_names_as_words(&mut req, 0);
         s.post_ok(&req.encode_to_vec());
     }
-    let r = get_json(&s, "/api/v1/cardinality");
-    let span = r["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["label"] == "span_name")
-        .unwrap();
+    let span = span_label(&s);
     assert_eq!(span["distinct_values"], 150);
     assert_eq!(span["id_like_values"], 0);
     assert_eq!(span["single_source_series"], 0);

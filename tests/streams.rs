@@ -1,7 +1,7 @@
 //! What one stream's numbers do when its sender is unlucky, against the real binary: delayed
 //! cumulative retries and restarts with unknown starts, a stream that returns after expiring,
-//! float sums that would pass f64::MAX, and a second writer under the same identity. Every test
-//! here failed before the fix it guards.
+//! float sums that would pass f64::MAX, a second writer under the same identity, and a pod that
+//! goes away (its streams expire, the series goes on).
 
 #![allow(clippy::unwrap_used)]
 
@@ -167,4 +167,47 @@ fn a_second_writer_with_the_same_identity_is_a_conflict_not_a_retry() {
         s.internal("spanagg_points_rejected_total{reason=\"conflict\"}"),
         2.0
     );
+}
+
+#[test]
+fn a_pod_that_stops_sending_has_its_streams_expire_while_the_series_goes_on() {
+    let s = Spanagg::start("series_ttl: 1s\n");
+    let base = now_ns() - SECOND;
+    let step = 300_000_000;
+    let delta = |pod: &str, k: u64| {
+        let start = base + k * step;
+        spanmetrics(
+            "checkout",
+            pod,
+            &[route("GET /cart", 1, [1, 0, 0, 0, 0], 1.0)],
+            start,
+            start + step,
+            opentelemetry_proto::tonic::metrics::v1::AggregationTemporality::Delta,
+        )
+        .encode_to_vec()
+    };
+    s.post_ok(&delta("a", 0));
+    s.post_ok(&delta("b", 0));
+    assert_eq!(
+        s.internal("spanagg_source_streams"),
+        4.0,
+        "2 pods × 2 metrics"
+    );
+    // Pod a goes away; b keeps sending, for three TTLs.
+    for k in 1..=10 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        s.post_ok(&delta("b", k));
+    }
+    assert_eq!(
+        s.internal("spanagg_source_streams"),
+        2.0,
+        "a's streams expired"
+    );
+    assert!(s.internal("spanagg_source_streams_evicted_total") >= 2.0);
+    assert_eq!(
+        cart_calls(&s),
+        Some(12.0),
+        "the series keeps a's calls and goes on"
+    );
+    s.stop();
 }

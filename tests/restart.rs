@@ -335,15 +335,23 @@ fn checkpoint_io_errors_are_counted_and_ingestion_goes_on() {
     }
     s.post_ok(&delta(0, 1, t0));
     assert_eq!(calls(&s), 2.0 * ONE_DELTA);
+    // While they fail, no success is recorded; once the directory is back, a new checkpoint
+    // file (not one from before the failure) and a later success time.
+    let last_success = || s.internal("spanagg_checkpoint_last_success_timestamp_seconds");
+    let success_before = last_success();
     std::fs::remove_file(&dir).unwrap();
     std::fs::rename(&moved, &dir).unwrap();
+    let files_before = checkpoints(&s.dir);
     let failed_at = s.internal("spanagg_checkpoint_failures_total{reason=\"io\"}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s.internal("spanagg_checkpoint_last_success_timestamp_seconds") == 0.0 {
+    while last_success() <= success_before {
         assert!(Instant::now() < deadline, "checkpoints did not resume");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(checkpoints(&s.dir).iter().any(|f| f.ends_with(".parquet")));
+    let new_file = checkpoints(&s.dir)
+        .into_iter()
+        .any(|f| f.ends_with(".parquet") && !files_before.contains(&f));
+    assert!(new_file, "{:?}", checkpoints(&s.dir));
     assert!(failed_at >= 1.0);
 }
 

@@ -189,3 +189,22 @@ fn without_configured_bounds_the_first_layout_holds_finer_ones_fold_and_others_a
     assert_eq!(got, [3.0, 6.0, 9.0, 12.0, 14.0].map(Some), "{text}");
     s.stop();
 }
+
+#[test]
+fn a_counter_and_a_histogram_sharing_a_name_and_labels_survive_a_restart() {
+    let s = Spanagg::start("");
+    let mut req = cart_delta("a", 2, [2, 0, 0, 0, 0], 1.0, now_ns() - 10 * SECOND);
+    for m in &mut req.resource_metrics[0].scope_metrics[0].metrics {
+        m.name = "shared".into();
+        m.unit = String::new();
+    }
+    s.post_ok(&req.encode_to_vec());
+    let served = s.scrape();
+    assert!(served.contains("shared"), "{served}");
+    // Two families under one name (the scrape serves one and counts the other): the clean
+    // stop's checkpoint holds both, and the restart takes it as it is.
+    let s = Spanagg::start_in(s.stop_keep(), "");
+    assert_eq!(s.internal("spanagg_checkpoints_set_aside_total"), 0.0);
+    assert_eq!(s.scrape(), served);
+    s.stop();
+}

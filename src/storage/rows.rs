@@ -261,8 +261,8 @@ pub enum Value {
     None,
 }
 
-/// Restores one series row into `state`; returns a hash of what a scrape shows of it (family
-/// name and labels), so the caller can refuse a file holding the same series twice.
+/// Restores one series row into `state`; returns a hash of what identifies it (family kind and
+/// name, labels), so the caller can refuse a file holding the same series twice.
 pub fn restore_series_row(
     state: &mut ShardState,
     c: &Columns<'_>,
@@ -298,7 +298,10 @@ pub fn restore_series_row(
         .restore_series(key, &family, &mut labels, record, created, updated)
         .map_err(|e| row_err(i, e))?;
     // Sorted by the restore; names hold no 0xff byte (UTF-8), so the encoding is unambiguous.
+    // The kind counts: a counter and a histogram may share a name and labels (the scrape
+    // serves the first and counts the other as a family conflict).
     let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&[family.kind as u8]);
     h.update(family.name.as_bytes());
     for (k, v) in &labels {
         h.update(&[0xff]);

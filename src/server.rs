@@ -59,6 +59,8 @@ pub enum ServeError {
     Replay(std::io::Error),
     #[error("cannot start the write-ahead log: {0}")]
     Wal(std::io::Error),
+    #[error("cannot mark the restored checkpoint as used (it must not be restored twice): {0}")]
+    RestoredCheckpoint(std::io::Error),
     #[error("{what} server failed: {message}")]
     Serve { what: &'static str, message: String },
 }
@@ -274,6 +276,10 @@ pub async fn serve(
 
     let grpc_l = bind("OTLP/gRPC", config.grpc_listen).await?;
     let otlp_l = bind("OTLP/HTTP", config.otlp_http_listen).await?;
+    // Every listener is bound: from here on the restored state may serve.
+    storage
+        .consume_restored()
+        .map_err(ServeError::RestoredCheckpoint)?;
     let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
     let bound = Bound {
         grpc: local(&grpc_l, config.grpc_listen),

@@ -255,3 +255,49 @@ fn an_export_is_acknowledged_only_once_its_record_is_synced() {
     );
     s.stop();
 }
+
+#[test]
+fn without_a_wal_a_failed_start_keeps_the_clean_checkpoint_and_older_ones_never_come_back() {
+    let t = now_ns() - 60 * SECOND;
+    // Two clean stops with the WAL: two clean checkpoints, 10 and then 15.
+    let s = Spanagg::start("");
+    s.post_ok(&body("a", 10, t));
+    let s = Spanagg::start_in(s.stop_keep(), "");
+    s.post_ok(&body("a", 5, t + SECOND));
+    let dir = s.stop_keep();
+    // Switched to `durability: none`, a start that fails before serving (its gRPC port is
+    // taken) must not use up the clean checkpoint.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std::fs::write(
+        dir.join("spanagg.yaml"),
+        format!(
+            "grpc_listen: 127.0.0.1:0\notlp_http_listen: 127.0.0.1:0\nhttp_listen: \
+             127.0.0.1:0\ndata_dir: {}\ndurability: none\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_spanagg"))
+        .args(["serve", "--config"])
+        .arg(dir.join("spanagg.yaml"))
+        .args(["--grpc-listen", &taken.local_addr().unwrap().to_string()])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    drop(taken);
+    let s = Spanagg::start_in(dir, "durability: none\n");
+    assert_eq!(
+        cart_calls(&s).map(|c| c.0),
+        Some(15.0),
+        "restored after the failed start"
+    );
+    s.post_ok(&body("a", 1, t + 2 * SECOND));
+    // A crash: neither the restored checkpoint (15) nor the older clean one (10) comes back.
+    let s = Spanagg::start_in(s.kill9(), "durability: none\n");
+    assert_eq!(
+        cart_calls(&s),
+        None,
+        "an older clean checkpoint restored after a crash"
+    );
+    s.stop();
+}

@@ -222,22 +222,29 @@ pub fn set_aside(path: &Path, suffix: &str) -> io::Result<PathBuf> {
     Ok(to)
 }
 
-/// Marks a checkpoint as restored, so it is never restored again: renamed `*.restored` (the
-/// one before it, if any, removed). Without a WAL a crash after the restore must start from
-/// zero; restoring the same file again would serve counters below what was scraped since.
+/// Marks a checkpoint as restored, so that it is never restored again: renamed `*.restored`,
+/// and every older checkpoint renamed `*.stale`. Without a WAL, once a restored state has
+/// served anything, only the next clean stop's checkpoint is the truth: restoring this one (or
+/// an older one) after a crash would serve counters below what was scraped since. The previous
+/// `*.restored` file goes (a failure to remove it is only logged).
 pub fn mark_restored(path: &Path) -> io::Result<PathBuf> {
-    if let Some(dir) = path.parent() {
-        for entry in std::fs::read_dir(dir)? {
-            let old = entry?.path();
-            if old
-                .to_str()
-                .is_some_and(|p| p.ends_with(".parquet.restored"))
-            {
-                std::fs::remove_file(&old)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for entry in std::fs::read_dir(dir)? {
+        let old = entry?.path();
+        if old
+            .to_str()
+            .is_some_and(|p| p.ends_with(".parquet.restored"))
+        {
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!(path = %old.display(), error = %e, "could not remove an old restored checkpoint");
             }
         }
     }
-    set_aside(path, ".restored")
+    let to = set_aside(path, ".restored")?;
+    for (_, older) in list(dir)? {
+        set_aside(&older, ".stale")?;
+    }
+    Ok(to)
 }
 
 /// Writes `batches` as checkpoint `seq`; returns its path and size. On error nothing but the

@@ -3,8 +3,9 @@
 //!
 //! The rule that keeps restarts honest (DESIGN §4): never serve a counter lower than one already
 //! served. So a checkpoint is restored only when the WAL from its position on is still there
-//! (`durability: wal`), or when a clean shutdown wrote it, and then only once (it is renamed
-//! `*.restored`: after a later crash it would be stale). Otherwise the state starts empty, with
+//! (`durability: wal`), or when a clean shutdown wrote it, and then only once (when the
+//! restored state begins to serve it is renamed `*.restored` and older ones `*.stale`: after a
+//! later crash they would be stale). Otherwise the state starts empty, with
 //! a new start time: a reset Prometheus handles, never a stale value it would count twice.
 
 pub mod checkpoint;
@@ -103,6 +104,9 @@ pub struct Restored {
     /// When the restored checkpoint was written (0: none): replay judges no record earlier than
     /// that, the time the restored windows describe.
     pub checkpoint_ns: u64,
+    /// A clean checkpoint restored without a WAL, to be marked used before anything is served
+    /// (see `Storage::consume_restored`).
+    pub restore_once: Option<PathBuf>,
 }
 
 /// The data directory of a running spanagg.
@@ -121,6 +125,8 @@ pub struct Storage {
     metrics: StorageMetrics,
     /// One checkpoint at a time (the periodic one and the final one can meet at shutdown).
     busy: tokio::sync::Mutex<()>,
+    /// See `Restored::restore_once`.
+    restore_once: std::sync::Mutex<Option<PathBuf>>,
     _lock: File,
 }
 
@@ -187,9 +193,26 @@ impl Storage {
             wal: None,
             metrics,
             busy: tokio::sync::Mutex::new(()),
+            restore_once: std::sync::Mutex::new(restored.restore_once.clone()),
             _lock: lock,
         };
         Ok((storage, restored))
+    }
+
+    /// Called once the service is about to serve (every listener bound): a clean checkpoint
+    /// restored without a WAL is marked used (`checkpoint::mark_restored`). Not earlier: a start
+    /// that fails before serving anything may restore it again. An error must stop the start.
+    pub fn consume_restored(&self) -> io::Result<()> {
+        let path = self
+            .restore_once
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .take();
+        if let Some(path) = path {
+            let to = checkpoint::mark_restored(&path)?;
+            tracing::info!(path = %to.display(), "the restored clean-shutdown checkpoint is used: it will not be restored again");
+        }
+        Ok(())
     }
 
     pub fn wal_dir(&self) -> &Path {
@@ -353,6 +376,7 @@ fn restore(
         state_start_ns: start,
         replay_from: None,
         checkpoint_ns: 0,
+        restore_once: None,
     };
     // Newest first. With a WAL the two newest are restorable (the WAL is kept from the second
     // newest on); without one only a clean-shutdown checkpoint that is the newest file is.
@@ -382,19 +406,12 @@ fn restore(
         let mut states = make_states(meta.state_start_ns);
         match checkpoint::load(path, &mut states) {
             Ok(meta) => {
-                let replay_from = match durability {
+                let (replay_from, restore_once) = match durability {
                     // A checkpoint without a WAL position was written with `durability: none`,
                     // which removes the WAL at start: any segment now there came after it.
-                    Durability::Wal => Some(meta.wal_position.unwrap_or_default()),
-                    // A clean checkpoint may be restored once: after this start only the next
-                    // clean stop's checkpoint is the truth.
-                    Durability::None => match checkpoint::mark_restored(path) {
-                        Ok(_) => None,
-                        Err(e) => {
-                            tracing::error!(path = %path.display(), error = %e, "could not mark the clean checkpoint as restored: not restoring it (a crash would restore it again, stale)");
-                            break;
-                        }
-                    },
+                    Durability::Wal => (Some(meta.wal_position.unwrap_or_default()), None),
+                    // A clean checkpoint may be restored once (marked when serving begins).
+                    Durability::None => (None, Some(path.clone())),
                 };
                 tracing::info!(path = %path.display(), series = meta.series, streams = meta.streams, "restored checkpoint");
                 metrics.restored_series.set(meta.series as i64);
@@ -403,6 +420,7 @@ fn restore(
                     state_start_ns: meta.state_start_ns,
                     replay_from,
                     checkpoint_ns: meta.created_ns,
+                    restore_once,
                 });
             }
             Err(e) => set_aside(path, &e, metrics),

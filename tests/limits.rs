@@ -110,6 +110,36 @@ fn slow_headers_slow_bodies_and_idle_connections_are_cut_off_while_exports_go_on
     );
     assert_eq!(timeouts(&s, "http", "idle"), idle_before + 1.0);
 
+    // A head begun after a long idle still gets its whole header time...
+    let mut c = TcpStream::connect(s.http).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    for b in healthy {
+        c.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut reply = [0u8; 12];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        &reply, b"HTTP/1.1 200",
+        "a head sent within its time after an idle wait"
+    );
+    // ...and a request followed by a stray CRLF (RFC 9112 §2.2) keeps its connection for the
+    // idle limit, not the header limit.
+    let mut c = TcpStream::connect(s.http).unwrap();
+    c.write_all(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n\r\n")
+        .unwrap();
+    c.read_exact(&mut reply).unwrap();
+    assert!(!closed_within(&mut c, Duration::from_millis(1500)));
+    c.write_all(healthy).unwrap();
+    let mut rest = Vec::new();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&rest).contains("HTTP/1.1 200") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the second request");
+        rest.extend_from_slice(&buf[..n]);
+    }
+
     // Idle time does not lend a slow head more time: its clock starts at its first byte.
     let mut c = TcpStream::connect(s.otlp_http).unwrap();
     std::thread::sleep(Duration::from_millis(1500));

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,24 +43,28 @@ pub enum Reads {
     Http { idle: Duration, header: Duration },
 }
 
-/// Whether the connection's HTTP/1.1 request is with its handler, as the server tells it: the
-/// connection cannot see where a request's head ends.
+/// Whether the connection's HTTP/1.1 request is with its handler, and how many have begun, as
+/// the server tells it: the connection cannot see where a request's head ends.
 #[derive(Debug, Default)]
-pub struct InFlight(AtomicBool);
+pub struct InFlight {
+    busy: AtomicBool,
+    begun: AtomicU64,
+}
 
 /// Marks a request in flight until dropped (its handler finished or was abandoned).
 pub struct Handling(Arc<InFlight>);
 
 impl InFlight {
     pub fn begin(self: &Arc<Self>) -> Handling {
-        self.0.store(true, Ordering::Relaxed);
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        self.busy.store(true, Ordering::Relaxed);
         Handling(self.clone())
     }
 }
 
 impl Drop for Handling {
     fn drop(&mut self) {
-        self.0 .0.store(false, Ordering::Relaxed);
+        self.0.busy.store(false, Ordering::Relaxed);
     }
 }
 
@@ -98,6 +102,9 @@ pub struct Guarded {
     reads: Reads,
     frames: Option<FrameWatch>,
     in_flight: Arc<InFlight>,
+    /// Requests begun when the phase was last followed: a change means one came and went
+    /// between two looks (hyper need not read while it handles one).
+    seen: u64,
     phase: Phase,
     /// The write-stall timer, and whether it runs for the current wait.
     write_stall: Option<Pin<Box<Sleep>>>,
@@ -124,6 +131,7 @@ impl Guarded {
             reads: deadlines.reads,
             frames: deadlines.http2.then(FrameWatch::default),
             in_flight: Arc::default(),
+            seen: 0,
             phase: Phase::Idle(Instant::now()),
             write_stall: None,
             write_armed: false,
@@ -206,17 +214,33 @@ impl Guarded {
         timer.as_mut().poll(cx).is_ready()
     }
 
-    /// Follows an HTTP/1.1 connection's phase: the handler's flag, and bytes read outside it.
-    fn advance(&mut self, read_bytes: bool) {
-        let busy = self.in_flight.0.load(Ordering::Relaxed);
+    /// Follows an HTTP/1.1 connection's phase: the handler's flag and count, bytes read
+    /// outside a request (`read_bytes`), bytes written (`wrote`: the response to the last one).
+    fn advance(&mut self, read_bytes: bool, wrote: bool) {
+        let busy = self.in_flight.busy.load(Ordering::Relaxed);
+        let begun = self.in_flight.begun.load(Ordering::Relaxed);
+        let new_request = std::mem::replace(&mut self.seen, begun) != begun;
+        let now = Instant::now;
         self.phase = match (self.phase, busy, read_bytes) {
             (_, true, _) => Phase::Busy,
             // Bytes outside a request begin one (or are the rest of a body nobody read, which
             // the header limit bounds as well).
-            (Phase::Busy | Phase::Idle(_), false, true) => Phase::Head(Instant::now()),
-            (Phase::Busy, false, false) => Phase::Idle(Instant::now()),
+            (Phase::Busy | Phase::Idle(_), false, true) => Phase::Head(now()),
+            (Phase::Head(_), false, true) if new_request => Phase::Head(now()),
+            // A request ended (seen, or come and gone unseen), or a response is still being
+            // written after it: idle from now.
+            (Phase::Busy, false, false) => Phase::Idle(now()),
+            (_, false, false) if new_request => Phase::Idle(now()),
+            (Phase::Idle(_), false, false) if wrote => Phase::Idle(now()),
             (p, false, _) => p,
         };
+    }
+
+    /// After `n` bytes of a response were written.
+    fn wrote(&mut self, n: usize) {
+        if n > 0 && matches!(self.reads, Reads::Http { .. }) {
+            self.advance(false, true);
+        }
     }
 
     /// Why a read pending now should fail, if it should: what it is counted as and says.
@@ -227,7 +251,7 @@ impl Guarded {
                     .then_some(("idle", "nothing arrived for the idle timeout"))
             }
             Reads::Http { idle, header } => {
-                self.advance(false);
+                self.advance(false, false);
                 let (deadline, why) = match self.phase {
                     Phase::Busy => return None,
                     Phase::Idle(since) => {
@@ -260,12 +284,6 @@ impl Guarded {
         match op(self.io(), cx) {
             Poll::Ready(r) => {
                 self.write_armed = false;
-                // A response still being written after its handler ended is not idleness.
-                if let Phase::Idle(_) = self.phase {
-                    if matches!(self.reads, Reads::Http { .. }) {
-                        self.phase = Phase::Idle(Instant::now());
-                    }
-                }
                 Poll::Ready(r)
             }
             Poll::Pending => {
@@ -302,7 +320,7 @@ impl AsyncRead for Guarded {
             Poll::Ready(r) => {
                 this.read_armed = false;
                 if matches!(this.reads, Reads::Http { .. }) {
-                    this.advance(buf.filled().len() > before);
+                    this.advance(buf.filled().len() > before, false);
                 }
                 Poll::Ready(r)
             }
@@ -327,6 +345,7 @@ impl AsyncWrite for Guarded {
         let r = this.write_with(cx, |io, cx| io.poll_write(cx, buf));
         if let Poll::Ready(Ok(n)) = r {
             this.watch(&[io::IoSlice::new(buf)], n);
+            this.wrote(n);
         }
         r
     }
@@ -339,6 +358,7 @@ impl AsyncWrite for Guarded {
         let r = this.write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs));
         if let Poll::Ready(Ok(n)) = r {
             this.watch(bufs, n);
+            this.wrote(n);
         }
         r
     }

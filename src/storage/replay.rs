@@ -10,6 +10,9 @@ use crate::ingest::body::{decode, Encoding};
 use crate::ingest::{IngestError, Ingestor};
 use crate::telemetry::Protocol;
 
+/// Records inflate to at least this much on replay, whatever `max_request_bytes` is now.
+const REPLAY_MIN_LIMIT: usize = 1 << 30;
+
 /// The request body a record holds, inflated as it was logged, or `None` if it does not
 /// inflate within `limit` bytes. The CRC vouches only for what was written: a snappy length
 /// field is checked before anything is allocated for it, as a gzip body is inflated in steps.
@@ -52,7 +55,9 @@ pub async fn replay(
         })
     });
     let mut undecodable = 0u64;
-    let limit = ingestor.max_request_bytes;
+    // A record logged under a larger `max_request_bytes` must still replay after the limit
+    // was lowered: acknowledged data is never dropped for a setting.
+    let limit = ingestor.max_request_bytes.max(REPLAY_MIN_LIMIT);
     while let Some((kind, accepted, record)) = rx.recv().await {
         metrics.wal_replayed.inc();
         let Some(payload) = record_body(kind, record, limit) else {

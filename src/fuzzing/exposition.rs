@@ -1,11 +1,13 @@
 //! A strict reader of what `/metrics` serves, for the fuzz targets and the tests: it accepts
 //! only expositions that Prometheus 0.0.4 text and OpenMetrics 1.0 parsers accept *and* that
 //! make sense as span metrics. It is stricter than the parsers where a looser exposition would
-//! still be wrong for a user: every sample belongs to the family whose `# TYPE` came last, no
-//! series appears twice, no label name is reserved or repeated, counters are not negative,
-//! every histogram's buckets rise to a `+Inf` bucket equal to its `_count`.
+//! still be wrong for a user: every sample belongs to the family whose `# TYPE` came last (and
+//! a `# HELP` to the `# TYPE` after it), no sample name is served by two families, no series
+//! appears twice (a label with an empty value counts as absent, as Prometheus reads it), no
+//! label name is reserved or repeated, counts and sums are neither negative nor NaN, every
+//! histogram has a `_sum` and buckets rising to a `+Inf` bucket equal to its `_count`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::export::prometheus::Format;
 
@@ -33,6 +35,9 @@ struct Family {
 pub fn check(text: &str, format: Format) -> Result<Exposed, String> {
     let mut out = Exposed::default();
     let mut names: HashSet<String> = HashSet::new();
+    // Which family serves each sample name, and the `# HELP` waiting for its `# TYPE`.
+    let mut owners: HashMap<String, String> = HashMap::new();
+    let mut help_for: Option<String> = None;
     let mut family: Option<Family> = None;
     let mut eof = false;
     if text.is_empty() && format == Format::Text {
@@ -67,6 +72,12 @@ pub fn check(text: &str, format: Format) -> Result<Exposed, String> {
                     if !names.insert(name.to_owned()) {
                         return Err(fail("a second `# TYPE` for one family"));
                     }
+                    if owners.get(name).is_some_and(|owner| owner != name) {
+                        return Err(fail("a family named like another family's sample"));
+                    }
+                    if help_for.take().is_some_and(|h| h != name) {
+                        return Err(fail("a `# HELP` for another family before it"));
+                    }
                     out.families += 1;
                     family = Some(Family {
                         name: name.to_owned(),
@@ -76,7 +87,12 @@ pub fn check(text: &str, format: Format) -> Result<Exposed, String> {
                         inf: Vec::new(),
                     });
                 }
-                "HELP" => help(value, format).map_err(|e| fail(&e))?,
+                "HELP" => {
+                    help(value, format).map_err(|e| fail(&e))?;
+                    if help_for.replace(name.to_owned()).is_some() {
+                        return Err(fail("two `# HELP` lines without a `# TYPE`"));
+                    }
+                }
                 "UNIT" if format == Format::OpenMetrics => {
                     let f = family
                         .as_ref()
@@ -92,10 +108,21 @@ pub fn check(text: &str, format: Format) -> Result<Exposed, String> {
         let f = family
             .as_mut()
             .ok_or_else(|| fail("a sample before any `# TYPE`"))?;
-        out.series += sample(f, line, format).map_err(|e| fail(&e))?;
+        let (served, begins) = sample(f, line, format).map_err(|e| fail(&e))?;
+        if served != f.name && names.contains(&served) {
+            return Err(fail("a sample named like another family"));
+        }
+        let owner = owners.entry(served).or_insert_with(|| f.name.clone());
+        if *owner != f.name {
+            return Err(fail(&format!("a sample name family {owner} serves too")));
+        }
+        out.series += begins;
     }
     if format == Format::OpenMetrics && !eof {
         return Err("no `# EOF`".into());
+    }
+    if help_for.is_some() {
+        return Err("a `# HELP` without its `# TYPE`".into());
     }
     if let Some(f) = family {
         close(f)?;
@@ -198,7 +225,7 @@ fn labels(text: &str, histogram: bool) -> Result<(String, Option<String>), Strin
         };
         if name == "le" && histogram {
             le = Some(value);
-        } else {
+        } else if !value.is_empty() {
             kept.push_str(name);
             kept.push('=');
             kept.push_str(&format!("{value:?},"));
@@ -207,8 +234,8 @@ fn labels(text: &str, histogram: bool) -> Result<(String, Option<String>), Strin
     Ok((kept, le))
 }
 
-/// One sample line of family `f`; says how many series it begins (0 or 1).
-fn sample(f: &mut Family, line: &str, format: Format) -> Result<usize, String> {
+/// One sample line of family `f`; returns its sample name and how many series it begins.
+fn sample(f: &mut Family, line: &str, format: Format) -> Result<(String, usize), String> {
     let (head, value) = line.rsplit_once(' ').ok_or("a sample without a value")?;
     let value = float(value)?;
     let (name, labels_text) = match head.split_once('{') {
@@ -237,9 +264,9 @@ fn sample(f: &mut Family, line: &str, format: Format) -> Result<usize, String> {
     if le.is_some() != (suffix == "_bucket") {
         return Err("`le` on a sample that is not a bucket, or a bucket without it".into());
     }
-    let counter_value = (!f.histogram && suffix != "_created") || suffix == "_count";
-    if counter_value && (value < 0.0 || (om && value.is_nan())) {
-        return Err("a negative or NaN count".into());
+    // Counts, sums and created times: spanagg refuses negative and NaN input for all of them.
+    if value < 0.0 || value.is_nan() {
+        return Err("a negative or NaN count, sum or created time".into());
     }
     if let Some(le) = le {
         let bound = float(&le).map_err(|e| format!("`le`: {e}"))?;
@@ -265,12 +292,15 @@ fn sample(f: &mut Family, line: &str, format: Format) -> Result<usize, String> {
             f.buckets = Some((kept, bound, value));
         }
         // The series is counted at its `_count`.
-        return Ok(0);
+        return Ok((name.to_owned(), 0));
     }
     if f.buckets.is_some() {
         return Err("a histogram's buckets end without `+Inf`".into());
     }
     if suffix == "_count" {
+        if !f.seen.contains(&("_sum".to_owned(), kept.clone())) {
+            return Err("a histogram without its `_sum`".into());
+        }
         let at = f.inf.iter().position(|(l, _)| *l == kept);
         let (_, inf) = f
             .inf
@@ -282,9 +312,8 @@ fn sample(f: &mut Family, line: &str, format: Format) -> Result<usize, String> {
     if !f.seen.insert((suffix.to_owned(), kept)) {
         return Err("a series served twice".into());
     }
-    Ok(usize::from(
-        suffix == "_count" || (!f.histogram && suffix != "_created"),
-    ))
+    let begins = suffix == "_count" || (!f.histogram && suffix != "_created");
+    Ok((name.to_owned(), usize::from(begins)))
 }
 
 fn close(f: Family) -> Result<(), String> {
@@ -339,6 +368,11 @@ mod tests {
             "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 2\n# EOF\n",
             "# TYPE h histogram\nh_bucket{le=\"+Inf\",le=\"1\"} 1\nh_sum 1\nh_count 1\n# EOF\n",
             "# TYPE h histogram\nh_sum{le=\"1\"} 1\n# EOF\n",
+            "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n# EOF\n",
+            "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum NaN\nh_count 1\n# EOF\n",
+            "# TYPE c counter\nc_total{a=\"1\"} 1\nc_total{a=\"1\",b=\"\"} 1\n# EOF\n",
+            "# HELP d x\n# TYPE c counter\nc_total 1\n# EOF\n",
+            "# TYPE c counter\nc_total 1\n# TYPE c_total counter\nc_total_total 1\n# EOF\n",
         ] {
             assert!(check(bad, OM).is_err(), "accepted {bad:?}");
         }

@@ -15,7 +15,8 @@ use flate2::write::GzEncoder;
 
 use super::arrow::{ipc_stream, shard_batch, Filter};
 use super::gather;
-use super::prometheus::{encode_shard, stitch, Format};
+use super::prometheus::{encode_shard, stitch_pieces, Format};
+use super::scrape_body::ScrapeBody;
 use crate::aggregate::table::Table;
 use crate::auth::Guard;
 use crate::telemetry::Telemetry;
@@ -176,16 +177,30 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         )
             .into_response();
     };
-    let (text, conflicts) = stitch(parts, format);
+    let (pieces, conflicts) = stitch_pieces(parts, format);
     if conflicts > 0 {
         state.telemetry.family_conflicts.inc_by(conflicts as u64);
     }
-    state.telemetry.scrape_bytes.observe(text.len() as f64);
-    let res = body_response(&headers, format.content_type(), text);
-    state
-        .telemetry
-        .scrape_duration
-        .observe(started.elapsed().as_secs_f64());
+    let size: usize = pieces.iter().map(String::len).sum();
+    state.telemetry.scrape_bytes.observe(size as f64);
+    // Streamed: the pieces are written (and freed) one by one, never joined into one string.
+    let duration = state.telemetry.scrape_duration.clone();
+    let done = Box::new(move || duration.observe(started.elapsed().as_secs_f64()));
+    let gzip = wants_gzip(&headers);
+    let body = ScrapeBody::new(pieces, gzip, done);
+    let mut res = axum::body::Body::from_stream(futures_util::stream::iter(body)).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     res
 }
 

@@ -6,6 +6,7 @@ pub mod flight;
 pub mod http;
 pub mod prometheus;
 pub mod report;
+pub mod scrape_body;
 
 use crate::aggregate::shard::ShardState;
 use crate::aggregate::table::Table;

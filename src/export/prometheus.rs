@@ -236,6 +236,14 @@ fn escape_help(out: &mut String, help: &str, format: Format) {
 /// a name but not a kind, the first kind wins and the others are left out (and counted in the
 /// returned number) so the output stays valid.
 pub fn stitch(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (String, usize) {
+    let (pieces, conflicts) = stitch_pieces(shard_parts, format);
+    (pieces.concat(), conflicts)
+}
+
+/// [`stitch`] as the pieces of the exposition in order (each family's header, then the shards'
+/// bodies for it, moved, not copied): a scrape streams them, so the exposition is never held
+/// twice.
+pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<String>, usize) {
     let mut by_name: BTreeMap<String, Vec<FamilyPart>> = BTreeMap::new();
     for part in shard_parts.into_iter().flatten() {
         by_name
@@ -243,14 +251,7 @@ pub fn stitch(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (String, usi
             .or_default()
             .push(part);
     }
-    let mut out = String::with_capacity(
-        by_name
-            .values()
-            .flatten()
-            .map(|p| p.body.len())
-            .sum::<usize>()
-            + 4096,
-    );
+    let mut pieces = Vec::with_capacity(by_name.values().map(|p| p.len() + 1).sum::<usize>() + 1);
     let mut conflicts = 0;
     // Sample names served so far: a family whose samples would reuse one (a counter `x_count`
     // beside a histogram `x`) is left out, or parsers refuse the whole exposition.
@@ -274,6 +275,7 @@ pub fn stitch(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (String, usi
             (Kind::Histogram, _) => (name.clone(), "histogram"),
         };
         let help = parts.iter().map(|p| &*p.desc.help).find(|h| !h.is_empty());
+        let mut out = String::new();
         if let Some(help) = help {
             let _ = write!(out, "# HELP {type_name} ");
             escape_help(&mut out, help, format);
@@ -285,18 +287,19 @@ pub fn stitch(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (String, usi
                 let _ = writeln!(out, "# UNIT {type_name} {unit}");
             }
         }
-        for p in &parts {
+        pieces.push(out);
+        for p in parts {
             if p.desc.kind != kind {
                 conflicts += 1;
                 continue;
             }
-            out.push_str(&p.body);
+            pieces.push(p.body);
         }
     }
     if format == Format::OpenMetrics {
-        out.push_str("# EOF\n");
+        pieces.push("# EOF\n".to_owned());
     }
-    (out, conflicts)
+    (pieces, conflicts)
 }
 
 #[cfg(test)]

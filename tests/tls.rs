@@ -89,19 +89,33 @@ fn get(
     let mut reader = BufReader::new(conn);
     let mut status = String::new();
     reader.read_line(&mut status)?;
-    let mut length = 0usize;
+    let (mut length, mut chunked) = (0usize, false);
     loop {
         let mut line = String::new();
         reader.read_line(&mut line)?;
         if line == "\r\n" || line.is_empty() {
             break;
         }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+        let line = line.to_ascii_lowercase();
+        if let Some(v) = line.strip_prefix("content-length:") {
             length = v.trim().parse().unwrap_or(0);
         }
+        chunked |= line.starts_with("transfer-encoding:") && line.contains("chunked");
     }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
+    // The whole body, so the next request on this connection starts at its own status line
+    // (`/metrics` is streamed: chunked, no length).
+    loop {
+        if chunked {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            length = usize::from_str_radix(size.trim(), 16).map_err(std::io::Error::other)?;
+        }
+        let mut body = vec![0; length + if chunked { 2 } else { 0 }];
+        reader.read_exact(&mut body)?;
+        if !chunked || length == 0 {
+            break;
+        }
+    }
     status
         .split_whitespace()
         .nth(1)

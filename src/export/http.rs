@@ -16,7 +16,7 @@ use flate2::write::GzEncoder;
 use super::arrow::{ipc_stream, shard_batch, Filter};
 use super::gather;
 use super::prometheus::{encode_shard, stitch_pieces, Format};
-use super::scrape_body::ScrapeBody;
+use super::scrape_body;
 use crate::aggregate::table::Table;
 use crate::auth::Guard;
 use crate::telemetry::Telemetry;
@@ -184,11 +184,19 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
     let size: usize = pieces.iter().map(String::len).sum();
     state.telemetry.scrape_bytes.observe(size as f64);
     // Streamed: the pieces are written (and freed) one by one, never joined into one string.
-    let duration = state.telemetry.scrape_duration.clone();
-    let done = Box::new(move || duration.observe(started.elapsed().as_secs_f64()));
+    // Gzip is done here, ahead of the socket, so a slow reader holds only compressed bytes.
     let gzip = wants_gzip(&headers);
-    let body = ScrapeBody::new(pieces, gzip, done);
-    let mut res = axum::body::Body::from_stream(futures_util::stream::iter(body)).into_response();
+    let body = if gzip {
+        match scrape_body::gzip(pieces) {
+            Ok(gz) => axum::body::Body::from(gz),
+            Err(_) => {
+                return (StatusCode::INTERNAL_SERVER_ERROR, "compression failed\n").into_response()
+            }
+        }
+    } else {
+        axum::body::Body::from_stream(futures_util::stream::iter(scrape_body::plain(pieces)))
+    };
+    let mut res = body.into_response();
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -201,6 +209,11 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
     if gzip {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
+    // The time to build the response (and gzip it), not the scraper's time to read it.
+    state
+        .telemetry
+        .scrape_duration
+        .observe(started.elapsed().as_secs_f64());
     res
 }
 

@@ -240,11 +240,14 @@ pub fn mark_restored(path: &Path) -> io::Result<PathBuf> {
             }
         }
     }
-    let to = set_aside(path, ".restored")?;
+    // The older ones first: cut short half way, this one is still the newest (and, as nothing
+    // was served yet, restorable); never an older one.
     for (_, older) in list(dir)? {
-        set_aside(&older, ".stale")?;
+        if older != path {
+            set_aside(&older, ".stale")?;
+        }
     }
-    Ok(to)
+    set_aside(path, ".restored")
 }
 
 /// Writes `batches` as checkpoint `seq`; returns its path and size. On error nothing but the

@@ -10,17 +10,27 @@ use crate::ingest::body::{decode, Encoding};
 use crate::ingest::{IngestError, Ingestor};
 use crate::telemetry::Protocol;
 
-/// Records inflate to at least this much on replay, whatever `max_request_bytes` is now.
+/// Gzip records inflate to at least this much on replay, whatever `max_request_bytes` is now.
 const REPLAY_MIN_LIMIT: usize = 1 << 30;
 
-/// The request body a record holds, inflated as it was logged, or `None` if it does not
-/// inflate within `limit` bytes. The CRC vouches only for what was written: a snappy length
-/// field is checked before anything is allocated for it, as a gzip body is inflated in steps.
+/// Snappy writes at most 64 bytes per 3-byte copy element: no valid record inflates past this
+/// many times its size (plus its header).
+const SNAPPY_MAX_RATIO: usize = 22;
+
+/// The request body a record holds, inflated as it was logged, or `None` if it cannot be. The
+/// CRC vouches only for what was written: a snappy length field is checked against what the
+/// record could hold before anything is allocated for it (not against a setting, which may
+/// have been lowered since); a gzip body is inflated in steps, up to `limit`.
 pub fn record_body(kind: u8, record: Vec<u8>, limit: usize) -> Option<Vec<u8>> {
     match kind {
         wal::KIND_METRICS_SNAPPY => {
             let len = snap::raw::decompress_len(&record).ok()?;
-            if len > limit {
+            if len
+                > record
+                    .len()
+                    .saturating_mul(SNAPPY_MAX_RATIO)
+                    .saturating_add(16)
+            {
                 return None;
             }
             snap::raw::Decoder::new().decompress_vec(&record).ok()
@@ -55,8 +65,8 @@ pub async fn replay(
         })
     });
     let mut undecodable = 0u64;
-    // A record logged under a larger `max_request_bytes` must still replay after the limit
-    // was lowered: acknowledged data is never dropped for a setting.
+    // A gzip record logged under a larger `max_request_bytes` must still inflate after the
+    // limit was lowered.
     let limit = ingestor.max_request_bytes.max(REPLAY_MIN_LIMIT);
     while let Some((kind, accepted, record)) = rx.recv().await {
         metrics.wal_replayed.inc();
@@ -96,4 +106,40 @@ pub async fn replay(
     metrics.wal_truncated.inc_by(stats.truncated);
     metrics.wal_corrupt.inc_by(stats.corrupt);
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snappy_records_inflate_by_what_they_hold_not_by_a_setting() {
+        // Zeros compress as far as snappy goes: still under the ratio.
+        let body = vec![0u8; 4 << 20];
+        let record = snap::raw::Encoder::new().compress_vec(&body).unwrap();
+        assert!(
+            body.len() <= record.len() * SNAPPY_MAX_RATIO,
+            "{}",
+            record.len()
+        );
+        let got = record_body(wal::KIND_METRICS_SNAPPY, record, 1024);
+        assert_eq!(
+            got.map(|b| b.len()),
+            Some(body.len()),
+            "whatever the limit now"
+        );
+        // A header claiming a gibibyte from a few bytes is refused before allocating.
+        let mut lying = Vec::new();
+        let mut n = 1u64 << 30;
+        while n >= 0x80 {
+            lying.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        lying.push(n as u8);
+        lying.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            record_body(wal::KIND_METRICS_SNAPPY, lying, usize::MAX),
+            None
+        );
+    }
 }

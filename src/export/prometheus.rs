@@ -147,6 +147,14 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
             body: String::new(),
         })
         .collect();
+    // Series per family, so each body can be sized once its first series is rendered (then set
+    // to 0): grown by doubling, a body holds up to twice its length while the scrape is written.
+    let mut left = vec![0usize; parts.len()];
+    for s in state.series() {
+        if let Some(n) = left.get_mut(s.family as usize) {
+            *n += 1;
+        }
+    }
     // `le` label texts per layout, rendered once per scrape: `le="0.5"` with the comma before.
     let mut le_cache: HashMap<u32, Vec<String>> = HashMap::new();
     let mut labels = String::new();
@@ -215,6 +223,12 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
         }
         if format == Format::OpenMetrics {
             line(out, name, "_created", &labels, |o| write_float(o, created));
+        }
+        // After the family's first series: room for the rest at its size, plus an eighth.
+        if let Some(n) = left.get_mut(s.family as usize).filter(|n| **n > 0) {
+            let rest = (*n - 1).saturating_mul(out.len()).saturating_mul(9) / 8;
+            out.reserve_exact(rest);
+            *n = 0;
         }
     }
     parts.retain(|p| !p.body.is_empty());

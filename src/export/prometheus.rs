@@ -137,6 +137,9 @@ fn push_u64(out: &mut String, v: u64) {
     out.push_str(itoa::Buffer::new().format(v));
 }
 
+/// The most bytes one series is assumed to take when a family's body is sized.
+const MAX_SERIES_ESTIMATE: usize = 16 << 10;
+
 /// Encodes every series of one shard, grouped by family.
 pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
     let mut parts: Vec<FamilyPart> = state
@@ -224,9 +227,12 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
         if format == Format::OpenMetrics {
             line(out, name, "_created", &labels, |o| write_float(o, created));
         }
-        // After the family's first series: room for the rest at its size, plus an eighth.
+        // After the family's first series: room for the rest at its size, plus an eighth. The
+        // size is capped (a 50-bucket series with long labels is ~10 KiB): one series with
+        // 4 KiB label values must not make a reservation for all the others at its size.
         if let Some(n) = left.get_mut(s.family as usize).filter(|n| **n > 0) {
-            let rest = (*n - 1).saturating_mul(out.len()).saturating_mul(9) / 8;
+            let per = out.len().min(MAX_SERIES_ESTIMATE);
+            let rest = (*n - 1).saturating_mul(per).saturating_mul(9) / 8;
             out.reserve_exact(rest);
             *n = 0;
         }

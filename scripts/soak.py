@@ -1,6 +1,8 @@
 """An hour (or --duration) of pod churn against one spanagg on loopback, scraped every 15 s.
 
-Pods come and go, each pod's routes drift (old ones expire by `series_ttl`, new ones appear),
+Pods come and go (new identities, new source streams), each service's routes drift a route a
+minute (old ones expire by `series_ttl`, new ones appear; every pod of a service serves the same
+ones, as replicas do, so the number of live series is the same from minute to minute),
 a share of exports is sent twice at once and a share again one interval later (retries after
 a lost reply). Every scrape is read as OpenMetrics; the run fails if
 
@@ -159,7 +161,7 @@ class Run:
                     pods[i] = Pod(a.services, now, step)
                     self.stats["pods_started"] += 1
             for pod in pods:
-                drift = (minute + pod.id) % a.route_pool
+                drift = (minute + 97 * (pod.id % a.services)) % a.route_pool
                 routes = list(range(SENTINELS)) + [
                     SENTINELS + (drift + r) % a.route_pool for r in range(a.routes)
                 ]
@@ -289,8 +291,8 @@ def main():
     p.add_argument("--warmup", type=float, default=600)
     p.add_argument("--pods", type=int, default=50)
     p.add_argument("--services", type=int, default=10)
-    p.add_argument("--routes", type=int, default=40, help="drifting routes per pod and export")
-    p.add_argument("--route-pool", type=int, default=400)
+    p.add_argument("--routes", type=int, default=200, help="drifting routes per pod and export")
+    p.add_argument("--route-pool", type=int, default=2000)
     p.add_argument("--interval", type=float, default=5.0, help="seconds between a pod's exports")
     p.add_argument("--scrape-interval", type=float, default=15.0)
     p.add_argument("--churn", type=float, default=0.01, help="chance a pod is replaced per export")

@@ -146,14 +146,17 @@ pub fn make_cumulative(req: &mut ExportMetricsServiceRequest) {
 /// The whole request as one shard's batch, for driving a `ShardState` directly (benchmarks and
 /// the memory example); nobody waits for its result.
 pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Projection>) -> Batch {
-    let p = prepare(
-        &req,
-        projection,
-        &InputLimits::default(),
-        crate::unix_ns(),
-        1,
-        |_| 0,
-    );
+    single_shard_batch_at(&Arc::new(req), projection, crate::unix_ns(), None)
+}
+
+/// [`single_shard_batch`] judged at `now_ns`; `at` is the batch's own clock (a replay's), if any.
+pub fn single_shard_batch_at(
+    req: &Arc<ExportMetricsServiceRequest>,
+    projection: &Arc<Projection>,
+    now_ns: u64,
+    at: Option<u64>,
+) -> Batch {
+    let p = prepare(req, projection, &InputLimits::default(), now_ns, 1, |_| 0);
     let part = p.per_shard.into_iter().next().unwrap_or_default();
     Batch {
         families: p.families,
@@ -161,11 +164,11 @@ pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Pro
         counts: part.counts,
         points: part.points,
         labels: Arc::new(RequestLabels {
-            req: Arc::new(req),
+            req: req.clone(),
             projection: projection.clone(),
         }),
         overflow: false,
-        now_ns: None,
+        now_ns: at,
         done: Box::new(|_| {}),
     }
 }

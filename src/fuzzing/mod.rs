@@ -26,13 +26,13 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
-use crate::aggregate::shard::{Batch, ShardConfig, ShardState};
+use crate::aggregate::shard::{ShardConfig, ShardState};
 use crate::config::{DEFAULT_BY, DEFAULT_WITHOUT};
 use crate::export::prometheus::{encode_shard, stitch, Format};
-use crate::ingest::otlp::{count_points, prepare, InputLimits, Projection, RequestLabels};
+use crate::ingest::otlp::{count_points, InputLimits, Projection};
 use crate::ingest::{json, wire};
 use crate::storage::{checkpoint, replay, wal};
-use crate::workload::kv;
+use crate::workload::{kv, single_shard_batch_at};
 
 /// The server clock the targets judge points by: 2026-01-01T00:00:00Z.
 pub const NOW_NS: u64 = 1_767_225_600_000_000_000;
@@ -215,24 +215,6 @@ fn new_state() -> ShardState {
     s
 }
 
-fn batch(req: &Arc<ExportMetricsServiceRequest>, projection: &Arc<Projection>) -> Batch {
-    let p = prepare(req, projection, &InputLimits::default(), NOW_NS, 1, |_| 0);
-    let part = p.per_shard.into_iter().next().unwrap_or_default();
-    Batch {
-        families: p.families,
-        layouts: p.layouts,
-        counts: part.counts,
-        points: part.points,
-        labels: Arc::new(RequestLabels {
-            req: req.clone(),
-            projection: projection.clone(),
-        }),
-        overflow: false,
-        now_ns: Some(NOW_NS),
-        done: Box::new(|_| {}),
-    }
-}
-
 /// Validates, keys and applies `req` to a fresh shard, then again as a retry would. Says
 /// whether any series came of it.
 fn apply_and_check(req: ExportMetricsServiceRequest) -> bool {
@@ -240,9 +222,19 @@ fn apply_and_check(req: ExportMetricsServiceRequest) -> bool {
     let projection = Arc::new(Projection::new(&owned(DEFAULT_BY), &owned(DEFAULT_WITHOUT)));
     let req = Arc::new(req);
     let mut state = [new_state()];
-    state[0].apply(&batch(&req, &projection));
+    state[0].apply(&single_shard_batch_at(
+        &req,
+        &projection,
+        NOW_NS,
+        Some(NOW_NS),
+    ));
     let first = expose(&state);
-    state[0].apply(&batch(&req, &projection));
+    state[0].apply(&single_shard_batch_at(
+        &req,
+        &projection,
+        NOW_NS,
+        Some(NOW_NS),
+    ));
     let again = expose(&state);
     assert!(
         first == again,

@@ -267,7 +267,7 @@ async fn undecodable_bodies_are_refused_counted_and_harmless() {
     assert_eq!(status, 400);
 
     // gRPC with a body that is not an ExportMetricsServiceRequest.
-    let (status, headers, _) = raw_grpc(&s, false, b"\xff\xff\xff\xff".to_vec()).await;
+    let (status, headers, _) = raw_grpc(&s, None, b"\xff\xff\xff\xff".to_vec()).await;
     assert_eq!(status, 200);
     assert_eq!(
         grpc_status(&headers),
@@ -279,7 +279,7 @@ async fn undecodable_bodies_are_refused_counted_and_harmless() {
         b"\x1f\x8bnot gzip".to_vec(),
         gzip(b"0123456789")[..12].to_vec(),
     ] {
-        let (_, headers, _) = raw_grpc(&s, true, bad).await;
+        let (_, headers, _) = raw_grpc(&s, Some("gzip"), bad).await;
         assert_eq!(
             grpc_status(&headers),
             Some(3),
@@ -304,58 +304,6 @@ async fn undecodable_bodies_are_refused_counted_and_harmless() {
     );
 }
 
-/// Sends one raw gRPC frame over HTTP/2 and returns (HTTP status, headers + trailers).
-async fn raw_grpc(
-    s: &Spanagg,
-    compressed: bool,
-    payload: Vec<u8>,
-) -> (u16, Vec<(String, String)>, ()) {
-    use http_body_util::BodyExt;
-    let mut frame = vec![u8::from(compressed)];
-    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&payload);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let mut req = http::Request::post(format!(
-        "http://{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
-        s.grpc
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers");
-    if compressed {
-        req = req.header("grpc-encoding", "gzip");
-    }
-    let res = client
-        .request(
-            req.body(http_body_util::Full::new(bytes::Bytes::from(frame)))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    let mut headers: Vec<(String, String)> = res
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-        .collect();
-    let collected = res.into_body().collect().await.unwrap();
-    if let Some(t) = collected.trailers() {
-        headers.extend(
-            t.iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())),
-        );
-    }
-    (status, headers, ())
-}
-
-fn grpc_status(headers: &[(String, String)]) -> Option<i32> {
-    headers
-        .iter()
-        .find(|(k, _)| k == "grpc-status")
-        .and_then(|(_, v)| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_bombs_are_refused_on_both_protocols_without_expanding() {
     let s = Spanagg::start("max_request_bytes: 4MiB\n");
@@ -370,7 +318,7 @@ async fn gzip_bombs_are_refused_on_both_protocols_without_expanding() {
         &bomb,
     );
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
-    let (status, headers, _) = raw_grpc(&s, true, bomb.clone()).await;
+    let (status, headers, _) = raw_grpc(&s, Some("gzip"), bomb.clone()).await;
     assert_eq!(status, 200);
     assert_eq!(
         grpc_status(&headers),
@@ -378,7 +326,7 @@ async fn gzip_bombs_are_refused_on_both_protocols_without_expanding() {
         "RESOURCE_EXHAUSTED: {headers:?}"
     );
     // Uncompressed and over the limit: the same code.
-    let (_, headers, _) = raw_grpc(&s, false, vec![0u8; 5 << 20]).await;
+    let (_, headers, _) = raw_grpc(&s, None, vec![0u8; 5 << 20]).await;
     assert_eq!(grpc_status(&headers), Some(8), "{headers:?}");
 
     let grew = s.peak_rss().saturating_sub(rss_before);

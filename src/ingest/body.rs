@@ -1,9 +1,17 @@
 //! Request bodies: reading and decompressing with a hard limit that is enforced while bytes are
-//! produced, so a small gzip bomb is refused after `limit` bytes, never allocated in full.
+//! produced, so a small gzip or zstd bomb is refused after `limit` bytes, never allocated in
+//! full. A Snappy block states its length up front: that is checked before anything is
+//! allocated for it.
+//!
+//! The encodings are the ones the Collector's `otlphttp` exporter offers but lz4: gzip, zstd
+//! (inflates several times faster than gzip), Snappy, and zlib/deflate. For `snappy` the
+//! Collector sends the block format (the framed one before v0.123, or with the
+//! `confighttp.framedSnappy` gate), so the first bytes decide, as the Collector's own receiver
+//! does.
 
 use std::io::Read;
 
-use flate2::read::GzDecoder;
+use flate2::read::{GzDecoder, ZlibDecoder};
 
 use super::IngestError;
 
@@ -12,7 +20,21 @@ use super::IngestError;
 pub enum Encoding {
     Identity,
     Gzip,
+    Zstd,
+    Snappy,
+    /// zlib-wrapped deflate, as HTTP's `deflate` is (and the Collector's `zlib`/`deflate` send).
+    Deflate,
 }
+
+/// How a Snappy framed stream starts (its stream identifier chunk). A block starting with these
+/// bytes (length 895, then a one-byte literal `0x00`) would hold a body starting with a zero
+/// byte, which is neither protobuf (field 0 does not exist) nor JSON.
+const SNAPPY_FRAMED_MAGIC: &[u8] = b"\xff\x06\x00\x00sNaPpY";
+
+/// zstd frames may ask for a window up to this (128 MiB, zstd's own default limit). The window
+/// is reserved, but only what the output reaches is ever written: memory follows `limit`.
+/// The Collector's streaming encoder declares 8 MiB windows, so a tighter cap refuses it.
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 
 impl Encoding {
     /// Parses a `Content-Encoding` header value.
@@ -21,14 +43,25 @@ impl Encoding {
             None => Ok(Self::Identity),
             Some(h) if h.is_empty() || h == "identity" => Ok(Self::Identity),
             Some(h) if h == "gzip" || h == "x-gzip" => Ok(Self::Gzip),
+            Some(h) if h == "zstd" => Ok(Self::Zstd),
+            Some(h) if h == "deflate" || h == "zlib" => Ok(Self::Deflate),
+            Some(h) if h == "snappy" || h == "x-snappy-framed" => Ok(Self::Snappy),
             Some(h) => Err(IngestError::InvalidArgument(format!(
-                "unsupported Content-Encoding {h:?} (use gzip or none)"
+                "unsupported Content-Encoding {h:?} (use gzip, zstd, snappy, deflate or none)"
             ))),
         }
     }
 }
 
+/// Whether a `snappy` body is a block (not the framed format).
+pub fn snappy_block(raw: &[u8]) -> bool {
+    !raw.starts_with(SNAPPY_FRAMED_MAGIC)
+}
+
 /// Decompresses `raw` into at most `limit` bytes (an identity body is returned as it is).
+// The capped uses: every stream decoder goes through `read_capped`, a Snappy block's claimed
+// length is checked before it is allocated.
+#[allow(clippy::disallowed_methods)]
 pub fn decode(
     raw: bytes::Bytes,
     encoding: Encoding,
@@ -41,20 +74,53 @@ pub fn decode(
             }
             Ok(raw)
         }
-        Encoding::Gzip => {
-            // Grow as data arrives; the estimate only avoids early reallocations.
-            let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit));
-            #[allow(clippy::disallowed_methods)] // the one capped use: `.take` bounds the output
-            let mut reader = GzDecoder::new(&raw[..]).take(limit as u64 + 1);
-            reader
-                .read_to_end(&mut out)
-                .map_err(|e| IngestError::InvalidArgument(format!("invalid gzip body: {e}")))?;
-            if out.len() > limit {
+        Encoding::Gzip => read_capped(GzDecoder::new(&raw[..]), raw.len(), limit, "gzip"),
+        Encoding::Deflate => read_capped(ZlibDecoder::new(&raw[..]), raw.len(), limit, "deflate"),
+        Encoding::Zstd => {
+            let mut decoder = zstd::stream::read::Decoder::with_buffer(&raw[..])
+                .map_err(|e| IngestError::InvalidArgument(format!("invalid zstd body: {e}")))?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| IngestError::InvalidArgument(format!("invalid zstd body: {e}")))?;
+            read_capped(decoder, raw.len(), limit, "zstd")
+        }
+        Encoding::Snappy if !snappy_block(&raw) => read_capped(
+            snap::read::FrameDecoder::new(&raw[..]),
+            raw.len(),
+            limit,
+            "snappy",
+        ),
+        Encoding::Snappy => {
+            let invalid =
+                |e: snap::Error| IngestError::InvalidArgument(format!("invalid snappy body: {e}"));
+            if snap::raw::decompress_len(&raw).map_err(invalid)? > limit {
                 return Err(IngestError::TooLarge { limit });
             }
+            let out = snap::raw::Decoder::new()
+                .decompress_vec(&raw)
+                .map_err(invalid)?;
             Ok(out.into())
         }
     }
+}
+
+/// Reads `reader` to its end, refusing it once it has produced more than `limit` bytes.
+fn read_capped(
+    reader: impl Read,
+    compressed: usize,
+    limit: usize,
+    name: &str,
+) -> Result<bytes::Bytes, IngestError> {
+    // Grow as data arrives; the estimate only avoids early reallocations.
+    let mut out = Vec::with_capacity(compressed.saturating_mul(4).min(limit));
+    let mut reader = reader.take(limit as u64 + 1);
+    reader
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::InvalidArgument(format!("invalid {name} body: {e}")))?;
+    if out.len() > limit {
+        return Err(IngestError::TooLarge { limit });
+    }
+    Ok(out.into())
 }
 
 #[cfg(test)]
@@ -93,10 +159,110 @@ mod tests {
         assert!(matches!(err, Err(IngestError::InvalidArgument(_))));
     }
 
+    fn zstd(data: &[u8]) -> bytes::Bytes {
+        zstd::stream::encode_all(data, 19).unwrap().into()
+    }
+
+    #[test]
+    fn every_encoding_round_trips() {
+        let data = b"span metrics ".repeat(1000);
+        let mut framed = snap::write::FrameEncoder::new(Vec::new());
+        framed.write_all(&data).unwrap();
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        zlib.write_all(&data).unwrap();
+        let bodies = [
+            (Encoding::Gzip, gzip(&data)),
+            (Encoding::Zstd, zstd(&data)),
+            (
+                Encoding::Snappy,
+                snap::raw::Encoder::new()
+                    .compress_vec(&data)
+                    .unwrap()
+                    .into(),
+            ),
+            (Encoding::Snappy, framed.into_inner().unwrap().into()),
+            (Encoding::Deflate, zlib.finish().unwrap().into()),
+            (Encoding::Identity, bytes::Bytes::from(data.clone())),
+        ];
+        for (encoding, body) in bodies {
+            let out = decode(body, encoding, data.len()).unwrap();
+            assert!(out[..] == data[..], "{encoding:?}");
+        }
+    }
+
+    #[test]
+    fn bombs_stop_at_the_limit_in_every_encoding() {
+        let data = vec![0u8; 50 << 20];
+        let mut framed = snap::write::FrameEncoder::new(Vec::new());
+        framed.write_all(&data).unwrap();
+        let bombs = [
+            (Encoding::Zstd, zstd(&data)),
+            (Encoding::Snappy, framed.into_inner().unwrap().into()),
+        ];
+        for (encoding, bomb) in bombs {
+            assert!(
+                bomb.len() < 3 << 20,
+                "{encoding:?} is small: {}",
+                bomb.len()
+            );
+            let err = decode(bomb, encoding, 1 << 20).unwrap_err();
+            assert!(
+                matches!(err, IngestError::TooLarge { .. }),
+                "{encoding:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_snappy_block_claiming_too_much_is_refused_before_allocating() {
+        // A varint length of 4 GiB - 1 and nothing behind it.
+        let lying = bytes::Bytes::from_static(b"\xff\xff\xff\xff\x0f\x00");
+        let err = decode(lying, Encoding::Snappy, 1 << 20).unwrap_err();
+        assert!(matches!(err, IngestError::TooLarge { .. }), "{err}");
+        let short = snap::raw::Encoder::new()
+            .compress_vec(b"hello, hello")
+            .unwrap();
+        let err = decode(
+            short[..short.len() - 2].to_vec().into(),
+            Encoding::Snappy,
+            1024,
+        );
+        assert!(
+            matches!(err, Err(IngestError::InvalidArgument(_))),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn corrupt_bodies_are_invalid_not_a_panic() {
+        for encoding in [Encoding::Zstd, Encoding::Snappy, Encoding::Deflate] {
+            for body in [
+                &b""[..],
+                b"\x28\xb5\x2f\xfd\xff\xff",
+                b"\xff\x06\x00\x00sNaPpY\x01",
+            ] {
+                let err = decode(bytes::Bytes::copy_from_slice(body), encoding, 1024);
+                if let Ok(out) = &err {
+                    assert!(out.is_empty(), "{encoding:?} {body:?} decoded to {out:?}");
+                } else {
+                    assert!(
+                        matches!(err, Err(IngestError::InvalidArgument(_))),
+                        "{err:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn unknown_encodings_are_refused_by_name() {
         let err = Encoding::parse(Some("br")).unwrap_err().to_string();
         assert!(err.contains("br"), "{err}");
         assert_eq!(Encoding::parse(Some("GZIP")).unwrap(), Encoding::Gzip);
+        assert_eq!(Encoding::parse(Some("zstd")).unwrap(), Encoding::Zstd);
+        assert_eq!(
+            Encoding::parse(Some("x-snappy-framed")).unwrap(),
+            Encoding::Snappy
+        );
     }
 }

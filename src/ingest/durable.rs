@@ -18,7 +18,7 @@ use prost::Message;
 
 use super::{IngestError, Logged};
 use crate::storage::wal::{
-    timed, timed_with, Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY,
+    timed, timed_with, Wal, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY, KIND_METRICS_ZSTD,
 };
 
 /// The WAL as the ingest path writes it.
@@ -84,12 +84,14 @@ impl Durable {
     }
 }
 
-/// The record the WAL keeps: the acceptance time, then a gzip body as it came, other protobuf
-/// Snappy-compressed.
+/// The record the WAL keeps: the acceptance time, then a compressed body as it came, other
+/// protobuf Snappy-compressed.
 fn record(req: &ExportMetricsServiceRequest, raw: Option<Logged>, accepted_ns: u64) -> (u8, Bytes) {
     let raw = raw.unwrap_or_else(|| Logged::Protobuf(Bytes::from(req.encode_to_vec())));
     match raw {
         Logged::Gzip(b) => timed(KIND_METRICS_GZIP, accepted_ns, &b),
+        Logged::Zstd(b) => timed(KIND_METRICS_ZSTD, accepted_ns, &b),
+        Logged::SnappyBlock(b) => timed(KIND_METRICS_SNAPPY, accepted_ns, &b),
         Logged::Protobuf(b) => {
             let max = snap::raw::max_compress_len(b.len());
             timed_with(KIND_METRICS_SNAPPY, accepted_ns, max, |out| {

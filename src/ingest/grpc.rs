@@ -1,11 +1,13 @@
 //! OTLP/gRPC `MetricsService/Export`. The service is written against tonic's server primitives
 //! rather than the generated server so that the body arrives as bytes: an undecodable message is
 //! then `INVALID_ARGUMENT` (the generated code would answer `INTERNAL`) and is counted like any
-//! other refusal. The decoding limit is explicit; tonic enforces it while decompressing.
+//! other refusal. The decoding limit is explicit; tonic enforces it while decompressing gzip
+//! and zstd. Snappy, which tonic lacks, is inflated here (`grpc_snappy`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -17,6 +19,8 @@ use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
+use super::body::{decode, Encoding};
+use super::grpc_snappy::{Unflagged, SNAPPY};
 use super::{IngestError, Ingestor, Logged};
 use crate::telemetry::Protocol;
 
@@ -90,17 +94,34 @@ impl tonic::server::NamedService for MetricsGrpc {
     const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
 }
 
+/// The handler. With `snappy`, the request's message is Snappy-compressed when that is set;
+/// `ran` is set once it runs (from then on it counts its own refusals).
 #[derive(Clone)]
-struct ExportSvc(Arc<Ingestor>);
+struct ExportSvc {
+    ingestor: Arc<Ingestor>,
+    snappy: Option<Arc<AtomicBool>>,
+    ran: Arc<AtomicBool>,
+}
 
 impl tonic::server::UnaryService<Bytes> for ExportSvc {
     type Response = ExportMetricsServiceResponse;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Self::Response>, Status>> + Send>>;
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let ingestor = self.0.clone();
+        let ingestor = self.ingestor.clone();
+        let snappy = self.snappy.clone();
+        self.ran.store(true, Ordering::Relaxed);
         Box::pin(async move {
-            let body = request.into_inner();
+            let mut body = request.into_inner();
+            if snappy.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                body = match decode(body, Encoding::Snappy, ingestor.max_request_bytes) {
+                    Ok(b) => b,
+                    Err(err) => {
+                        ingestor.refused(Protocol::Grpc, &err);
+                        return Err(status_of(&err));
+                    }
+                };
+            }
             // Held until the reply: the decoded request lives until then.
             let admission = match ingestor.admit_protobuf(&body).await {
                 Ok(a) => a,
@@ -160,34 +181,72 @@ where
             return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
         }
         let ingestor = self.ingestor.clone();
-        let limit = ingestor.max_request_bytes;
+        let snappy = req
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(SNAPPY.as_bytes()));
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RawCodec)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(limit);
-            let mut res = grpc.unary(ExportSvc(ingestor.clone()), req).await;
-            // Size limits are enforced by tonic before our handler runs: count them here, and
-            // answer RESOURCE_EXHAUSTED for an uncompressed oversized message too (tonic says
-            // OUT_OF_RANGE), so clients see one code for "too large".
-            let code = res
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok());
-            if matches!(code, Some(8) | Some(11)) {
-                ingestor.refused(Protocol::Grpc, &IngestError::TooLarge { limit });
-                res.headers_mut()
-                    .insert("grpc-status", http::HeaderValue::from_static("8"));
-            } else if code == Some(13) && is_decompression_error(res.headers()) {
-                // A corrupt or truncated gzip message is the client's fault, as on OTLP/HTTP:
-                // INVALID_ARGUMENT (not retried), not INTERNAL (retried forever).
-                let err = IngestError::InvalidArgument("invalid gzip message".into());
-                ingestor.refused(Protocol::Grpc, &err);
-                res.headers_mut()
-                    .insert("grpc-status", http::HeaderValue::from_static("3"));
-            }
+            let res = if snappy {
+                let (mut parts, body) = req.into_parts();
+                parts.headers.remove("grpc-encoding");
+                let body = Unflagged::new(body);
+                let compressed = body.compressed();
+                let req = http::Request::from_parts(parts, body);
+                serve(&ingestor, req, Some(compressed)).await
+            } else {
+                serve(&ingestor, req, None).await
+            };
             Ok(res)
         })
     }
+}
+
+/// One export through tonic's unary handling, with its refusals counted and mapped.
+async fn serve<B>(
+    ingestor: &Arc<Ingestor>,
+    req: http::Request<B>,
+    snappy: Option<Arc<AtomicBool>>,
+) -> http::Response<tonic::body::Body>
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let limit = ingestor.max_request_bytes;
+    let mut grpc = tonic::server::Grpc::new(RawCodec)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(limit);
+    let ran = Arc::new(AtomicBool::new(false));
+    let svc = ExportSvc {
+        ingestor: ingestor.clone(),
+        snappy,
+        ran: ran.clone(),
+    };
+    let mut res = grpc.unary(svc, req).await;
+    if ran.load(Ordering::Relaxed) {
+        return res;
+    }
+    // Size limits are enforced by tonic before our handler runs: count them here, and
+    // answer RESOURCE_EXHAUSTED for an uncompressed oversized message too (tonic says
+    // OUT_OF_RANGE), so clients see one code for "too large".
+    let code = res
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok());
+    if matches!(code, Some(8) | Some(11)) {
+        ingestor.refused(Protocol::Grpc, &IngestError::TooLarge { limit });
+        res.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("8"));
+    } else if code == Some(13) && is_decompression_error(res.headers()) {
+        // A corrupt or truncated compressed message is the client's fault, as on OTLP/HTTP:
+        // INVALID_ARGUMENT (not retried), not INTERNAL (retried forever).
+        let err = IngestError::InvalidArgument("invalid compressed message".into());
+        ingestor.refused(Protocol::Grpc, &err);
+        res.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    res
 }

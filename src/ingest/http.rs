@@ -1,4 +1,4 @@
-//! OTLP/HTTP `POST /v1/metrics`: protobuf or JSON, optionally gzip. Replies use the request's
+//! OTLP/HTTP `POST /v1/metrics`: protobuf or JSON, optionally gzip, zstd or Snappy. Replies use the request's
 //! content type; errors carry a `google.rpc.Status` body as the OTLP spec asks.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 use prost::Message;
 
 use super::admit::Admission;
-use super::body::{decode, Encoding};
+use super::body::{decode, snappy_block, Encoding};
 use super::{IngestError, Ingestor, Logged};
 use crate::auth::Guard;
 use crate::listen::ListenMetrics;
@@ -258,7 +258,11 @@ async fn read_request(
             let logged = match (repaired, encoding) {
                 (Some(fixed), _) => Logged::Protobuf(fixed),
                 (None, Encoding::Gzip) => Logged::Gzip(raw),
-                (None, Encoding::Identity) => Logged::Protobuf(bytes),
+                (None, Encoding::Zstd) => Logged::Zstd(raw),
+                (None, Encoding::Snappy) if snappy_block(&raw) => Logged::SnappyBlock(raw),
+                (None, Encoding::Snappy | Encoding::Deflate | Encoding::Identity) => {
+                    Logged::Protobuf(bytes)
+                }
             };
             Ok((req, Some(logged), admission))
         }

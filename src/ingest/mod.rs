@@ -6,6 +6,7 @@ pub mod admit;
 pub mod body;
 mod durable;
 pub mod grpc;
+mod grpc_snappy;
 pub mod http;
 pub mod json;
 mod labels;
@@ -57,6 +58,10 @@ pub enum Logged {
     Protobuf(Bytes),
     /// Protobuf as the client gzip-compressed it: logged as it came.
     Gzip(Bytes),
+    /// Protobuf as the client zstd-compressed it: logged as it came.
+    Zstd(Bytes),
+    /// A Snappy block as the client sent it: the WAL's own compressed form, logged as it came.
+    SnappyBlock(Bytes),
 }
 
 /// What to tell the client about an accepted request.

@@ -10,7 +10,7 @@ use crate::ingest::body::{decode, Encoding};
 use crate::ingest::{IngestError, Ingestor};
 use crate::telemetry::Protocol;
 
-/// Gzip records inflate to at least this much on replay, whatever `max_request_bytes` is now.
+/// Gzip and zstd records inflate to at least this much on replay, whatever `max_request_bytes` is now.
 const REPLAY_MIN_LIMIT: usize = 1 << 30;
 
 /// Snappy writes at most 64 bytes per 3-byte copy element: no valid record inflates past this
@@ -20,7 +20,7 @@ const SNAPPY_MAX_RATIO: usize = 22;
 /// The request body a record holds, inflated as it was logged, or `None` if it cannot be. The
 /// CRC vouches only for what was written: a snappy length field is checked against what the
 /// record could hold before anything is allocated for it (not against a setting, which may
-/// have been lowered since); a gzip body is inflated in steps, up to `limit`.
+/// have been lowered since); a gzip or zstd body is inflated in steps, up to `limit`.
 pub fn record_body(kind: u8, record: Vec<u8>, limit: usize) -> Option<Vec<u8>> {
     match kind {
         wal::KIND_METRICS_SNAPPY => {
@@ -33,9 +33,13 @@ pub fn record_body(kind: u8, record: Vec<u8>, limit: usize) -> Option<Vec<u8>> {
             {
                 return None;
             }
+            #[allow(clippy::disallowed_methods)] // the claimed length was checked just above
             snap::raw::Decoder::new().decompress_vec(&record).ok()
         }
         wal::KIND_METRICS_GZIP => decode(record.into(), Encoding::Gzip, limit)
+            .ok()
+            .map(Vec::from),
+        wal::KIND_METRICS_ZSTD => decode(record.into(), Encoding::Zstd, limit)
             .ok()
             .map(Vec::from),
         _ => Some(record),

@@ -653,3 +653,66 @@ pub fn one_service(routes: usize, bounds: usize, counters: bool) -> spanagg::wor
         counters,
     }
 }
+
+/// Sends one raw gRPC frame over HTTP/2 and returns (HTTP status, headers + trailers).
+/// With `encoding`, the frame is flagged compressed and sent with that `grpc-encoding`.
+pub async fn raw_grpc(
+    s: &Spanagg,
+    encoding: Option<&str>,
+    payload: Vec<u8>,
+) -> (u16, Vec<(String, String)>, ()) {
+    raw_grpc_flagged(s, encoding, encoding.is_some(), payload).await
+}
+
+/// [`raw_grpc`] with the frame's compressed flag chosen apart from the header.
+pub async fn raw_grpc_flagged(
+    s: &Spanagg,
+    encoding: Option<&str>,
+    compressed: bool,
+    payload: Vec<u8>,
+) -> (u16, Vec<(String, String)>, ()) {
+    use http_body_util::BodyExt;
+    let mut frame = vec![u8::from(compressed)];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut req = http::Request::post(format!(
+        "http://{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        s.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        req = req.header("grpc-encoding", encoding);
+    }
+    let res = client
+        .request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let mut headers: Vec<(String, String)> = res
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let collected = res.into_body().collect().await.unwrap();
+    if let Some(t) = collected.trailers() {
+        headers.extend(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())),
+        );
+    }
+    (status, headers, ())
+}
+
+pub fn grpc_status(headers: &[(String, String)]) -> Option<i32> {
+    headers
+        .iter()
+        .find(|(k, _)| k == "grpc-status")
+        .and_then(|(_, v)| v.parse().ok())
+}

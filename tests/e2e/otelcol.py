@@ -175,11 +175,12 @@ class Pod:
     """One pod: the SDK exporting its spans to its own sidecar. With `services`, the sidecar
     takes the spans of several services (as a node's agent would), each its own SDK."""
 
-    def __init__(self, endpoint, service, i, services=None, http=None, token_file=None, ca_file=None):
+    def __init__(self, endpoint, service, i, services=None, http=None, token_file=None, ca_file=None, compression="gzip"):
         """A pod of `service` whose sidecar exports to gRPC `endpoint` (spanagg or a tier), or
         with `http` (spanagg's OTLP/HTTP address) through an otlp_http exporter instead; with
         `token_file` (and the `ca_file` of spanagg's certificate), the shipped
-        `sidecar-auth.yaml` sends the ingest token from that file over TLS."""
+        `sidecar-auth.yaml` sends the ingest token from that file over TLS. `compression` is
+        the exporter's (the shipped config's gzip by default)."""
         self.service, self.name = service, f"{service}-{i}"
         port = free_port()
         overrides = sidecar_overrides(endpoint, port)
@@ -189,9 +190,11 @@ class Pod:
             overrides["extensions"] = {"bearertokenauth/spanagg": {"filename": str(token_file)}}
             overrides["exporters"]["otlp_grpc/spanagg"]["tls"] = {"ca_file": str(ca_file)}
         self.exporter = "otlp_grpc/spanagg"
+        if compression != "gzip":
+            overrides["exporters"][self.exporter]["compression"] = compression
         if http:
             self.exporter = "otlp_http/spanagg"
-            overrides["exporters"][self.exporter] = {"endpoint": f"http://{http}", "compression": "gzip"}
+            overrides["exporters"][self.exporter] = {"endpoint": f"http://{http}", "compression": compression}
             overrides["service"] = {"pipelines": {"metrics/spanmetrics": {"exporters": [self.exporter]}}}
         self.sidecar = Collector(
             "sidecar.yaml", overrides, env={"K8S_POD_NAME": self.name}, name=self.name, overlays=overlays

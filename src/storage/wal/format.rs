@@ -20,6 +20,8 @@ pub const KIND_METRICS: u8 = 1;
 pub const KIND_METRICS_SNAPPY: u8 = 2;
 /// The request body exactly as a client gzip-compressed it (nothing to compress again).
 pub const KIND_METRICS_GZIP: u8 = 3;
+/// The request body exactly as a client zstd-compressed it.
+pub const KIND_METRICS_ZSTD: u8 = 4;
 /// Added to a kind: the payload starts with the time the request was accepted (u64 LE ns),
 /// which replay judges it by, however long after the crash it runs.
 pub const TIMED: u8 = 0x10;

@@ -36,7 +36,7 @@ mod replay;
 use format::{encode_record, MAGIC, SEGMENT_VERSION};
 pub use format::{
     segment_state_start, split_timed, timed, timed_with, HEADER_LEN, KIND_METRICS,
-    KIND_METRICS_GZIP, KIND_METRICS_SNAPPY, TIMED,
+    KIND_METRICS_GZIP, KIND_METRICS_SNAPPY, KIND_METRICS_ZSTD, TIMED,
 };
 pub use replay::{replay, ReplayStats};
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::format::{
     decode_record, parse_header, HEADER_LEN, KIND_METRICS, KIND_METRICS_GZIP, KIND_METRICS_SNAPPY,
-    RECORD_HEADER, RECORD_VERSION, TIMED,
+    KIND_METRICS_ZSTD, RECORD_HEADER, RECORD_VERSION, TIMED,
 };
 use super::{segments, Position};
 
@@ -71,7 +71,10 @@ pub fn replay(dir: &Path, from: Position, mut f: impl FnMut(u8, &[u8])) -> io::R
                     if version == RECORD_VERSION
                         && matches!(
                             kind & !TIMED,
-                            KIND_METRICS | KIND_METRICS_SNAPPY | KIND_METRICS_GZIP
+                            KIND_METRICS
+                                | KIND_METRICS_SNAPPY
+                                | KIND_METRICS_GZIP
+                                | KIND_METRICS_ZSTD
                         )
                         && (kind & TIMED == 0 || payload.len() >= 8)
                     {

@@ -1,0 +1,198 @@
+//! Every request compression the Collector's exporters offer, through the binary: gzip, zstd,
+//! Snappy (block and framed) and deflate on OTLP/HTTP; gzip, zstd and Snappy on OTLP/gRPC. Each
+//! export is applied exactly once, logged in the WAL as it came or re-encoded, and replayed
+//! exactly after `kill -9`; a bomb in each new encoding is refused at the limit on both
+//! protocols and counted, and a corrupt body is the client's error, not a retry.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+
+use common::*;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
+use tonic::codec::CompressionEncoding;
+
+const SECOND: u64 = 1_000_000_000;
+const CALLS: &str = "traces_span_metrics_calls_total{service_name=\"checkout\",span_kind=\"SPAN_KIND_SERVER\",span_name=\"GET /cart\",status_code=\"STATUS_CODE_UNSET\"}";
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::stream::encode_all(data, 3).unwrap()
+}
+
+fn snappy_framed(data: &[u8]) -> Vec<u8> {
+    let mut e = snap::write::FrameEncoder::new(Vec::new());
+    e.write_all(data).unwrap();
+    e.into_inner().unwrap()
+}
+
+fn snappy_block(data: &[u8]) -> Vec<u8> {
+    snap::raw::Encoder::new().compress_vec(data).unwrap()
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Pod `pod`'s delta of `calls` for checkout's `GET /cart`.
+fn delta(pod: &str, calls: u64) -> ExportMetricsServiceRequest {
+    cart_delta(pod, calls, [calls, 0, 0, 0, 0], 1.0, now_ns() - 10 * SECOND)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_encoding_is_applied_once_and_replayed_from_the_wal() {
+    let s = Spanagg::start("");
+    type Compress = fn(&[u8]) -> Vec<u8>;
+    let http: [(&str, Compress); 6] = [
+        ("gzip", gzip),
+        ("zstd", zstd),
+        ("snappy", snappy_block),
+        ("snappy", snappy_framed),
+        ("x-snappy-framed", snappy_framed),
+        ("deflate", deflate),
+    ];
+    let mut expected = 0;
+    for (i, (encoding, compress)) in http.iter().enumerate() {
+        let calls = i as u64 + 1;
+        let body = compress(&delta(&format!("http-{i}"), calls).encode_to_vec());
+        let (status, _, reply) = s.post_otlp(
+            "application/x-protobuf",
+            &[("Content-Encoding", encoding)],
+            &body,
+        );
+        assert_eq!(
+            status,
+            200,
+            "{encoding}: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(export_response(&reply).partial_success, None, "{encoding}");
+        expected += calls;
+    }
+    for (i, encoding) in [CompressionEncoding::Gzip, CompressionEncoding::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        let calls = 10 + i as u64;
+        let mut client = MetricsServiceClient::connect(format!("http://{}", s.grpc))
+            .await
+            .unwrap()
+            .send_compressed(encoding);
+        let reply = client
+            .export(delta(&format!("grpc-{i}"), calls))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.partial_success, None, "{encoding:?}");
+        expected += calls;
+    }
+    // Snappy, framed, as the Collector's gRPC exporter sends it (tonic has no client for it).
+    let body = snappy_framed(&delta("grpc-snappy", 20).encode_to_vec());
+    let (status, headers, _) = raw_grpc(&s, Some("snappy"), body).await;
+    assert_eq!(
+        (status, grpc_status(&headers)),
+        (200, Some(0)),
+        "{headers:?}"
+    );
+    expected += 20;
+    // A message sent uncompressed under `grpc-encoding: snappy` (its flag says so) is read as it is.
+    let body = delta("grpc-snappy-plain", 30).encode_to_vec();
+    let (_, headers, _) = raw_grpc_flagged(&s, Some("snappy"), false, body).await;
+    assert_eq!(grpc_status(&headers), Some(0), "{headers:?}");
+    expected += 30;
+
+    let served = s.scrape();
+    assert_eq!(
+        sample_value(&served, CALLS),
+        Some(expected as f64),
+        "{served}"
+    );
+    // Nothing but the WAL holds them: no checkpoint was written yet.
+    let s = Spanagg::start_in(s.kill9(), "");
+    assert_eq!(s.scrape(), served, "every encoding replayed from the log");
+    assert_eq!(
+        s.internal("spanagg_wal_replayed_records_total"),
+        (http.len() + 4) as f64
+    );
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bombs_and_corrupt_bodies_in_every_new_encoding_are_refused_and_counted() {
+    let s = Spanagg::start("max_request_bytes: 4MiB\n");
+    let zeros = vec![0u8; 64 << 20];
+    let rss_before = s.peak_rss();
+    let http: [(&str, Vec<u8>); 2] = [("zstd", zstd(&zeros)), ("snappy", snappy_framed(&zeros))];
+    for (encoding, bomb) in &http {
+        assert!(bomb.len() < 4 << 20, "{encoding} bomb fits the limit");
+        let (status, _, _) = s.post_otlp(
+            "application/x-protobuf",
+            &[("Content-Encoding", encoding)],
+            bomb,
+        );
+        assert_eq!(status, 413, "{encoding}");
+    }
+    // A block that claims 4 GiB: refused from its length field.
+    let lying = b"\xff\xff\xff\xff\x0f\x00".to_vec();
+    let (status, _, _) = s.post_otlp(
+        "application/x-protobuf",
+        &[("Content-Encoding", "snappy")],
+        &lying,
+    );
+    assert_eq!(status, 413);
+    for (encoding, bomb) in [("zstd", zstd(&zeros)), ("snappy", snappy_framed(&zeros))] {
+        let (status, headers, _) = raw_grpc(&s, Some(encoding), bomb).await;
+        assert_eq!(
+            (status, grpc_status(&headers)),
+            (200, Some(8)),
+            "{encoding}: {headers:?}"
+        );
+    }
+    let grew = s.peak_rss().saturating_sub(rss_before);
+    assert!(
+        grew < 128 << 20,
+        "peak RSS grew by {grew} bytes for 64 MiB bombs"
+    );
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"http_protobuf\",outcome=\"too_large\"}"),
+        3.0
+    );
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"too_large\"}"),
+        2.0
+    );
+
+    // Corrupt: INVALID_ARGUMENT / 400, which exporters do not retry.
+    let junk = b"\x28\xb5\x2f\xfd\x00\x01\x02\x03 not really".to_vec();
+    for encoding in ["zstd", "snappy", "deflate"] {
+        let (status, _, _) = s.post_otlp(
+            "application/x-protobuf",
+            &[("Content-Encoding", encoding)],
+            &junk,
+        );
+        assert_eq!(status, 400, "{encoding}");
+    }
+    for encoding in ["zstd", "snappy"] {
+        let (_, headers, _) = raw_grpc(&s, Some(encoding), junk.clone()).await;
+        assert_eq!(grpc_status(&headers), Some(3), "{encoding}: {headers:?}");
+    }
+    assert_eq!(
+        s.internal(
+            "spanagg_requests_total{protocol=\"http_protobuf\",outcome=\"invalid_argument\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"invalid_argument\"}"),
+        2.0
+    );
+    // Still serving: a good export after all of it.
+    s.post_ok(&delta("after", 1).encode_to_vec());
+    assert_eq!(sample_value(&s.scrape(), CALLS), Some(1.0));
+    s.stop();
+}

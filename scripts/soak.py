@@ -107,7 +107,8 @@ class Run:
         self.expected = {}  # (service, route) -> acknowledged calls of sentinel routes
         self.errors = []
         self.stats = {"requests": 0, "duplicates": 0, "late_retries": 0, "pods_started": 0}
-        self.rss = []  # (seconds since start, KiB)
+        self.rss = []  # (seconds since start, KiB before and after the scrape, samples, state)
+        self.fine = []  # (seconds since start, KiB) every --rss-every seconds
         self.scrapes = 0
         self.decreases = 0
         self.last = {}  # (name, labels) -> (value, created)
@@ -200,6 +201,21 @@ class Run:
         self.scrapes += 1
         return samples
 
+    def state(self, s):
+        """spanagg's own gauges: what it holds, to tell growth of state from the allocator's."""
+        want = ("spanagg_output_series", "spanagg_source_streams")
+        out = {}
+        for line in s.internal().splitlines():
+            name = line.split(" ")[0].split("{")[0]
+            if name in want:
+                out[name[len("spanagg_"):]] = out.get(name[len("spanagg_"):], 0) + float(
+                    line.split()[-1])
+        return out
+
+    def sample_loop(self, pid, t0):
+        while not self.stop.wait(self.args.rss_every):
+            self.fine.append((round(time.monotonic() - t0, 1), self.rss_kib(pid)))
+
     def rss_kib(self, pid, field="VmRSS:"):
         for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field):
@@ -217,13 +233,19 @@ class Run:
             url = urllib.parse.urlparse(f"http://{s.otlp_http}")
             sender = threading.Thread(target=self.send_loop, args=(url,), daemon=True)
             sender.start()
+            if a.rss_every > 0:
+                threading.Thread(
+                    target=self.sample_loop, args=(s.proc.pid, t0), daemon=True
+                ).start()
             deadline = t0 + a.duration
             while time.monotonic() < deadline:
                 time.sleep(min(a.scrape_interval, max(0, deadline - time.monotonic())))
                 before = self.rss_kib(s.proc.pid)
                 samples = self.scrape_once(s)
                 after = self.rss_kib(s.proc.pid)
-                self.rss.append((round(time.monotonic() - t0), before, after, len(samples)))
+                self.rss.append(
+                    (round(time.monotonic() - t0), before, after, len(samples), self.state(s))
+                )
             self.hwm = self.rss_kib(s.proc.pid, "VmHWM:")
             self.stop.set()
             sender.join(60)
@@ -260,7 +282,7 @@ class Run:
 
     def report(self):
         a = self.args
-        after = [kib for t, kib, _, _ in self.rss if t >= a.warmup]
+        after = [kib for t, kib, *_ in self.rss if t >= a.warmup]
         base = after[0] if after else 0
         band = (min(after) / base, max(after) / base) if base else (0, 0)
         if base and (band[0] < 0.9 or band[1] > 1.1):
@@ -274,12 +296,14 @@ class Run:
             "counter_decreases": self.decreases,
             "rss_kib_at_warmup": base,
             "rss_kib_min_max_after_warmup": [min(after, default=0), max(after, default=0)],
-            "rss_kib_after_scrape_max": max((k for _, _, k, _ in self.rss), default=0),
+            "rss_kib_after_scrape_max": max((k for _, _, k, *_ in self.rss), default=0),
             "rss_kib_peak_vmhwm": getattr(self, "hwm", 0),
             "series_at_end": len(self.last),
             "errors": self.errors,
-            # Every scrape: seconds since start, RSS (KiB) before and after it, samples served.
+            # Every scrape: seconds since start, RSS (KiB) before and after it, samples served,
+            # and spanagg's own count of the series and streams it holds.
             "trace": self.rss,
+            "rss_fine": self.fine,
         }
         print(json.dumps(out, indent=2))
         return not self.errors
@@ -299,6 +323,8 @@ def main():
     p.add_argument("--duplicates", type=float, default=0.05)
     p.add_argument("--series-ttl", default="3m")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rss-every", type=float, default=1.0,
+                   help="seconds between RSS readings between scrapes (0: none)")
     sys.exit(0 if Run(p.parse_args()).run() else 1)
 
 

@@ -247,6 +247,9 @@ class Run:
                     (round(time.monotonic() - t0), before, after, len(samples), self.state(s))
                 )
             self.hwm = self.rss_kib(s.proc.pid, "VmHWM:")
+            # utime + stime of spanagg over the run, in clock ticks (100 a second on Linux).
+            stat = pathlib.Path(f"/proc/{s.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            self.cpu_s = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
             self.stop.set()
             sender.join(60)
             time.sleep(1)
@@ -298,6 +301,7 @@ class Run:
             "rss_kib_min_max_after_warmup": [min(after, default=0), max(after, default=0)],
             "rss_kib_after_scrape_max": max((k for _, _, k, *_ in self.rss), default=0),
             "rss_kib_peak_vmhwm": getattr(self, "hwm", 0),
+            "spanagg_cpu_seconds": getattr(self, "cpu_s", 0),
             "series_at_end": len(self.last),
             "errors": self.errors,
             # Every scrape: seconds since start, RSS (KiB) before and after it, samples served,

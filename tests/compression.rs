@@ -177,10 +177,19 @@ async fn bombs_and_corrupt_bodies_in_every_new_encoding_are_refused_and_counted(
         );
         assert_eq!(status, 400, "{encoding}");
     }
-    for encoding in ["zstd", "snappy"] {
+    // Header names as clients spell them: case and spaces do not matter.
+    for encoding in ["zstd", "snappy", "Gzip", " deflate "] {
         let (_, headers, _) = raw_grpc(&s, Some(encoding), junk.clone()).await;
         assert_eq!(grpc_status(&headers), Some(3), "{encoding}: {headers:?}");
     }
+    // An encoding nobody reads: UNIMPLEMENTED, saying which ones are.
+    let (_, headers, _) = raw_grpc(&s, Some("lz4"), junk.clone()).await;
+    assert_eq!(grpc_status(&headers), Some(12), "{headers:?}");
+    let accepted = headers.iter().find(|(k, _)| k == "grpc-accept-encoding");
+    assert!(
+        accepted.is_some_and(|(_, v)| v.contains("gzip")),
+        "{headers:?}"
+    );
     assert_eq!(
         s.internal(
             "spanagg_requests_total{protocol=\"http_protobuf\",outcome=\"invalid_argument\"}"
@@ -189,10 +198,94 @@ async fn bombs_and_corrupt_bodies_in_every_new_encoding_are_refused_and_counted(
     );
     assert_eq!(
         s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"invalid_argument\"}"),
-        2.0
+        5.0
     );
     // Still serving: a good export after all of it.
     s.post_ok(&delta("after", 1).encode_to_vec());
     assert_eq!(sample_value(&s.scrape(), CALLS), Some(1.0));
+    s.stop();
+}
+
+/// Compressed gRPC messages are inflated by the handler once the stream has ended, under the
+/// decode budget, not as they arrive: streams that send a tiny zstd bomb and never end hold
+/// only what they sent. (tonic inflated them at once and held the result until the stream
+/// ended, which these never do: 20 × 16 MiB, the limit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_with_compressed_bombs_hold_only_what_they_sent() {
+    use http_body_util::StreamBody;
+    let s = Spanagg::start("max_request_bytes: 16MiB\n");
+    let bomb = zstd(&vec![0u8; 32 << 20]);
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(bomb.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&bomb);
+    let rss_before = s.rss();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<StreamBody<
+            tokio_stream::wrappers::ReceiverStream<
+                Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            >,
+        >>();
+    let mut senders = Vec::new();
+    let mut replies = Vec::new();
+    for _ in 0..20 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(
+            frame.clone(),
+        ))))
+        .await
+        .unwrap();
+        senders.push(tx); // kept: the stream never ends
+        let req = http::Request::post(format!(
+            "http://{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+            s.grpc
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-encoding", "zstd")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+        replies.push(tokio::spawn(client.request(req)));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let grew = s.rss().saturating_sub(rss_before);
+    assert!(
+        grew < 48 << 20,
+        "RSS grew by {grew} bytes while 20 streams held a 16 MiB zstd bomb each"
+    );
+    // Ended, each is inflated by the handler and refused at the limit.
+    drop(senders);
+    for r in replies {
+        let res = r.await.unwrap().unwrap();
+        let headers: Vec<_> = res
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let (_, tail) = {
+            use http_body_util::BodyExt;
+            (
+                (),
+                res.into_body().collect().await.unwrap().trailers().cloned(),
+            )
+        };
+        let status = tail
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == "grpc-status")
+                    .map(|(_, v)| v)
+            })
+            .and_then(|v| v.to_str().ok().map(str::to_owned));
+        assert_eq!(status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED");
+    }
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"too_large\"}"),
+        20.0
+    );
     s.stop();
 }

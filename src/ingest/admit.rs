@@ -71,6 +71,28 @@ impl DecodeBudget {
 
     /// Takes `bytes` of the budget for a request of `points` data points.
     pub async fn admit(&self, bytes: u64, points: u64) -> Result<Admission, IngestError> {
+        let kib = self.kib_for(bytes, points)?;
+        let permit = tokio::time::timeout(WAIT, self.sem.clone().acquire_many_owned(kib))
+            .await
+            .map_err(|_| {
+                IngestError::Limit("decode memory budget is in use (limits.max_decode_memory)")
+            })?
+            .map_err(|_| IngestError::ShuttingDown)?;
+        Ok(self.admission(permit, kib))
+    }
+
+    /// [`admit`](Self::admit) if the room is there now; `None` if it would have to wait.
+    pub fn try_admit(&self, bytes: u64, points: u64) -> Result<Option<Admission>, IngestError> {
+        let kib = self.kib_for(bytes, points)?;
+        match self.sem.clone().try_acquire_many_owned(kib) {
+            Ok(permit) => Ok(Some(self.admission(permit, kib))),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Ok(None),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(IngestError::ShuttingDown),
+        }
+    }
+
+    /// The request's price in KiB, or why it can never be admitted.
+    fn kib_for(&self, bytes: u64, points: u64) -> Result<u32, IngestError> {
         self.check_points(points)?;
         let kib = bytes.div_ceil(1024).max(1);
         if kib > u64::from(self.kib) {
@@ -79,19 +101,17 @@ impl DecodeBudget {
                  limits.max_decode_memory: send smaller batches"
             )));
         }
-        let permit = tokio::time::timeout(WAIT, self.sem.clone().acquire_many_owned(kib as u32))
-            .await
-            .map_err(|_| {
-                IngestError::Limit("decode memory budget is in use (limits.max_decode_memory)")
-            })?
-            .map_err(|_| IngestError::ShuttingDown)?;
-        let bytes = i64::try_from(kib * 1024).unwrap_or(i64::MAX);
+        Ok(kib as u32)
+    }
+
+    fn admission(&self, permit: OwnedSemaphorePermit, kib: u32) -> Admission {
+        let bytes = i64::try_from(u64::from(kib) * 1024).unwrap_or(i64::MAX);
         self.in_use.inc_by(bytes);
-        Ok(Admission {
+        Admission {
             _permit: permit,
             bytes,
             in_use: self.in_use.clone(),
-        })
+        }
     }
 
     /// Bytes of the budget free now.

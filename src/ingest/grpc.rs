@@ -19,8 +19,8 @@ use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
-use super::body::{decode, Encoding};
-use super::grpc_snappy::{Unflagged, SNAPPY};
+use super::body::Encoding;
+use super::grpc_compression::Unflagged;
 use super::{IngestError, Ingestor, Logged};
 use crate::telemetry::Protocol;
 
@@ -94,12 +94,13 @@ impl tonic::server::NamedService for MetricsGrpc {
     const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
 }
 
-/// The handler. With `snappy`, the request's message is Snappy-compressed when that is set;
-/// `ran` is set once it runs (from then on it counts its own refusals).
+/// The handler. With `compressed`, the request's message is in that encoding when its flag
+/// (set as the body streamed) says so; `ran` is set once it runs (from then on it counts its
+/// own refusals).
 #[derive(Clone)]
 struct ExportSvc {
     ingestor: Arc<Ingestor>,
-    snappy: Option<Arc<AtomicBool>>,
+    compressed: Option<(Encoding, Arc<AtomicBool>)>,
     ran: Arc<AtomicBool>,
 }
 
@@ -109,36 +110,33 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let ingestor = self.ingestor.clone();
-        let snappy = self.snappy.clone();
+        let encoding = match &self.compressed {
+            Some((encoding, flag)) if flag.load(Ordering::Relaxed) => *encoding,
+            _ => Encoding::Identity,
+        };
         self.ran.store(true, Ordering::Relaxed);
         Box::pin(async move {
-            let mut body = request.into_inner();
-            if snappy.is_some_and(|s| s.load(Ordering::Relaxed)) {
-                body = match decode(body, Encoding::Snappy, ingestor.max_request_bytes) {
-                    Ok(b) => b,
-                    Err(err) => {
-                        ingestor.refused(Protocol::Grpc, &err);
-                        return Err(status_of(&err));
-                    }
-                };
-            }
+            let raw = request.into_inner();
             // Held until the reply: the decoded request lives until then.
-            let admission = match ingestor.admit_protobuf(&body).await {
+            let admitted = ingestor
+                .inflate_and_admit(raw.clone(), encoding, Ingestor::price_protobuf)
+                .await;
+            let (body, admission) = match admitted {
                 Ok(a) => a,
                 Err(err) => {
                     ingestor.refused(Protocol::Grpc, &err);
                     return Err(status_of(&err));
                 }
             };
-            let (req, body) = match ingestor.decode_protobuf(&body) {
-                Ok((r, repaired)) => (r, repaired.unwrap_or(body)),
+            let (req, logged) = match ingestor.decode_protobuf(&body) {
+                Ok((r, repaired)) => (r, Logged::of(raw, body, encoding, repaired)),
                 Err(err) => {
                     ingestor.refused(Protocol::Grpc, &err);
                     return Err(status_of(&err));
                 }
             };
             match ingestor
-                .export_detached(Protocol::Grpc, req, Some(Logged::Protobuf(body)), admission)
+                .export_detached(Protocol::Grpc, req, Some(logged), admission)
                 .await
             {
                 Ok(reply) => Ok(Response::new(ExportMetricsServiceResponse {
@@ -151,16 +149,6 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
             }
         })
     }
-}
-
-/// Whether tonic refused the message because it could not decompress it.
-fn is_decompression_error(headers: &http::HeaderMap) -> bool {
-    headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| {
-            m.starts_with("Error decompressing") || m.starts_with("Error%20decompressing")
-        })
 }
 
 impl<B> tower_service::Service<http::Request<B>> for MetricsGrpc
@@ -181,23 +169,39 @@ where
             return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
         }
         let ingestor = self.ingestor.clone();
-        let snappy = req
+        let ours = req
             .headers()
             .get("grpc-encoding")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(SNAPPY.as_bytes()));
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_encoding);
         Box::pin(async move {
-            let res = if snappy {
-                let (mut parts, body) = req.into_parts();
-                parts.headers.remove("grpc-encoding");
-                let body = Unflagged::new(body);
-                let compressed = body.compressed();
-                let req = http::Request::from_parts(parts, body);
-                serve(&ingestor, req, Some(compressed)).await
-            } else {
-                serve(&ingestor, req, None).await
+            let res = match ours {
+                // Compressed messages are inflated by the handler, under the decode budget;
+                // tonic sees them as they came, flagged uncompressed (`grpc_compression`).
+                Some(encoding) => {
+                    let (mut parts, body) = req.into_parts();
+                    parts.headers.remove("grpc-encoding");
+                    let body = Unflagged::new(body);
+                    let flag = body.compressed();
+                    let req = http::Request::from_parts(parts, body);
+                    serve(&ingestor, req, Some((encoding, flag))).await
+                }
+                None => serve(&ingestor, req, None).await,
             };
             Ok(res)
         })
+    }
+}
+
+/// The encodings spanagg inflates itself, by their `grpc-encoding` names; `None` for identity
+/// and for names tonic will refuse as unimplemented (and list what is accepted).
+fn grpc_encoding(name: &str) -> Option<Encoding> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "gzip" => Some(Encoding::Gzip),
+        "zstd" => Some(Encoding::Zstd),
+        "snappy" => Some(Encoding::Snappy),
+        "deflate" => Some(Encoding::Deflate),
+        _ => None,
     }
 }
 
@@ -205,7 +209,7 @@ where
 async fn serve<B>(
     ingestor: &Arc<Ingestor>,
     req: http::Request<B>,
-    snappy: Option<Arc<AtomicBool>>,
+    compressed: Option<(Encoding, Arc<AtomicBool>)>,
 ) -> http::Response<tonic::body::Body>
 where
     B: http_body::Body + Send + 'static,
@@ -213,18 +217,21 @@ where
 {
     let limit = ingestor.max_request_bytes;
     let mut grpc = tonic::server::Grpc::new(RawCodec)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(limit);
     let ran = Arc::new(AtomicBool::new(false));
     let svc = ExportSvc {
         ingestor: ingestor.clone(),
-        snappy,
+        compressed,
         ran: ran.clone(),
     };
     let mut res = grpc.unary(svc, req).await;
+    // What spanagg reads (tonic, configured to inflate nothing itself, would say identity).
+    res.headers_mut().insert(
+        "grpc-accept-encoding",
+        http::HeaderValue::from_static("gzip,zstd,snappy,deflate,identity"),
+    );
     if ran.load(Ordering::Relaxed) {
         return res;
     }
@@ -240,13 +247,19 @@ where
         ingestor.refused(Protocol::Grpc, &IngestError::TooLarge { limit });
         res.headers_mut()
             .insert("grpc-status", http::HeaderValue::from_static("8"));
-    } else if code == Some(13) && is_decompression_error(res.headers()) {
-        // A corrupt or truncated compressed message is the client's fault, as on OTLP/HTTP:
-        // INVALID_ARGUMENT (not retried), not INTERNAL (retried forever).
-        let err = IngestError::InvalidArgument("invalid compressed message".into());
+    } else if code == Some(13) {
+        // tonic could not read a message (a length prefix past the data, no message at all):
+        // the client's fault, as a bad body is on OTLP/HTTP. INVALID_ARGUMENT is not retried;
+        // INTERNAL would be, forever.
+        let err = IngestError::InvalidArgument("unreadable gRPC message".into());
         ingestor.refused(Protocol::Grpc, &err);
         res.headers_mut()
             .insert("grpc-status", http::HeaderValue::from_static("3"));
+    } else if code == Some(12) {
+        // An encoding spanagg does not read: UNIMPLEMENTED, with the ones it does in
+        // `grpc-accept-encoding`. Counted as the client's error.
+        let err = IngestError::InvalidArgument("unsupported grpc-encoding".into());
+        ingestor.refused(Protocol::Grpc, &err);
     }
     res
 }

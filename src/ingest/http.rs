@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 use prost::Message;
 
 use super::admit::Admission;
-use super::body::{decode, snappy_block, Encoding};
+use super::body::Encoding;
 use super::{IngestError, Ingestor, Logged};
 use crate::auth::Guard;
 use crate::listen::ListenMetrics;
@@ -249,25 +249,20 @@ async fn read_request(
             }
         })?
         .to_bytes();
-    let bytes = decode(raw.clone(), encoding, limit)?;
     match format {
         // The protobuf body is what the WAL keeps; a JSON one is re-encoded only if logged.
         Format::Protobuf => {
-            let admission = ingestor.admit_protobuf(&bytes).await?;
+            let (bytes, admission) = ingestor
+                .inflate_and_admit(raw.clone(), encoding, Ingestor::price_protobuf)
+                .await?;
             let (req, repaired) = ingestor.decode_protobuf(&bytes)?;
-            let logged = match (repaired, encoding) {
-                (Some(fixed), _) => Logged::Protobuf(fixed),
-                (None, Encoding::Gzip) => Logged::Gzip(raw),
-                (None, Encoding::Zstd) => Logged::Zstd(raw),
-                (None, Encoding::Snappy) if snappy_block(&raw) => Logged::SnappyBlock(raw),
-                (None, Encoding::Snappy | Encoding::Deflate | Encoding::Identity) => {
-                    Logged::Protobuf(bytes)
-                }
-            };
+            let logged = Logged::of(raw, bytes, encoding, repaired);
             Ok((req, Some(logged), admission))
         }
         Format::Json => {
-            let admission = ingestor.admit_json(bytes.len()).await?;
+            let (bytes, admission) = ingestor
+                .inflate_and_admit(raw, encoding, Ingestor::price_json)
+                .await?;
             let req = super::json::decode(&bytes)
                 .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}")))?;
             ingestor.check_points(&req)?;

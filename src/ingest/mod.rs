@@ -6,7 +6,7 @@ pub mod admit;
 pub mod body;
 mod durable;
 pub mod grpc;
-mod grpc_snappy;
+mod grpc_compression;
 pub mod http;
 pub mod json;
 mod labels;
@@ -62,6 +62,29 @@ pub enum Logged {
     Zstd(Bytes),
     /// A Snappy block as the client sent it: the WAL's own compressed form, logged as it came.
     SnappyBlock(Bytes),
+}
+
+impl Logged {
+    /// What to log for a protobuf request that came as `raw` in `encoding` and inflated to
+    /// `inflated` (`repaired`: the body re-encoded after invalid UTF-8 was replaced): a body
+    /// the WAL can keep as it came is kept so, anything else as protobuf.
+    pub fn of(
+        raw: Bytes,
+        inflated: Bytes,
+        encoding: body::Encoding,
+        repaired: Option<Bytes>,
+    ) -> Self {
+        use body::Encoding;
+        match (repaired, encoding) {
+            (Some(fixed), _) => Self::Protobuf(fixed),
+            (None, Encoding::Gzip) => Self::Gzip(raw),
+            (None, Encoding::Zstd) => Self::Zstd(raw),
+            (None, Encoding::Snappy) if body::snappy_block(&raw) => Self::SnappyBlock(raw),
+            (None, Encoding::Snappy | Encoding::Deflate | Encoding::Identity) => {
+                Self::Protobuf(inflated)
+            }
+        }
+    }
 }
 
 /// What to tell the client about an accepted request.
@@ -126,6 +149,47 @@ impl Ingestor {
         self.admit(cost.bytes, cost.points).await
     }
 
+    /// Inflates `raw` (capped at `max_request_bytes`) and takes what decoding it will cost,
+    /// priced by `price` as (bytes, points). A compressed body is not held while waiting for
+    /// room: a few KiB of zstd can inflate to `max_request_bytes`, and requests queued for the
+    /// budget would each hold that much unpriced. So if the room is not there at once, the
+    /// inflated body is dropped while waiting and inflated again (the same bytes, the same
+    /// result) once admitted: CPU spent twice only when the service is already saturated.
+    pub async fn inflate_and_admit(
+        &self,
+        raw: Bytes,
+        encoding: body::Encoding,
+        price: impl Fn(&[u8]) -> Result<(u64, u64), IngestError>,
+    ) -> Result<(Bytes, admit::Admission), IngestError> {
+        let limit = self.max_request_bytes;
+        let inflated = body::decode(raw.clone(), encoding, limit)?;
+        let (bytes, points) = price(&inflated)?;
+        if encoding == body::Encoding::Identity {
+            let admission = self.admit(bytes, points).await?;
+            return Ok((inflated, admission));
+        }
+        match self.budget.try_admit(bytes, points) {
+            Ok(Some(admission)) => return Ok((inflated, admission)),
+            Ok(None) => {}
+            Err(e) => return Err(self.limit_counted(e)),
+        }
+        drop(inflated);
+        let admission = self.admit(bytes, points).await?;
+        Ok((body::decode(raw, encoding, limit)?, admission))
+    }
+
+    /// What a protobuf body will cost to decode, as (bytes, points).
+    pub fn price_protobuf(body: &[u8]) -> Result<(u64, u64), IngestError> {
+        let cost = wire::cost(body)
+            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))?;
+        Ok((cost.bytes, cost.points))
+    }
+
+    /// What a JSON body may cost to decode; its points are counted after decoding.
+    pub fn price_json(body: &[u8]) -> Result<(u64, u64), IngestError> {
+        Ok(((body.len() as u64).saturating_mul(admit::JSON_FACTOR), 0))
+    }
+
     /// Takes what decoding a JSON body of `len` bytes may cost; its points are counted after.
     pub async fn admit_json(&self, len: usize) -> Result<admit::Admission, IngestError> {
         self.admit((len as u64).saturating_mul(admit::JSON_FACTOR), 0)
@@ -155,11 +219,17 @@ impl Ingestor {
     }
 
     async fn admit(&self, bytes: u64, points: u64) -> Result<admit::Admission, IngestError> {
-        let r = self.budget.admit(bytes, points).await;
-        if let Err(IngestError::Limit(_)) = &r {
+        self.budget
+            .admit(bytes, points)
+            .await
+            .map_err(|e| self.limit_counted(e))
+    }
+
+    fn limit_counted(&self, e: IngestError) -> IngestError {
+        if let IngestError::Limit(_) = &e {
             self.telemetry.limit_refusal(LimitKind::DecodeMemory);
         }
-        r
+        e
     }
 
     /// Logs every accepted request to `wal` before replying.

@@ -1,14 +1,18 @@
-//! gRPC messages compressed with Snappy, which the Collector's `otlp_grpc` exporter offers
-//! (`compression: snappy`, the framed format) and tonic does not: tonic would answer
-//! UNIMPLEMENTED, which the exporter does not retry, so every point would be dropped.
+//! Compressed gRPC messages are inflated by spanagg, not by tonic. tonic inflates a message as
+//! soon as it is read and then holds it until the request's stream ends: a few KiB of zstd
+//! (about 32,000:1) sent on a stream that never ends would hold `max_request_bytes` each, for
+//! as long as the request timeout, before any budget saw them. And tonic has no Snappy, which
+//! the Collector's `otlp_grpc` exporter offers (`compression: snappy`, the framed format):
+//! tonic would answer UNIMPLEMENTED, which the exporter does not retry.
 //!
-//! The request's `grpc-encoding: snappy` is taken off and each message's compressed flag is
-//! cleared as the body streams through ([`Unflagged`]), so tonic frames the messages as it does
-//! any other (its size limit then applies to the compressed message); the handler inflates them
-//! with the same capped decoder as OTLP/HTTP. Invariant: only the first byte of each 5-byte
-//! frame header is ever changed, and only from 1 to 0; a flag of 0 (a message sent
-//! uncompressed despite the header) passes as it is. The handler learns which it was from
-//! [`Unflagged::compressed`] (an export is one message).
+//! So for the encodings spanagg reads (gzip, zstd, Snappy, deflate) the request's
+//! `grpc-encoding` is taken off and each message's compressed flag is cleared as the body
+//! streams through ([`Unflagged`]): tonic frames and holds the messages as they came (its size
+//! limit then bounds the compressed message), and the handler inflates the one it gets with
+//! the same capped decoder as OTLP/HTTP, under the decode budget. Invariant: only the first
+//! byte of each 5-byte frame header is ever changed, and only from 1 to 0. Whether the first
+//! message was compressed is kept in [`Unflagged::compressed`] (an export is one message; a
+//! later one is drained by tonic and never read, so it must not change how the first is).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,9 +22,6 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame};
 
-/// The `grpc-encoding` value this module handles.
-pub const SNAPPY: &str = "snappy";
-
 /// A gRPC request body with the compressed flag of every message cleared.
 pub struct Unflagged<B> {
     inner: Pin<Box<B>>,
@@ -29,8 +30,10 @@ pub struct Unflagged<B> {
     len: [u8; 4],
     /// Payload bytes of the current message still to pass.
     payload_left: u64,
-    /// Set when a message's flag said it was compressed.
+    /// Set when the first message's flag said it was compressed.
     compressed: Arc<AtomicBool>,
+    /// Frame headers begun so far.
+    messages: u64,
 }
 
 impl<B> Unflagged<B> {
@@ -41,10 +44,11 @@ impl<B> Unflagged<B> {
             len: [0; 4],
             payload_left: 0,
             compressed: Arc::default(),
+            messages: 0,
         }
     }
 
-    /// Whether the message read so far was compressed (shared, to be read after the body).
+    /// Whether the first message was compressed (shared, to be read after the body).
     pub fn compressed(&self) -> Arc<AtomicBool> {
         self.compressed.clone()
     }
@@ -65,9 +69,12 @@ impl<B> Unflagged<B> {
             }
             match self.header_at {
                 0 => {
+                    self.messages += 1;
                     if chunk[i] == 1 {
                         out.get_or_insert_with(|| BytesMut::from(&chunk[..]))[i] = 0;
-                        self.compressed.store(true, Ordering::Relaxed);
+                        if self.messages == 1 {
+                            self.compressed.store(true, Ordering::Relaxed);
+                        }
                     }
                 }
                 n => self.len[usize::from(n) - 1] = chunk[i],
@@ -156,6 +163,18 @@ mod tests {
             let got = body.collect().await.unwrap().to_bytes();
             assert!(got[..] == expect[..], "cut at {cut_a}");
         }
+    }
+
+    #[tokio::test]
+    async fn only_the_first_message_says_whether_it_was_compressed() {
+        let whole = [frame(0, b"plain"), frame(1, b"later")].concat();
+        let chunks = vec![Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
+            whole,
+        )))];
+        let body = Unflagged::new(StreamBody::new(futures_util::stream::iter(chunks)));
+        let compressed = body.compressed();
+        let _ = body.collect().await.unwrap();
+        assert!(!compressed.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

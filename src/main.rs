@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use spanagg::config::Config;
 use spanagg::server::{serve, Bound};
 
-// Decoding OTLP allocates a string per attribute; mimalloc makes that ~45% cheaper than the
-// system allocator (see BENCHMARKS.md).
+// Decoding OTLP allocates a string per attribute; mimalloc makes that ~25-35% cheaper than the
+// system allocator (see BENCHMARKS.md). Built without transparent huge pages (Cargo.toml).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -187,17 +187,6 @@ impl Table {
         }
     }
 
-    /// Runs `f` on shard `i`'s state, on its thread. Nothing happens for a shard that does not
-    /// exist or has stopped (the reader notices a missing reply).
-    pub fn visit_one<F>(&self, i: usize, f: F)
-    where
-        F: FnOnce(&ShardState) + Send + 'static,
-    {
-        if let Some(h) = self.shards.get(i) {
-            let _ = h.ctl.send(Box::new(f));
-        }
-    }
-
     pub fn stats(&self) -> Vec<Arc<ShardStats>> {
         self.shards.iter().map(|h| h.stats.clone()).collect()
     }

@@ -258,82 +258,37 @@ pub fn write(
     meta: &Meta,
     batches: &[RecordBatch],
 ) -> Result<(PathBuf, u64), CheckpointError> {
-    let mut w = Writer::create(dir, seq)?;
-    w.write(batches)?;
-    w.finish(meta)
-}
-
-/// A checkpoint being written a part at a time (a shard's batches), so that only one part is
-/// held in memory at once; the footer's metadata comes last, when the counts are known. Until
-/// [`Writer::finish`] succeeds only the temp file exists, and it is removed if the writer is
-/// dropped unfinished.
-pub struct Writer {
-    dir: PathBuf,
-    seq: u64,
-    tmp: PathBuf,
-    w: Option<ArrowWriter<File>>,
-}
-
-impl Writer {
-    pub fn create(dir: &Path, seq: u64) -> Result<Self, CheckpointError> {
-        let tmp = dir.join(format!("{}.tmp", file_name(seq)));
-        let file = File::create(&tmp)?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(128 * 1024))
-            .set_created_by(format!("spanagg {}", env!("CARGO_PKG_VERSION")))
-            .build();
-        let mut me = Self {
-            dir: dir.to_owned(),
-            seq,
-            tmp,
-            w: None,
-        };
-        me.w = Some(ArrowWriter::try_new(
-            file,
-            checkpoint_schema(),
-            Some(props),
-        )?);
-        Ok(me)
-    }
-
-    /// Appends one part and ends its row group, so the encoder's buffers for it are freed.
-    pub fn write(&mut self, batches: &[RecordBatch]) -> Result<(), CheckpointError> {
-        let w = self.w.as_mut().ok_or_else(finished)?;
-        for b in batches.iter().filter(|b| b.num_rows() > 0) {
-            w.write(b)?;
-        }
-        w.flush()?;
-        Ok(())
-    }
-
-    /// Writes the footer with `meta`, syncs, and renames the file into place.
-    pub fn finish(mut self, meta: &Meta) -> Result<(PathBuf, u64), CheckpointError> {
-        let mut w = self.w.take().ok_or_else(finished)?;
-        for kv in meta.to_kv() {
-            w.append_key_value_metadata(kv);
-        }
-        let file = w.into_inner()?;
-        file.sync_all()?;
-        let size = file.metadata()?.len();
-        let path = self.dir.join(file_name(self.seq));
-        std::fs::rename(&self.tmp, &path)?;
-        sync_dir(&self.dir)?;
-        Ok((path, size))
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        // Unfinished, or finish failed before the rename: the temp file goes.
-        if self.tmp.exists() {
-            let _ = std::fs::remove_file(&self.tmp);
+    let path = dir.join(file_name(seq));
+    let tmp = dir.join(format!("{}.tmp", file_name(seq)));
+    let result = write_to(&tmp, meta, batches).and_then(|size| {
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(dir)?;
+        Ok(size)
+    });
+    match result {
+        Ok(size) => Ok((path, size)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
         }
     }
 }
 
-fn finished() -> CheckpointError {
-    CheckpointError::Io(io::Error::other("checkpoint writer already finished"))
+fn write_to(tmp: &Path, meta: &Meta, batches: &[RecordBatch]) -> Result<u64, CheckpointError> {
+    let file = File::create(tmp)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .set_created_by(format!("spanagg {}", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(Some(meta.to_kv()))
+        .build();
+    let mut w = ArrowWriter::try_new(file, checkpoint_schema(), Some(props))?;
+    for b in batches.iter().filter(|b| b.num_rows() > 0) {
+        w.write(b)?;
+    }
+    let file = w.into_inner()?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
 }
 
 /// Reads only the footer.

@@ -284,25 +284,25 @@ impl Storage {
             ),
             None => None,
         };
-        let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
-        let dir = self.checkpoint_dir.clone();
-        let mut writer = blocking(move || checkpoint::Writer::create(&dir, seq)).await?;
-        // One shard at a time: only its batches are held, not the whole state's, and each is
-        // written (and freed) before the next shard is read. Each shard's part is consistent
-        // in itself, which is all a restore needs (see the WAL position above).
-        let (mut series, mut streams, mut series_budget) = (0u64, 0u64, 0u64);
-        for i in 0..table.len() {
-            let (batches, budget) = crate::export::gather_one(table, i, move |s: &ShardState| {
-                (columns::shard_batches(s, i as u32), s.series_budget())
-            })
-            .await
-            .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
-            let batches = batches.map_err(|e| CheckpointError::Format(e.to_string()))?;
-            series += batches[0].num_rows() as u64;
-            streams += batches[1].num_rows() as u64;
+        let parts = crate::export::gather_indexed(table, |i, s: &ShardState| {
+            (columns::shard_batches(s, i as u32), s.series_budget())
+        })
+        .await
+        .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
+        let mut batches = Vec::with_capacity(parts.len() * 3);
+        let mut series_budget = 0u64;
+        for (p, budget) in parts {
+            batches.extend(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
             series_budget = series_budget.max(budget);
-            writer = blocking(move || writer.write(&batches).map(|()| writer)).await?;
         }
+        let rows = |i: usize| -> u64 {
+            batches
+                .iter()
+                .skip(i)
+                .step_by(3)
+                .map(|b| b.num_rows() as u64)
+                .sum()
+        };
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
             schema_hash: checkpoint::schema_hash(),
@@ -311,11 +311,16 @@ impl Storage {
             state_start_ns: self.state_start_ns,
             clean_shutdown: clean,
             shards: table.len() as u32,
-            series,
-            streams,
+            series: rows(0),
+            streams: rows(1),
             series_budget,
         };
-        let written = blocking(move || writer.finish(&meta)).await?;
+        let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
+        let dir = self.checkpoint_dir.clone();
+        let written =
+            tokio::task::spawn_blocking(move || checkpoint::write(&dir, seq, &meta, &batches))
+                .await
+                .map_err(|e| CheckpointError::Io(io::Error::other(e.to_string())))??;
         if let Err(e) = self.prune() {
             tracing::warn!(error = %e, "could not prune old checkpoints or WAL segments");
         }
@@ -460,13 +465,4 @@ fn set_aside(path: &Path, e: &CheckpointError, metrics: &StorageMetrics) {
             tracing::error!(path = %path.display(), error = %e, rename_error = %re, "unreadable checkpoint could not be set aside")
         }
     }
-}
-
-/// Runs checkpoint file work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, CheckpointError> + Send + 'static,
-) -> Result<T, CheckpointError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| CheckpointError::Io(io::Error::other(e.to_string())))?
 }

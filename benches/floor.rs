@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
 use spanagg::aggregate::shard::{ShardConfig, ShardState};
-use spanagg::ingest::body::{decode, Encoding};
+use spanagg::ingest::body::{decode, decode_into, BufPool, Encoding};
 use spanagg::ingest::otlp::Projection;
 use spanagg::ingest::wire;
 use spanagg::workload::{request, single_shard_batch, Shape};
@@ -81,6 +81,8 @@ fn floor(c: &mut Criterion) {
         });
         g.bench_function(format!("{name}/spanagg_inflate_decode_apply"), |b| {
             let mut state = ShardState::new(ShardConfig::default());
+            // As the service does: inflate buffers come from a pool and go back to it.
+            let pool = BufPool::default();
             let mut i = 0;
             b.iter_batched(
                 || {
@@ -90,9 +92,10 @@ fn floor(c: &mut Criterion) {
                     compress(encoding, &req.encode_to_vec())
                 },
                 |raw| {
-                    let body = decode(raw, encoding, LIMIT).unwrap();
+                    let body = decode_into(raw, encoding, LIMIT, pool.take()).unwrap();
                     wire::cost(&body).unwrap();
                     let req = ExportMetricsServiceRequest::decode(&body[..]).unwrap();
+                    pool.give(body);
                     let batch = single_shard_batch(req, &projection);
                     state.apply(&batch)
                 },

@@ -289,3 +289,87 @@ async fn open_streams_with_compressed_bombs_hold_only_what_they_sent() {
     );
     s.stop();
 }
+
+/// tonic's refusals before the handler runs are the client's errors: INVALID_ARGUMENT, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_grpc_messages_are_invalid_arguments() {
+    let s = Spanagg::start("");
+    // A length prefix past the data, and a flag byte that is neither 0 nor 1.
+    let mut lying = vec![0u8, 0, 0, 1, 0];
+    lying.extend_from_slice(b"short");
+    let bad_flag = vec![7u8, 0, 0, 0, 1, 0x0a];
+    for frame in [lying, bad_flag] {
+        let (_, headers, _) = raw_grpc_bytes(&s, None, frame).await;
+        assert_eq!(grpc_status(&headers), Some(3), "{headers:?}");
+    }
+    assert_eq!(
+        s.internal("spanagg_requests_total{protocol=\"grpc\",outcome=\"invalid_argument\"}"),
+        2.0
+    );
+    s.stop();
+}
+
+/// A compressed body that must wait for the decode budget is not held while it waits: it is
+/// inflated again once admitted, to the same bytes. (The ingest stack without sockets.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_body_waiting_for_the_budget_is_inflated_again_to_the_same_bytes() {
+    use spanagg::aggregate::shard::ShardConfig;
+    use spanagg::aggregate::table::Table;
+    use spanagg::ingest::body::Encoding;
+    use spanagg::ingest::otlp::{InputLimits, Projection};
+    use spanagg::ingest::Ingestor;
+    use spanagg::telemetry::Telemetry;
+    use spanagg::workload::{request, Shape};
+    use std::sync::Arc;
+
+    let shape = Shape {
+        services: 1,
+        routes: 200,
+        bounds: 49,
+        counters: true,
+    };
+    let body = request(&shape, 0, 1_000, 2_000).encode_to_vec();
+    let (cost, _) = Ingestor::price_protobuf(&body).unwrap();
+    let table = Arc::new(Table::start(ShardConfig::default(), 1, 16).unwrap());
+    let telemetry = Arc::new(Telemetry::new(
+        table.stats(),
+        Default::default(),
+        spanagg::config::Config::default().limits,
+    ));
+    let limits = InputLimits {
+        max_decode_memory: cost * 3 / 2,
+        ..InputLimits::default()
+    };
+    let ingestor = Arc::new(
+        Ingestor::new(
+            table,
+            Projection::new(&["service.name".into()], &[]),
+            telemetry,
+            16 << 20,
+        )
+        .with_limits(limits),
+    );
+    // The plain body takes most of the budget and holds it.
+    let (_, held) = ingestor
+        .inflate_and_admit(
+            body.clone().into(),
+            Encoding::Identity,
+            Ingestor::price_protobuf,
+        )
+        .await
+        .unwrap();
+    let waiting = {
+        let ingestor = ingestor.clone();
+        let zstd = bytes::Bytes::from(zstd(&body));
+        tokio::spawn(async move {
+            ingestor
+                .inflate_and_admit(zstd, Encoding::Zstd, Ingestor::price_protobuf)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "it waits for room");
+    drop(held);
+    let (inflated, _admission) = waiting.await.unwrap().unwrap();
+    assert!(inflated[..] == body[..], "inflated again to the same bytes");
+}

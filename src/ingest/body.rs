@@ -59,14 +59,25 @@ pub fn snappy_block(raw: &[u8]) -> bool {
 }
 
 /// Decompresses `raw` into at most `limit` bytes (an identity body is returned as it is).
-// The capped uses: every stream decoder goes through `read_capped`, a Snappy block's claimed
-// length is checked before it is allocated.
-#[allow(clippy::disallowed_methods)]
 pub fn decode(
     raw: bytes::Bytes,
     encoding: Encoding,
     limit: usize,
 ) -> Result<bytes::Bytes, IngestError> {
+    decode_into(raw, encoding, limit, Vec::new())
+}
+
+/// [`decode`] into `out` (cleared first; its capacity is what is reused).
+// The capped uses: every stream decoder goes through `read_capped`, a Snappy block's claimed
+// length is checked before it is allocated.
+#[allow(clippy::disallowed_methods)]
+pub fn decode_into(
+    raw: bytes::Bytes,
+    encoding: Encoding,
+    limit: usize,
+    mut out: Vec<u8>,
+) -> Result<bytes::Bytes, IngestError> {
+    out.clear();
     match encoding {
         Encoding::Identity => {
             if raw.len() > limit {
@@ -74,31 +85,37 @@ pub fn decode(
             }
             Ok(raw)
         }
-        Encoding::Gzip => read_capped(GzDecoder::new(&raw[..]), raw.len(), limit, "gzip"),
-        Encoding::Deflate => read_capped(ZlibDecoder::new(&raw[..]), raw.len(), limit, "deflate"),
+        Encoding::Gzip => read_capped(GzDecoder::new(&raw[..]), raw.len(), limit, "gzip", out),
+        Encoding::Deflate => {
+            read_capped(ZlibDecoder::new(&raw[..]), raw.len(), limit, "deflate", out)
+        }
         Encoding::Zstd => {
             let mut decoder = zstd::stream::read::Decoder::with_buffer(&raw[..])
                 .map_err(|e| IngestError::InvalidArgument(format!("invalid zstd body: {e}")))?;
             decoder
                 .window_log_max(ZSTD_WINDOW_LOG_MAX)
                 .map_err(|e| IngestError::InvalidArgument(format!("invalid zstd body: {e}")))?;
-            read_capped(decoder, raw.len(), limit, "zstd")
+            read_capped(decoder, raw.len(), limit, "zstd", out)
         }
         Encoding::Snappy if !snappy_block(&raw) => read_capped(
             snap::read::FrameDecoder::new(&raw[..]),
             raw.len(),
             limit,
             "snappy",
+            out,
         ),
         Encoding::Snappy => {
             let invalid =
                 |e: snap::Error| IngestError::InvalidArgument(format!("invalid snappy body: {e}"));
-            if snap::raw::decompress_len(&raw).map_err(invalid)? > limit {
+            let len = snap::raw::decompress_len(&raw).map_err(invalid)?;
+            if len > limit {
                 return Err(IngestError::TooLarge { limit });
             }
-            let out = snap::raw::Decoder::new()
-                .decompress_vec(&raw)
+            out.resize(len, 0);
+            let n = snap::raw::Decoder::new()
+                .decompress(&raw, &mut out)
                 .map_err(invalid)?;
+            out.truncate(n);
             Ok(out.into())
         }
     }
@@ -110,9 +127,10 @@ fn read_capped(
     compressed: usize,
     limit: usize,
     name: &str,
+    mut out: Vec<u8>,
 ) -> Result<bytes::Bytes, IngestError> {
     // Grow as data arrives; the estimate only avoids early reallocations.
-    let mut out = Vec::with_capacity(compressed.saturating_mul(4).min(limit));
+    out.reserve(compressed.saturating_mul(4).min(limit));
     let mut reader = reader.take(limit as u64 + 1);
     reader
         .read_to_end(&mut out)
@@ -121,6 +139,46 @@ fn read_capped(
         return Err(IngestError::TooLarge { limit });
     }
     Ok(out.into())
+}
+
+/// Inflate buffers kept for the next request: a body of the usual size is then inflated into
+/// memory that is already there (no chain of reallocations, no fresh pages), which saves 1-3%
+/// of the ingest path (BENCHMARKS.md). At most [`POOLED`] buffers of at most [`POOLED_BYTES`]
+/// capacity each are kept, so the pool holds 32 MiB at worst, whatever the requests were.
+#[derive(Default)]
+pub struct BufPool {
+    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+const POOLED: usize = 8;
+const POOLED_BYTES: usize = 4 << 20;
+
+impl BufPool {
+    /// A buffer to inflate into (empty, with whatever capacity it kept).
+    pub fn take(&self) -> Vec<u8> {
+        self.bufs
+            .lock()
+            .ok()
+            .and_then(|mut b| b.pop())
+            .unwrap_or_default()
+    }
+
+    /// Gives an inflated body back once nothing else holds it (it stays in use otherwise).
+    pub fn give(&self, body: bytes::Bytes) {
+        let Ok(buf) = body.try_into_mut() else {
+            return;
+        };
+        let mut buf = Vec::from(buf);
+        buf.clear();
+        if buf.capacity() == 0 || buf.capacity() > POOLED_BYTES {
+            return;
+        }
+        if let Ok(mut bufs) = self.bufs.lock() {
+            if bufs.len() < POOLED {
+                bufs.push(buf);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +310,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_pool_keeps_only_buffers_nothing_else_holds_and_of_bounded_size() {
+        let pool = BufPool::default();
+        let body = decode_into(gzip(&[7u8; 1000]), Encoding::Gzip, 1 << 20, pool.take()).unwrap();
+        let shared = body.clone();
+        pool.give(body);
+        assert_eq!(
+            pool.take().capacity(),
+            0,
+            "still held elsewhere: not pooled"
+        );
+        pool.give(shared);
+        let reused = pool.take();
+        assert!(
+            reused.capacity() >= 1000 && reused.is_empty(),
+            "pooled once unique"
+        );
+        pool.give(bytes::Bytes::from(vec![0u8; POOLED_BYTES + 1]));
+        assert_eq!(pool.take().capacity(), 0, "too large to keep");
+        for _ in 0..POOLED + 3 {
+            pool.give(bytes::Bytes::from(vec![0u8; 10]));
+        }
+        assert_eq!(pool.bufs.lock().unwrap().len(), POOLED);
+        // A reused buffer inflates the same bytes.
+        let again = decode_into(gzip(b"again"), Encoding::Gzip, 1024, reused).unwrap();
+        assert_eq!(&again[..], b"again");
     }
 
     #[test]

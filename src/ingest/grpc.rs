@@ -129,7 +129,11 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
                 }
             };
             let (req, logged) = match ingestor.decode_protobuf(&body) {
-                Ok((r, repaired)) => (r, Logged::of(raw, body, encoding, repaired)),
+                Ok((r, repaired)) => {
+                    let (logged, unused) = Logged::of(raw, body, encoding, repaired);
+                    ingestor.recycle(unused);
+                    (r, logged)
+                }
                 Err(err) => {
                     ingestor.refused(Protocol::Grpc, &err);
                     return Err(status_of(&err));
@@ -149,6 +153,22 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
             }
         })
     }
+}
+
+/// Whether tonic's INTERNAL says it could not read the request's message, by tonic's wording.
+fn is_unreadable_message(headers: &http::HeaderMap) -> bool {
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|m| m.replace("%20", " "))
+        .unwrap_or_default();
+    [
+        "Missing request message",
+        "Unexpected EOF decoding stream",
+        "protocol error: received message",
+    ]
+    .iter()
+    .any(|p| message.starts_with(p))
 }
 
 impl<B> tower_service::Service<http::Request<B>> for MetricsGrpc
@@ -247,10 +267,11 @@ where
         ingestor.refused(Protocol::Grpc, &IngestError::TooLarge { limit });
         res.headers_mut()
             .insert("grpc-status", http::HeaderValue::from_static("8"));
-    } else if code == Some(13) {
-        // tonic could not read a message (a length prefix past the data, no message at all):
-        // the client's fault, as a bad body is on OTLP/HTTP. INVALID_ARGUMENT is not retried;
-        // INTERNAL would be, forever.
+    } else if code == Some(13) && is_unreadable_message(res.headers()) {
+        // tonic could not read a message (a length prefix past the data, no message at all, a
+        // bad flag byte): the client's fault, as a bad body is on OTLP/HTTP. INVALID_ARGUMENT
+        // is not retried; INTERNAL would be, forever. Other INTERNAL errors (a stream reset)
+        // stay as they are.
         let err = IngestError::InvalidArgument("unreadable gRPC message".into());
         ingestor.refused(Protocol::Grpc, &err);
         res.headers_mut()

@@ -256,7 +256,8 @@ async fn read_request(
                 .inflate_and_admit(raw.clone(), encoding, Ingestor::price_protobuf)
                 .await?;
             let (req, repaired) = ingestor.decode_protobuf(&bytes)?;
-            let logged = Logged::of(raw, bytes, encoding, repaired);
+            let (logged, unused) = Logged::of(raw, bytes, encoding, repaired);
+            ingestor.recycle(unused);
             Ok((req, Some(logged), admission))
         }
         Format::Json => {
@@ -265,6 +266,7 @@ async fn read_request(
                 .await?;
             let req = super::json::decode(&bytes)
                 .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}")))?;
+            ingestor.recycle(Some(bytes));
             ingestor.check_points(&req)?;
             Ok((req, None, admission))
         }

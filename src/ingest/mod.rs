@@ -67,21 +67,24 @@ pub enum Logged {
 impl Logged {
     /// What to log for a protobuf request that came as `raw` in `encoding` and inflated to
     /// `inflated` (`repaired`: the body re-encoded after invalid UTF-8 was replaced): a body
-    /// the WAL can keep as it came is kept so, anything else as protobuf.
+    /// the WAL can keep as it came is kept so, anything else as protobuf. The inflated body
+    /// comes back when the log does not keep it (for [`Ingestor::recycle`]).
     pub fn of(
         raw: Bytes,
         inflated: Bytes,
         encoding: body::Encoding,
         repaired: Option<Bytes>,
-    ) -> Self {
+    ) -> (Self, Option<Bytes>) {
         use body::Encoding;
         match (repaired, encoding) {
-            (Some(fixed), _) => Self::Protobuf(fixed),
-            (None, Encoding::Gzip) => Self::Gzip(raw),
-            (None, Encoding::Zstd) => Self::Zstd(raw),
-            (None, Encoding::Snappy) if body::snappy_block(&raw) => Self::SnappyBlock(raw),
+            (Some(fixed), _) => (Self::Protobuf(fixed), Some(inflated)),
+            (None, Encoding::Gzip) => (Self::Gzip(raw), Some(inflated)),
+            (None, Encoding::Zstd) => (Self::Zstd(raw), Some(inflated)),
+            (None, Encoding::Snappy) if body::snappy_block(&raw) => {
+                (Self::SnappyBlock(raw), Some(inflated))
+            }
             (None, Encoding::Snappy | Encoding::Deflate | Encoding::Identity) => {
-                Self::Protobuf(inflated)
+                (Self::Protobuf(inflated), None)
             }
         }
     }
@@ -106,6 +109,8 @@ pub struct Ingestor {
     pub max_request_bytes: usize,
     limits: InputLimits,
     budget: admit::DecodeBudget,
+    /// Inflate buffers kept between requests.
+    pool: body::BufPool,
 }
 
 impl Ingestor {
@@ -123,6 +128,7 @@ impl Ingestor {
             max_request_bytes,
             limits: InputLimits::default(),
             budget: Self::budget_for(&InputLimits::default(), &telemetry),
+            pool: body::BufPool::default(),
             telemetry,
         }
     }
@@ -162,20 +168,30 @@ impl Ingestor {
         price: impl Fn(&[u8]) -> Result<(u64, u64), IngestError>,
     ) -> Result<(Bytes, admit::Admission), IngestError> {
         let limit = self.max_request_bytes;
-        let inflated = body::decode(raw.clone(), encoding, limit)?;
-        let (bytes, points) = price(&inflated)?;
         if encoding == body::Encoding::Identity {
+            let body = body::decode(raw, encoding, limit)?;
+            let (bytes, points) = price(&body)?;
             let admission = self.admit(bytes, points).await?;
-            return Ok((inflated, admission));
+            return Ok((body, admission));
         }
+        let inflated = body::decode_into(raw.clone(), encoding, limit, self.pool.take())?;
+        let (bytes, points) = price(&inflated)?;
         match self.budget.try_admit(bytes, points) {
             Ok(Some(admission)) => return Ok((inflated, admission)),
             Ok(None) => {}
             Err(e) => return Err(self.limit_counted(e)),
         }
-        drop(inflated);
+        self.pool.give(inflated);
         let admission = self.admit(bytes, points).await?;
-        Ok((body::decode(raw, encoding, limit)?, admission))
+        let inflated = body::decode_into(raw, encoding, limit, self.pool.take())?;
+        Ok((inflated, admission))
+    }
+
+    /// Gives an inflated body back to the pool once it has been decoded and is not logged.
+    pub fn recycle(&self, inflated: Option<Bytes>) {
+        if let Some(b) = inflated {
+            self.pool.give(b);
+        }
     }
 
     /// What a protobuf body will cost to decode, as (bytes, points).

@@ -671,10 +671,19 @@ pub async fn raw_grpc_flagged(
     compressed: bool,
     payload: Vec<u8>,
 ) -> (u16, Vec<(String, String)>, ()) {
-    use http_body_util::BodyExt;
     let mut frame = vec![u8::from(compressed)];
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(&payload);
+    raw_grpc_bytes(s, encoding, frame).await
+}
+
+/// Sends `body` as a gRPC export request's body, as it is (frames and all).
+pub async fn raw_grpc_bytes(
+    s: &Spanagg,
+    encoding: Option<&str>,
+    frame: Vec<u8>,
+) -> (u16, Vec<(String, String)>, ()) {
+    use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<http_body_util::Full<bytes::Bytes>>();

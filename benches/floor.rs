@@ -57,8 +57,8 @@ fn bodies(encoding: Encoding, n: u64) -> Vec<bytes::Bytes> {
 }
 
 fn floor(c: &mut Criterion) {
-    let c_ = spanagg::config::Config::default();
-    let projection = Arc::new(Projection::new(&c_.by, &c_.without));
+    let config = spanagg::config::Config::default();
+    let projection = Arc::new(Projection::new(&config.by, &config.without));
     let mut g = c.benchmark_group("floor");
     // Input samples as a Prometheus scrape of the pod would count them: per route, the calls
     // counter and the histogram's buckets, _sum and _count.

@@ -13,11 +13,9 @@ use common::{now_ns, route, spanmetrics};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 use prost::Message;
-use spanagg::aggregate::shard::ShardConfig;
 use spanagg::aggregate::table::Table;
 use spanagg::auth::{Door, Guard};
 use spanagg::ingest::grpc::MetricsGrpc;
-use spanagg::ingest::otlp::Projection;
 use spanagg::ingest::Ingestor;
 use spanagg::storage::wal::{self, Wal};
 use spanagg::telemetry::{Protocol, Telemetry};
@@ -29,18 +27,7 @@ fn stack(
     capacity: usize,
     dir: Option<&std::path::Path>,
 ) -> (Arc<Table>, Arc<Ingestor>, Arc<Telemetry>) {
-    let table = Arc::new(Table::start(ShardConfig::default(), shards, capacity).unwrap());
-    let telemetry = Arc::new(Telemetry::new(
-        table.stats(),
-        Default::default(),
-        spanagg::config::Config::default().limits,
-    ));
-    let mut ingestor = Ingestor::new(
-        table.clone(),
-        Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
-        telemetry.clone(),
-        1 << 20,
-    );
+    let (table, mut ingestor, telemetry) = common::ingest_stack(shards, capacity);
     if let Some(dir) = dir {
         let wal = Wal::start(dir, 1, 0, 1 << 20, Default::default()).unwrap();
         ingestor = ingestor.with_wal(Arc::new(wal));

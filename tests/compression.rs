@@ -313,12 +313,9 @@ async fn unreadable_grpc_messages_are_invalid_arguments() {
 /// inflated again once admitted, to the same bytes. (The ingest stack without sockets.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_body_waiting_for_the_budget_is_inflated_again_to_the_same_bytes() {
-    use spanagg::aggregate::shard::ShardConfig;
-    use spanagg::aggregate::table::Table;
     use spanagg::ingest::body::Encoding;
-    use spanagg::ingest::otlp::{InputLimits, Projection};
+    use spanagg::ingest::otlp::InputLimits;
     use spanagg::ingest::Ingestor;
-    use spanagg::telemetry::Telemetry;
     use spanagg::workload::{request, Shape};
     use std::sync::Arc;
 
@@ -330,25 +327,11 @@ async fn a_compressed_body_waiting_for_the_budget_is_inflated_again_to_the_same_
     };
     let body = request(&shape, 0, 1_000, 2_000).encode_to_vec();
     let (cost, _) = Ingestor::price_protobuf(&body).unwrap();
-    let table = Arc::new(Table::start(ShardConfig::default(), 1, 16).unwrap());
-    let telemetry = Arc::new(Telemetry::new(
-        table.stats(),
-        Default::default(),
-        spanagg::config::Config::default().limits,
-    ));
-    let limits = InputLimits {
+    let (_table, ingestor, _) = ingest_stack(1, 16);
+    let ingestor = Arc::new(ingestor.with_limits(InputLimits {
         max_decode_memory: cost * 3 / 2,
         ..InputLimits::default()
-    };
-    let ingestor = Arc::new(
-        Ingestor::new(
-            table,
-            Projection::new(&["service.name".into()], &[]),
-            telemetry,
-            16 << 20,
-        )
-        .with_limits(limits),
-    );
+    }));
     // The plain body takes most of the budget and holds it.
     let (_, held) = ingestor
         .inflate_and_admit(

@@ -140,6 +140,12 @@ fn push_u64(out: &mut String, v: u64) {
 /// The most bytes one series is assumed to take when a family's body is sized.
 const MAX_SERIES_ESTIMATE: usize = 16 << 10;
 
+/// The most one shard's scrape reserves ahead, over all its families: a family's first series
+/// can be a client's oversized one (long label values), and its size times a large family
+/// must not become one huge allocation. Past it, bodies grow by doubling (at most twice their
+/// length), as they did before they were sized.
+const MAX_RESERVED_AHEAD: usize = 64 << 20;
+
 /// Encodes every series of one shard, grouped by family.
 pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
     let mut parts: Vec<FamilyPart> = state
@@ -159,6 +165,7 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
         }
     }
     // `le` label texts per layout, rendered once per scrape: `le="0.5"` with the comma before.
+    let mut reserve_left = MAX_RESERVED_AHEAD;
     let mut le_cache: HashMap<u32, Vec<String>> = HashMap::new();
     let mut labels = String::new();
     let mut prefix = String::new();
@@ -228,12 +235,14 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
             line(out, name, "_created", &labels, |o| write_float(o, created));
         }
         // After the family's first series: room for the rest at its size, plus an eighth. The
-        // size is capped (a 50-bucket series with long labels is ~10 KiB): one series with
-        // 4 KiB label values must not make a reservation for all the others at its size.
+        // size is capped (a 50-bucket series with long labels is ~10 KiB), and so is what the
+        // shard reserves in all: one series with 4 KiB label values first in a family of
+        // 500,000 must not reserve gigabytes.
         if let Some(n) = left.get_mut(s.family as usize).filter(|n| **n > 0) {
             let per = out.len().min(MAX_SERIES_ESTIMATE);
-            let rest = (*n - 1).saturating_mul(per).saturating_mul(9) / 8;
+            let rest = ((*n - 1).saturating_mul(per).saturating_mul(9) / 8).min(reserve_left);
             out.reserve_exact(rest);
+            reserve_left -= rest;
             *n = 0;
         }
     }
@@ -337,6 +346,52 @@ mod tests {
             },
             body: body.into(),
         }
+    }
+
+    /// A family's first series with 4 KiB label values, 5,000 ordinary ones after it: sized at
+    /// the first, the body would reserve ~92 MB for ~8 MB of text.
+    #[test]
+    fn an_oversized_first_series_does_not_size_its_family_past_the_shard_cap() {
+        use crate::aggregate::shard::{ShardConfig, ShardState};
+        use crate::ingest::otlp::Projection;
+        use crate::workload::{request, single_shard_batch, Shape};
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+        let shape = Shape {
+            services: 1,
+            routes: 5_000,
+            bounds: 15,
+            counters: false,
+        };
+        let mut req = request(&shape, 0, 1_000, 2_000);
+        let metric = &mut req.resource_metrics[0].scope_metrics[0].metrics[0];
+        let Some(Data::Histogram(h)) = metric.data.as_mut() else {
+            panic!("the workload's first metric is the histogram");
+        };
+        for kv in &mut h.data_points[0].attributes {
+            if kv.key == "span.name" {
+                if let Some(v) = kv.value.as_mut() {
+                    v.value = Some(Value::StringValue("x".repeat(4_000)));
+                }
+            }
+        }
+        let projection = std::sync::Arc::new(Projection::new(&["service.name".into()], &[]));
+        let mut state = ShardState::new(ShardConfig::default());
+        state.apply(&single_shard_batch(req, &projection));
+        let parts = encode_shard(&state, Format::Text);
+        let body = &parts[0].body;
+        assert!(
+            body.contains(&"x".repeat(4_000)),
+            "the long series is in the family"
+        );
+        // Reserved ahead up to the cap (after the first series' ~74 KB), or grown by doubling.
+        assert!(
+            body.capacity() <= (MAX_RESERVED_AHEAD + (1 << 20)).max(2 * body.len()),
+            "{} bytes reserved for {} bytes of text",
+            body.capacity(),
+            body.len()
+        );
     }
 
     #[test]

@@ -11,11 +11,11 @@
 
 use std::io::Read;
 
-use flate2::read::{GzDecoder, ZlibDecoder};
+use flate2::read::{MultiGzDecoder, ZlibDecoder};
 
 use super::IngestError;
 
-/// Content encodings an OTLP/HTTP client may send.
+/// Request compressions, by their `Content-Encoding` (OTLP/HTTP) or `grpc-encoding` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     Identity,
@@ -31,13 +31,16 @@ pub enum Encoding {
 /// byte, which is neither protobuf (field 0 does not exist) nor JSON.
 const SNAPPY_FRAMED_MAGIC: &[u8] = b"\xff\x06\x00\x00sNaPpY";
 
-/// zstd frames may ask for a window up to this (128 MiB, zstd's own default limit). The window
-/// is reserved, but only what the output reaches is ever written: memory follows `limit`.
-/// The Collector's streaming encoder declares 8 MiB windows, so a tighter cap refuses it.
-const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+/// zstd frames may ask for a window of 8 MiB (the Collector's streaming encoder declares that
+/// much) or as large as the output may be, whichever is more, up to 128 MiB (zstd's own
+/// default limit). The window is reserved up front; a larger one than the output gains nothing.
+fn zstd_window_log_max(limit: usize) -> u32 {
+    let bits = usize::BITS - limit.saturating_sub(1).leading_zeros();
+    bits.clamp(23, 27)
+}
 
 impl Encoding {
-    /// Parses a `Content-Encoding` header value.
+    /// Parses a `Content-Encoding` (or `grpc-encoding`) header value.
     pub fn parse(header: Option<&str>) -> Result<Self, IngestError> {
         match header.map(|h| h.trim().to_ascii_lowercase()) {
             None => Ok(Self::Identity),
@@ -85,7 +88,8 @@ pub fn decode_into(
             }
             Ok(raw)
         }
-        Encoding::Gzip => read_capped(GzDecoder::new(&raw[..]), raw.len(), limit, "gzip", out),
+        // Every member: a gzip body may be several concatenated (RFC 1952).
+        Encoding::Gzip => read_capped(MultiGzDecoder::new(&raw[..]), raw.len(), limit, "gzip", out),
         Encoding::Deflate => {
             read_capped(ZlibDecoder::new(&raw[..]), raw.len(), limit, "deflate", out)
         }
@@ -93,7 +97,7 @@ pub fn decode_into(
             let mut decoder = zstd::stream::read::Decoder::with_buffer(&raw[..])
                 .map_err(|e| IngestError::InvalidArgument(format!("invalid zstd body: {e}")))?;
             decoder
-                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .window_log_max(zstd_window_log_max(limit))
                 .map_err(|e| IngestError::InvalidArgument(format!("invalid zstd body: {e}")))?;
             read_capped(decoder, raw.len(), limit, "zstd", out)
         }
@@ -143,7 +147,7 @@ fn read_capped(
 
 /// Inflate buffers kept for the next request: a body of the usual size is then inflated into
 /// memory that is already there (no chain of reallocations, no fresh pages), which saves 1-3%
-/// of the ingest path (BENCHMARKS.md). At most [`POOLED`] buffers of at most [`POOLED_BYTES`]
+/// of the ingest path (BENCHMARKS.md). At most `POOLED` buffers of at most `POOLED_BYTES`
 /// capacity each are kept, so the pool holds 32 MiB at worst, whatever the requests were.
 #[derive(Default)]
 pub struct BufPool {
@@ -165,14 +169,15 @@ impl BufPool {
 
     /// Gives an inflated body back once nothing else holds it (it stays in use otherwise).
     pub fn give(&self, body: bytes::Bytes) {
-        let Ok(buf) = body.try_into_mut() else {
+        let Ok(mut buf) = body.try_into_mut() else {
             return;
         };
-        let mut buf = Vec::from(buf);
+        // Cleared first: the conversion then moves no bytes.
         buf.clear();
         if buf.capacity() == 0 || buf.capacity() > POOLED_BYTES {
             return;
         }
+        let buf = Vec::from(buf);
         if let Ok(mut bufs) = self.bufs.lock() {
             if bufs.len() < POOLED {
                 bufs.push(buf);
@@ -199,6 +204,21 @@ mod tests {
         assert!(bomb.len() < 100 << 10, "the bomb is small: {}", bomb.len());
         let err = decode(bomb, Encoding::Gzip, 1 << 20).unwrap_err();
         assert!(matches!(err, IngestError::TooLarge { limit } if limit == 1 << 20));
+    }
+
+    #[test]
+    fn every_member_of_a_gzip_body_is_read() {
+        let two = [gzip(b""), gzip(b"second")].concat();
+        let body = decode(two.into(), Encoding::Gzip, 1024).unwrap();
+        assert_eq!(&body[..], b"second");
+    }
+
+    #[test]
+    fn the_zstd_window_follows_the_limit_between_8_and_128_mib() {
+        assert_eq!(zstd_window_log_max(1 << 20), 23);
+        assert_eq!(zstd_window_log_max((16 << 20) + 1), 25);
+        assert_eq!(zstd_window_log_max(64 << 20), 26);
+        assert_eq!(zstd_window_log_max(usize::MAX), 27);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! OTLP/gRPC `MetricsService/Export`. The service is written against tonic's server primitives
 //! rather than the generated server so that the body arrives as bytes: an undecodable message is
 //! then `INVALID_ARGUMENT` (the generated code would answer `INTERNAL`) and is counted like any
-//! other refusal. The decoding limit is explicit; tonic enforces it while decompressing gzip
-//! and zstd. Snappy, which tonic lacks, is inflated here (`grpc_snappy`).
+//! other refusal. tonic's size limit bounds a message as it came; compressed messages are
+//! inflated here, capped and under the decode budget (`grpc_compression` says why).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use super::body::Encoding;
 use super::grpc_compression::Unflagged;
-use super::{IngestError, Ingestor, Logged};
+use super::{IngestError, Ingestor};
 use crate::telemetry::Protocol;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
@@ -116,24 +116,12 @@ impl tonic::server::UnaryService<Bytes> for ExportSvc {
         };
         self.ran.store(true, Ordering::Relaxed);
         Box::pin(async move {
-            let raw = request.into_inner();
-            // Held until the reply: the decoded request lives until then.
-            let admitted = ingestor
-                .inflate_and_admit(raw.clone(), encoding, Ingestor::price_protobuf)
+            // The admission is held until the reply: the decoded request lives until then.
+            let prepared = ingestor
+                .prepare_protobuf(request.into_inner(), encoding)
                 .await;
-            let (body, admission) = match admitted {
-                Ok(a) => a,
-                Err(err) => {
-                    ingestor.refused(Protocol::Grpc, &err);
-                    return Err(status_of(&err));
-                }
-            };
-            let (req, logged) = match ingestor.decode_protobuf(&body) {
-                Ok((r, repaired)) => {
-                    let (logged, unused) = Logged::of(raw, body, encoding, repaired);
-                    ingestor.recycle(unused);
-                    (r, logged)
-                }
+            let (req, logged, admission) = match prepared {
+                Ok(p) => p,
                 Err(err) => {
                     ingestor.refused(Protocol::Grpc, &err);
                     return Err(status_of(&err));
@@ -162,8 +150,9 @@ fn is_unreadable_message(headers: &http::HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .map(|m| m.replace("%20", " "))
         .unwrap_or_default();
+    // Not "Missing request message": tonic says that too when the client cancelled the
+    // stream part way, which is no bad request.
     [
-        "Missing request message",
         "Unexpected EOF decoding stream",
         "protocol error: received message",
     ]
@@ -213,16 +202,12 @@ where
     }
 }
 
-/// The encodings spanagg inflates itself, by their `grpc-encoding` names; `None` for identity
-/// and for names tonic will refuse as unimplemented (and list what is accepted).
+/// The encoding spanagg inflates itself for a `grpc-encoding` name (the names OTLP/HTTP takes);
+/// `None` for identity and for names tonic will refuse as unimplemented.
 fn grpc_encoding(name: &str) -> Option<Encoding> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "gzip" => Some(Encoding::Gzip),
-        "zstd" => Some(Encoding::Zstd),
-        "snappy" => Some(Encoding::Snappy),
-        "deflate" => Some(Encoding::Deflate),
-        _ => None,
-    }
+    Encoding::parse(Some(name))
+        .ok()
+        .filter(|e| *e != Encoding::Identity)
 }
 
 /// One export through tonic's unary handling, with its refusals counted and mapped.
@@ -268,8 +253,8 @@ where
         res.headers_mut()
             .insert("grpc-status", http::HeaderValue::from_static("8"));
     } else if code == Some(13) && is_unreadable_message(res.headers()) {
-        // tonic could not read a message (a length prefix past the data, no message at all, a
-        // bad flag byte): the client's fault, as a bad body is on OTLP/HTTP. INVALID_ARGUMENT
+        // tonic could not read a message (a length prefix past the data, a bad flag byte):
+        // the client's fault, as a bad body is on OTLP/HTTP. INVALID_ARGUMENT
         // is not retried; INTERNAL would be, forever. Other INTERNAL errors (a stream reset)
         // stay as they are.
         let err = IngestError::InvalidArgument("unreadable gRPC message".into());

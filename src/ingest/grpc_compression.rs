@@ -17,7 +17,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame};
@@ -25,15 +25,15 @@ use http_body::{Body, Frame};
 /// A gRPC request body with the compressed flag of every message cleared.
 pub struct Unflagged<B> {
     inner: Pin<Box<B>>,
-    /// Bytes of the current frame header seen (0..5); 5 while in a message's payload.
+    /// Bytes of the current frame header seen (0..5); back to 0 once it is whole.
     header_at: u8,
     len: [u8; 4],
     /// Payload bytes of the current message still to pass.
     payload_left: u64,
     /// Set when the first message's flag said it was compressed.
     compressed: Arc<AtomicBool>,
-    /// Frame headers begun so far.
-    messages: u64,
+    /// Whether a frame header has begun yet (the next one is the first message's).
+    seen_first: bool,
 }
 
 impl<B> Unflagged<B> {
@@ -44,7 +44,7 @@ impl<B> Unflagged<B> {
             len: [0; 4],
             payload_left: 0,
             compressed: Arc::default(),
-            messages: 0,
+            seen_first: false,
         }
     }
 
@@ -69,13 +69,13 @@ impl<B> Unflagged<B> {
             }
             match self.header_at {
                 0 => {
-                    self.messages += 1;
                     if chunk[i] == 1 {
                         out.get_or_insert_with(|| BytesMut::from(&chunk[..]))[i] = 0;
-                        if self.messages == 1 {
+                        if !self.seen_first {
                             self.compressed.store(true, Ordering::Relaxed);
                         }
                     }
+                    self.seen_first = true;
                 }
                 n => self.len[usize::from(n) - 1] = chunk[i],
             }
@@ -101,11 +101,10 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let frame = match self.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => f,
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
+        let frame = match ready!(self.inner.as_mut().poll_frame(cx)) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None => return Poll::Ready(None),
         };
         let frame = match frame.into_data() {
             Ok(mut data) => {

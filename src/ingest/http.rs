@@ -252,22 +252,11 @@ async fn read_request(
     match format {
         // The protobuf body is what the WAL keeps; a JSON one is re-encoded only if logged.
         Format::Protobuf => {
-            let (bytes, admission) = ingestor
-                .inflate_and_admit(raw.clone(), encoding, Ingestor::price_protobuf)
-                .await?;
-            let (req, repaired) = ingestor.decode_protobuf(&bytes)?;
-            let (logged, unused) = Logged::of(raw, bytes, encoding, repaired);
-            ingestor.recycle(unused);
+            let (req, logged, admission) = ingestor.prepare_protobuf(raw, encoding).await?;
             Ok((req, Some(logged), admission))
         }
         Format::Json => {
-            let (bytes, admission) = ingestor
-                .inflate_and_admit(raw, encoding, Ingestor::price_json)
-                .await?;
-            let req = super::json::decode(&bytes)
-                .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}")))?;
-            ingestor.recycle(Some(bytes));
-            ingestor.check_points(&req)?;
+            let (req, admission) = ingestor.prepare_json(raw, encoding).await?;
             Ok((req, None, admission))
         }
     }

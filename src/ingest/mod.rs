@@ -68,7 +68,7 @@ impl Logged {
     /// What to log for a protobuf request that came as `raw` in `encoding` and inflated to
     /// `inflated` (`repaired`: the body re-encoded after invalid UTF-8 was replaced): a body
     /// the WAL can keep as it came is kept so, anything else as protobuf. The inflated body
-    /// comes back when the log does not keep it (for [`Ingestor::recycle`]).
+    /// comes back when the log does not keep it (for the inflate pool).
     pub fn of(
         raw: Bytes,
         inflated: Bytes,
@@ -148,13 +148,6 @@ impl Ingestor {
         self
     }
 
-    /// Takes what decoding a protobuf body will cost from the decode budget.
-    pub async fn admit_protobuf(&self, body: &[u8]) -> Result<admit::Admission, IngestError> {
-        let cost = wire::cost(body)
-            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))?;
-        self.admit(cost.bytes, cost.points).await
-    }
-
     /// Inflates `raw` (capped at `max_request_bytes`) and takes what decoding it will cost,
     /// priced by `price` as (bytes, points). A compressed body is not held while waiting for
     /// room: a few KiB of zstd can inflate to `max_request_bytes`, and requests queued for the
@@ -176,10 +169,8 @@ impl Ingestor {
         }
         let inflated = body::decode_into(raw.clone(), encoding, limit, self.pool.take())?;
         let (bytes, points) = price(&inflated)?;
-        match self.budget.try_admit(bytes, points) {
-            Ok(Some(admission)) => return Ok((inflated, admission)),
-            Ok(None) => {}
-            Err(e) => return Err(self.limit_counted(e)),
+        if let Some(admission) = self.budget.try_admit(bytes, points)? {
+            return Ok((inflated, admission));
         }
         self.pool.give(inflated);
         let admission = self.admit(bytes, points).await?;
@@ -187,11 +178,40 @@ impl Ingestor {
         Ok((inflated, admission))
     }
 
-    /// Gives an inflated body back to the pool once it has been decoded and is not logged.
-    pub fn recycle(&self, inflated: Option<Bytes>) {
-        if let Some(b) = inflated {
+    /// A protobuf request as either transport has it (`raw`, in `encoding`): inflated,
+    /// admitted, decoded, and what the WAL is to keep of it. The inflated body goes back to the
+    /// pool unless the log keeps it.
+    pub async fn prepare_protobuf(
+        &self,
+        raw: Bytes,
+        encoding: body::Encoding,
+    ) -> Result<(ExportMetricsServiceRequest, Logged, admit::Admission), IngestError> {
+        let (inflated, admission) = self
+            .inflate_and_admit(raw.clone(), encoding, Self::price_protobuf)
+            .await?;
+        let (req, repaired) = self.decode_protobuf(&inflated)?;
+        let (logged, unused) = Logged::of(raw, inflated, encoding, repaired);
+        if let Some(b) = unused {
             self.pool.give(b);
         }
+        Ok((req, logged, admission))
+    }
+
+    /// A JSON request: inflated, admitted (at [`admit::JSON_FACTOR`] times its size) and
+    /// decoded; its points are checked once they are counted.
+    pub async fn prepare_json(
+        &self,
+        raw: Bytes,
+        encoding: body::Encoding,
+    ) -> Result<(ExportMetricsServiceRequest, admit::Admission), IngestError> {
+        let (inflated, admission) = self
+            .inflate_and_admit(raw, encoding, Self::price_json)
+            .await?;
+        let req = json::decode(&inflated)
+            .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}")))?;
+        self.pool.give(inflated);
+        self.check_points(&req)?;
+        Ok((req, admission))
     }
 
     /// What a protobuf body will cost to decode, as (bytes, points).
@@ -206,15 +226,9 @@ impl Ingestor {
         Ok(((body.len() as u64).saturating_mul(admit::JSON_FACTOR), 0))
     }
 
-    /// Takes what decoding a JSON body of `len` bytes may cost; its points are counted after.
-    pub async fn admit_json(&self, len: usize) -> Result<admit::Admission, IngestError> {
-        self.admit((len as u64).saturating_mul(admit::JSON_FACTOR), 0)
-            .await
-    }
-
     /// Decodes a protobuf request, repairing invalid UTF-8 in its strings (counted). Returns
     /// the request and, if it was repaired, the body to log instead of the one received.
-    pub fn decode_protobuf(
+    fn decode_protobuf(
         &self,
         body: &[u8],
     ) -> Result<(ExportMetricsServiceRequest, Option<Bytes>), IngestError> {

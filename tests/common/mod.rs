@@ -725,3 +725,35 @@ pub fn grpc_status(headers: &[(String, String)]) -> Option<i32> {
         .find(|(k, _)| k == "grpc-status")
         .and_then(|(_, v)| v.parse().ok())
 }
+
+/// The real ingest stack without sockets: `shards` shards with queues of `capacity`, and an
+/// ingestor (1 MiB requests, `service.name` kept, `k8s.pod.name` dropped) over them.
+pub fn ingest_stack(
+    shards: usize,
+    capacity: usize,
+) -> (
+    Arc<spanagg::aggregate::table::Table>,
+    spanagg::ingest::Ingestor,
+    Arc<spanagg::telemetry::Telemetry>,
+) {
+    let table = Arc::new(
+        spanagg::aggregate::table::Table::start(
+            spanagg::aggregate::shard::ShardConfig::default(),
+            shards,
+            capacity,
+        )
+        .unwrap(),
+    );
+    let telemetry = Arc::new(spanagg::telemetry::Telemetry::new(
+        table.stats(),
+        Default::default(),
+        spanagg::config::Config::default().limits,
+    ));
+    let ingestor = spanagg::ingest::Ingestor::new(
+        table.clone(),
+        spanagg::ingest::otlp::Projection::new(&["service.name".into()], &["k8s.pod.name".into()]),
+        telemetry.clone(),
+        1 << 20,
+    );
+    (table, ingestor, telemetry)
+}

@@ -11,6 +11,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use std::sync::Arc;
 
+pub mod sender;
+
 use crate::aggregate::shard::Batch;
 use crate::ingest::otlp::{prepare, InputLimits, Projection, RequestLabels};
 

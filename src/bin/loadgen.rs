@@ -6,25 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
 use bytes::Bytes;
-use clap::{Parser, ValueEnum};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use clap::Parser;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
+use spanagg::workload::sender::{compress, Compression, Protocol, Sender};
 use spanagg::workload::{points_per_request, request, Shape};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::Status;
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Protocol {
-    Http,
-    Grpc,
-}
 
 /// Generate spanmetrics-shaped OTLP load against a spanagg (or any OTLP metrics receiver).
 #[derive(Debug, Parser)]
@@ -64,54 +51,16 @@ struct Args {
     /// Concurrent requests in flight.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// gzip each request body up front (OTLP/HTTP only), as the Collector's exporter does by
-    /// default; the server then pays for decompression.
-    #[arg(long)]
+    /// Request compression, as the Collector's exporters offer it. OTLP/HTTP bodies are
+    /// compressed up front; gRPC messages by tonic as they are sent.
+    #[arg(long, value_enum, default_value = "none")]
+    compression: Compression,
+    /// Shorthand for `--compression gzip`, the Collector's default.
+    #[arg(long, conflicts_with = "compression")]
     gzip: bool,
     /// Stop after this long even if requests are left.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
-}
-
-const EXPORT: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
-
-/// Sends pre-encoded request bytes; decodes the response. Keeps encoding out of the timed loop.
-#[derive(Debug, Clone, Copy)]
-struct RawClientCodec;
-struct RawEncoder;
-struct ResponseDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for ResponseDecoder {
-    type Item = ExportMetricsServiceResponse;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        ExportMetricsServiceResponse::decode(src)
-            .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
-    }
-}
-
-impl Codec for RawClientCodec {
-    type Encode = Bytes;
-    type Decode = ExportMetricsServiceResponse;
-    type Encoder = RawEncoder;
-    type Decoder = ResponseDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> ResponseDecoder {
-        ResponseDecoder
-    }
 }
 
 #[derive(Default)]
@@ -142,21 +91,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its sources, joined: transport errors keep their reason in a source.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !text.is_empty() && !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
 }
 
 fn generate(args: Args) -> anyhow::Result<()> {
@@ -206,18 +140,20 @@ async fn run(
 ) -> anyhow::Result<()> {
     let counts = Arc::new(Counts::default());
     let total = requests.len();
-    let gzip = args.gzip && matches!(args.protocol, Protocol::Http);
+    let compression = if args.gzip {
+        Compression::Gzip
+    } else {
+        args.compression
+    };
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         requests
             .iter()
             .map(|r| {
                 let raw = r.encode_to_vec();
-                if !gzip {
-                    return Ok(Bytes::from(raw));
+                match args.protocol {
+                    Protocol::Http => compress(&raw, compression),
+                    Protocol::Grpc => Ok(Bytes::from(raw)),
                 }
-                let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                std::io::Write::write_all(&mut z, &raw)?;
-                Ok(Bytes::from(z.finish()?))
             })
             .collect::<std::io::Result<_>>()?,
     );
@@ -231,21 +167,7 @@ async fn run(
         let endpoint = endpoint.clone();
         let (protocol, rate) = (args.protocol, args.rate);
         workers.push(tokio::spawn(async move {
-            let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-            let mut grpc = match protocol {
-                Protocol::Grpc => Some(tonic::client::Grpc::new(
-                    tonic::transport::Endpoint::from_shared(endpoint.clone())?
-                        .initial_stream_window_size(1 << 20)
-                        .initial_connection_window_size(4 << 20)
-                        .connect()
-                        .await
-                        .map_err(|e| {
-                            anyhow::anyhow!("cannot connect to {endpoint}: {}", chain(&e))
-                        })?,
-                )),
-                Protocol::Http => None,
-            };
-            let url = format!("{}/v1/metrics", endpoint.trim_end_matches('/'));
+            let mut sender = Sender::connect(protocol, &endpoint, compression).await?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 if i >= total || Instant::now() >= deadline {
@@ -257,59 +179,11 @@ async fn run(
                         started + Duration::from_secs_f64(i as f64 * per_req as f64 / rate as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let reply = match &mut grpc {
-                    Some(c) => {
-                        c.ready().await.context("gRPC channel")?;
-                        let path = http::uri::PathAndQuery::from_static(EXPORT);
-                        match c
-                            .unary(tonic::Request::new(bodies[i].clone()), path, RawClientCodec)
-                            .await
-                        {
-                            Ok(r) => Some(r.into_inner()),
-                            Err(status) => {
-                                counts.error(format!(
-                                    "gRPC {:?}: {}",
-                                    status.code(),
-                                    status.message()
-                                ));
-                                None
-                            }
-                        }
-                    }
-                    None => {
-                        let mut req = http::Request::post(&url)
-                            .header("content-type", "application/x-protobuf");
-                        if gzip {
-                            req = req.header("content-encoding", "gzip");
-                        }
-                        let req = req.body(Full::new(bodies[i].clone()))?;
-                        match http.request(req).await {
-                            Ok(res) if res.status().is_success() => {
-                                let body = res.into_body().collect().await.map(|b| b.to_bytes());
-                                body.ok()
-                                    .and_then(|b| ExportMetricsServiceResponse::decode(b).ok())
-                            }
-                            Ok(res) => {
-                                let status = res.status();
-                                let body = res.into_body().collect().await.map(|b| b.to_bytes());
-                                let text = body.map_or_else(
-                                    |_| String::new(),
-                                    |b| {
-                                        String::from_utf8_lossy(&b)
-                                            .trim()
-                                            .chars()
-                                            .take(200)
-                                            .collect()
-                                    },
-                                );
-                                counts.error(format!("HTTP {status}: {text}"));
-                                None
-                            }
-                            Err(e) => {
-                                counts.error(format!("{url}: {}", chain(&e)));
-                                None
-                            }
-                        }
+                let reply = match sender.send(bodies[i].clone()).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        counts.error(e);
+                        None
                     }
                 };
                 let ok = reply.is_some();

@@ -15,57 +15,24 @@ and whether the aggregate is exact once the input holds still (every output seri
 the pods' own totals). Every process binds 127.0.0.1, is bounded in time and is stopped by its
 PID. Run it through `bench/compare/run`, which builds the binaries.
 """
-
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
+from systems import (Prometheus, Process, Series, Spanagg, Vmagent, free_port, get,
+                     wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METRICS = {
-    "traces_span_metrics_calls_total": "calls",
-    "traces_span_metrics_duration_milliseconds_bucket": "bucket",
-    "traces_span_metrics_duration_milliseconds_count": "count",
-    "traces_span_metrics_duration_milliseconds_sum": "sum",
-}
 HZ = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url, timeout=30):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read()
-
-
-def wait_until(what, check, timeout, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited while waiting for {what}")
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def cpu_seconds(pid):
@@ -80,225 +47,6 @@ def status_mb(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-class Process:
-    """A child in its own process group, logging to a file, stopped by its PID."""
-
-    def __init__(self, name, argv, workdir):
-        self.name = name
-        self.log = open(os.path.join(workdir, f"{name}.log"), "wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-
-
-def le_value(text):
-    return float("inf") if text == "+Inf" else float(text)
-
-
-def key(metric, labels):
-    le = labels.get("le")
-    return (metric, labels.get("service_name"), labels.get("span_name"),
-            None if le is None else le_value(le))
-
-
-def scrape_text(text):
-    """Output series of an exposition, keyed like `expected`."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            metric = METRICS.get(s.name)
-            if metric:
-                out[key(metric, s.labels)] = s.value
-    return out
-
-
-def prom_query(port, promql):
-    q = urllib.parse.urlencode({"query": promql})
-    body = json.loads(get(f"http://127.0.0.1:{port}/api/v1/query?{q}"))
-    return body["data"]["result"]
-
-
-class System:
-    """What every system has: the processes it started (stopped last to first)."""
-
-    procs = ()
-
-    def spawn(self, name, argv, workdir):
-        proc = Process(name, argv, workdir)
-        self.procs = [*self.procs, proc]
-        return proc
-
-    def stop(self):
-        for proc in reversed(self.procs):
-            proc.stop()
-        self.procs = []
-
-
-class Spanagg(System):
-    """spanagg, fed by the pods over OTLP; its output is its own scrape."""
-
-    def __init__(self, bin_path, protocol, compression):
-        self.bin, self.protocol, self.compression = bin_path, protocol, compression
-        self.name = f"spanagg-{protocol}-{compression}"
-
-    def start(self, workdir, pods_port, args):
-        self.grpc, self.otlp_http, self.http = free_port(), free_port(), free_port()
-        self.proc = self.spawn(self.name, [
-            self.bin, "serve", "--grpc-listen", f"127.0.0.1:{self.grpc}",
-            "--otlp-http-listen", f"127.0.0.1:{self.otlp_http}",
-            "--http-listen", f"127.0.0.1:{self.http}",
-            "--data-dir", os.path.join(workdir, "data")], workdir)
-        wait_until("spanagg ready",
-                   lambda: get(f"http://127.0.0.1:{self.http}/-/ready", 2) is not None, 60,
-                   self.proc)
-        return self.proc
-
-    def pods_flags(self):
-        port = self.grpc if self.protocol == "grpc" else self.otlp_http
-        return ["--otlp", self.protocol, "--endpoint", f"http://127.0.0.1:{port}",
-                "--compression", self.compression]
-
-    def poll_period(self, interval):
-        # Read as a scraper in production would, once per interval: the scrape is spanagg's
-        # whole output cost, so it is measured with the rest.
-        return interval
-
-    def series(self):
-        return scrape_text(get(f"http://127.0.0.1:{self.http}/metrics").decode())
-
-    def calls_total(self):
-        # Only the calls lines; the reference parser reads every series once, at the end.
-        text = get(f"http://127.0.0.1:{self.http}/metrics").decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("traces_span_metrics_calls_total{"))
-
-
-def scrape_config(pods, pods_port, interval, more_global=""):
-    targets = "\n".join(
-        f"      - targets: ['127.0.0.1:{pods_port}']\n"
-        f"        labels: {{pod: 'pod-{i}', __metrics_path__: '/pods/{i}/metrics'}}"
-        for i in range(pods))
-    return (f"global:\n  scrape_interval: {interval}s\n  scrape_timeout: {interval}s\n"
-            f"{more_global}"
-            f"scrape_configs:\n  - job_name: pods\n    static_configs:\n{targets}\n")
-
-
-class Prometheus(System):
-    """Prometheus scraping every pod, recording `sum without(pod, instance)` per metric."""
-
-    def __init__(self, name, bin_path):
-        self.name, self.bin = name, bin_path
-
-    def start(self, workdir, pods_port, args):
-        self.port = free_port()
-        rules = os.path.join(workdir, "rules.yml")
-        with open(rules, "w") as f:
-            f.write(f"groups:\n  - name: cluster\n    interval: {args.interval}s\n    rules:\n")
-            for m in METRICS:
-                f.write(f"      - record: cluster:{m}:sum\n"
-                        f"        expr: sum without(pod, instance) ({m})\n")
-        config = os.path.join(workdir, "prometheus.yml")
-        with open(config, "w") as f:
-            f.write(scrape_config(args.pods, pods_port, args.interval,
-                                  f"  evaluation_interval: {args.interval}s\n"))
-            f.write(f"rule_files: ['{rules}']\n")
-        self.proc = self.spawn(self.name, [
-            self.bin, f"--config.file={config}", f"--storage.tsdb.path={workdir}/tsdb",
-            f"--web.listen-address=127.0.0.1:{self.port}"], workdir)
-        wait_until(f"{self.name} ready",
-                   lambda: get(f"http://127.0.0.1:{self.port}/-/ready", 2) is not None, 120,
-                   self.proc)
-        return self.proc
-
-    def pods_flags(self):
-        return []
-
-    def poll_period(self, interval):
-        return 1.0
-
-    def calls_total(self):
-        r = prom_query(self.port, "sum(cluster:traces_span_metrics_calls_total:sum)")
-        return float(r[0]["value"][1]) if r else 0.0
-
-    def series(self):
-        out = {}
-        for m, metric in METRICS.items():
-            for s in prom_query(self.port, f"cluster:{m}:sum"):
-                out[key(metric, s["metric"])] = float(s["value"][1])
-        return out
-
-
-class Vmagent(System):
-    """vmagent scraping every pod, stream aggregation `total` by service and route, written to
-    a Prometheus 3 sink (started here, not measured)."""
-
-    name = "vmagent"
-
-    def __init__(self, bin_path, sink_bin):
-        self.bin, self.sink_bin = bin_path, sink_bin
-
-    def start(self, workdir, pods_port, args):
-        self.sink_port, port = free_port(), free_port()
-        sink_config = os.path.join(workdir, "sink.yml")
-        self._write(sink_config, "global: {}\n")
-        self.sink = self.spawn("vmagent-sink", [
-            self.sink_bin, f"--config.file={sink_config}", f"--storage.tsdb.path={workdir}/sink",
-            "--web.enable-remote-write-receiver",
-            f"--web.listen-address=127.0.0.1:{self.sink_port}"], workdir)
-        wait_until("sink ready",
-                   lambda: get(f"http://127.0.0.1:{self.sink_port}/-/ready", 2) is not None, 60,
-                   self.sink)
-        scrape = os.path.join(workdir, "scrape.yml")
-        self._write(scrape, scrape_config(args.pods, pods_port, args.interval))
-        aggr = os.path.join(workdir, "aggr.yml")
-        self._write(aggr, f"- match: '{{__name__=~\"traces_span_metrics_.+\"}}'\n"
-                          f"  interval: {args.interval}s\n  without: [pod, instance]\n"
-                          f"  outputs: [total]\n")
-        self.proc = self.spawn("vmagent", [
-            self.bin, f"-promscrape.config={scrape}", f"-streamAggr.config={aggr}",
-            f"-remoteWrite.url=http://127.0.0.1:{self.sink_port}/api/v1/write",
-            f"-remoteWrite.tmpDataPath={workdir}/vmagent", f"-httpListenAddr=127.0.0.1:{port}",
-            "-loggerLevel=WARN"], workdir)
-        wait_until("vmagent up", lambda: get(f"http://127.0.0.1:{port}/health", 2) is not None,
-                   60, self.proc)
-        return self.proc
-
-    @staticmethod
-    def _write(path, text):
-        with open(path, "w") as f:
-            f.write(text)
-
-    def pods_flags(self):
-        return []
-
-    def poll_period(self, interval):
-        return 1.0
-
-    def calls_total(self):
-        r = prom_query(self.sink_port, 'sum({__name__=~"traces_span_metrics_calls_total:.+"})')
-        return float(r[0]["value"][1]) if r else 0.0
-
-    def series(self):
-        out = {}
-        for m, metric in METRICS.items():
-            for s in prom_query(self.sink_port, f'{{__name__=~"{m}:.+"}}'):
-                out[key(metric, s["metric"])] = float(s["value"][1])
-        return out
 
 
 def run_one(system, args, pods_bin):
@@ -321,9 +69,11 @@ def run_one(system, args, pods_bin):
             result["error"] = f"{system.name} exited early (log in {workdir})"
         return result
     finally:
-        if pods:
-            pods.stop()
-        system.stop()
+        try:
+            if pods:
+                pods.stop()
+        finally:
+            system.stop()
         if args.keep:
             print(f"  logs and data kept in {workdir}", file=sys.stderr)
         else:
@@ -347,10 +97,12 @@ def measure(system, proc, state, args):
     cpu0, t0 = cpu_seconds(proc.pid), time.time()
     end = t0 + args.rounds * args.interval
     period = system.poll_period(args.interval)
-    next_poll = t0 + 0.5
+    # Polls land anywhere in a round: the lag is sampled, not tied to when rounds go out.
+    jitter = random.Random(args.seed)
+    next_poll = t0 + period * jitter.random()
     while time.time() < end and proc.alive():
         time.sleep(max(0.0, min(next_poll, end) - time.time()))
-        next_poll += period
+        next_poll += period * (0.5 + jitter.random())
         if time.time() >= end:
             break
         # What the aggregate holds is judged against the rounds out when the poll began.
@@ -373,7 +125,8 @@ def measure(system, proc, state, args):
     sampler.join()
     s = state()
     half = [v for t, v in rss if t >= t0 + wall / 2]
-    samples = s["samples_per_round"] * args.rounds
+    # The rounds that went out in the window (all of them unless the generator fell behind).
+    samples = s["samples_per_round"] * s["round"]
     return {
         "cpu_s_per_m_samples": round(cpu / (samples / 1e6), 4),
         "cores": round(cpu / wall, 3),
@@ -385,7 +138,10 @@ def measure(system, proc, state, args):
         "poll_period_s": period,
         "settled_at": settled_at,
         "input_samples_per_s": round(s["samples_per_round"] / args.interval),
+        "rounds_in_window": s["round"],
+        "generator_late_ms_max": s["late_ms_max"],
         "otlp_errors": s["otlp_errors"],
+        "otlp_rejected_points": s["otlp_rejected_points"],
         "first_error": s["first_error"],
     }
 
@@ -410,12 +166,18 @@ def settle(system, proc, state, args, pods_port, measured):
         time.sleep(1.0)
     out = {"settled_s": round(settled_at - since, 1) if got == final else None}
     expected = json.loads(get(f"http://127.0.0.1:{pods_port}/expected"))
-    want = {key(e["metric"], {"service_name": e["service"], "span_name": e["route"],
-                              **({"le": e["le"]} if e["le"] else {})}): e["value"]
-            for e in expected["series"]}
-    have = system.series() if proc.alive() else {}
-    wrong = sum(1 for k, v in want.items() if have.get(k) != v)
-    extra = sum(1 for k in have if k not in want)
+    want = Series()
+    for e in expected["series"]:
+        want.add(e["metric"], e["labels"], e["value"])
+    # The calls total can settle before the other series (rules run in order, remote write
+    # sends in batches): read them all again until they agree or the time is up.
+    while True:
+        have = system.series() if proc.alive() else Series()
+        wrong = sum(1 for k, v in want.items() if have.get(k) != v)
+        extra = sum(1 for k in have if k not in want) + have.duplicates
+        if (wrong == 0 and extra == 0) or time.time() >= deadline or not proc.alive():
+            break
+        time.sleep(1.0)
     out.update({"output_series": len(want), "wrong_series": wrong, "extra_series": extra,
                 "exact": wrong == 0 and extra == 0 and got == final})
     return out
@@ -441,6 +203,9 @@ def systems(args, root):
 
 
 def main():
+    # A harness stopped by a signal still stops what it started (the `finally`s run).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit("stopped by a signal"))
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pods", type=int, default=200)
     p.add_argument("--services", type=int, default=10)
@@ -472,10 +237,36 @@ def main():
         print("  " + json.dumps(r), file=sys.stderr)
         results.append(r)
     print(table(results, args))
+    print(f"\nPrometheus 2: {version(args.prometheus2)}; Prometheus 3: "
+          f"{version(os.path.join(root, 'target', 'compare', 'prometheus'))}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"workload": vars(args), "results": results}, f, indent=1)
-    return 0 if all(r.get("exact") and not r.get("error") for r in results) else 1
+    return 0 if all(ok(r) for r in results) else 1
+
+
+def ok(r):
+    """Exact, every request accepted, and no poll ever saw more than the pods produced."""
+    return (r.get("exact") and not r.get("error") and not r.get("otlp_errors")
+            and not r.get("otlp_rejected_points") and not r.get("polls_above_input"))
+
+
+def version(binary):
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def verdict(r):
+    if ok(r):
+        return "yes"
+    if r.get("error"):
+        return f"NO: {r['error']}"
+    return (f"NO: {r.get('wrong_series')} wrong, {r.get('extra_series')} extra, "
+            f"{r.get('otlp_errors')} failed and {r.get('otlp_rejected_points')} rejected, "
+            f"{r.get('polls_above_input')} polls above the input")
 
 
 def table(results, args):
@@ -488,7 +279,7 @@ def table(results, args):
             f"| {r['system']} | {r.get('cpu_s_per_m_samples')} | {r.get('cores')} "
             f"| {r.get('rss_steady_mb')} | {r.get('rss_peak_mb')} "
             f"| {r.get('lag_p50_s')} / {r.get('lag_max_s')} | {r.get('settled_s')} "
-            f"| {'yes' if r.get('exact') else 'NO (%s wrong, %s extra)' % (r.get('wrong_series'), r.get('extra_series'))} |")
+            f"| {verdict(r)} |")
     return "\n".join(lines)
 
 

@@ -26,9 +26,9 @@ use std::time::Instant;
 pub use metrics::StorageMetrics;
 
 use crate::aggregate::shard::ShardState;
-use arrow_array::RecordBatch;
 use crate::aggregate::table::Table;
 use crate::config::Durability;
+use arrow_array::RecordBatch;
 use checkpoint::{CheckpointError, Meta};
 use wal::{Position, Wal};
 
@@ -480,7 +480,9 @@ fn drop_on_shards(table: &Table, batches: Vec<RecordBatch>) {
     let mut slots: Vec<std::sync::Mutex<Vec<RecordBatch>>> = Vec::new();
     let mut batches = batches.into_iter();
     for _ in 0..table.len() {
-        slots.push(std::sync::Mutex::new(batches.by_ref().take(per_shard).collect()));
+        slots.push(std::sync::Mutex::new(
+            batches.by_ref().take(per_shard).collect(),
+        ));
     }
     table.visit(move |i, _| {
         if let Some(slot) = slots.get(i) {

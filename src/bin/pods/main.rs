@@ -69,7 +69,7 @@ struct Args {
 struct Progress {
     round: u64,
     rounds: u64,
-    /// Unix ms at which round i + 1 went out (became visible to scrapers, or started sending).
+    /// Unix ms at which round i + 1 went out: visible to scrapers, its OTLP requests encoded.
     published_ms: Vec<u64>,
     /// The cluster's calls total after round i (index 0: before the first round).
     calls: Vec<u64>,
@@ -77,6 +77,8 @@ struct Progress {
     otlp_ok: u64,
     otlp_errors: u64,
     otlp_rejected_points: i64,
+    /// The latest any round went out after its time (the generator fell behind).
+    late_ms_max: u64,
     first_error: Option<String>,
 }
 
@@ -114,6 +116,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bounds: args.bounds,
         seed: args.seed,
     };
+    w.check(args.rounds).map_err(anyhow::Error::msg)?;
     let app = Arc::new(App {
         pods: RwLock::new(Pods::new(w)),
         progress: RwLock::new(Progress {
@@ -144,39 +147,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Rounds are contiguous delta intervals on the wall clock, as a sidecar's are.
     let step = args.interval.as_nanos() as u64;
     let base_ns = spanagg::unix_ns() + args.warmup.as_nanos() as u64 - step;
+    let mut senders: Vec<Option<Sender>> = (0..args.concurrency.max(1)).map(|_| None).collect();
     for round in 1..=args.rounds {
-        tokio::time::sleep_until(first + args.interval * (round - 1) as u32).await;
-        let now_ms = unix_ms();
-        let (calls, bodies) = {
-            let mut pods = app
+        // On a fixed clock: a round that starts late is reported, not absorbed.
+        let due = first + args.interval * (round - 1) as u32;
+        tokio::time::sleep_until(due).await;
+        let late_ms = due.elapsed().as_millis() as u64;
+        let (app2, otlp, compression) = (app.clone(), args.otlp, args.compression);
+        let start = base_ns + (round - 1) * step;
+        let (calls, bodies) = tokio::task::spawn_blocking(move || {
+            let mut pods = app2
                 .pods
                 .write()
                 .map_err(|_| anyhow::anyhow!("state lock"))?;
             let calls = pods.advance();
-            let bodies = match args.otlp {
+            let bodies = match otlp {
                 Some(protocol) => {
-                    let start = base_ns + (round - 1) * step;
-                    encode_round(
-                        &pods,
-                        w.pods,
-                        protocol,
-                        args.compression,
-                        start,
-                        start + step,
-                    )?
+                    encode_round(&pods, w.pods, protocol, compression, start, start + step)?
                 }
                 None => Vec::new(),
             };
-            (calls, bodies)
-        };
+            anyhow::Ok((calls, bodies))
+        })
+        .await??;
+        // Out now: scrapers see the round, and its OTLP requests start.
+        let now_ms = unix_ms();
         if let Ok(mut p) = app.progress.write() {
             p.round = round;
             p.published_ms.push(now_ms);
+            p.late_ms_max = p.late_ms_max.max(late_ms);
             let before = p.calls.last().copied().unwrap_or(0);
             p.calls.push(before + calls);
         }
         if let Some(protocol) = args.otlp {
-            send_round(&app, protocol, &args, bodies).await;
+            senders = send_round(&app, protocol, &args, bodies, senders).await;
         }
     }
     eprintln!("spanagg-pods: {} rounds done; holding still", args.rounds);
@@ -207,23 +211,38 @@ fn encode_round(
         .collect()
 }
 
-/// Sends one round's requests with `--concurrency` senders; counts what came back.
-async fn send_round(app: &Arc<App>, protocol: Protocol, args: &Args, bodies: Vec<Bytes>) {
+/// Sends one round's requests over `senders` (connected on first use, kept for the next
+/// round as an exporter keeps its connection); counts what came back.
+async fn send_round(
+    app: &Arc<App>,
+    protocol: Protocol,
+    args: &Args,
+    bodies: Vec<Bytes>,
+    senders: Vec<Option<Sender>>,
+) -> Vec<Option<Sender>> {
     let bodies = Arc::new(bodies);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut workers = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
+    for sender in senders {
         let (app, bodies, next) = (app.clone(), bodies.clone(), next.clone());
         let (endpoint, compression) = (args.endpoint.clone(), args.compression);
         workers.push(tokio::spawn(async move {
-            let mut sender = match Sender::connect(protocol, &endpoint, compression).await {
-                Ok(s) => s,
-                Err(e) => return record(&app, Err(format!("{e:#}"))),
+            let mut sender = match sender {
+                Some(s) => Ok(s),
+                None => Sender::connect(protocol, &endpoint, compression)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
             };
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(body) = bodies.get(i) else { return };
-                let answer = sender.send(body.clone()).await;
+                let Some(body) = bodies.get(i) else {
+                    return sender.ok();
+                };
+                // Every request this worker would have sent counts as failed if it cannot connect.
+                let answer = match &mut sender {
+                    Ok(s) => s.send(body.clone()).await,
+                    Err(e) => Err(e.clone()),
+                };
                 record(
                     &app,
                     answer.map(|r| r.partial_success.map_or(0, |p| p.rejected_data_points)),
@@ -231,9 +250,11 @@ async fn send_round(app: &Arc<App>, protocol: Protocol, args: &Args, bodies: Vec
             }
         }));
     }
+    let mut kept = Vec::with_capacity(workers.len());
     for w in workers {
-        let _ = w.await;
+        kept.push(w.await.ok().flatten());
     }
+    kept
 }
 
 fn record(app: &App, answer: Result<i64, String>) {

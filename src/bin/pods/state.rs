@@ -7,6 +7,7 @@
 //! integer below 2^53, so float sums in any order are exact; `totals` is always the sum of
 //! `counts`/`sums` over pods.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -34,6 +35,23 @@ impl Workload {
     /// bucket, `_sum` and `_count`. The same count stands for the OTLP input's samples.
     pub fn samples_per_round(&self) -> u64 {
         (self.pods * self.routes * (self.buckets() + 3)) as u64
+    }
+
+    /// Refuses a workload whose totals could reach 2^53, where float sums (Prometheus's,
+    /// vmagent's, the OTLP `sum` field) stop being exact.
+    pub fn check(&self, rounds: u64) -> Result<(), String> {
+        let bounds = bounds(self.bounds);
+        let per_round: f64 = (0..self.buckets())
+            .map(|b| 3.0 * duration_ms(&bounds, b) as f64)
+            .sum();
+        let worst = per_round * self.pods as f64 * rounds as f64;
+        if worst >= 2f64.powi(53) {
+            return Err(format!(
+                "{} bounds over {rounds} rounds of {} pods could sum past 2^53 ms, where sums stop being exact: use fewer bounds or rounds",
+                self.bounds, self.pods
+            ));
+        }
+        Ok(())
     }
 
     fn shape(&self) -> Shape {
@@ -265,35 +283,36 @@ pub struct Expected {
     pub series: Vec<Series>,
 }
 
-/// One output series: `metric` is `calls`, `bucket`, `count` or `sum`; `le` only for
-/// buckets (`+Inf` as the string "+Inf" in JSON).
+/// One output series: `metric` is `calls`, `bucket`, `count` or `sum`; `labels` are every
+/// label a correct aggregate keeps (`le` for buckets, `+Inf` for the last).
 #[derive(Debug, Serialize)]
 pub struct Series {
     pub metric: &'static str,
-    pub service: String,
-    pub route: String,
-    #[serde(serialize_with = "le_text")]
-    pub le: Option<f64>,
+    pub labels: BTreeMap<&'static str, String>,
     pub value: f64,
 }
 
 impl Series {
     fn new(metric: &'static str, service: &str, route: &str, le: Option<f64>, value: f64) -> Self {
+        let mut labels = BTreeMap::from([
+            ("service_name", service.to_owned()),
+            ("span_name", route.to_owned()),
+            ("span_kind", "SPAN_KIND_SERVER".to_owned()),
+            ("status_code", "STATUS_CODE_UNSET".to_owned()),
+        ]);
+        if let Some(le) = le {
+            let text = if le.is_infinite() {
+                "+Inf".to_owned()
+            } else {
+                le.to_string()
+            };
+            labels.insert("le", text);
+        }
         Series {
             metric,
-            service: service.to_owned(),
-            route: route.to_owned(),
-            le,
+            labels,
             value,
         }
-    }
-}
-
-fn le_text<S: serde::Serializer>(le: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
-    match le {
-        None => s.serialize_none(),
-        Some(v) if v.is_infinite() => s.serialize_str("+Inf"),
-        Some(v) => s.serialize_str(&v.to_string()),
     }
 }
 
@@ -358,5 +377,14 @@ mod tests {
         });
         assert_eq!(again.exposition(1), pods.exposition(1));
         assert!(pods.exposition(3).is_none());
+        assert!(small().check(1_000_000).is_ok());
+        let wide = Workload {
+            bounds: 90,
+            ..small()
+        };
+        assert!(
+            wide.check(10).is_err(),
+            "1.5^90 ms sums are not exact in a float"
+        );
     }
 }

@@ -318,11 +318,18 @@ impl Storage {
         };
         let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
         let dir = self.checkpoint_dir.clone();
-        let (written, batches) = tokio::task::spawn_blocking(move || {
-            (checkpoint::write(&dir, seq, &meta, &batches), batches)
-        })
-        .await
-        .map_err(|e| CheckpointError::Io(io::Error::other(e.to_string())))?;
+        // A thread of its own, not the blocking pool's: when it ends, the allocator returns
+        // the Parquet encoder's pages at once. An idle pool thread holds them until it next
+        // allocates, which is the next checkpoint (BENCHMARKS.md, "checkpoint transient").
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("spanagg-checkpoint".into())
+            .spawn(move || {
+                let _ = tx.send((checkpoint::write(&dir, seq, &meta, &batches), batches));
+            })?;
+        let (written, batches) = rx
+            .await
+            .map_err(|_| CheckpointError::Io(io::Error::other("the checkpoint writer stopped")))?;
         drop_on_shards(table, batches);
         let written = written?;
         if let Err(e) = self.prune() {

@@ -63,7 +63,7 @@ def run_one(system, args, pods_bin):
             "--rounds", str(args.rounds)] + system.pods_flags(), workdir)
         state = lambda: json.loads(get(f"http://127.0.0.1:{pods_port}/state"))
         wait_until("the pods", lambda: state() is not None, 30, pods)
-        result = measure(system, proc, state, args)
+        result = measure(system, proc, state, args, pods)
         result.update(settle(system, proc, state, args, pods_port, result))
         if not proc.alive():
             result["error"] = f"{system.name} exited early (log in {workdir})"
@@ -80,7 +80,7 @@ def run_one(system, args, pods_bin):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def measure(system, proc, state, args):
+def measure(system, proc, state, args, pods):
     """Samples RSS every second and the aggregate every poll period while the rounds run."""
     rss, lags, over, settled_at = [], [], 0, None
     stop = threading.Event()
@@ -94,7 +94,7 @@ def measure(system, proc, state, args):
     sampler.start()
     while state()["round"] == 0:
         time.sleep(0.05)
-    cpu0, t0 = cpu_seconds(proc.pid), time.time()
+    cpu0, pods_cpu0, t0 = cpu_seconds(proc.pid), cpu_seconds(pods.pid), time.time()
     end = t0 + args.rounds * args.interval
     period = system.poll_period(args.interval)
     # Polls land anywhere in a round: the lag is sampled, not tied to when rounds go out.
@@ -120,6 +120,8 @@ def measure(system, proc, state, args):
             settled_at = asked
         lags.append(0.0 if r >= s["round"] else max(0.0, asked - s["published_ms"][r] / 1000))
     cpu = cpu_seconds(proc.pid) - cpu0 if proc.alive() else float("nan")
+    # The generator shares the two cores: its share says how much it took from the system.
+    pods_cores = (cpu_seconds(pods.pid) - pods_cpu0) / (time.time() - t0)
     wall = time.time() - t0
     stop.set()
     sampler.join()
@@ -139,6 +141,7 @@ def measure(system, proc, state, args):
         "settled_at": settled_at,
         "input_samples_per_s": round(s["samples_per_round"] / args.interval),
         "rounds_in_window": s["round"],
+        "generator_cores": round(pods_cores, 3),
         "generator_late_ms_max": s["late_ms_max"],
         "otlp_errors": s["otlp_errors"],
         "otlp_rejected_points": s["otlp_rejected_points"],

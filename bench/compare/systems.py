@@ -128,6 +128,33 @@ class System:
             proc.stop()
         self.procs = []
 
+    def pods_flags(self):
+        """What the pods need to feed this system (nothing: it scrapes them)."""
+        return []
+
+    def poll_period(self, interval):
+        return 1.0
+
+
+class PromQL(System):
+    """A system whose aggregate is read by PromQL from a Prometheus API on `read_port`."""
+
+    read_port = None
+
+    def selector(self, metric):
+        raise NotImplementedError
+
+    def calls_total(self):
+        r = prom_query(self.read_port, f"sum({self.selector('traces_span_metrics_calls_total')})")
+        return float(r[0]["value"][1]) if r else 0.0
+
+    def series(self):
+        out = Series()
+        for m, metric in METRICS.items():
+            for s in prom_query(self.read_port, self.selector(m)):
+                out.add(metric, s["metric"], float(s["value"][1]))
+        return out
+
 
 class Spanagg(System):
     """spanagg, fed by the pods over OTLP; its output is its own scrape."""
@@ -178,14 +205,14 @@ def scrape_config(pods, pods_port, interval, more_global=""):
             f"scrape_configs:\n  - job_name: pods\n    static_configs:\n{targets}\n")
 
 
-class Prometheus(System):
+class Prometheus(PromQL):
     """Prometheus scraping every pod, recording `sum without(pod, instance)` per metric."""
 
     def __init__(self, name, bin_path):
         self.name, self.bin = name, bin_path
 
     def start(self, workdir, pods_port, args):
-        self.port = free_port()
+        self.port = self.read_port = free_port()
         rules = os.path.join(workdir, "rules.yml")
         with open(rules, "w") as f:
             f.write(f"groups:\n  - name: cluster\n    interval: {args.interval}s\n    rules:\n")
@@ -205,25 +232,11 @@ class Prometheus(System):
                    self.proc)
         return self.proc
 
-    def pods_flags(self):
-        return []
-
-    def poll_period(self, interval):
-        return 1.0
-
-    def calls_total(self):
-        r = prom_query(self.port, "sum(cluster:traces_span_metrics_calls_total:sum)")
-        return float(r[0]["value"][1]) if r else 0.0
-
-    def series(self):
-        out = Series()
-        for m, metric in METRICS.items():
-            for s in prom_query(self.port, f"cluster:{m}:sum"):
-                out.add(metric, s["metric"], float(s["value"][1]))
-        return out
+    def selector(self, metric):
+        return f"cluster:{metric}:sum"
 
 
-class Vmagent(System):
+class Vmagent(PromQL):
     """vmagent scraping every pod, stream aggregation `total` by service and route, written to
     a Prometheus 3 sink (started here, not measured)."""
 
@@ -234,6 +247,7 @@ class Vmagent(System):
 
     def start(self, workdir, pods_port, args):
         self.sink_port, port = free_port(), free_port()
+        self.read_port = self.sink_port
         sink_config = os.path.join(workdir, "sink.yml")
         self._write(sink_config, "global: {}\n")
         self.sink = self.spawn("vmagent-sink", [
@@ -266,19 +280,6 @@ class Vmagent(System):
         with open(path, "w") as f:
             f.write(text)
 
-    def pods_flags(self):
-        return []
-
-    def poll_period(self, interval):
-        return 1.0
-
-    def calls_total(self):
-        r = prom_query(self.sink_port, 'sum({__name__=~"traces_span_metrics_calls_total:.+"})')
-        return float(r[0]["value"][1]) if r else 0.0
-
-    def series(self):
-        out = Series()
-        for m, metric in METRICS.items():
-            for s in prom_query(self.sink_port, f'{{__name__=~"{m}:.+"}}'):
-                out.add(metric, s["metric"], float(s["value"][1]))
-        return out
+    def selector(self, metric):
+        # vmagent names its outputs `<metric>:<interval>_without_instance_pod_total`.
+        return f'{{__name__=~"{metric}:.+"}}'

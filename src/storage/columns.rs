@@ -195,7 +195,8 @@ impl Builders {
         let d = || StringDictionaryBuilder::<Int32Type>::with_capacity(rows, 16, 256);
         let u64s = || UInt64Builder::with_capacity(rows);
         let f64s = || Float64Builder::with_capacity(rows);
-        let range = StructBuilder::from_fields(range_fields(), rows);
+        // Ranges are per delta stream, not per row: left to grow (empty for series rows).
+        let range = StructBuilder::from_fields(range_fields(), 0);
         Self {
             record: d(),
             shard: UInt32Builder::with_capacity(rows),

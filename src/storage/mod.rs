@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod columns;
 pub mod inspect;
 mod metrics;
+mod offthread;
 pub mod replay;
 pub mod rows;
 pub mod wal;
@@ -28,7 +29,6 @@ pub use metrics::StorageMetrics;
 use crate::aggregate::shard::ShardState;
 use crate::aggregate::table::Table;
 use crate::config::Durability;
-use arrow_array::RecordBatch;
 use checkpoint::{CheckpointError, Meta};
 use wal::{Position, Wal};
 
@@ -290,20 +290,13 @@ impl Storage {
         })
         .await
         .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
-        let mut batches = Vec::with_capacity(parts.len() * 3);
+        let mut batches: Vec<offthread::ShardBatches> = Vec::with_capacity(parts.len());
         let mut series_budget = 0u64;
         for (p, budget) in parts {
-            batches.extend(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
+            batches.push(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
             series_budget = series_budget.max(budget);
         }
-        let rows = |i: usize| -> u64 {
-            batches
-                .iter()
-                .skip(i)
-                .step_by(3)
-                .map(|b| b.num_rows() as u64)
-                .sum()
-        };
+        let rows = |i: usize| -> u64 { batches.iter().map(|p| p[i].num_rows() as u64).sum() };
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
             schema_hash: checkpoint::schema_hash(),
@@ -318,19 +311,8 @@ impl Storage {
         };
         let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
         let dir = self.checkpoint_dir.clone();
-        // A thread of its own, not the blocking pool's: when it ends, the allocator returns
-        // the Parquet encoder's pages at once. An idle pool thread holds them until it next
-        // allocates, which is the next checkpoint (BENCHMARKS.md, "checkpoint transient").
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("spanagg-checkpoint".into())
-            .spawn(move || {
-                let _ = tx.send((checkpoint::write(&dir, seq, &meta, &batches), batches));
-            })?;
-        let (written, batches) = rx
-            .await
-            .map_err(|_| CheckpointError::Io(io::Error::other("the checkpoint writer stopped")))?;
-        drop_on_shards(table, batches);
+        let (written, batches) = offthread::write(dir, seq, meta, batches).await?;
+        offthread::drop_on_shards(table, batches);
         let written = written?;
         if let Err(e) = self.prune() {
             tracing::warn!(error = %e, "could not prune old checkpoints or WAL segments");
@@ -476,26 +458,4 @@ fn set_aside(path: &Path, e: &CheckpointError, metrics: &StorageMetrics) {
             tracing::error!(path = %path.display(), error = %e, rename_error = %re, "unreadable checkpoint could not be set aside")
         }
     }
-}
-
-/// Frees each shard's checkpoint batches on the shard's own thread, where their buffers were
-/// allocated. Freed from another thread, mimalloc only queues them to the owning thread and
-/// keeps their pages resident until it catches up: ~20 MB of RSS after each checkpoint at
-/// 200 pods × 200 routes (BENCHMARKS.md).
-fn drop_on_shards(table: &Table, batches: Vec<RecordBatch>) {
-    let per_shard = batches.len().div_ceil(table.len().max(1)).max(1);
-    let mut slots: Vec<std::sync::Mutex<Vec<RecordBatch>>> = Vec::new();
-    let mut batches = batches.into_iter();
-    for _ in 0..table.len() {
-        slots.push(std::sync::Mutex::new(
-            batches.by_ref().take(per_shard).collect(),
-        ));
-    }
-    table.visit(move |i, _| {
-        if let Some(slot) = slots.get(i) {
-            if let Ok(mut b) = slot.lock() {
-                b.clear();
-            }
-        }
-    });
 }

@@ -155,7 +155,7 @@ impl Sender {
 }
 
 /// An error and its sources, joined: transport errors keep their reason in a source.
-pub fn chain(e: &dyn std::error::Error) -> String {
+fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -11,7 +11,7 @@
 mod state;
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -150,7 +150,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut senders: Vec<Option<Sender>> = (0..args.concurrency.max(1)).map(|_| None).collect();
     for round in 1..=args.rounds {
         // On a fixed clock: a round that starts late is reported, not absorbed.
-        let due = first + args.interval * (round - 1) as u32;
+        let due = first
+            + args
+                .interval
+                .saturating_mul(u32::try_from(round - 1).unwrap_or(u32::MAX));
         tokio::time::sleep_until(due).await;
         let late_ms = due.elapsed().as_millis() as u64;
         let (app2, otlp, compression) = (app.clone(), args.otlp, args.compression);
@@ -171,7 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
         .await??;
         // Out now: scrapers see the round, and its OTLP requests start.
-        let now_ms = unix_ms();
+        let now_ms = spanagg::unix_ns() / 1_000_000;
         if let Ok(mut p) = app.progress.write() {
             p.round = round;
             p.published_ms.push(now_ms);
@@ -270,12 +273,6 @@ fn record(app: &App, answer: Result<i64, String>) {
             }
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn exposition(State(app): State<Arc<App>>, Path(pod): Path<usize>) -> Response {

@@ -37,9 +37,20 @@ impl Workload {
         (self.pods * self.routes * (self.buckets() + 3)) as u64
     }
 
-    /// Refuses a workload whose totals could reach 2^53, where float sums (Prometheus's,
-    /// vmagent's, the OTLP `sum` field) stop being exact.
+    /// Refuses a workload whose state would not fit (one `u32` per pod, route and bucket, at
+    /// most 2^31 of them: 8 GiB), and one whose totals could reach 2^53, where float sums
+    /// (Prometheus's, vmagent's, the OTLP `sum` field) stop being exact.
     pub fn check(&self, rounds: u64) -> Result<(), String> {
+        let cells = self
+            .pods
+            .checked_mul(self.routes)
+            .and_then(|n| n.checked_mul(self.bounds.checked_add(4)?));
+        if cells.is_none_or(|n| n > 1 << 31) {
+            return Err(format!(
+                "{} pods × {} routes × {} bounds is more state than this generator holds (2^31 cells)",
+                self.pods, self.routes, self.bounds
+            ));
+        }
         let bounds = bounds(self.bounds);
         let per_round: f64 = (0..self.buckets())
             .map(|b| 3.0 * duration_ms(&bounds, b) as f64)
@@ -378,6 +389,24 @@ mod tests {
         assert_eq!(again.exposition(1), pods.exposition(1));
         assert!(pods.exposition(3).is_none());
         assert!(small().check(1_000_000).is_ok());
+        // 2^32 pods × routes: too much state, though its sums would still be exact.
+        let huge = Workload {
+            pods: 1 << 20,
+            routes: 1 << 12,
+            ..small()
+        };
+        assert!(
+            huge.check(1).is_err(),
+            "more state than the generator holds"
+        );
+        let past_usize = Workload {
+            pods: usize::MAX / 2,
+            ..small()
+        };
+        assert!(
+            past_usize.check(0).is_err(),
+            "a product past usize is refused, not wrapped"
+        );
         let wide = Workload {
             bounds: 90,
             ..small()

@@ -117,12 +117,12 @@ fn scrape(c: &mut Criterion) {
     let mut g = c.benchmark_group("scrape");
     g.throughput(Throughput::Elements(10_000));
     g.bench_function("encode_text_10k_hist16_series", |b| {
-        b.iter(|| stitch(vec![encode_shard(&state, Format::Text)], Format::Text))
+        b.iter(|| stitch(vec![encode_shard(&state, Format::Text, 1)], Format::Text))
     });
     g.bench_function("encode_openmetrics_10k_hist16_series", |b| {
         b.iter(|| {
             stitch(
-                vec![encode_shard(&state, Format::OpenMetrics)],
+                vec![encode_shard(&state, Format::OpenMetrics, 1)],
                 Format::OpenMetrics,
             )
         })

@@ -170,7 +170,8 @@ fn body_response(headers: &HeaderMap, content_type: &'static str, text: String) 
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let started = Instant::now();
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let Some(parts) = gather(&state.table, move |s| encode_shard(s, format)).await else {
+    let shards = state.table.len();
+    let Some(parts) = gather(&state.table, move |s| encode_shard(s, format, shards)).await else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "shards are shutting down\n",

@@ -140,14 +140,15 @@ fn push_u64(out: &mut String, v: u64) {
 /// The most bytes one series is assumed to take when a family's body is sized.
 const MAX_SERIES_ESTIMATE: usize = 16 << 10;
 
-/// The most one shard's scrape reserves ahead, over all its families: a family's first series
-/// can be a client's oversized one (long label values), and its size times a large family
-/// must not become one huge allocation. Past it, bodies grow by doubling (at most twice their
-/// length), as they did before they were sized.
+/// The most one scrape reserves ahead, over all shards and families (each of `shards` takes
+/// an equal share, as they encode at once): a family's first series can be a client's
+/// oversized one (long label values), and its size times a large family must not become a
+/// huge allocation. Past it, bodies grow by doubling (at most twice their length), as they did
+/// before they were sized.
 const MAX_RESERVED_AHEAD: usize = 64 << 20;
 
-/// Encodes every series of one shard, grouped by family.
-pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
+/// Encodes every series of one of `shards` shards, grouped by family.
+pub fn encode_shard(state: &ShardState, format: Format, shards: usize) -> Vec<FamilyPart> {
     let mut parts: Vec<FamilyPart> = state
         .families()
         .iter()
@@ -165,7 +166,7 @@ pub fn encode_shard(state: &ShardState, format: Format) -> Vec<FamilyPart> {
         }
     }
     // `le` label texts per layout, rendered once per scrape: `le="0.5"` with the comma before.
-    let mut reserve_left = MAX_RESERVED_AHEAD;
+    let mut reserve_left = MAX_RESERVED_AHEAD / shards.max(1);
     let mut le_cache: HashMap<u32, Vec<String>> = HashMap::new();
     let mut labels = String::new();
     let mut prefix = String::new();
@@ -379,19 +380,24 @@ mod tests {
         let projection = std::sync::Arc::new(Projection::new(&["service.name".into()], &[]));
         let mut state = ShardState::new(ShardConfig::default());
         state.apply(&single_shard_batch(req, &projection));
-        let parts = encode_shard(&state, Format::Text);
-        let body = &parts[0].body;
-        assert!(
-            body.contains(&"x".repeat(4_000)),
-            "the long series is in the family"
-        );
-        // Reserved ahead up to the cap (after the first series' ~74 KB), or grown by doubling.
-        assert!(
-            body.capacity() <= (MAX_RESERVED_AHEAD + (1 << 20)).max(2 * body.len()),
-            "{} bytes reserved for {} bytes of text",
-            body.capacity(),
-            body.len()
-        );
+        // Alone, or as one of 64 shards (which share the cap: 64 x 64 MiB would be 4 GiB).
+        for shards in [1, 64] {
+            let parts = encode_shard(&state, Format::Text, shards);
+            let body = &parts[0].body;
+            assert!(
+                body.contains(&"x".repeat(4_000)),
+                "the long series is in the family"
+            );
+            // Reserved ahead up to the share (after the first series' ~74 KB), or grown by
+            // doubling.
+            let share = MAX_RESERVED_AHEAD / shards;
+            assert!(
+                body.capacity() <= (share + (1 << 20)).max(2 * body.len()),
+                "{} bytes reserved for {} bytes of text as one of {shards} shards",
+                body.capacity(),
+                body.len()
+            );
+        }
     }
 
     #[test]

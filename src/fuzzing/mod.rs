@@ -248,7 +248,10 @@ fn apply_and_check(req: ExportMetricsServiceRequest) -> bool {
 fn expose(states: &[ShardState]) -> String {
     let mut om = String::new();
     for format in [Format::Text, Format::OpenMetrics] {
-        let parts = states.iter().map(|s| encode_shard(s, format)).collect();
+        let parts = states
+            .iter()
+            .map(|s| encode_shard(s, format, states.len()))
+            .collect();
         let (text, conflicts) = stitch(parts, format);
         let got = exposition::check(&text, format)
             .unwrap_or_else(|e| panic!("invalid {format:?} exposition: {e}\n{text}"));

@@ -338,8 +338,7 @@ impl Builders {
 /// A shard's series, stream, and pod and overflowed-stream rows (three batches), built on the
 /// shard's thread.
 pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3], ArrowError> {
-    let (series_rows, stream_rows) = state.record_counts();
-    let mut b = Builders::with_capacity(series_rows);
+    let mut b = Builders::with_capacity(state.series_len());
     for r in state.series_records() {
         b.key("series", shard, r.key);
         let f = r.family;
@@ -376,7 +375,7 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
     }
     let series = b.finish()?;
 
-    let mut b = Builders::with_capacity(stream_rows);
+    let mut b = Builders::with_capacity(state.sources_len());
     for (key, series_key, state) in state.stream_records() {
         b.key("stream", shard, key);
         b.no_series_columns()?;

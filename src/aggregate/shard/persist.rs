@@ -63,12 +63,6 @@ pub enum ValueRecord<'a> {
 }
 
 impl ShardState {
-    /// How many series and source streams there are (upper bounds on the rows of
-    /// [`series_records`](Self::series_records) and [`stream_records`](Self::stream_records)).
-    pub fn record_counts(&self) -> (usize, usize) {
-        (self.store.len(), self.sources.len())
-    }
-
     /// Every live series with its key.
     pub fn series_records(&self) -> impl Iterator<Item = SeriesRecord<'_>> {
         let tables = self.store.tables();

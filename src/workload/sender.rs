@@ -56,12 +56,17 @@ pub fn compress(raw: &[u8], compression: Compression) -> std::io::Result<Bytes> 
     }))
 }
 
+/// How long one request may take, as an exporter's `timeout` (the Collector's is 5 s; this
+/// leaves room for a server under flat-out load).
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 const EXPORT: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
 /// One connection's worth of client (HTTP keeps a pool; gRPC one HTTP/2 channel).
 pub struct Sender {
     transport: Transport,
     compression: Compression,
+    timeout: std::time::Duration,
 }
 
 enum Transport {
@@ -103,12 +108,28 @@ impl Sender {
         Ok(Sender {
             transport,
             compression,
+            timeout: SEND_TIMEOUT,
         })
     }
 
+    /// How long one request may take (default [`SEND_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Sends one request: an encoded `ExportMetricsServiceRequest`, already compressed for
-    /// HTTP, uncompressed for gRPC. `Err` carries what the server or the transport said.
+    /// HTTP, uncompressed for gRPC. `Err` carries what the server or the transport said, or
+    /// that no answer came within the timeout (a server that hangs does not stall the
+    /// generator).
     pub async fn send(&mut self, body: Bytes) -> Result<ExportMetricsServiceResponse, String> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.send_once(body))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+    }
+
+    async fn send_once(&mut self, body: Bytes) -> Result<ExportMetricsServiceResponse, String> {
         match &mut self.transport {
             Transport::Grpc(grpc) => {
                 grpc.ready()
@@ -205,5 +226,33 @@ impl Codec for RawClientCodec {
     }
     fn decoder(&mut self) -> ResponseDecoder {
         ResponseDecoder
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_given_up_on() {
+        // Accepts the connection, reads nothing, answers nothing.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move { listener.accept().await });
+        let mut sender =
+            Sender::connect(Protocol::Http, &format!("http://{addr}"), Compression::None)
+                .await
+                .unwrap()
+                .with_timeout(std::time::Duration::from_millis(200));
+        // Without the timeout this would wait for ever: the outer bound fails the test instead.
+        let err = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            sender.send(Bytes::from_static(b"")),
+        )
+        .await
+        .expect("the sender gives up by itself")
+        .unwrap_err();
+        assert!(err.contains("no answer within 200ms"), "{err}");
+        held.abort();
     }
 }

@@ -159,11 +159,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (app2, otlp, compression) = (app.clone(), args.otlp, args.compression);
         let start = base_ns + (round - 1) * step;
         let (calls, bodies) = tokio::task::spawn_blocking(move || {
-            let mut pods = app2
-                .pods
-                .write()
-                .map_err(|_| anyhow::anyhow!("state lock"))?;
-            let calls = pods.advance();
+            let lock = || anyhow::anyhow!("state lock");
+            let calls = app2.pods.write().map_err(|_| lock())?.advance();
+            // Encoded under a read lock: scrapes of the pods go on meanwhile.
+            let pods = app2.pods.read().map_err(|_| lock())?;
             let bodies = match otlp {
                 Some(protocol) => {
                     encode_round(&pods, w.pods, protocol, compression, start, start + step)?

@@ -1,5 +1,6 @@
-//! Hot-path benchmarks on one core, no threads: decode+validate+key (`prepare`), shard apply,
-//! both together, and encoding a scrape of 10,000 histogram series.
+//! Hot-path benchmarks on one core, no threads: decode+validate+key (the wire walk, then
+//! `prepare` reading the body through borrowed views), shard apply, both together, and
+//! encoding a scrape of 10,000 histogram series.
 
 #![allow(clippy::unwrap_used)] // benchmark inputs are generated here, not client-controlled
 
@@ -9,12 +10,14 @@ use std::sync::Arc;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
 use spanagg::aggregate::shard::{ShardConfig, ShardState};
 use spanagg::export::prometheus::{encode_shard, stitch, Format};
 use spanagg::ingest::otlp::{prepare, InputLimits, Projection};
+use spanagg::ingest::view::OtlpBody;
+use spanagg::ingest::wire;
 use spanagg::workload::{request, single_shard_batch, Shape};
 
 const SHAPE: Shape = Shape {
@@ -34,9 +37,13 @@ fn shard() -> ShardState {
 }
 
 /// `n` consecutive intervals of one pod, encoded.
-fn bodies(n: usize) -> Vec<Vec<u8>> {
+fn bodies(n: usize) -> Vec<Bytes> {
     (0..n as u64)
-        .map(|i| request(&SHAPE, 0, 1_000 + i * 1_000, 2_000 + i * 1_000).encode_to_vec())
+        .map(|i| {
+            request(&SHAPE, 0, 1_000 + i * 1_000, 2_000 + i * 1_000)
+                .encode_to_vec()
+                .into()
+        })
         .collect()
 }
 
@@ -46,11 +53,11 @@ fn ingest(c: &mut Criterion) {
     g.throughput(Throughput::Elements(SHAPE.routes as u64));
     let bodies = bodies(2_000);
 
-    g.bench_function("protobuf_decode_only_500_hist16_points", |b| {
+    g.bench_function("protobuf_walk_only_500_hist16_points", |b| {
         let mut i = 0;
         b.iter(|| {
             i += 1;
-            ExportMetricsServiceRequest::decode(&bodies[i % bodies.len()][..]).unwrap()
+            wire::cost(&bodies[i % bodies.len()]).unwrap()
         })
     });
 
@@ -58,8 +65,10 @@ fn ingest(c: &mut Criterion) {
         let mut i = 0;
         let now = spanagg::unix_ns();
         b.iter(|| {
-            let req = ExportMetricsServiceRequest::decode(&bodies[i % bodies.len()][..]).unwrap();
+            let body = bodies[i % bodies.len()].clone();
             i += 1;
+            assert!(wire::cost(&body).unwrap().regular);
+            let req = OtlpBody::regular(body);
             prepare(&req, &projection, &InputLimits::default(), now, 1, |_| 0)
         })
     });
@@ -87,8 +96,9 @@ fn ingest(c: &mut Criterion) {
                 request(&SHAPE, 0, i * 1_000, i * 1_000 + 1_000).encode_to_vec()
             },
             |body| {
-                let req = ExportMetricsServiceRequest::decode(&body[..]).unwrap();
-                let batch = single_shard_batch(req, &projection);
+                let body = Bytes::from(body);
+                assert!(wire::cost(&body).unwrap().regular);
+                let batch = single_shard_batch(OtlpBody::regular(body), &projection);
                 state.apply(&batch)
             },
             BatchSize::SmallInput,

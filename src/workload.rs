@@ -15,6 +15,7 @@ pub mod sender;
 
 use crate::aggregate::shard::Batch;
 use crate::ingest::otlp::{prepare, InputLimits, Projection, RequestLabels};
+use crate::ingest::view::OtlpBody;
 
 /// Shape of the generated load.
 #[derive(Debug, Clone, Copy)]
@@ -147,13 +148,13 @@ pub fn make_cumulative(req: &mut ExportMetricsServiceRequest) {
 
 /// The whole request as one shard's batch, for driving a `ShardState` directly (benchmarks and
 /// the memory example); nobody waits for its result.
-pub fn single_shard_batch(req: ExportMetricsServiceRequest, projection: &Arc<Projection>) -> Batch {
-    single_shard_batch_at(&Arc::new(req), projection, crate::unix_ns(), None)
+pub fn single_shard_batch(req: impl Into<OtlpBody>, projection: &Arc<Projection>) -> Batch {
+    single_shard_batch_at(&req.into(), projection, crate::unix_ns(), None)
 }
 
 /// [`single_shard_batch`] judged at `now_ns`; `at` is the batch's own clock (a replay's), if any.
 pub fn single_shard_batch_at(
-    req: &Arc<ExportMetricsServiceRequest>,
+    req: &OtlpBody,
     projection: &Arc<Projection>,
     now_ns: u64,
     at: Option<u64>,
@@ -166,7 +167,7 @@ pub fn single_shard_batch_at(
         counts: part.counts,
         points: part.points,
         labels: Arc::new(RequestLabels {
-            req: req.clone(),
+            body: req.clone(),
             projection: projection.clone(),
         }),
         overflow: false,

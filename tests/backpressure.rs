@@ -196,12 +196,16 @@ async fn a_request_applied_on_one_shard_and_refused_on_another_is_logged() {
     let a = {
         let ingestor = ingestor.clone();
         let r = req("a");
-        tokio::spawn(async move { ingestor.export(Protocol::HttpProtobuf, r, None).await })
+        tokio::spawn(async move {
+            ingestor
+                .export(Protocol::HttpProtobuf, r.into(), None)
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     // B: shard 0 applies its part, shard 1's queue is full: refused, retryably.
     let b = ingestor
-        .export(Protocol::HttpProtobuf, req("b"), None)
+        .export(Protocol::HttpProtobuf, req("b").into(), None)
         .await;
     assert!(
         matches!(b, Err(spanagg::ingest::IngestError::Unavailable)),

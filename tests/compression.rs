@@ -326,14 +326,14 @@ async fn a_compressed_body_waiting_for_the_budget_is_inflated_again_to_the_same_
         counters: true,
     };
     let body = request(&shape, 0, 1_000, 2_000).encode_to_vec();
-    let (cost, _) = Ingestor::price_protobuf(&body).unwrap();
+    let cost = Ingestor::price_protobuf(&body).unwrap().bytes;
     let (_table, ingestor, _) = ingest_stack(1, 16);
     let ingestor = Arc::new(ingestor.with_limits(InputLimits {
         max_decode_memory: cost * 3 / 2,
         ..InputLimits::default()
     }));
     // The plain body takes most of the budget and holds it.
-    let (_, held) = ingestor
+    let (_, held, _) = ingestor
         .inflate_and_admit(
             body.clone().into(),
             Encoding::Identity,
@@ -353,6 +353,6 @@ async fn a_compressed_body_waiting_for_the_budget_is_inflated_again_to_the_same_
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(!waiting.is_finished(), "it waits for room");
     drop(held);
-    let (inflated, _admission) = waiting.await.unwrap().unwrap();
+    let (inflated, _admission, _) = waiting.await.unwrap().unwrap();
     assert!(inflated[..] == body[..], "inflated again to the same bytes");
 }

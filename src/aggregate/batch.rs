@@ -6,15 +6,21 @@ use std::sync::Arc;
 use super::key::FamilyDesc;
 use super::series::Point;
 
+/// A message's place in a request body, to find it again without walking the request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Span {
+    pub at: u32,
+    pub len: u32,
+}
+
 /// Where a point's labels come from, for its batch's resolver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LabelRef {
-    /// A data point of an OTLP request, by its indexes along the request's nesting.
+    /// A data point of an OTLP request: where its resource and the point lie in the body.
     Otlp {
-        resource: u32,
-        scope: u32,
-        metric: u32,
-        point: u32,
+        resource: Span,
+        point: Span,
+        histogram: bool,
     },
     /// An entry of the resolver's own list (the services of overflow series).
     Entry(u32),

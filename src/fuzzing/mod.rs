@@ -8,12 +8,15 @@
 //!
 //! Invariants checked on every input that gets as far as a shard:
 //! - a request's points are never fewer than the pricing walk counted (admission relies on it);
+//! - the borrowed views read every field exactly as prost decodes it (`views`), and a body
+//!   brought to regular form is regular;
 //! - applying the same request again changes nothing a scrape shows (retries never count twice);
 //! - both expositions pass the strict reader in `exposition` and hold every series once.
 
 #![allow(clippy::panic)]
 
 pub mod exposition;
+pub mod views;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use crate::aggregate::shard::{ShardConfig, ShardState};
 use crate::config::{DEFAULT_BY, DEFAULT_WITHOUT};
 use crate::export::prometheus::{encode_shard, stitch, Format};
 use crate::ingest::otlp::{count_points, InputLimits, Projection};
+use crate::ingest::view::OtlpBody;
 use crate::ingest::{json, wire};
 use crate::storage::{checkpoint, replay, wal};
 use crate::workload::{kv, single_shard_batch_at};
@@ -50,16 +54,30 @@ pub fn otlp_protobuf(data: &[u8]) -> bool {
     if cost.points > limits.max_points_per_request {
         return false;
     }
-    let Ok(decoded) = wire::decode(data) else {
-        return false;
+    let body = if cost.regular {
+        bytes::Bytes::copy_from_slice(data)
+    } else {
+        let Ok((fixed, _)) = wire::regularize(data, &cost) else {
+            return false;
+        };
+        let again = wire::cost(&fixed).unwrap_or_else(|e| panic!("regularized: {e}"));
+        assert!(
+            again.regular,
+            "a regularized body is not regular: {again:?}"
+        );
+        fixed
     };
-    let points = count_points(&decoded.req);
+    let req = <ExportMetricsServiceRequest as prost::Message>::decode(&body[..])
+        .unwrap_or_else(|e| panic!("a regular body does not decode: {e}"));
+    let body = OtlpBody::regular(body);
+    views::assert_same(&req, &body);
+    let points = count_points(body.view());
     assert!(
         points <= cost.points,
         "the pricing walk counted {} points, the request holds {points}",
         cost.points
     );
-    apply_and_check(decoded.req)
+    apply_and_check(body)
 }
 
 /// An OTLP/JSON body as `/v1/metrics` receives it with `Content-Type: application/json`.
@@ -68,13 +86,15 @@ pub fn otlp_json(data: &[u8]) -> bool {
         return false;
     };
     // What JSON decoded must price and decode as protobuf too: the WAL logs it that way.
-    let body = prost::Message::encode_to_vec(&req);
-    let cost = wire::cost(&body).unwrap_or_else(|e| panic!("JSON re-encoded: {e}"));
-    assert!(count_points(&req) <= cost.points);
+    let body = OtlpBody::encode(&req);
+    let cost = wire::cost(body.bytes()).unwrap_or_else(|e| panic!("JSON re-encoded: {e}"));
+    assert!(cost.regular, "prost's encoding is regular: {cost:?}");
+    views::assert_same(&req, &body);
+    assert!(count_points(body.view()) <= cost.points);
     if cost.points > InputLimits::default().max_points_per_request {
         return false;
     }
-    apply_and_check(req)
+    apply_and_check(body)
 }
 
 /// A WAL segment file as replay finds it after a crash: each record it hands on is decoded as
@@ -206,7 +226,9 @@ pub fn exposition(data: &[u8]) -> bool {
             ..Default::default()
         });
     }
-    apply_and_check(ExportMetricsServiceRequest { resource_metrics })
+    apply_and_check(OtlpBody::encode(&ExportMetricsServiceRequest {
+        resource_metrics,
+    }))
 }
 
 fn new_state() -> ShardState {
@@ -217,10 +239,9 @@ fn new_state() -> ShardState {
 
 /// Validates, keys and applies `req` to a fresh shard, then again as a retry would. Says
 /// whether any series came of it.
-fn apply_and_check(req: ExportMetricsServiceRequest) -> bool {
+fn apply_and_check(req: OtlpBody) -> bool {
     let owned = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let projection = Arc::new(Projection::new(&owned(DEFAULT_BY), &owned(DEFAULT_WITHOUT)));
-    let req = Arc::new(req);
     let mut state = [new_state()];
     state[0].apply(&single_shard_batch_at(
         &req,

@@ -12,9 +12,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::view::OtlpBody;
 use bytes::Bytes;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use prost::Message;
 
 use super::{IngestError, Logged};
 use crate::storage::wal::{
@@ -59,7 +58,7 @@ impl Durable {
     /// Logs a request the shards applied (in part or whole) with the time it was judged by.
     pub async fn log(
         &self,
-        req: &ExportMetricsServiceRequest,
+        req: &OtlpBody,
         raw: Option<Logged>,
         accepted_ns: u64,
     ) -> Result<(), IngestError> {
@@ -86,8 +85,8 @@ impl Durable {
 
 /// The record the WAL keeps: the acceptance time, then a compressed body as it came, other
 /// protobuf Snappy-compressed.
-fn record(req: &ExportMetricsServiceRequest, raw: Option<Logged>, accepted_ns: u64) -> (u8, Bytes) {
-    let raw = raw.unwrap_or_else(|| Logged::Protobuf(Bytes::from(req.encode_to_vec())));
+fn record(req: &OtlpBody, raw: Option<Logged>, accepted_ns: u64) -> (u8, Bytes) {
+    let raw = raw.unwrap_or_else(|| Logged::Protobuf(req.bytes().clone()));
     match raw {
         Logged::Gzip(b) => timed(KIND_METRICS_GZIP, accepted_ns, &b),
         Logged::Zstd(b) => timed(KIND_METRICS_ZSTD, accepted_ns, &b),

@@ -12,12 +12,13 @@ use axum::routing::post;
 use axum::Router;
 use http_body_util::{BodyExt, Limited};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    ExportMetricsPartialSuccess, ExportMetricsServiceResponse,
 };
 use prost::Message;
 
 use super::admit::Admission;
 use super::body::Encoding;
+use super::view::OtlpBody;
 use super::{IngestError, Ingestor, Logged};
 use crate::auth::Guard;
 use crate::listen::ListenMetrics;
@@ -230,7 +231,7 @@ async fn read_request(
     headers: &HeaderMap,
     body: Body,
     body_timeout: Duration,
-) -> Result<(ExportMetricsServiceRequest, Option<Logged>, Admission), Unread> {
+) -> Result<(OtlpBody, Option<Logged>, Admission), Unread> {
     let limit = ingestor.max_request_bytes;
     let encoding = Encoding::parse(
         headers

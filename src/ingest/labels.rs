@@ -15,11 +15,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use ahash::RandomState;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::common::v1::AnyValue;
 
 use super::reason::Reason;
+use super::view::{AnyValueView, Attrs, HistogramPoint, KeyValueView, NumberPoint, OtlpBody};
 use crate::aggregate::key::SetHash;
 use crate::aggregate::naming::output_label_name;
 use crate::aggregate::shard::{LabelRef, LabelResolver};
@@ -42,10 +41,10 @@ impl Projection {
     }
 
     /// The resource attributes kept as labels.
-    pub fn kept_resource<'a>(&self, attrs: &'a [KeyValue]) -> Vec<&'a KeyValue> {
+    pub fn kept_resource<'a>(&self, attrs: Attrs<'a>) -> Vec<KeyValueView<'a>> {
         attrs
             .iter()
-            .filter(|kv| self.by.contains(&kv.key))
+            .filter(|kv| self.by.iter().any(|b| b == kv.key))
             .collect()
     }
 
@@ -72,45 +71,53 @@ impl AttributeLimits {
     }
 }
 
-/// Writes an attribute value as its label text. Strings are borrowed; the rest use `buf`.
-pub fn value_str<'a>(v: Option<&'a AnyValue>, buf: &'a mut String) -> &'a str {
-    use any_value::Value;
+/// Writes an attribute value (an `AnyValue` message) as its label text. Strings are borrowed;
+/// the rest use `buf`. Arrays and key-value lists, rare, are decoded and written as JSON.
+pub fn value_str<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a str {
     buf.clear();
-    match v.and_then(|v| v.value.as_ref()) {
-        Some(Value::StringValue(s)) => return s,
-        Some(Value::BoolValue(b)) => buf.push_str(if *b { "true" } else { "false" }),
-        Some(Value::IntValue(i)) => {
+    match v.map_or(AnyValueView::Empty, AnyValueView::read) {
+        AnyValueView::String(s) => return s,
+        AnyValueView::Bool(b) => buf.push_str(if b { "true" } else { "false" }),
+        AnyValueView::Int(i) => {
             let _ = write!(buf, "{i}");
         }
-        Some(Value::DoubleValue(d)) => {
+        AnyValueView::Double(d) => {
             let _ = write!(buf, "{d}");
         }
-        Some(Value::BytesValue(b)) => {
+        AnyValueView::Bytes(b) => {
             for byte in b {
                 let _ = write!(buf, "{byte:02x}");
             }
         }
-        Some(other) => {
-            let _ = write!(buf, "{}", serde_json::to_string(other).unwrap_or_default());
+        AnyValueView::Other(msg) => {
+            let value = <AnyValue as prost::Message>::decode(msg)
+                .ok()
+                .and_then(|a| a.value);
+            if let Some(value) = value {
+                let _ = write!(buf, "{}", serde_json::to_string(&value).unwrap_or_default());
+            }
         }
-        None => {}
+        AnyValueView::Empty => {}
     }
     buf
 }
 
 /// (name, raw key, value) triples sorted by name and raw key, names that collide joined.
-fn named<'a>(kvs: impl Iterator<Item = &'a KeyValue>, histogram: bool) -> Vec<(String, String)> {
+fn named<'a>(
+    kvs: impl Iterator<Item = KeyValueView<'a>>,
+    histogram: bool,
+) -> Vec<(String, String)> {
     let mut buf = String::new();
     let mut pairs: Vec<(String, &str, String)> = Vec::new();
     for kv in kvs {
-        let v = value_str(kv.value.as_ref(), &mut buf);
+        let v = value_str(kv.value, &mut buf);
         if v.is_empty() {
             continue;
         }
         let v = v.to_owned();
         let mut name = String::new();
-        output_label_name(&kv.key, histogram, &mut name);
-        pairs.push((name, &kv.key, v));
+        output_label_name(kv.key, histogram, &mut name);
+        pairs.push((name, kv.key, v));
     }
     pairs.sort_unstable();
     let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
@@ -129,12 +136,12 @@ fn named<'a>(kvs: impl Iterator<Item = &'a KeyValue>, histogram: bool) -> Vec<(S
 /// The output labels of a point, sorted by name (see the module doc for the rules).
 pub fn canonical(
     histogram: bool,
-    resource: &[&KeyValue],
-    attrs: &[KeyValue],
+    resource: &[KeyValueView<'_>],
+    attrs: Attrs<'_>,
     projection: &Projection,
 ) -> Vec<(String, String)> {
     let mut out = named(
-        attrs.iter().filter(|kv| projection.keeps(&kv.key)),
+        attrs.iter().filter(|kv| projection.keeps(kv.key)),
         histogram,
     );
     let point_names = out.len();
@@ -272,16 +279,16 @@ impl<'r> Keyer<'r> {
     }
 
     /// Hashes the kept attributes of a resource for points of one kind.
-    pub fn resource(&mut self, kept: &[&'r KeyValue], histogram: bool) -> ResourcePart {
+    pub fn resource(&mut self, kept: &[KeyValueView<'r>], histogram: bool) -> ResourcePart {
         let mut part = ResourcePart::default();
         if kept.len() > self.limits.max_attributes {
             part.error = Some(Reason::TooManyAttributes);
             return part;
         }
-        for &kv in kept {
-            let Name { id, renamed, .. } = self.name(&kv.key, histogram);
-            let v = value_str(kv.value.as_ref(), &mut self.value_buf);
-            if let Err(r) = self.limits.check(&kv.key, v) {
+        for kv in kept {
+            let Name { id, renamed, .. } = self.name(kv.key, histogram);
+            let v = value_str(kv.value, &mut self.value_buf);
+            if let Err(r) = self.limits.check(kv.key, v) {
                 part.error = Some(r);
             }
             if v.is_empty() {
@@ -299,8 +306,8 @@ impl<'r> Keyer<'r> {
     pub fn point(
         &mut self,
         res: &ResourcePart,
-        resource: &[&KeyValue],
-        attrs: &'r [KeyValue],
+        resource: &[KeyValueView<'_>],
+        attrs: Attrs<'r>,
         histogram: bool,
         seeds: (u64, u64),
     ) -> Result<(u128, u128), Reason> {
@@ -322,9 +329,9 @@ impl<'r> Keyer<'r> {
                 raw_hash,
                 renamed: name_renamed,
                 kept,
-            } = self.name_at(i, &kv.key, histogram);
-            let v = value_str(kv.value.as_ref(), &mut self.value_buf);
-            self.limits.check(&kv.key, v)?;
+            } = self.name_at(i, kv.key, histogram);
+            let v = value_str(kv.value, &mut self.value_buf);
+            self.limits.check(kv.key, v)?;
             source.add_pair(SetHash::pair_with(raw_hash, v));
             if v.is_empty() || !kept {
                 continue;
@@ -371,7 +378,7 @@ impl<'r> Keyer<'r> {
 
 /// Resolves labels of new series from the request they came in.
 pub struct RequestLabels {
-    pub req: Arc<ExportMetricsServiceRequest>,
+    pub body: OtlpBody,
     pub projection: Arc<Projection>,
 }
 
@@ -379,29 +386,26 @@ impl LabelResolver for RequestLabels {
     fn labels(&self, label_ref: LabelRef) -> Option<Vec<(String, String)>> {
         let LabelRef::Otlp {
             resource,
-            scope,
-            metric,
             point,
+            histogram,
         } = label_ref
         else {
             return None;
         };
-        let rm = self.req.resource_metrics.get(resource as usize)?;
-        let metric = rm
-            .scope_metrics
-            .get(scope as usize)?
-            .metrics
-            .get(metric as usize)?;
-        let pi = point as usize;
-        let (attrs, histogram): (&[KeyValue], bool) = match &metric.data {
-            Some(Data::Sum(s)) => (&s.data_points.get(pi)?.attributes, false),
-            Some(Data::Histogram(h)) => (&h.data_points.get(pi)?.attributes, true),
-            _ => return None,
+        let resource = if resource.len == 0 {
+            &[]
+        } else {
+            self.body.at(resource)?
         };
-        let resource: &[KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes[..]);
+        let point = self.body.at(point)?;
+        let attrs = if histogram {
+            HistogramPoint::read(point).attributes
+        } else {
+            NumberPoint::read(point).attributes
+        };
         Some(canonical(
             histogram,
-            &self.projection.kept_resource(resource),
+            &self.projection.kept_resource(Attrs::of(resource, 1)),
             attrs,
             &self.projection,
         ))

@@ -2,15 +2,22 @@
 //! label set a scrape shows, for every input.
 
 use super::*;
+use crate::workload::kv;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
 
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
+/// Attributes as the wire has them: a message whose field 1 repeats them.
+fn enc(kvs: &[KeyValue]) -> Vec<u8> {
+    Resource {
+        attributes: kvs.to_vec(),
         ..Default::default()
     }
+    .encode_to_vec()
+}
+
+fn attrs(encoded: &[u8]) -> Attrs<'_> {
+    Attrs::of(encoded, 1)
 }
 
 const LIMITS: AttributeLimits = AttributeLimits {
@@ -29,15 +36,18 @@ fn projection() -> Projection {
 /// (output key, labels) of one point through the fast path, and the key of its labels.
 fn key(
     resource: &[KeyValue],
-    attrs: &[KeyValue],
+    attrs_of: &[KeyValue],
     histogram: bool,
 ) -> (u128, u128, Vec<(String, String)>) {
     let p = projection();
-    let kept = p.kept_resource(resource);
+    let (resource, point) = (enc(resource), enc(attrs_of));
+    let kept = p.kept_resource(attrs(&resource));
     let mut keyer = Keyer::new(&p, LIMITS);
     let res = keyer.resource(&kept, histogram);
-    let (fast, _) = keyer.point(&res, &kept, attrs, histogram, (7, 9)).unwrap();
-    let labels = canonical(histogram, &kept, attrs, &p);
+    let (fast, _) = keyer
+        .point(&res, &kept, attrs(&point), histogram, (7, 9))
+        .unwrap();
+    let labels = canonical(histogram, &kept, attrs(&point), &p);
     (fast, key_of(&labels, 7), labels)
 }
 
@@ -111,44 +121,49 @@ fn a_point_attribute_replaces_a_resource_attribute_of_the_same_output_name() {
 #[test]
 fn limits_refuse_the_point() {
     let p = projection();
+    let none = Attrs::default();
+    let many = enc(&(0..129)
+        .map(|i| kv(&format!("k{i}"), "v"))
+        .collect::<Vec<_>>());
+    let long = enc(&[kv("k", "v".repeat(4097))]);
+    let long_key = enc(&[kv(&"k".repeat(257), "v")]);
+    // Colliding names are joined: the joined value is held to the same limit.
+    let joined = enc(&(0..3)
+        .map(|i| kv(&format!("a{}b", [".", "_", "-"][i]), "v".repeat(2000)))
+        .collect::<Vec<_>>());
+    // Kept resource attributes count too.
+    let many_resource = enc(&(0..200)
+        .map(|_| kv("service.name", "s"))
+        .collect::<Vec<_>>());
+    let resource = enc(&[kv("service.name", "s".repeat(5000))]);
     let mut keyer = Keyer::new(&p, LIMITS);
     let res = keyer.resource(&[], false);
-    let many: Vec<KeyValue> = (0..129).map(|i| kv(&format!("k{i}"), "v")).collect();
     assert_eq!(
-        keyer.point(&res, &[], &many, false, (0, 0)),
+        keyer.point(&res, &[], attrs(&many), false, (0, 0)),
         Err(Reason::TooManyAttributes)
     );
-    let long = [kv("k", &"v".repeat(4097))];
     assert_eq!(
-        keyer.point(&res, &[], &long, false, (0, 0)),
+        keyer.point(&res, &[], attrs(&long), false, (0, 0)),
         Err(Reason::AttributeTooLong)
     );
-    let long_key = [kv(&"k".repeat(257), "v")];
     assert_eq!(
-        keyer.point(&res, &[], &long_key, false, (0, 0)),
+        keyer.point(&res, &[], attrs(&long_key), false, (0, 0)),
         Err(Reason::AttributeTooLong)
     );
-    // Colliding names are joined: the joined value is held to the same limit.
-    let joined: Vec<KeyValue> = (0..3)
-        .map(|i| kv(&format!("a{}b", [".", "_", "-"][i]), &"v".repeat(2000)))
-        .collect();
     assert_eq!(
-        keyer.point(&res, &[], &joined, false, (0, 0)),
+        keyer.point(&res, &[], attrs(&joined), false, (0, 0)),
         Err(Reason::AttributeTooLong)
     );
-    // Kept resource attributes count too.
-    let many_resource: Vec<KeyValue> = (0..200).map(|_| kv("service.name", "s")).collect();
-    let kept = p.kept_resource(&many_resource);
+    let kept = p.kept_resource(attrs(&many_resource));
     let res = keyer.resource(&kept, false);
     assert_eq!(
-        keyer.point(&res, &kept, &[], false, (0, 0)),
+        keyer.point(&res, &kept, none, false, (0, 0)),
         Err(Reason::TooManyAttributes)
     );
-    let resource = [kv("service.name", &"s".repeat(5000))];
-    let kept = p.kept_resource(&resource);
+    let kept = p.kept_resource(attrs(&resource));
     let res = keyer.resource(&kept, false);
     assert_eq!(
-        keyer.point(&res, &kept, &[], false, (0, 0)),
+        keyer.point(&res, &kept, none, false, (0, 0)),
         Err(Reason::AttributeTooLong),
         "a kept resource attribute over the limit refuses its points"
     );
@@ -193,18 +208,24 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
         .collect();
     // One keyer for every point, as `prepare` uses one per request: its caches (names by raw
     // key and by position, shared between kinds) are part of what is checked.
+    let encoded: Vec<(Vec<u8>, Vec<u8>)> = cases
+        .iter()
+        .map(|(resource, point, _)| (enc(resource), enc(point)))
+        .collect();
     let p = projection();
     let mut keyer = Keyer::new(&p, LIMITS);
-    for (resource, attrs, histogram) in &cases {
+    for ((resource, attrs_of, histogram), (r, a)) in cases.iter().zip(&encoded) {
         let histogram = *histogram;
-        let kept = p.kept_resource(resource);
+        let kept = p.kept_resource(attrs(r));
         let res = keyer.resource(&kept, histogram);
-        let (fast, _) = keyer.point(&res, &kept, attrs, histogram, (7, 9)).unwrap();
-        let labels = canonical(histogram, &kept, attrs, &p);
+        let (fast, _) = keyer
+            .point(&res, &kept, attrs(a), histogram, (7, 9))
+            .unwrap();
+        let labels = canonical(histogram, &kept, attrs(a), &p);
         assert_eq!(
             fast,
             key_of(&labels, 7),
-            "seed {seed}: {resource:?} {attrs:?} -> {labels:?}"
+            "seed {seed}: {resource:?} {attrs_of:?} -> {labels:?}"
         );
         let mut seen = std::collections::HashSet::new();
         for (k, v) in &labels {

@@ -13,19 +13,20 @@ mod labels;
 pub mod otlp;
 mod overflow;
 mod reason;
+pub mod view;
 pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
 use crate::aggregate::shard::{Batch, BatchResult, Outcome};
 use crate::aggregate::table::{SendError, Table};
 use crate::storage::wal::Wal;
 use crate::telemetry::{LimitKind, Protocol, RequestOutcome, Telemetry};
 use otlp::{prepare, InputLimits, Projection, RequestLabels};
+use view::OtlpBody;
 
 /// How long an export waits for room in a full shard queue before refusing with a retryable
 /// error. Short: the client's retry with backoff is the real queue.
@@ -149,7 +150,7 @@ impl Ingestor {
     }
 
     /// Inflates `raw` (capped at `max_request_bytes`) and takes what decoding it will cost,
-    /// priced by `price` as (bytes, points). A compressed body is not held while waiting for
+    /// priced by `price`; the price comes back with the body. A compressed body is not held while waiting for
     /// room: a few KiB of zstd can inflate to `max_request_bytes`, and requests queued for the
     /// budget would each hold that much unpriced. So if the room is not there at once, the
     /// inflated body is dropped while waiting and inflated again (the same bytes, the same
@@ -158,43 +159,47 @@ impl Ingestor {
         &self,
         raw: Bytes,
         encoding: body::Encoding,
-        price: impl Fn(&[u8]) -> Result<(u64, u64), IngestError>,
-    ) -> Result<(Bytes, admit::Admission), IngestError> {
+        price: impl Fn(&[u8]) -> Result<wire::Cost, IngestError>,
+    ) -> Result<(Bytes, admit::Admission, wire::Cost), IngestError> {
         let limit = self.max_request_bytes;
         if encoding == body::Encoding::Identity {
             let body = body::decode(raw, encoding, limit)?;
-            let (bytes, points) = price(&body)?;
-            let admission = self.admit(bytes, points).await?;
-            return Ok((body, admission));
+            let cost = price(&body)?;
+            let admission = self.admit(cost.bytes, cost.points).await?;
+            return Ok((body, admission, cost));
         }
         let inflated = body::decode_into(raw.clone(), encoding, limit, self.pool.take())?;
-        let (bytes, points) = price(&inflated)?;
-        if let Some(admission) = self.budget.try_admit(bytes, points)? {
-            return Ok((inflated, admission));
+        let cost = price(&inflated)?;
+        if let Some(admission) = self.budget.try_admit(cost.bytes, cost.points)? {
+            return Ok((inflated, admission, cost));
         }
         self.pool.give(inflated);
-        let admission = self.admit(bytes, points).await?;
+        let admission = self.admit(cost.bytes, cost.points).await?;
         let inflated = body::decode_into(raw, encoding, limit, self.pool.take())?;
-        Ok((inflated, admission))
+        Ok((inflated, admission, cost))
     }
 
     /// A protobuf request as either transport has it (`raw`, in `encoding`): inflated,
-    /// admitted, decoded, and what the WAL is to keep of it. The inflated body goes back to the
-    /// pool unless the log keeps it.
+    /// admitted, in regular form, and what the WAL is to keep of it. The inflated body goes
+    /// back to the pool once the request is applied, unless the log keeps it.
     pub async fn prepare_protobuf(
         &self,
         raw: Bytes,
         encoding: body::Encoding,
-    ) -> Result<(ExportMetricsServiceRequest, Logged, admit::Admission), IngestError> {
-        let (inflated, admission) = self
+    ) -> Result<(OtlpBody, Logged, admit::Admission), IngestError> {
+        let (inflated, admission, cost) = self
             .inflate_and_admit(raw.clone(), encoding, Self::price_protobuf)
             .await?;
-        let (req, repaired) = self.decode_protobuf(&inflated)?;
-        let (logged, unused) = Logged::of(raw, inflated, encoding, repaired);
+        if cost.regular {
+            let (logged, _) = Logged::of(raw, inflated.clone(), encoding, None);
+            return Ok((OtlpBody::regular(inflated), logged, admission));
+        }
+        let fixed = self.regularize(&inflated, &cost)?;
+        let (logged, unused) = Logged::of(raw, inflated, encoding, Some(fixed.clone()));
         if let Some(b) = unused {
             self.pool.give(b);
         }
-        Ok((req, logged, admission))
+        Ok((OtlpBody::regular(fixed), logged, admission))
     }
 
     /// A JSON request: inflated, admitted (at [`admit::JSON_FACTOR`] times its size) and
@@ -203,49 +208,45 @@ impl Ingestor {
         &self,
         raw: Bytes,
         encoding: body::Encoding,
-    ) -> Result<(ExportMetricsServiceRequest, admit::Admission), IngestError> {
-        let (inflated, admission) = self
+    ) -> Result<(OtlpBody, admit::Admission), IngestError> {
+        let (inflated, admission, _) = self
             .inflate_and_admit(raw, encoding, Self::price_json)
             .await?;
         let req = json::decode(&inflated)
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}")))?;
         self.pool.give(inflated);
-        self.check_points(&req)?;
-        Ok((req, admission))
+        let body = OtlpBody::encode(&req);
+        self.check_points(&body)?;
+        Ok((body, admission))
     }
 
-    /// What a protobuf body will cost to decode, as (bytes, points).
-    pub fn price_protobuf(body: &[u8]) -> Result<(u64, u64), IngestError> {
-        let cost = wire::cost(body)
-            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))?;
-        Ok((cost.bytes, cost.points))
+    /// What a protobuf body will cost to decode, and whether it is regular.
+    pub fn price_protobuf(body: &[u8]) -> Result<wire::Cost, IngestError> {
+        wire::cost(body)
+            .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))
     }
 
     /// What a JSON body may cost to decode; its points are counted after decoding.
-    pub fn price_json(body: &[u8]) -> Result<(u64, u64), IngestError> {
-        Ok(((body.len() as u64).saturating_mul(admit::JSON_FACTOR), 0))
+    pub fn price_json(body: &[u8]) -> Result<wire::Cost, IngestError> {
+        Ok(wire::Cost::of_bytes(
+            (body.len() as u64).saturating_mul(admit::JSON_FACTOR),
+        ))
     }
 
-    /// Decodes a protobuf request, repairing invalid UTF-8 in its strings (counted). Returns
-    /// the request and, if it was repaired, the body to log instead of the one received.
-    fn decode_protobuf(
-        &self,
-        body: &[u8],
-    ) -> Result<(ExportMetricsServiceRequest, Option<Bytes>), IngestError> {
-        let d = wire::decode(body)
+    /// An irregular protobuf body in regular form, invalid UTF-8 in its strings replaced
+    /// (counted).
+    fn regularize(&self, body: &[u8], cost: &wire::Cost) -> Result<Bytes, IngestError> {
+        let (fixed, n) = wire::regularize(body, cost)
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable protobuf: {e}")))?;
-        Ok(match d.repaired {
-            Some((fixed, n)) => {
-                self.telemetry.invalid_utf8(n);
-                (d.req, Some(Bytes::from(fixed)))
-            }
-            None => (d.req, None),
-        })
+        if n > 0 {
+            self.telemetry.invalid_utf8(n);
+        }
+        Ok(fixed)
     }
 
-    /// Refuses a decoded request with more points than `limits.max_points_per_request`.
-    pub fn check_points(&self, req: &ExportMetricsServiceRequest) -> Result<(), IngestError> {
-        self.budget.check_points(otlp::count_points(req))
+    /// Refuses a request with more points than `limits.max_points_per_request`.
+    pub fn check_points(&self, req: &OtlpBody) -> Result<(), IngestError> {
+        self.budget.check_points(otlp::count_points(req.view()))
     }
 
     async fn admit(&self, bytes: u64, points: u64) -> Result<admit::Admission, IngestError> {
@@ -282,7 +283,7 @@ impl Ingestor {
     pub async fn export(
         &self,
         protocol: Protocol,
-        req: ExportMetricsServiceRequest,
+        req: OtlpBody,
         raw: Option<Logged>,
     ) -> Result<ExportReply, IngestError> {
         self.export_at(protocol, req, raw, None).await
@@ -290,14 +291,16 @@ impl Ingestor {
 
     /// `export`, judging the request by time `at` (when it was first accepted) instead of now:
     /// what WAL replay does, so a restart long after a crash rebuilds the state at the crash.
+    /// The body goes back to the inflate pool once nothing else holds it.
     pub async fn export_at(
         &self,
         protocol: Protocol,
-        req: ExportMetricsServiceRequest,
+        req: OtlpBody,
         raw: Option<Logged>,
         at: Option<u64>,
     ) -> Result<ExportReply, IngestError> {
-        let result = self.export_inner(protocol, req, raw, at).await;
+        let result = self.export_inner(protocol, &req, raw, at).await;
+        self.pool.give(req.into_bytes());
         let outcome = match &result {
             Ok(r) if r.rejected == 0 => RequestOutcome::Success,
             Ok(_) => RequestOutcome::PartialSuccess,
@@ -312,7 +315,7 @@ impl Ingestor {
     pub async fn export_detached<H: Send + 'static>(
         self: &Arc<Self>,
         protocol: Protocol,
-        req: ExportMetricsServiceRequest,
+        req: OtlpBody,
         raw: Option<Logged>,
         hold: H,
     ) -> Result<ExportReply, IngestError> {
@@ -329,7 +332,7 @@ impl Ingestor {
     async fn export_inner(
         &self,
         protocol: Protocol,
-        req: ExportMetricsServiceRequest,
+        req: &OtlpBody,
         raw: Option<Logged>,
         at: Option<u64>,
     ) -> Result<ExportReply, IngestError> {
@@ -345,29 +348,23 @@ impl Ingestor {
         }
         let table = &self.table;
         let now = at.unwrap_or_else(crate::unix_ns);
-        let mut prepared = prepare(
-            &req,
-            &self.projection,
-            &self.limits,
-            now,
-            table.len(),
-            |k| table.shard_of(k),
-        );
+        let mut prepared = prepare(req, &self.projection, &self.limits, now, table.len(), |k| {
+            table.shard_of(k)
+        });
         self.telemetry.received(protocol, prepared.received);
         self.telemetry
             .rejections(&prepared.rejections, prepared.no_value);
         self.telemetry.relabeled(&prepared.relabeled);
-        let req = Arc::new(req);
         let parts = std::mem::take(&mut prepared.per_shard);
         // The shards judge the points by the same time the WAL records, live and on replay.
-        let (total, sent, failed) = self.apply(&prepared, parts, &req, Some(now)).await;
+        let (total, sent, failed) = self.apply(&prepared, parts, req, Some(now)).await;
         self.telemetry.outcomes(&total);
         // Logged after the shards applied it, so a checkpoint taken after a record's position
         // holds it (see `storage::wal`). Whatever was applied is logged, whatever the reply:
         // a request refused half way (a full queue, a failed overflow hop) is logged too, and
         // so are duplicates (the first try may have been applied and then failed to log).
         if let (Some(d), true) = (&self.wal, sent) {
-            d.log(&req, raw, now).await?;
+            d.log(req, raw, now).await?;
         }
         if let Some(e) = failed {
             return Err(e);
@@ -403,11 +400,11 @@ impl Ingestor {
         &self,
         prepared: &otlp::Prepared,
         parts: Vec<otlp::ShardPoints>,
-        req: &Arc<ExportMetricsServiceRequest>,
+        req: &OtlpBody,
         at: Option<u64>,
     ) -> (BatchResult, bool, Option<IngestError>) {
         let resolver = Arc::new(RequestLabels {
-            req: req.clone(),
+            body: req.clone(),
             projection: self.projection.clone(),
         });
         let batches = parts

@@ -6,17 +6,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ahash::RandomState;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric::Data, number_data_point, AggregationTemporality, HistogramDataPoint, Metric,
-    NumberDataPoint,
-};
+use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 
 pub use super::labels::{value_str, Projection, Relabeled, RequestLabels};
 use super::labels::{AttributeLimits, Keyer, ResourcePart};
 pub use super::reason::{Reason, Rejections};
-use crate::aggregate::batch::LabelRef;
+use super::view::{
+    Attrs, Data, HistogramPoint, KeyValueView, MetricView, Number, NumberPoint, OtlpBody,
+    RequestView,
+};
+use crate::aggregate::batch::{LabelRef, Span};
 use crate::aggregate::key::{source_seed, FamilyDesc, Kind, SetHash};
 use crate::aggregate::layout::{BucketLayout, LayoutError};
 use crate::aggregate::naming::family_name;
@@ -83,7 +82,7 @@ pub struct Prepared {
 /// Validates and keys every point of `req`, judging timestamps against `now_ns`. `shard_of`
 /// routes an output key to its shard.
 pub fn prepare(
-    req: &ExportMetricsServiceRequest,
+    req: &OtlpBody,
     projection: &Projection,
     limits: &InputLimits,
     now_ns: u64,
@@ -98,24 +97,24 @@ pub fn prepare(
         rej: Rejections::default(),
         no_value: 0,
         received: 0,
+        bounds: Vec::new(),
     };
     let mut keyer = Keyer::new(projection, limits.attributes);
     let mut buf = String::new();
     let latest_end = now_ns.saturating_add(limits.max_future_skew_ns);
 
-    for (ri, rm) in req.resource_metrics.iter().enumerate() {
-        let resource: &[KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes[..]);
+    for rm in req.view().resource_metrics() {
+        let resource = rm.attributes();
         let mut identity = SetHash::default();
-        for kv in resource {
-            identity.add(&kv.key, value_str(kv.value.as_ref(), &mut buf));
+        for kv in resource.iter() {
+            identity.add(kv.key, value_str(kv.value, &mut buf));
         }
         let kept = projection.kept_resource(resource);
         // Built on first use: a `by` attribute named `le` is renamed on histograms only.
         let mut parts: [Option<ResourcePart>; 2] = [None, None];
-        for (si, sm) in rm.scope_metrics.iter().enumerate() {
-            let scope = sm.scope.as_ref().map_or("", |s| &s.name[..]);
-            for (mi, m) in sm.metrics.iter().enumerate() {
-                let Some((kind, temporality, n)) = out.classify(m) else {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics() {
+                let Some((kind, temporality, n)) = out.classify(&m) else {
                     continue;
                 };
                 let histogram = kind == Kind::Histogram;
@@ -131,48 +130,45 @@ pub fn prepare(
                     out.rej.add(Reason::UnspecifiedTemporality, n);
                     continue;
                 };
-                let family = out.family_index(m, kind);
+                let family = out.family_index(&m, kind);
                 let desc = &out.families[family as usize];
                 let res = parts[usize::from(histogram)]
                     .get_or_insert_with(|| keyer.resource(&kept, histogram));
                 let ctx = MetricCtx {
+                    body: req,
                     kept: &kept,
                     res,
                     histogram,
-                    seeds: (desc.key_seed(), source_seed(identity, scope, desc)),
+                    seeds: (desc.key_seed(), source_seed(identity, sm.scope_name, desc)),
                     resource: identity.finish(0) as u64,
+                    resource_span: req.span_of(rm.resource),
                     family,
                     temporality,
-                    at: [ri as u32, si as u32, mi as u32],
                     latest_end,
                     max_buckets: limits.max_buckets,
                 };
-                match &m.data {
-                    Some(Data::Sum(s)) => {
-                        for (pi, p) in s.data_points.iter().enumerate() {
-                            match number_point(p, &ctx, pi, &mut keyer) {
-                                Ok(Some(point)) => {
-                                    if let Some(t) = out.per_shard.get_mut(shard_of(point.series)) {
-                                        t.points.push(point);
-                                    }
-                                }
-                                Ok(None) => out.no_value += 1,
-                                Err(r) => out.rej.add(r, 1),
+                let Some(data) = m.data else { continue };
+                for msg in data.points().messages() {
+                    if histogram {
+                        let p = HistogramPoint::read(msg);
+                        if let Err(r) =
+                            histogram_point(&p, msg, &ctx, &mut keyer, &mut out, &shard_of)
+                        {
+                            out.rej.add(r, 1);
+                        } else if p.flags & 1 == 1 {
+                            out.no_value += 1;
+                        }
+                        continue;
+                    }
+                    match number_point(&NumberPoint::read(msg), msg, &ctx, &mut keyer) {
+                        Ok(Some(point)) => {
+                            if let Some(t) = out.per_shard.get_mut(shard_of(point.series)) {
+                                t.points.push(point);
                             }
                         }
+                        Ok(None) => out.no_value += 1,
+                        Err(r) => out.rej.add(r, 1),
                     }
-                    Some(Data::Histogram(h)) => {
-                        for (pi, p) in h.data_points.iter().enumerate() {
-                            if let Err(r) =
-                                histogram_point(p, &ctx, pi, &mut keyer, &mut out, &shard_of)
-                            {
-                                out.rej.add(r, 1);
-                            } else if p.flags & 1 == 1 {
-                                out.no_value += 1;
-                            }
-                        }
-                    }
-                    _ => {}
                 }
             }
         }
@@ -189,25 +185,19 @@ pub fn prepare(
 }
 
 /// Data points in a request, whatever their kind.
-pub fn count_points(req: &ExportMetricsServiceRequest) -> u64 {
-    req.resource_metrics
-        .iter()
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-        .map(points_of)
-        .sum()
+pub fn count_points(req: RequestView<'_>) -> u64 {
+    let mut n = 0;
+    for rm in req.resource_metrics() {
+        for sm in rm.scope_metrics() {
+            n += sm.metrics().map(|m| points_of(&m)).sum::<u64>();
+        }
+    }
+    n
 }
 
 /// Data points a metric carries, whatever its kind.
-fn points_of(m: &Metric) -> u64 {
-    (match &m.data {
-        Some(Data::Sum(s)) => s.data_points.len(),
-        Some(Data::Histogram(h)) => h.data_points.len(),
-        Some(Data::Gauge(g)) => g.data_points.len(),
-        Some(Data::Summary(s)) => s.data_points.len(),
-        Some(Data::ExponentialHistogram(e)) => e.data_points.len(),
-        None => 0,
-    }) as u64
+fn points_of(m: &MetricView<'_>) -> u64 {
+    m.data.map_or(0, |d| d.points().count() as u64)
 }
 
 /// A request being prepared.
@@ -220,20 +210,26 @@ struct Prep<'r> {
     rej: Rejections,
     no_value: u64,
     received: u64,
+    /// A histogram point's bounds, decoded here for checking and comparing.
+    bounds: Vec<f64>,
 }
 
 impl<'r> Prep<'r> {
     /// Counts a metric's points as received; the kinds spanagg aggregates come back with their
     /// temporality (`None` when unspecified), the others are rejected here.
-    fn classify(&mut self, m: &Metric) -> Option<(Kind, Option<Temporality>, u64)> {
+    fn classify(&mut self, m: &MetricView<'_>) -> Option<(Kind, Option<Temporality>, u64)> {
         let n = points_of(m);
         self.received += n;
-        let (kind, t) = match &m.data {
-            Some(Data::Sum(s)) if s.is_monotonic => (Kind::Counter, s.aggregation_temporality),
-            Some(Data::Histogram(h)) => (Kind::Histogram, h.aggregation_temporality),
+        let (kind, t) = match m.data {
+            Some(Data::Sum {
+                temporality,
+                monotonic: true,
+                ..
+            }) => (Kind::Counter, temporality),
+            Some(Data::Histogram { temporality, .. }) => (Kind::Histogram, temporality),
             Some(data) => {
                 let reason = match data {
-                    Data::Sum(_) => Reason::NonMonotonicSum,
+                    Data::Sum { .. } => Reason::NonMonotonicSum,
                     Data::Gauge(_) => Reason::Gauge,
                     Data::Summary(_) => Reason::Summary,
                     _ => Reason::ExponentialHistogram,
@@ -253,15 +249,15 @@ impl<'r> Prep<'r> {
         Some((kind, t, n))
     }
 
-    fn family_index(&mut self, m: &'r Metric, kind: Kind) -> u32 {
-        let key = (m.name.as_str(), m.unit.as_str(), kind);
+    fn family_index(&mut self, m: &MetricView<'r>, kind: Kind) -> u32 {
+        let key = (m.name, m.unit, kind);
         if let Some(&i) = self.family_index.get(&key) {
             return i;
         }
         let mut help = if m.description.is_empty() {
             format!("{} (OTel), merged across instances by spanagg", m.name)
         } else {
-            m.description.clone()
+            m.description.to_owned()
         };
         if help.len() > MAX_HELP_LEN {
             let mut cut = MAX_HELP_LEN;
@@ -271,10 +267,10 @@ impl<'r> Prep<'r> {
             help.truncate(cut);
         }
         self.families.push(FamilyDesc {
-            name: family_name(&m.name, &m.unit).into(),
+            name: family_name(m.name, m.unit).into(),
             kind,
-            otel_name: m.name.as_str().into(),
-            unit: m.unit.as_str().into(),
+            otel_name: m.name.into(),
+            unit: m.unit.into(),
             help: help.into(),
         });
         let i = (self.families.len() - 1) as u32;
@@ -282,44 +278,43 @@ impl<'r> Prep<'r> {
         i
     }
 
-    /// Index of `bounds` in the request's layouts. Only the previous layout is reused: a search
-    /// over all would let one hostile request cost quadratic time; shards intern by value.
-    fn layout(&mut self, bounds: &[f64]) -> u32 {
+    /// Index of `self.bounds` in the request's layouts. Only the previous layout is reused: a
+    /// search over all would let one hostile request cost quadratic time; shards intern by value.
+    fn layout(&mut self) -> u32 {
         match self.layouts.last() {
-            Some(l) if **l == *bounds => {}
-            _ => self.layouts.push(bounds.into()),
+            Some(l) if **l == *self.bounds => {}
+            _ => self.layouts.push(self.bounds.as_slice().into()),
         }
         (self.layouts.len() - 1) as u32
     }
 }
 
 struct MetricCtx<'a> {
+    body: &'a OtlpBody,
     /// The kept resource attributes and their hashed form.
-    kept: &'a [&'a KeyValue],
+    kept: &'a [KeyValueView<'a>],
     res: &'a ResourcePart,
     histogram: bool,
     /// (output key seed, source key seed).
     seeds: (u64, u64),
     /// The resource identity (the pod), as points carry it.
     resource: u64,
+    /// Where the resource lies in the body, for the labels of new series.
+    resource_span: Span,
     family: u32,
     temporality: Temporality,
-    /// The metric's indexes in the request (resource, scope, metric), for its points' labels.
-    at: [u32; 3],
     /// Points ending after this are refused as `future`.
     latest_end: u64,
     max_buckets: usize,
 }
 
 impl MetricCtx<'_> {
-    /// The label handle of the metric's point `pi`.
-    fn label_ref(&self, pi: usize) -> LabelRef {
-        let [resource, scope, metric] = self.at;
+    /// The label handle of the point `msg` (a slice of the body).
+    fn label_ref(&self, msg: &[u8]) -> LabelRef {
         LabelRef::Otlp {
-            resource,
-            scope,
-            metric,
-            point: pi as u32,
+            resource: self.resource_span,
+            point: self.body.span_of(msg),
+            histogram: self.histogram,
         }
     }
 }
@@ -329,7 +324,7 @@ impl MetricCtx<'_> {
 fn keys<'r>(
     ctx: &MetricCtx<'_>,
     keyer: &mut Keyer<'r>,
-    attrs: &'r [KeyValue],
+    attrs: Attrs<'r>,
     start: u64,
     end: u64,
 ) -> Result<(u128, u128), Reason> {
@@ -350,19 +345,19 @@ fn keys<'r>(
 }
 
 fn number_point<'r>(
-    p: &'r NumberDataPoint,
+    p: &NumberPoint<'r>,
+    msg: &[u8],
     ctx: &MetricCtx<'_>,
-    pi: usize,
     keyer: &mut Keyer<'r>,
 ) -> Result<Option<Point>, Reason> {
     if p.flags & 1 == 1 {
         return Ok(None);
     }
     let value = match p.value {
-        Some(number_data_point::Value::AsInt(i)) => {
+        Some(Number::Int(i)) => {
             PointValue::Int(u64::try_from(i).map_err(|_| Reason::InvalidValue)?)
         }
-        Some(number_data_point::Value::AsDouble(d)) => {
+        Some(Number::Double(d)) => {
             if !d.is_finite() {
                 return Err(Reason::NonFinite);
             }
@@ -373,14 +368,8 @@ fn number_point<'r>(
         }
         None => return Err(Reason::MissingValue),
     };
-    let (series, source) = keys(
-        ctx,
-        keyer,
-        &p.attributes,
-        p.start_time_unix_nano,
-        p.time_unix_nano,
-    )?;
-    let label_ref = ctx.label_ref(pi);
+    let (series, source) = keys(ctx, keyer, p.attributes, p.start, p.time)?;
+    let label_ref = ctx.label_ref(msg);
     let fp = fingerprint(std::iter::once(match value {
         PointValue::Int(i) => i,
         PointValue::Float(f) => f.to_bits() ^ 1 << 63,
@@ -393,29 +382,35 @@ fn number_point<'r>(
         resource: ctx.resource,
         family: ctx.family,
         label_ref,
-        start_ns: p.start_time_unix_nano,
-        end_ns: p.time_unix_nano,
+        start_ns: p.start,
+        end_ns: p.time,
         temporality: ctx.temporality,
         value,
     }))
 }
 
-/// Checks a histogram point's shape and numbers; returns its sum.
-fn check_histogram(p: &HistogramDataPoint, max_buckets: usize) -> Result<f64, Reason> {
-    if p.bucket_counts.len() > max_buckets || p.explicit_bounds.len() >= max_buckets {
+/// Checks a histogram point's shape and numbers (`bounds`: its bounds, decoded); returns its
+/// sum.
+fn check_histogram(
+    p: &HistogramPoint<'_>,
+    bounds: &[f64],
+    max_buckets: usize,
+) -> Result<f64, Reason> {
+    let buckets = p.bucket_counts.len();
+    if buckets > max_buckets || bounds.len() >= max_buckets {
         return Err(Reason::TooManyBuckets);
     }
-    BucketLayout::check(&p.explicit_bounds).map_err(|e| match e {
+    BucketLayout::check(bounds).map_err(|e| match e {
         LayoutError::NotFinite => Reason::NonFinite,
         _ => Reason::InvalidBounds,
     })?;
-    if p.bucket_counts.len() != p.explicit_bounds.len() + 1 {
+    if buckets != bounds.len() + 1 {
         return Err(Reason::BucketCountMismatch);
     }
     let total = p
         .bucket_counts
-        .iter()
-        .try_fold(0u64, |acc, c| acc.checked_add(*c))
+        .u64s()
+        .try_fold(0u64, |acc, c| acc.checked_add(c))
         .ok_or(Reason::CountMismatch)?;
     if total != p.count {
         return Err(Reason::CountMismatch);
@@ -431,9 +426,9 @@ fn check_histogram(p: &HistogramDataPoint, max_buckets: usize) -> Result<f64, Re
 }
 
 fn histogram_point<'r>(
-    p: &'r HistogramDataPoint,
+    p: &HistogramPoint<'r>,
+    msg: &[u8],
     ctx: &MetricCtx<'_>,
-    pi: usize,
     keyer: &mut Keyer<'r>,
     out: &mut Prep<'_>,
     shard_of: &impl Fn(u128) -> usize,
@@ -441,46 +436,46 @@ fn histogram_point<'r>(
     if p.flags & 1 == 1 {
         return Ok(());
     }
-    let sum = check_histogram(p, ctx.max_buckets)?;
-    let (series, source) = keys(
-        ctx,
-        keyer,
-        &p.attributes,
-        p.start_time_unix_nano,
-        p.time_unix_nano,
-    )?;
-    let layout = out.layout(&p.explicit_bounds);
+    // Bounded before decoding: a point cannot make this buffer larger than its limit.
+    if p.explicit_bounds.len() >= ctx.max_buckets {
+        return Err(Reason::TooManyBuckets);
+    }
+    out.bounds.clear();
+    out.bounds.extend(p.explicit_bounds.f64s());
+    let sum = check_histogram(p, &out.bounds, ctx.max_buckets)?;
+    let (series, source) = keys(ctx, keyer, p.attributes, p.start, p.time)?;
+    let layout = out.layout();
     let target = out
         .per_shard
         .get_mut(shard_of(series))
         .ok_or(Reason::InvalidValue)?;
-    let from = target.counts.len() as u32;
-    target.counts.extend_from_slice(&p.bucket_counts);
-    let to = target.counts.len() as u32;
-    let label_ref = ctx.label_ref(pi);
+    let from = target.counts.len();
+    target.counts.extend(p.bucket_counts.u64s());
+    let counts = &target.counts[from..];
     // The count, the sum and the first and last buckets tell two writers' values apart.
     let fp = fingerprint(
         [
             p.count,
             sum.to_bits(),
-            p.bucket_counts.first().copied().unwrap_or(0),
-            p.bucket_counts.last().copied().unwrap_or(0),
+            counts.first().copied().unwrap_or(0),
+            counts.last().copied().unwrap_or(0),
         ]
         .into_iter(),
     );
+    let to = target.counts.len() as u32;
     target.points.push(Point {
         fp,
         series,
         source,
         resource: ctx.resource,
         family: ctx.family,
-        label_ref,
-        start_ns: p.start_time_unix_nano,
-        end_ns: p.time_unix_nano,
+        label_ref: ctx.label_ref(msg),
+        start_ns: p.start,
+        end_ns: p.time,
         temporality: ctx.temporality,
         value: PointValue::Histogram {
             layout,
-            counts: (from, to),
+            counts: (from as u32, to),
             sum,
             count: p.count,
         },

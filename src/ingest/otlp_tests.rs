@@ -2,11 +2,15 @@
 
 use super::*;
 use crate::aggregate::shard::{LabelRef, LabelResolver};
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
+use crate::ingest::view::OtlpBody;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
-    Gauge, Histogram, Metric, ResourceMetrics, ScopeMetrics, Sum,
+    metric::Data, number_data_point, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+    ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
 
 fn kv(k: &str, v: &str) -> KeyValue {
     KeyValue {
@@ -89,7 +93,7 @@ fn good_hist() -> HistogramDataPoint {
 
 fn run(req: &ExportMetricsServiceRequest) -> Prepared {
     prepare(
-        req,
+        &OtlpBody::encode(req),
         &projection(),
         &InputLimits::default(),
         crate::unix_ns(),
@@ -124,7 +128,7 @@ fn pods_of_one_service_share_an_output_key_but_not_a_source_key() {
 
 #[test]
 fn labels_keep_by_resource_attributes_and_drop_without_point_attributes() {
-    let req = Arc::new(request(
+    let req = OtlpBody::encode(&request(
         vec![
             kv("service.name", "checkout"),
             kv("k8s.cluster.name", "eu-1"),
@@ -144,20 +148,34 @@ fn labels_keep_by_resource_attributes_and_drop_without_point_attributes() {
             true,
         )],
     ));
+    let p = prepare(
+        &req,
+        &projection(),
+        &InputLimits::default(),
+        crate::unix_ns(),
+        1,
+        |_| 0,
+    );
     let resolver = RequestLabels {
-        req,
+        body: req,
         projection: Arc::new(projection()),
     };
-    let at = |point| LabelRef::Otlp {
-        resource: 0,
-        scope: 0,
-        metric: 0,
-        point,
-    };
-    let labels = resolver.labels(at(0));
+    let at = p.per_shard[0].points[0].label_ref;
+    let labels = resolver.labels(at);
     // A handle this resolver did not make, or one outside the request, is a bug, not a
     // series without labels.
-    assert_eq!(resolver.labels(at(1)), None);
+    let LabelRef::Otlp { resource, .. } = at else {
+        panic!("{at:?}")
+    };
+    let outside = LabelRef::Otlp {
+        resource,
+        point: crate::aggregate::batch::Span {
+            at: u32::MAX - 4,
+            len: 8,
+        },
+        histogram: false,
+    };
+    assert_eq!(resolver.labels(outside), None);
     assert_eq!(resolver.labels(LabelRef::Entry(0)), None);
     let want: Vec<(String, String)> = [
         ("k8s_cluster_name", "eu-1"),
@@ -337,11 +355,27 @@ fn non_string_attribute_values_render_as_label_text() {
     let int = AnyValue {
         value: Some(any_value::Value::IntValue(-42)),
     };
+    let int = int.encode_to_vec();
     assert_eq!(value_str(Some(&int), &mut buf), "-42");
     let b = AnyValue {
         value: Some(any_value::Value::BoolValue(true)),
-    };
+    }
+    .encode_to_vec();
     assert_eq!(value_str(Some(&b), &mut buf), "true");
+    let list = AnyValue {
+        value: Some(any_value::Value::ArrayValue(
+            opentelemetry_proto::tonic::common::v1::ArrayValue {
+                values: vec![AnyValue {
+                    value: Some(any_value::Value::StringValue("a".into())),
+                }],
+            },
+        )),
+    }
+    .encode_to_vec();
+    assert_eq!(
+        value_str(Some(&list), &mut buf),
+        r#"{"arrayValue":{"values":[{"stringValue":"a"}]}}"#
+    );
     assert_eq!(value_str(None, &mut buf), "");
 }
 

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::wal::{self, Position, ReplayStats};
 use super::StorageMetrics;
 use crate::ingest::body::{decode, Encoding};
@@ -78,24 +80,22 @@ pub async fn replay(
             undecodable += 1;
             continue;
         };
-        // Decoded per attempt: a retry (full shard queue) is rare, a clone per record is not.
-        loop {
-            let Ok(req) = crate::ingest::wire::decode(&payload).map(|d| d.req) else {
-                undecodable += 1;
-                break;
-            };
-            match ingestor
-                .export_at(
-                    Protocol::WalReplay,
-                    req,
-                    None,
-                    accepted.map(|t| t.max(floor_ns)),
-                )
-                .await
-            {
-                Err(IngestError::Unavailable) => tokio::time::sleep(Duration::from_millis(5)).await,
-                _ => break,
-            }
+        let Ok((body, _, _)) = crate::ingest::wire::read(Bytes::from(payload)) else {
+            undecodable += 1;
+            continue;
+        };
+        let req = crate::ingest::view::OtlpBody::regular(body);
+        // A full shard queue is waited out: replay must apply every record.
+        while let Err(IngestError::Unavailable) = ingestor
+            .export_at(
+                Protocol::WalReplay,
+                req.clone(),
+                None,
+                accepted.map(|t| t.max(floor_ns)),
+            )
+            .await
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     if undecodable > 0 {

@@ -279,6 +279,10 @@ impl Config {
         if max_request_bytes < 1024 {
             return Err(invalid("max_request_bytes", "must be at least 1KiB".into()));
         }
+        // Points find their labels again by 32-bit offsets into the body.
+        if max_request_bytes > u64::from(u32::MAX) {
+            return Err(invalid("max_request_bytes", "must be below 4GiB".into()));
+        }
         let max_request_bytes = usize::try_from(max_request_bytes)
             .map_err(|_| invalid("max_request_bytes", "too large for this platform".into()))?;
         let checkpoint_interval = raw.checkpoint_interval.unwrap_or(Duration::from_secs(60));

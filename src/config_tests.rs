@@ -52,6 +52,10 @@ fn durations_and_sizes_parse_in_human_units() {
     assert_eq!(c.late_delta_window, Duration::from_secs(120));
     assert_eq!(c.series_ttl, Duration::from_secs(3600));
     assert_eq!(c.max_request_bytes, 1 << 20);
+    // Labels are found again by 32-bit offsets into a request.
+    let err = parse("max_request_bytes: 4GiB\n").unwrap_err().to_string();
+    assert!(err.contains("below 4GiB"), "{err}");
+    assert!(parse("max_request_bytes: 4095MiB\n").is_ok());
 }
 
 #[test]

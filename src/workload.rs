@@ -168,6 +168,7 @@ pub fn single_shard_batch_at(
         points: part.points,
         labels: Arc::new(RequestLabels {
             body: req.clone(),
+            resources: p.resources,
             projection: projection.clone(),
         }),
         overflow: false,

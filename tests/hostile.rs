@@ -257,6 +257,31 @@ fn json_string_doubles_apply_and_non_finite_points_are_refused_alone() {
 }
 
 #[test]
+fn json_nested_deeper_than_protobuf_may_be_is_refused_not_applied_and_lost_on_replay() {
+    let s = Spanagg::start("");
+    // JSON allows this depth; its protobuf form would be refused when the WAL replays it.
+    let mut value = serde_json::json!({"stringValue": "x"});
+    for _ in 0..40 {
+        value = serde_json::json!({"arrayValue": {"values": [value]}});
+    }
+    let t = now_ns() - 60 * SECOND;
+    let body = serde_json::json!({"resourceMetrics": [{
+        "resource": {"attributes": [{"key": "service.name", "value": value}]},
+        "scopeMetrics": [{"metrics": [{"name": "calls", "sum": {
+            "aggregationTemporality": 1, "isMonotonic": true,
+            "dataPoints": [{"startTimeUnixNano": t.to_string(),
+                "timeUnixNano": (t + SECOND).to_string(), "asInt": "1"}]}}]}]}]});
+    let (status, _, reply) = s.post_otlp("application/json", &[], body.to_string().as_bytes());
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&reply));
+    assert!(
+        String::from_utf8_lossy(&reply).contains("nested too deep"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert!(!s.scrape().contains("calls"), "nothing applied");
+}
+
+#[test]
 fn a_clock_in_2100_is_refused_and_does_not_poison_its_stream() {
     let s = Spanagg::start("limits:\n  max_future_skew: 1m\n");
     let t = now_ns() - 60 * SECOND;

@@ -16,9 +16,10 @@ pub struct Span {
 /// Where a point's labels come from, for its batch's resolver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LabelRef {
-    /// A data point of an OTLP request: where its resource and the point lie in the body.
+    /// A data point of an OTLP request: its resource's index in the request, and where the
+    /// point lies in the body.
     Otlp {
-        resource: Span,
+        resource: u32,
         point: Span,
         histogram: bool,
     },

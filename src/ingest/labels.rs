@@ -102,22 +102,31 @@ pub fn value_str<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a str {
     buf
 }
 
+/// A resource's kept attributes as (raw key, value text), rendered once per request: labels
+/// of its points' new series are built from these, never by reading the resource again.
+pub type ResourceLabels = Vec<(String, String)>;
+
+/// The kept attributes `kept` rendered (empty values too: `named` drops them).
+pub fn render(kept: &[KeyValueView<'_>]) -> ResourceLabels {
+    let mut buf = String::new();
+    kept.iter()
+        .map(|kv| (kv.key.to_owned(), value_str(kv.value, &mut buf).to_owned()))
+        .collect()
+}
+
 /// (name, raw key, value) triples sorted by name and raw key, names that collide joined.
 fn named<'a>(
-    kvs: impl Iterator<Item = KeyValueView<'a>>,
+    kvs: impl Iterator<Item = (&'a str, String)>,
     histogram: bool,
 ) -> Vec<(String, String)> {
-    let mut buf = String::new();
     let mut pairs: Vec<(String, &str, String)> = Vec::new();
-    for kv in kvs {
-        let v = value_str(kv.value, &mut buf);
+    for (key, v) in kvs {
         if v.is_empty() {
             continue;
         }
-        let v = v.to_owned();
         let mut name = String::new();
-        output_label_name(kv.key, histogram, &mut name);
-        pairs.push((name, kv.key, v));
+        output_label_name(key, histogram, &mut name);
+        pairs.push((name, key, v));
     }
     pairs.sort_unstable();
     let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
@@ -136,16 +145,19 @@ fn named<'a>(
 /// The output labels of a point, sorted by name (see the module doc for the rules).
 pub fn canonical(
     histogram: bool,
-    resource: &[KeyValueView<'_>],
+    resource: &[(String, String)],
     attrs: Attrs<'_>,
     projection: &Projection,
 ) -> Vec<(String, String)> {
-    let mut out = named(
-        attrs.iter().filter(|kv| projection.keeps(kv.key)),
-        histogram,
-    );
+    let mut buf = String::new();
+    let point = attrs
+        .iter()
+        .filter(|kv| projection.keeps(kv.key))
+        .map(|kv| (kv.key, value_str(kv.value, &mut buf).to_owned()));
+    let mut out = named(point, histogram);
     let point_names = out.len();
-    for r in named(resource.iter().copied(), histogram) {
+    let resource = resource.iter().map(|(k, v)| (k.as_str(), v.clone()));
+    for r in named(resource, histogram) {
         if out[..point_names]
             .binary_search_by(|p| p.0.cmp(&r.0))
             .is_err()
@@ -302,11 +314,12 @@ impl<'r> Keyer<'r> {
         part
     }
 
-    /// (output key, source key) of a point. `resource` is the kept part `res` was built from.
+    /// (output key, source key) of a point. `resource` is the kept part `res` was built from,
+    /// rendered.
     pub fn point(
         &mut self,
         res: &ResourcePart,
-        resource: &[KeyValueView<'_>],
+        resource: &[(String, String)],
         attrs: Attrs<'r>,
         histogram: bool,
         seeds: (u64, u64),
@@ -379,6 +392,8 @@ impl<'r> Keyer<'r> {
 /// Resolves labels of new series from the request they came in.
 pub struct RequestLabels {
     pub body: OtlpBody,
+    /// Each resource's kept attributes, by the index points carry.
+    pub resources: Arc<[ResourceLabels]>,
     pub projection: Arc<Projection>,
 }
 
@@ -392,23 +407,14 @@ impl LabelResolver for RequestLabels {
         else {
             return None;
         };
-        let resource = if resource.len == 0 {
-            &[]
-        } else {
-            self.body.at(resource)?
-        };
+        let resource = self.resources.get(resource as usize)?;
         let point = self.body.at(point)?;
         let attrs = if histogram {
             HistogramPoint::read(point).attributes
         } else {
             NumberPoint::read(point).attributes
         };
-        Some(canonical(
-            histogram,
-            &self.projection.kept_resource(Attrs::of(resource, 1)),
-            attrs,
-            &self.projection,
-        ))
+        Some(canonical(histogram, resource, attrs, &self.projection))
     }
 }
 

@@ -44,10 +44,11 @@ fn key(
     let kept = p.kept_resource(attrs(&resource));
     let mut keyer = Keyer::new(&p, LIMITS);
     let res = keyer.resource(&kept, histogram);
+    let rendered = render(&kept);
     let (fast, _) = keyer
-        .point(&res, &kept, attrs(&point), histogram, (7, 9))
+        .point(&res, &rendered, attrs(&point), histogram, (7, 9))
         .unwrap();
-    let labels = canonical(histogram, &kept, attrs(&point), &p);
+    let labels = canonical(histogram, &rendered, attrs(&point), &p);
     (fast, key_of(&labels, 7), labels)
 }
 
@@ -157,13 +158,13 @@ fn limits_refuse_the_point() {
     let kept = p.kept_resource(attrs(&many_resource));
     let res = keyer.resource(&kept, false);
     assert_eq!(
-        keyer.point(&res, &kept, none, false, (0, 0)),
+        keyer.point(&res, &render(&kept), none, false, (0, 0)),
         Err(Reason::TooManyAttributes)
     );
     let kept = p.kept_resource(attrs(&resource));
     let res = keyer.resource(&kept, false);
     assert_eq!(
-        keyer.point(&res, &kept, none, false, (0, 0)),
+        keyer.point(&res, &render(&kept), none, false, (0, 0)),
         Err(Reason::AttributeTooLong),
         "a kept resource attribute over the limit refuses its points"
     );
@@ -218,10 +219,11 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
         let histogram = *histogram;
         let kept = p.kept_resource(attrs(r));
         let res = keyer.resource(&kept, histogram);
+        let rendered = render(&kept);
         let (fast, _) = keyer
-            .point(&res, &kept, attrs(a), histogram, (7, 9))
+            .point(&res, &rendered, attrs(a), histogram, (7, 9))
             .unwrap();
-        let labels = canonical(histogram, &kept, attrs(a), &p);
+        let labels = canonical(histogram, &rendered, attrs(a), &p);
         assert_eq!(
             fast,
             key_of(&labels, 7),

@@ -216,6 +216,8 @@ impl Ingestor {
             .map_err(|e| IngestError::InvalidArgument(format!("undecodable OTLP/JSON: {e}")))?;
         self.pool.give(inflated);
         let body = OtlpBody::encode(&req);
+        // JSON may nest deeper than the walk allows: refused now, not skipped on WAL replay.
+        Self::price_protobuf(body.bytes())?;
         self.check_points(&body)?;
         Ok((body, admission))
     }
@@ -405,6 +407,7 @@ impl Ingestor {
     ) -> (BatchResult, bool, Option<IngestError>) {
         let resolver = Arc::new(RequestLabels {
             body: req.clone(),
+            resources: prepared.resources.clone(),
             projection: self.projection.clone(),
         });
         let batches = parts

@@ -8,14 +8,13 @@ use std::sync::Arc;
 use ahash::RandomState;
 use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 
-pub use super::labels::{value_str, Projection, Relabeled, RequestLabels};
-use super::labels::{AttributeLimits, Keyer, ResourcePart};
+use super::labels::{render, AttributeLimits, Keyer, ResourcePart};
+pub use super::labels::{value_str, Projection, Relabeled, RequestLabels, ResourceLabels};
 pub use super::reason::{Reason, Rejections};
 use super::view::{
-    Attrs, Data, HistogramPoint, KeyValueView, MetricView, Number, NumberPoint, OtlpBody,
-    RequestView,
+    Attrs, Data, HistogramPoint, MetricView, Number, NumberPoint, OtlpBody, RequestView,
 };
-use crate::aggregate::batch::{LabelRef, Span};
+use crate::aggregate::batch::LabelRef;
 use crate::aggregate::key::{source_seed, FamilyDesc, Kind, SetHash};
 use crate::aggregate::layout::{BucketLayout, LayoutError};
 use crate::aggregate::naming::family_name;
@@ -71,6 +70,8 @@ pub struct Prepared {
     pub families: Arc<[FamilyDesc]>,
     pub layouts: Arc<[Arc<[f64]>]>,
     pub per_shard: Vec<ShardPoints>,
+    /// The kept attributes of each resource, rendered, by the index points carry.
+    pub resources: Arc<[ResourceLabels]>,
     pub rejections: Rejections,
     /// Points whose attributes were renamed or joined on the way to labels.
     pub relabeled: Relabeled,
@@ -99,6 +100,7 @@ pub fn prepare(
         received: 0,
         bounds: Vec::new(),
     };
+    let mut resources: Vec<ResourceLabels> = Vec::new();
     let mut keyer = Keyer::new(projection, limits.attributes);
     let mut buf = String::new();
     let latest_end = now_ns.saturating_add(limits.max_future_skew_ns);
@@ -110,6 +112,14 @@ pub fn prepare(
             identity.add(kv.key, value_str(kv.value, &mut buf));
         }
         let kept = projection.kept_resource(resource);
+        let resource_index = resources.len() as u32;
+        // Past the limit every point of the resource is refused: nothing to render.
+        resources.push(if kept.len() <= limits.attributes.max_attributes {
+            render(&kept)
+        } else {
+            Vec::new()
+        });
+        let rendered = resources.last().map_or(&[][..], |r| &r[..]);
         // Built on first use: a `by` attribute named `le` is renamed on histograms only.
         let mut parts: [Option<ResourcePart>; 2] = [None, None];
         for sm in rm.scope_metrics() {
@@ -136,12 +146,12 @@ pub fn prepare(
                     .get_or_insert_with(|| keyer.resource(&kept, histogram));
                 let ctx = MetricCtx {
                     body: req,
-                    kept: &kept,
+                    kept: rendered,
                     res,
                     histogram,
                     seeds: (desc.key_seed(), source_seed(identity, sm.scope_name, desc)),
                     resource: identity.finish(0) as u64,
-                    resource_span: req.span_of(rm.resource),
+                    resource_index,
                     family,
                     temporality,
                     latest_end,
@@ -177,6 +187,7 @@ pub fn prepare(
         families: out.families.into(),
         layouts: out.layouts.into(),
         per_shard: out.per_shard,
+        resources: resources.into(),
         rejections: out.rej,
         relabeled: keyer.relabeled,
         no_value: out.no_value,
@@ -291,16 +302,16 @@ impl<'r> Prep<'r> {
 
 struct MetricCtx<'a> {
     body: &'a OtlpBody,
-    /// The kept resource attributes and their hashed form.
-    kept: &'a [KeyValueView<'a>],
+    /// The kept resource attributes, rendered, and their hashed form.
+    kept: &'a [(String, String)],
     res: &'a ResourcePart,
     histogram: bool,
     /// (output key seed, source key seed).
     seeds: (u64, u64),
     /// The resource identity (the pod), as points carry it.
     resource: u64,
-    /// Where the resource lies in the body, for the labels of new series.
-    resource_span: Span,
+    /// The resource's index in `Prepared::resources`, for the labels of new series.
+    resource_index: u32,
     family: u32,
     temporality: Temporality,
     /// Points ending after this are refused as `future`.
@@ -312,7 +323,7 @@ impl MetricCtx<'_> {
     /// The label handle of the point `msg` (a slice of the body).
     fn label_ref(&self, msg: &[u8]) -> LabelRef {
         LabelRef::Otlp {
-            resource: self.resource_span,
+            resource: self.resource_index,
             point: self.body.span_of(msg),
             histogram: self.histogram,
         }

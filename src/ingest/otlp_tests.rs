@@ -158,6 +158,7 @@ fn labels_keep_by_resource_attributes_and_drop_without_point_attributes() {
     );
     let resolver = RequestLabels {
         body: req,
+        resources: p.resources.clone(),
         projection: Arc::new(projection()),
     };
     let at = p.per_shard[0].points[0].label_ref;
@@ -176,6 +177,15 @@ fn labels_keep_by_resource_attributes_and_drop_without_point_attributes() {
         histogram: false,
     };
     assert_eq!(resolver.labels(outside), None);
+    let LabelRef::Otlp { point, .. } = at else {
+        panic!("{at:?}")
+    };
+    let no_resource = LabelRef::Otlp {
+        resource: resource + 1,
+        point,
+        histogram: false,
+    };
+    assert_eq!(resolver.labels(no_resource), None);
     assert_eq!(resolver.labels(LabelRef::Entry(0)), None);
     let want: Vec<(String, String)> = [
         ("k8s_cluster_name", "eu-1"),

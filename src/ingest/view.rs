@@ -131,6 +131,7 @@ fn read_field<'a>(buf: &mut &'a [u8]) -> Option<(u64, Value<'a>)> {
         }
         _ => return None,
     };
+    // Field numbers past `u32` never match a field views read.
     Some((tag >> 3, value))
 }
 

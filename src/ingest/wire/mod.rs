@@ -73,6 +73,27 @@ pub fn cost(body: &[u8]) -> Result<Cost, Malformed> {
     Ok(c)
 }
 
+/// The field number of a tag: prost refuses field 0 and a tag past `u32`.
+fn field_of(tag: u64) -> Result<u64, Malformed> {
+    if tag > u64::from(u32::MAX) {
+        return Err(Malformed("tag out of range"));
+    }
+    match tag >> 3 {
+        0 => Err(Malformed("field number 0")),
+        f => Ok(f),
+    }
+}
+
+/// Whether a packed run is whole varints (prost refuses the request otherwise).
+fn whole_varints(mut run: &[u8]) -> bool {
+    while !run.is_empty() {
+        if varint(&mut run).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Most varints on the wire (tags, short lengths) are one byte: read those inline.
 #[inline]
 fn varint(buf: &mut &[u8]) -> Result<u64, Malformed> {
@@ -103,10 +124,7 @@ fn walk(mut buf: &[u8], m: M, depth: usize, c: &mut Cost) -> Result<(), Malforme
     let mut oneof = false;
     while !buf.is_empty() {
         let tag = varint(&mut buf)?;
-        let field = tag >> 3;
-        if field == 0 {
-            return Err(Malformed("field number 0"));
-        }
+        let field = field_of(tag)?;
         let wire = (tag & 7) as u8;
         let mut inner: &[u8] = &[];
         match wire {
@@ -131,7 +149,7 @@ fn walk(mut buf: &[u8], m: M, depth: usize, c: &mut Cost) -> Result<(), Malforme
                 Decl::Many(w) => w == wire,
                 Decl::OneOf(w) => w == wire && !std::mem::replace(&mut oneof, true),
                 Decl::Packed64 => wire == LEN && seen & bit == 0 && inner.len().is_multiple_of(8),
-                Decl::PackedVarint => wire == LEN || wire == 0,
+                Decl::PackedVarint => wire == 0 || wire == LEN && whole_varints(inner),
             };
             seen |= bit;
             c.regular &= regular;
@@ -172,6 +190,7 @@ pub fn skim(body: &[u8]) -> Result<u64, Malformed> {
         }
         while !buf.is_empty() {
             let tag = varint(&mut buf)?;
+            field_of(tag)?;
             match tag & 7 {
                 0 => {
                     varint(&mut buf)?;

@@ -3,7 +3,7 @@
 //! every other byte as it came.
 
 use super::schema::M;
-use super::{skip, varint, Malformed, MAX_DEPTH};
+use super::{field_of, skip, varint, Malformed, MAX_DEPTH};
 
 /// `body` with every string field that is not UTF-8 replaced lossily, and how many were.
 pub fn repair_utf8(body: &[u8]) -> Result<(Vec<u8>, u64), Malformed> {
@@ -26,10 +26,7 @@ fn rewrite(
     while !buf.is_empty() {
         let field_start = buf;
         let tag = varint(&mut buf)?;
-        let field = tag >> 3;
-        if field == 0 {
-            return Err(Malformed("field number 0"));
-        }
+        let field = field_of(tag)?;
         let copy_field = |buf: &[u8], out: &mut Vec<u8>| {
             out.extend_from_slice(&field_start[..field_start.len() - buf.len()]);
         };

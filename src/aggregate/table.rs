@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender, TrySendError};
 
-use super::shard::{Batch, ShardConfig, ShardState};
+use super::shard::{Batch, BatchResult, ShardConfig, ShardState};
 
 /// The exit code when a shard thread dies.
 pub const SHARD_DIED_EXIT_CODE: i32 = 70;
@@ -239,7 +239,7 @@ fn run(
                 let t = Instant::now();
                 let result = state.apply(&batch);
                 record_apply(&stats, t.elapsed());
-                (batch.done)(result);
+                finish(batch, result);
                 stats.queue_depth.store(data.len() as u64, Ordering::Relaxed);
                 stats.publish_sizes(&state);
             }
@@ -264,8 +264,17 @@ fn run(
     // Shutdown: apply what is still queued so no acknowledged request is lost.
     while let Ok(batch) = data.try_recv() {
         let result = state.apply(&batch);
-        (batch.done)(result);
+        finish(batch, result);
     }
+}
+
+/// Drops the batch, then reports: whoever waits for the result finds the request's body no
+/// longer held here, so it goes back to the inflate pool on the ingest thread instead of
+/// being freed on this one (mimalloc keeps pages freed from another thread longer).
+fn finish(mut batch: Batch, result: BatchResult) {
+    let done = std::mem::replace(&mut batch.done, Box::new(|_| {}));
+    drop(batch);
+    done(result);
 }
 
 fn record_apply(stats: &ShardStats, d: Duration) {

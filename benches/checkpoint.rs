@@ -7,7 +7,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashSet;
 use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch};
+use arrow_data::ArrayData;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use spanagg::aggregate::shard::{ShardConfig, ShardState};
@@ -44,6 +48,24 @@ fn state(bounds: usize) -> ShardState {
     s
 }
 
+/// Bytes a batch's buffers hold, each allocation counted once (all-null columns share one).
+fn held(b: &RecordBatch) -> usize {
+    fn walk(d: &ArrayData, seen: &mut HashSet<usize>, total: &mut usize) {
+        let nulls = d.nulls().map(|n| n.buffer());
+        for buf in d.buffers().iter().chain(nulls) {
+            if seen.insert(buf.data_ptr().as_ptr() as usize) {
+                *total += buf.capacity();
+            }
+        }
+        d.child_data().iter().for_each(|c| walk(c, seen, total));
+    }
+    let (mut seen, mut total) = (HashSet::new(), 0);
+    for col in b.columns() {
+        walk(&col.to_data(), &mut seen, &mut total);
+    }
+    total
+}
+
 fn bench(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("spanagg-bench-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -69,6 +91,14 @@ fn bench(c: &mut Criterion) {
         };
         let (path, size) = write(0);
         println!("{} buckets: checkpoint file {size} bytes", bounds + 1);
+        let [series, streams, _] = shard_batches(&s, 0).unwrap();
+        println!(
+            "{} buckets: Arrow batches hold {} bytes of series rows, {} of stream rows ({} per stream)",
+            bounds + 1,
+            held(&series),
+            held(&streams),
+            held(&streams) / streams.num_rows().max(1)
+        );
         g.bench_function(format!("write_{}_buckets", bounds + 1), |b| {
             b.iter(|| write(1))
         });

@@ -18,6 +18,7 @@ use arrow_array::types::Int32Type;
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef};
 
+use super::lazy::{Lazy, Zeros};
 use crate::aggregate::key::Kind;
 use crate::aggregate::series::{CumulativeValue, SeriesValue};
 use crate::aggregate::shard::{ShardState, StreamState};
@@ -159,31 +160,42 @@ fn ns(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-/// Column builders for one batch.
+type Dict = StringDictionaryBuilder<Int32Type>;
+
+fn dict_builder(rows: usize) -> Dict {
+    Dict::with_capacity(rows, 16, 256)
+}
+
+fn ts_builder(rows: usize) -> TimestampNanosecondBuilder {
+    TimestampNanosecondBuilder::with_capacity(rows).with_timezone("UTC")
+}
+
+/// Column builders for one batch. Past the key, every column is [`Lazy`]: a batch of one kind
+/// of row pays nothing for the columns its rows leave null.
 struct Builders {
-    record: StringDictionaryBuilder<Int32Type>,
+    record: Dict,
     shard: UInt32Builder,
     key_lo: UInt64Builder,
     key_hi: UInt32Builder,
-    family: [StringDictionaryBuilder<Int32Type>; 5],
-    fixed: Vec<StringDictionaryBuilder<Int32Type>>,
-    labels: LabelMapBuilder,
-    created: TimestampNanosecondBuilder,
-    updated: TimestampNanosecondBuilder,
-    value: Float64Builder,
-    int_total: UInt64Builder,
-    float_total: Float64Builder,
-    count: UInt64Builder,
-    sum: Float64Builder,
-    bounds: ListBuilder<Float64Builder>,
-    counts: ListBuilder<UInt64Builder>,
-    input_buckets: UInt16Builder,
-    series_lo: UInt64Builder,
-    series_hi: UInt32Builder,
-    temporality: StringDictionaryBuilder<Int32Type>,
-    applied: ListBuilder<StructBuilder>,
-    last_start: TimestampNanosecondBuilder,
-    last_end: TimestampNanosecondBuilder,
+    family: Lazy<Vec<Dict>>,
+    fixed: Lazy<Vec<Dict>>,
+    labels: Lazy<LabelMapBuilder>,
+    created: Lazy<TimestampNanosecondBuilder>,
+    updated: Lazy<TimestampNanosecondBuilder>,
+    value: Lazy<Float64Builder>,
+    int_total: Lazy<UInt64Builder>,
+    float_total: Lazy<Float64Builder>,
+    count: Lazy<UInt64Builder>,
+    sum: Lazy<Float64Builder>,
+    bounds: Lazy<ListBuilder<Float64Builder>>,
+    counts: Lazy<ListBuilder<UInt64Builder>>,
+    input_buckets: Lazy<UInt16Builder>,
+    series_lo: Lazy<UInt64Builder>,
+    series_hi: Lazy<UInt32Builder>,
+    temporality: Lazy<Dict>,
+    applied: Lazy<ListBuilder<StructBuilder>>,
+    last_start: Lazy<TimestampNanosecondBuilder>,
+    last_end: Lazy<TimestampNanosecondBuilder>,
 }
 
 impl Builders {
@@ -191,41 +203,44 @@ impl Builders {
     /// 80k stream rows leave up to twice their size behind, and the checkpoint's transient is
     /// mostly these buffers.
     fn with_capacity(rows: usize) -> Self {
-        let t = || TimestampNanosecondBuilder::with_capacity(rows).with_timezone("UTC");
-        let d = || StringDictionaryBuilder::<Int32Type>::with_capacity(rows, 16, 256);
-        let u64s = || UInt64Builder::with_capacity(rows);
-        let f64s = || Float64Builder::with_capacity(rows);
-        // Ranges are per delta stream, not per row: left to grow (empty for series rows).
-        let range = StructBuilder::from_fields(range_fields(), 0);
+        const FAMILY: usize = 5;
         Self {
-            record: d(),
+            record: dict_builder(rows),
             shard: UInt32Builder::with_capacity(rows),
-            key_lo: u64s(),
+            key_lo: UInt64Builder::with_capacity(rows),
             key_hi: UInt32Builder::with_capacity(rows),
-            family: [d(), d(), d(), d(), d()],
-            fixed: FIXED_LABELS.iter().map(|_| d()).collect(),
-            labels: MapBuilder::with_capacity(
-                None,
-                StringBuilder::new(),
-                StringBuilder::new(),
-                rows,
-            ),
-            created: t(),
-            updated: t(),
-            value: f64s(),
-            int_total: u64s(),
-            float_total: f64s(),
-            count: u64s(),
-            sum: f64s(),
-            bounds: ListBuilder::with_capacity(Float64Builder::new(), rows),
-            counts: ListBuilder::with_capacity(UInt64Builder::new(), rows),
-            input_buckets: UInt16Builder::with_capacity(rows),
-            series_lo: u64s(),
-            series_hi: UInt32Builder::with_capacity(rows),
-            temporality: d(),
-            applied: ListBuilder::with_capacity(range, rows),
-            last_start: t(),
-            last_end: t(),
+            family: Lazy::wide(FAMILY, rows, |n| {
+                (0..FAMILY).map(|_| dict_builder(n)).collect()
+            }),
+            fixed: Lazy::wide(FIXED_LABELS.len(), rows, |n| {
+                FIXED_LABELS.iter().map(|_| dict_builder(n)).collect()
+            }),
+            labels: Lazy::new(rows, |n| {
+                MapBuilder::with_capacity(None, StringBuilder::new(), StringBuilder::new(), n)
+            }),
+            created: Lazy::new(rows, ts_builder),
+            updated: Lazy::new(rows, ts_builder),
+            value: Lazy::new(rows, Float64Builder::with_capacity),
+            int_total: Lazy::new(rows, UInt64Builder::with_capacity),
+            float_total: Lazy::new(rows, Float64Builder::with_capacity),
+            count: Lazy::new(rows, UInt64Builder::with_capacity),
+            sum: Lazy::new(rows, Float64Builder::with_capacity),
+            bounds: Lazy::new(rows, |n| {
+                ListBuilder::with_capacity(Float64Builder::new(), n)
+            }),
+            counts: Lazy::new(rows, |n| {
+                ListBuilder::with_capacity(UInt64Builder::new(), n)
+            }),
+            input_buckets: Lazy::new(rows, UInt16Builder::with_capacity),
+            series_lo: Lazy::new(rows, UInt64Builder::with_capacity),
+            series_hi: Lazy::new(rows, UInt32Builder::with_capacity),
+            temporality: Lazy::new(rows, dict_builder),
+            // Ranges are per delta stream, not per row: left to grow.
+            applied: Lazy::new(rows, |n| {
+                ListBuilder::with_capacity(StructBuilder::from_fields(range_fields(), 0), n)
+            }),
+            last_start: Lazy::new(rows, ts_builder),
+            last_end: Lazy::new(rows, ts_builder),
         }
     }
 
@@ -236,13 +251,12 @@ impl Builders {
         self.key_hi.append_value((key >> 96) as u32);
     }
 
-    fn no_series_columns(&mut self) -> Result<(), ArrowError> {
-        self.family.iter_mut().for_each(|b| b.append_null());
-        self.fixed.iter_mut().for_each(|b| b.append_null());
-        self.labels.append(false)?;
-        self.created.append_null();
-        self.updated.append_null();
-        Ok(())
+    fn no_series_columns(&mut self) {
+        self.family.null();
+        self.fixed.null();
+        self.labels.null();
+        self.created.null();
+        self.updated.null();
     }
 
     fn no_stream_columns(&mut self) {
@@ -251,28 +265,28 @@ impl Builders {
     }
 
     fn series_key(&mut self, key: Option<u128>) {
-        self.series_lo.append_option(key.map(|k| k as u64));
-        self.series_hi.append_option(key.map(|k| (k >> 96) as u32));
+        self.series_lo.option(key.map(|k| k as u64));
+        self.series_hi.option(key.map(|k| (k >> 96) as u32));
     }
 
     fn no_stream_state(&mut self) {
-        self.temporality.append_null();
-        self.applied.append_null();
-        self.last_start.append_null();
-        self.last_end.append_null();
+        self.temporality.null();
+        self.applied.null();
+        self.last_start.null();
+        self.last_end.null();
     }
 
     fn counter(&mut self, int: Option<u64>, float: Option<f64>) {
         let any = int.is_some() || float.is_some();
         self.value
-            .append_option(any.then(|| int.unwrap_or(0) as f64 + float.unwrap_or(0.0)));
-        self.int_total.append_option(int);
-        self.float_total.append_option(float);
-        self.count.append_null();
-        self.sum.append_null();
-        self.bounds.append_null();
-        self.counts.append_null();
-        self.input_buckets.append_null();
+            .option(any.then(|| int.unwrap_or(0) as f64 + float.unwrap_or(0.0)));
+        self.int_total.option(int);
+        self.float_total.option(float);
+        self.count.null();
+        self.sum.null();
+        self.bounds.null();
+        self.counts.null();
+        self.input_buckets.null();
     }
 
     fn histogram(
@@ -283,55 +297,49 @@ impl Builders {
         n: u64,
         input_buckets: Option<u16>,
     ) {
-        self.input_buckets.append_option(input_buckets);
-        self.value.append_null();
-        self.int_total.append_null();
-        self.float_total.append_null();
-        self.count.append_value(n);
-        self.sum.append_value(sum);
-        self.bounds.values().append_slice(bounds);
-        self.bounds.append(true);
-        counts.for_each(|c| self.counts.values().append_value(c));
-        self.counts.append(true);
+        self.input_buckets.option(input_buckets);
+        self.value.null();
+        self.int_total.null();
+        self.float_total.null();
+        self.count.get().append_value(n);
+        self.sum.get().append_value(sum);
+        let b = self.bounds.get();
+        b.values().append_slice(bounds);
+        b.append(true);
+        let c = self.counts.get();
+        counts.for_each(|n| c.values().append_value(n));
+        c.append(true);
     }
 
     fn finish(mut self) -> Result<RecordBatch, ArrowError> {
+        let schema = checkpoint_schema();
         let mut cols: Vec<ArrayRef> = vec![
             Arc::new(self.record.finish()),
             Arc::new(self.shard.finish()),
             Arc::new(self.key_lo.finish()),
             Arc::new(self.key_hi.finish()),
         ];
-        cols.extend(
-            self.family
-                .iter_mut()
-                .map(|b| Arc::new(b.finish()) as ArrayRef),
-        );
-        cols.extend(
-            self.fixed
-                .iter_mut()
-                .map(|b| Arc::new(b.finish()) as ArrayRef),
-        );
-        cols.extend([
-            Arc::new(self.labels.finish()) as ArrayRef,
-            Arc::new(self.created.finish()),
-            Arc::new(self.updated.finish()),
-            Arc::new(self.value.finish()),
-            Arc::new(self.int_total.finish()),
-            Arc::new(self.float_total.finish()),
-            Arc::new(self.count.finish()),
-            Arc::new(self.sum.finish()),
-            Arc::new(self.bounds.finish()),
-            Arc::new(self.counts.finish()),
-            Arc::new(self.input_buckets.finish()),
-            Arc::new(self.series_lo.finish()),
-            Arc::new(self.series_hi.finish()),
-            Arc::new(self.temporality.finish()),
-            Arc::new(self.applied.finish()),
-            Arc::new(self.last_start.finish()),
-            Arc::new(self.last_end.finish()),
-        ]);
-        RecordBatch::try_new(checkpoint_schema(), cols)
+        let z = &mut Zeros::default();
+        self.family.finish_into(&mut cols, &schema, z)?;
+        self.fixed.finish_into(&mut cols, &schema, z)?;
+        self.labels.finish_into(&mut cols, &schema, z)?;
+        self.created.finish_into(&mut cols, &schema, z)?;
+        self.updated.finish_into(&mut cols, &schema, z)?;
+        self.value.finish_into(&mut cols, &schema, z)?;
+        self.int_total.finish_into(&mut cols, &schema, z)?;
+        self.float_total.finish_into(&mut cols, &schema, z)?;
+        self.count.finish_into(&mut cols, &schema, z)?;
+        self.sum.finish_into(&mut cols, &schema, z)?;
+        self.bounds.finish_into(&mut cols, &schema, z)?;
+        self.counts.finish_into(&mut cols, &schema, z)?;
+        self.input_buckets.finish_into(&mut cols, &schema, z)?;
+        self.series_lo.finish_into(&mut cols, &schema, z)?;
+        self.series_hi.finish_into(&mut cols, &schema, z)?;
+        self.temporality.finish_into(&mut cols, &schema, z)?;
+        self.applied.finish_into(&mut cols, &schema, z)?;
+        self.last_start.finish_into(&mut cols, &schema, z)?;
+        self.last_end.finish_into(&mut cols, &schema, z)?;
+        RecordBatch::try_new(schema, cols)
     }
 }
 
@@ -346,16 +354,21 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
             Kind::Counter => "counter",
             Kind::Histogram => "histogram",
         };
-        for (col, v) in b
-            .family
-            .iter_mut()
-            .zip([&*f.name, &*f.otel_name, kind, &*f.unit, &*f.help])
+        for (col, v) in
+            b.family
+                .get()
+                .iter_mut()
+                .zip([&*f.name, &*f.otel_name, kind, &*f.unit, &*f.help])
         {
             col.append_value(v);
         }
-        append_labels(state.labels(&r.series.labels), &mut b.fixed, &mut b.labels)?;
-        b.created.append_value(ns(r.series.created_ns));
-        b.updated.append_value(ns(r.series.updated_ns));
+        append_labels(
+            state.labels(&r.series.labels),
+            b.fixed.get(),
+            b.labels.get(),
+        )?;
+        b.created.get().append_value(ns(r.series.created_ns));
+        b.updated.get().append_value(ns(r.series.updated_ns));
         match &r.series.value {
             SeriesValue::Counter(c) => b.counter(Some(c.int), Some(c.float)),
             SeriesValue::Histogram {
@@ -378,14 +391,15 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
     let mut b = Builders::with_capacity(state.sources_len());
     for (key, series_key, state) in state.stream_records() {
         b.key("stream", shard, key);
-        b.no_series_columns()?;
+        b.no_series_columns();
         b.series_key(series_key);
         match state {
             StreamState::Delta(w) => {
-                b.temporality.append_value("delta");
+                b.temporality.get().append_value("delta");
                 b.counter(None, None);
+                let applied = b.applied.get();
                 for &(s, e) in w.ranges() {
-                    let r = b.applied.values();
+                    let r = applied.values();
                     r.field_builder::<UInt64Builder>(0)
                         .ok_or_else(|| ArrowError::SchemaError("applied.start".into()))?
                         .append_value(s);
@@ -394,13 +408,13 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
                         .append_value(e);
                     r.append(true);
                 }
-                b.applied.append(true);
-                b.last_start.append_null();
-                b.last_end.append_null();
+                applied.append(true);
+                b.last_start.null();
+                b.last_end.null();
             }
             StreamState::Cumulative { last, feeds } => {
                 // A stream only baselined knows its series' key but does not feed it yet.
-                b.temporality.append_value(if feeds {
+                b.temporality.get().append_value(if feeds {
                     "cumulative"
                 } else {
                     "cumulative_baseline"
@@ -415,9 +429,9 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
                         count,
                     } => b.histogram(bounds, counts.iter().copied(), *sum, *count, None),
                 }
-                b.applied.append_null();
-                b.last_start.append_value(ns(last.start_ns));
-                b.last_end.append_value(ns(last.end_ns));
+                b.applied.null();
+                b.last_start.get().append_value(ns(last.start_ns));
+                b.last_end.get().append_value(ns(last.end_ns));
             }
         }
     }
@@ -426,19 +440,19 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
     let mut b = Builders::with_capacity(0);
     for (pod, service) in state.pods() {
         b.key("pod", shard, u128::from(pod));
-        b.family.iter_mut().for_each(|c| c.append_null());
-        for (i, col) in b.fixed.iter_mut().enumerate() {
+        b.family.null();
+        for (i, col) in b.fixed.get().iter_mut().enumerate() {
             col.append_option((i == 0).then_some(service));
         }
-        b.labels.append(false)?;
-        b.created.append_null();
-        b.updated.append_null();
+        b.labels.null();
+        b.created.null();
+        b.updated.null();
         b.counter(None, None);
         b.no_stream_columns();
     }
     for (source, series, global) in state.sticky_streams() {
         b.key("overflowed", shard, source);
-        b.no_series_columns()?;
+        b.no_series_columns();
         // int_total 1: to the global overflow series (past limits.max_series).
         b.counter(global.then_some(1), None);
         // Where its points go: the row is routed by it when the shard count changed.

@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod columns;
 pub mod inspect;
+mod lazy;
 mod metrics;
 mod offthread;
 pub mod replay;

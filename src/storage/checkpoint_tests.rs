@@ -3,6 +3,7 @@ use crate::aggregate::series::SeriesValue;
 use crate::aggregate::shard::{ShardConfig, StreamState};
 use crate::ingest::otlp::Projection;
 use crate::workload::{make_cumulative, request, single_shard_batch, Shape};
+use arrow_array::Array;
 use std::sync::Arc;
 
 /// Data time of the test points (a zero timestamp is invalid).
@@ -207,6 +208,49 @@ fn state_to_parquet_to_state_is_identical() {
         seriesless > 0,
         "the baselined cumulative stream was checked"
     );
+}
+
+/// Batches of one temporality leave whole columns null (shared zero buffers, `lazy.rs`): the
+/// value columns for delta streams, the applied ranges for cumulative ones.
+#[test]
+fn states_of_one_temporality_round_trip_with_their_unfilled_columns_null() {
+    let shape = Shape {
+        services: 2,
+        routes: 3,
+        bounds: 4,
+        counters: true,
+    };
+    for cumulative in [false, true] {
+        let scratch = crate::storage::ScratchDir::new("ckpt-one");
+        let mut s = ShardState::new(ShardConfig::default());
+        s.now_ns = T + 100;
+        for pod in 0..3 {
+            let mut req = request(&shape, pod, T + 5, T + 40);
+            if cumulative {
+                make_cumulative(&mut req);
+            }
+            s.apply(&single_shard_batch(req, &projection()));
+        }
+        let [series, streams, _] = super::super::columns::shard_batches(&s, 0).expect("batches");
+        let null_columns = |b: &arrow_array::RecordBatch| {
+            b.columns()
+                .iter()
+                .filter(|c| c.null_count() == b.num_rows())
+                .count()
+        };
+        assert!(
+            streams.num_rows() > 0 && null_columns(&streams) >= 10,
+            "{cumulative}"
+        );
+        assert!(
+            null_columns(&series) >= 6,
+            "the stream columns of series rows"
+        );
+        let path = write_state(&scratch.0, &s);
+        let mut states = vec![ShardState::new(ShardConfig::default())];
+        load(&path, &mut states).expect("load");
+        assert_eq!(dump(&states[0]), dump(&s), "cumulative: {cumulative}");
+    }
 }
 
 #[test]

@@ -73,6 +73,35 @@ pub fn cost(body: &[u8]) -> Result<Cost, Malformed> {
     Ok(c)
 }
 
+/// One field read off the wire: its tag, and its bytes if it is length-delimited.
+struct Field<'a> {
+    tag: u64,
+    inner: &'a [u8],
+}
+
+/// The next field of `buf`, which is left after it. Every walk of the schema reads fields so.
+#[inline(always)]
+fn next_field<'a>(buf: &mut &'a [u8]) -> Result<Field<'a>, Malformed> {
+    let tag = varint(buf)?;
+    field_of(tag)?;
+    let mut inner: &[u8] = &[];
+    match tag & 7 {
+        0 => {
+            varint(buf)?;
+        }
+        1 => skip(buf, 8)?,
+        5 => skip(buf, 4)?,
+        2 => {
+            let len = varint(buf)?;
+            let start = *buf;
+            skip(buf, len)?;
+            inner = &start[..start.len() - buf.len()];
+        }
+        _ => return Err(Malformed("group or unknown wire type")),
+    }
+    Ok(Field { tag, inner })
+}
+
 /// The field number of a tag: prost refuses field 0 and a tag past `u32`.
 fn field_of(tag: u64) -> Result<u64, Malformed> {
     if tag > u64::from(u32::MAX) {
@@ -123,24 +152,8 @@ fn walk(mut buf: &[u8], m: M, depth: usize, c: &mut Cost) -> Result<(), Malforme
     let mut seen = 0u64;
     let mut oneof = false;
     while !buf.is_empty() {
-        let tag = varint(&mut buf)?;
-        let field = field_of(tag)?;
-        let wire = (tag & 7) as u8;
-        let mut inner: &[u8] = &[];
-        match wire {
-            0 => {
-                varint(&mut buf)?;
-            }
-            1 => skip(&mut buf, 8)?,
-            5 => skip(&mut buf, 4)?,
-            2 => {
-                let len = varint(&mut buf)?;
-                let start = buf;
-                skip(&mut buf, len)?;
-                inner = &start[..start.len() - buf.len()];
-            }
-            _ => return Err(Malformed("group or unknown wire type")),
-        }
+        let Field { tag, inner } = next_field(&mut buf)?;
+        let (field, wire) = (tag >> 3, (tag & 7) as u8);
         let info = m.field(field);
         if let Some(decl) = info.decl {
             let bit = 1u64 << (field & 63);
@@ -189,25 +202,14 @@ pub fn skim(body: &[u8]) -> Result<u64, Malformed> {
             return Err(Malformed("nested too deep"));
         }
         while !buf.is_empty() {
-            let tag = varint(&mut buf)?;
-            field_of(tag)?;
-            match tag & 7 {
-                0 => {
-                    varint(&mut buf)?;
-                }
-                1 => skip(&mut buf, 8)?,
-                5 => skip(&mut buf, 4)?,
-                2 => {
-                    let len = varint(&mut buf)?;
-                    let start = buf;
-                    skip(&mut buf, len)?;
-                    let info = m.field(tag >> 3);
-                    if let Some(child) = info.child {
-                        *points += u64::from(info.child_is_point);
-                        go(&start[..start.len() - buf.len()], child, depth + 1, points)?;
-                    }
-                }
-                _ => return Err(Malformed("group or unknown wire type")),
+            let Field { tag, inner } = next_field(&mut buf)?;
+            if tag & 7 != u64::from(LEN) {
+                continue;
+            }
+            let info = m.field(tag >> 3);
+            if let Some(child) = info.child {
+                *points += u64::from(info.child_is_point);
+                go(inner, child, depth + 1, points)?;
             }
         }
         Ok(())

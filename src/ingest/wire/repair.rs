@@ -2,8 +2,8 @@
 //! request for one bad string; this rewrites only the strings that are not UTF-8 and copies
 //! every other byte as it came.
 
-use super::schema::M;
-use super::{field_of, skip, varint, Malformed, MAX_DEPTH};
+use super::schema::{LEN, M};
+use super::{next_field, Field, Malformed, MAX_DEPTH};
 
 /// `body` with every string field that is not UTF-8 replaced lossily, and how many were.
 pub fn repair_utf8(body: &[u8]) -> Result<(Vec<u8>, u64), Malformed> {
@@ -25,46 +25,30 @@ fn rewrite(
     }
     while !buf.is_empty() {
         let field_start = buf;
-        let tag = varint(&mut buf)?;
-        let field = field_of(tag)?;
-        let copy_field = |buf: &[u8], out: &mut Vec<u8>| {
-            out.extend_from_slice(&field_start[..field_start.len() - buf.len()]);
+        let Field { tag, inner } = next_field(&mut buf)?;
+        let field = tag >> 3;
+        let child = if tag & 7 == u64::from(LEN) {
+            m.child(field)
+        } else {
+            None
         };
-        match tag & 7 {
-            0 => {
-                varint(&mut buf)?;
-                copy_field(buf, out);
-            }
-            1 => {
-                skip(&mut buf, 8)?;
-                copy_field(buf, out);
-            }
-            5 => {
-                skip(&mut buf, 4)?;
-                copy_field(buf, out);
-            }
-            2 => {
-                let len = varint(&mut buf)?;
-                let start = buf;
-                skip(&mut buf, len)?;
-                let inner = &start[..start.len() - buf.len()];
-                if let Some(child) = m.child(field) {
-                    let mut sub = Vec::with_capacity(inner.len());
-                    rewrite(inner, child, depth + 1, &mut sub, replaced)?;
-                    prost::encoding::encode_varint(tag, out);
-                    prost::encoding::encode_varint(sub.len() as u64, out);
-                    out.extend_from_slice(&sub);
-                } else if m.is_string(field) && std::str::from_utf8(inner).is_err() {
-                    let fixed = String::from_utf8_lossy(inner);
-                    *replaced += 1;
-                    prost::encoding::encode_varint(tag, out);
-                    prost::encoding::encode_varint(fixed.len() as u64, out);
-                    out.extend_from_slice(fixed.as_bytes());
-                } else {
-                    copy_field(buf, out);
-                }
-            }
-            _ => return Err(Malformed("group or unknown wire type")),
+        if let Some(child) = child {
+            let mut sub = Vec::with_capacity(inner.len());
+            rewrite(inner, child, depth + 1, &mut sub, replaced)?;
+            prost::encoding::encode_varint(tag, out);
+            prost::encoding::encode_varint(sub.len() as u64, out);
+            out.extend_from_slice(&sub);
+        } else if tag & 7 == u64::from(LEN)
+            && m.is_string(field)
+            && std::str::from_utf8(inner).is_err()
+        {
+            let fixed = String::from_utf8_lossy(inner);
+            *replaced += 1;
+            prost::encoding::encode_varint(tag, out);
+            prost::encoding::encode_varint(fixed.len() as u64, out);
+            out.extend_from_slice(fixed.as_bytes());
+        } else {
+            out.extend_from_slice(&field_start[..field_start.len() - buf.len()]);
         }
     }
     Ok(())

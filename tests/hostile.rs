@@ -257,6 +257,28 @@ fn json_string_doubles_apply_and_non_finite_points_are_refused_alone() {
 }
 
 #[test]
+fn json_with_more_points_than_the_request_limit_is_refused_for_good() {
+    let s = Spanagg::start("limits:\n  max_points_per_request: 1000\n");
+    let t = now_ns() - 60 * SECOND;
+    // 501 routes (one span, repeated): a counter point and a histogram point each.
+    let routes: Vec<_> = (0..501)
+        .map(|_| route("GET /many", 1, [1, 0, 0, 0, 0], 1.0))
+        .collect();
+    let req = spanmetrics(
+        "checkout",
+        "a",
+        &routes,
+        t,
+        t + SECOND,
+        opentelemetry_proto::tonic::metrics::v1::AggregationTemporality::Delta,
+    );
+    let (status, _, reply) = s.post_otlp("application/json", &[], &json_of(&req));
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&reply));
+    assert!(String::from_utf8_lossy(&reply).contains("1002 data points"));
+    assert!(!s.scrape().contains("GET /many"), "nothing applied");
+}
+
+#[test]
 fn json_nested_deeper_than_protobuf_may_be_is_refused_not_applied_and_lost_on_replay() {
     let s = Spanagg::start("");
     // JSON allows this depth; its protobuf form would be refused when the WAL replays it.

@@ -18,7 +18,7 @@ use ahash::RandomState;
 use opentelemetry_proto::tonic::common::v1::AnyValue;
 
 use super::reason::Reason;
-use super::view::{AnyValueView, Attrs, HistogramPoint, KeyValueView, NumberPoint, OtlpBody};
+use super::view::{AnyValueView, Attrs, KeyValueView, OtlpBody};
 use crate::aggregate::key::SetHash;
 use crate::aggregate::naming::output_label_name;
 use crate::aggregate::shard::{LabelRef, LabelResolver};
@@ -102,16 +102,36 @@ pub fn value_str<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a str {
     buf
 }
 
-/// A resource's kept attributes as (raw key, value text), rendered once per request: labels
-/// of its points' new series are built from these, never by reading the resource again.
-pub type ResourceLabels = Vec<(String, String)>;
+/// A resource's kept attributes as output labels, rendered, named and joined once per request
+/// for each kind of point (a `le` is renamed on histograms only): labels of its points' new
+/// series are built from these, never by reading or joining the resource again.
+#[derive(Debug, Default)]
+pub struct ResourceLabels {
+    counter: Vec<(String, String)>,
+    histogram: Vec<(String, String)>,
+}
 
-/// The kept attributes `kept` rendered (empty values too: `named` drops them).
-pub fn render(kept: &[KeyValueView<'_>]) -> ResourceLabels {
-    let mut buf = String::new();
-    kept.iter()
-        .map(|kv| (kv.key.to_owned(), value_str(kv.value, &mut buf).to_owned()))
-        .collect()
+impl ResourceLabels {
+    pub fn new(kept: &[KeyValueView<'_>]) -> Self {
+        let mut buf = String::new();
+        let rendered: Vec<(&str, String)> = kept
+            .iter()
+            .map(|kv| (kv.key, value_str(kv.value, &mut buf).to_owned()))
+            .collect();
+        Self {
+            counter: named(rendered.iter().map(|(k, v)| (*k, v.clone())), false),
+            histogram: named(rendered.into_iter(), true),
+        }
+    }
+
+    /// The labels for points of one kind, sorted by name.
+    pub fn of(&self, histogram: bool) -> &[(String, String)] {
+        if histogram {
+            &self.histogram
+        } else {
+            &self.counter
+        }
+    }
 }
 
 /// (name, raw key, value) triples sorted by name and raw key, names that collide joined.
@@ -142,31 +162,46 @@ fn named<'a>(
     out
 }
 
-/// The output labels of a point, sorted by name (see the module doc for the rules).
+/// The output labels of a point, sorted by name (see the module doc for the rules). `resource`
+/// is its resource's labels for the point's kind ([`ResourceLabels::of`]).
 pub fn canonical(
     histogram: bool,
     resource: &[(String, String)],
     attrs: Attrs<'_>,
     projection: &Projection,
 ) -> Vec<(String, String)> {
+    labels_within(histogram, resource, attrs, projection, usize::MAX).unwrap_or_default()
+}
+
+/// [`canonical`], or `None` once a label value is longer than `max_value_len`: checked before
+/// a resource value is copied, so a long joined resource value costs its points nothing.
+fn labels_within(
+    histogram: bool,
+    resource: &[(String, String)],
+    attrs: Attrs<'_>,
+    projection: &Projection,
+    max_value_len: usize,
+) -> Option<Vec<(String, String)>> {
     let mut buf = String::new();
     let point = attrs
         .iter()
         .filter(|kv| projection.keeps(kv.key))
         .map(|kv| (kv.key, value_str(kv.value, &mut buf).to_owned()));
     let mut out = named(point, histogram);
+    if out.iter().any(|(_, v)| v.len() > max_value_len) {
+        return None;
+    }
     let point_names = out.len();
-    let resource = resource.iter().map(|(k, v)| (k.as_str(), v.clone()));
-    for r in named(resource, histogram) {
-        if out[..point_names]
-            .binary_search_by(|p| p.0.cmp(&r.0))
-            .is_err()
-        {
-            out.push(r);
+    for (k, v) in resource {
+        if out[..point_names].binary_search_by(|p| p.0.cmp(k)).is_err() {
+            if v.len() > max_value_len {
+                return None;
+            }
+            out.push((k.clone(), v.clone()));
         }
     }
     out.sort_unstable();
-    out
+    Some(out)
 }
 
 /// The key of a label set as [`canonical`] built it.
@@ -315,7 +350,7 @@ impl<'r> Keyer<'r> {
     }
 
     /// (output key, source key) of a point. `resource` is the kept part `res` was built from,
-    /// rendered.
+    /// as labels for the point's kind.
     pub fn point(
         &mut self,
         res: &ResourcePart,
@@ -360,15 +395,18 @@ impl<'r> Keyer<'r> {
         self.relabeled.reserved += u64::from(renamed);
         self.relabeled.colliding += u64::from(collide);
         let output = if collide {
-            let labels = canonical(histogram, resource, attrs, self.projection);
             // Joined values may be longer than any one attribute.
-            if labels
-                .iter()
-                .any(|(_, v)| v.len() > self.limits.max_value_len)
-            {
+            let within = labels_within(
+                histogram,
+                resource,
+                attrs,
+                self.projection,
+                self.limits.max_value_len,
+            );
+            let Some(labels) = within else {
                 self.scratch = scratch;
                 return Err(Reason::AttributeTooLong);
-            }
+            };
             key_of(&labels, seeds.0)
         } else {
             let mut out = SetHash::default();
@@ -407,13 +445,10 @@ impl LabelResolver for RequestLabels {
         else {
             return None;
         };
-        let resource = self.resources.get(resource as usize)?;
+        let resource = self.resources.get(resource as usize)?.of(histogram);
         let point = self.body.at(point)?;
-        let attrs = if histogram {
-            HistogramPoint::read(point).attributes
-        } else {
-            NumberPoint::read(point).attributes
-        };
+        // The attributes field of a histogram point, or of a number point.
+        let attrs = Attrs::of(point, if histogram { 9 } else { 7 });
         Some(canonical(histogram, resource, attrs, &self.projection))
     }
 }

@@ -44,11 +44,17 @@ fn key(
     let kept = p.kept_resource(attrs(&resource));
     let mut keyer = Keyer::new(&p, LIMITS);
     let res = keyer.resource(&kept, histogram);
-    let rendered = render(&kept);
+    let rendered = ResourceLabels::new(&kept);
     let (fast, _) = keyer
-        .point(&res, &rendered, attrs(&point), histogram, (7, 9))
+        .point(
+            &res,
+            rendered.of(histogram),
+            attrs(&point),
+            histogram,
+            (7, 9),
+        )
         .unwrap();
-    let labels = canonical(histogram, &rendered, attrs(&point), &p);
+    let labels = canonical(histogram, rendered.of(histogram), attrs(&point), &p);
     (fast, key_of(&labels, 7), labels)
 }
 
@@ -158,13 +164,25 @@ fn limits_refuse_the_point() {
     let kept = p.kept_resource(attrs(&many_resource));
     let res = keyer.resource(&kept, false);
     assert_eq!(
-        keyer.point(&res, &render(&kept), none, false, (0, 0)),
+        keyer.point(
+            &res,
+            ResourceLabels::new(&kept).of(false),
+            none,
+            false,
+            (0, 0)
+        ),
         Err(Reason::TooManyAttributes)
     );
     let kept = p.kept_resource(attrs(&resource));
     let res = keyer.resource(&kept, false);
     assert_eq!(
-        keyer.point(&res, &render(&kept), none, false, (0, 0)),
+        keyer.point(
+            &res,
+            ResourceLabels::new(&kept).of(false),
+            none,
+            false,
+            (0, 0)
+        ),
         Err(Reason::AttributeTooLong),
         "a kept resource attribute over the limit refuses its points"
     );
@@ -219,11 +237,11 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
         let histogram = *histogram;
         let kept = p.kept_resource(attrs(r));
         let res = keyer.resource(&kept, histogram);
-        let rendered = render(&kept);
+        let rendered = ResourceLabels::new(&kept);
         let (fast, _) = keyer
-            .point(&res, &rendered, attrs(a), histogram, (7, 9))
+            .point(&res, rendered.of(histogram), attrs(a), histogram, (7, 9))
             .unwrap();
-        let labels = canonical(histogram, &rendered, attrs(a), &p);
+        let labels = canonical(histogram, rendered.of(histogram), attrs(a), &p);
         assert_eq!(
             fast,
             key_of(&labels, 7),
@@ -238,4 +256,31 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
             );
         }
     }
+}
+
+#[test]
+fn a_joined_resource_value_over_the_limit_refuses_only_the_points_it_labels() {
+    let p = projection();
+    let resource = enc(&[
+        kv("service.name", "a".repeat(3000)),
+        kv("service_name", "b".repeat(3000)),
+    ]);
+    let shadowing = enc(&[kv("service_name", "p")]);
+    let mut keyer = Keyer::new(&p, LIMITS);
+    let kept = p.kept_resource(attrs(&resource));
+    let res = keyer.resource(&kept, false);
+    let labels = ResourceLabels::new(&kept);
+    assert_eq!(
+        labels.of(false)[0].1.len(),
+        6001,
+        "joined once, with the resource"
+    );
+    assert_eq!(
+        keyer.point(&res, labels.of(false), Attrs::default(), false, (0, 0)),
+        Err(Reason::AttributeTooLong)
+    );
+    // A point attribute of the same output name replaces the joined value: it is fine.
+    assert!(keyer
+        .point(&res, labels.of(false), attrs(&shadowing), false, (0, 0))
+        .is_ok());
 }

@@ -217,8 +217,8 @@ impl Ingestor {
         self.pool.give(inflated);
         let body = OtlpBody::encode(&req);
         // JSON may nest deeper than the walk allows: refused now, not skipped on WAL replay.
-        Self::price_protobuf(body.bytes())?;
-        self.check_points(&body)?;
+        let cost = Self::price_protobuf(body.bytes())?;
+        self.budget.check_points(cost.points)?;
         Ok((body, admission))
     }
 
@@ -244,11 +244,6 @@ impl Ingestor {
             self.telemetry.invalid_utf8(n);
         }
         Ok(fixed)
-    }
-
-    /// Refuses a request with more points than `limits.max_points_per_request`.
-    pub fn check_points(&self, req: &OtlpBody) -> Result<(), IngestError> {
-        self.budget.check_points(otlp::count_points(req.view()))
     }
 
     async fn admit(&self, bytes: u64, points: u64) -> Result<admit::Admission, IngestError> {

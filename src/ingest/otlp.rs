@@ -8,8 +8,8 @@ use std::sync::Arc;
 use ahash::RandomState;
 use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 
-use super::labels::{render, AttributeLimits, Keyer, ResourcePart};
 pub use super::labels::{value_str, Projection, Relabeled, RequestLabels, ResourceLabels};
+use super::labels::{AttributeLimits, Keyer, ResourcePart};
 pub use super::reason::{Reason, Rejections};
 use super::view::{
     Attrs, Data, HistogramPoint, MetricView, Number, NumberPoint, OtlpBody, RequestView,
@@ -115,11 +115,10 @@ pub fn prepare(
         let resource_index = resources.len() as u32;
         // Past the limit every point of the resource is refused: nothing to render.
         resources.push(if kept.len() <= limits.attributes.max_attributes {
-            render(&kept)
+            ResourceLabels::new(&kept)
         } else {
-            Vec::new()
+            ResourceLabels::default()
         });
-        let rendered = resources.last().map_or(&[][..], |r| &r[..]);
         // Built on first use: a `by` attribute named `le` is renamed on histograms only.
         let mut parts: [Option<ResourcePart>; 2] = [None, None];
         for sm in rm.scope_metrics() {
@@ -146,7 +145,7 @@ pub fn prepare(
                     .get_or_insert_with(|| keyer.resource(&kept, histogram));
                 let ctx = MetricCtx {
                     body: req,
-                    kept: rendered,
+                    kept: resources.last().map_or(&[][..], |r| r.of(histogram)),
                     res,
                     histogram,
                     seeds: (desc.key_seed(), source_seed(identity, sm.scope_name, desc)),
@@ -302,7 +301,7 @@ impl<'r> Prep<'r> {
 
 struct MetricCtx<'a> {
     body: &'a OtlpBody,
-    /// The kept resource attributes, rendered, and their hashed form.
+    /// The kept resource attributes as labels for the metric's kind, and their hashed form.
     kept: &'a [(String, String)],
     res: &'a ResourcePart,
     histogram: bool,

@@ -165,7 +165,8 @@ pub struct ResourceMetricsView<'a> {
 
 impl<'a> ResourceMetricsView<'a> {
     fn read(msg: &'a [u8]) -> Self {
-        let resource = repeated(msg, 1).last().unwrap_or_default();
+        // Singular fields are set once in a regular body: the first is the one.
+        let resource = repeated(msg, 1).next().unwrap_or_default();
         Self { resource, msg }
     }
 
@@ -186,8 +187,8 @@ pub struct ScopeMetricsView<'a> {
 
 impl<'a> ScopeMetricsView<'a> {
     fn read(msg: &'a [u8]) -> Self {
-        let scope = repeated(msg, 1).last().unwrap_or_default();
-        let scope_name = repeated(scope, 1).last().map_or("", text);
+        let scope = repeated(msg, 1).next().unwrap_or_default();
+        let scope_name = repeated(scope, 1).next().map_or("", text);
         Self { scope_name, msg }
     }
 
@@ -229,16 +230,16 @@ impl<'a> Data<'a> {
         }
     }
 
+    /// One scan of the data message: its points counted, its temporality and monotonicity.
     fn read(field: u64, msg: &'a [u8]) -> Option<Self> {
-        let points = Points(msg);
+        let mut points = Points { msg, count: 0 };
         let (mut temporality, mut monotonic) = (0i32, false);
-        if matches!(field, 7 | 9) {
-            for (f, v) in Fields(msg) {
-                match (f, v) {
-                    (2, Value::Varint(t)) => temporality = t as i32,
-                    (3, Value::Varint(m)) => monotonic = m != 0,
-                    _ => {}
-                }
+        for (f, v) in Fields(msg) {
+            match (f, v) {
+                (1, Value::Len(_)) => points.count += 1,
+                (2, Value::Varint(t)) => temporality = t as i32,
+                (3, Value::Varint(m)) => monotonic = m != 0,
+                _ => {}
             }
         }
         Some(match field {
@@ -281,17 +282,20 @@ impl<'a> MetricView<'a> {
     }
 }
 
-/// The data points of a metric (field 1 of its data message).
+/// The data points of a metric (field 1 of its data message), counted when it was read.
 #[derive(Debug, Clone, Copy)]
-pub struct Points<'a>(&'a [u8]);
+pub struct Points<'a> {
+    msg: &'a [u8],
+    count: usize,
+}
 
 impl<'a> Points<'a> {
     pub fn count(&self) -> usize {
-        repeated(self.0, 1).count()
+        self.count
     }
 
     pub fn messages(&self) -> impl Iterator<Item = &'a [u8]> {
-        repeated(self.0, 1)
+        repeated(self.msg, 1)
     }
 }
 

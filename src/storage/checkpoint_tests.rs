@@ -242,6 +242,19 @@ fn states_of_one_temporality_round_trip_with_their_unfilled_columns_null() {
             streams.num_rows() > 0 && null_columns(&streams) >= 10,
             "{cumulative}"
         );
+        // The unfilled columns are not each a buffer of their own: they share one.
+        let shared: std::collections::HashSet<usize> = streams
+            .columns()
+            .iter()
+            .filter(|c| c.null_count() == streams.num_rows())
+            .filter_map(|c| {
+                c.to_data()
+                    .buffers()
+                    .first()
+                    .map(|b| b.data_ptr().as_ptr() as usize)
+            })
+            .collect();
+        assert_eq!(shared.len(), 1, "cumulative: {cumulative}");
         assert!(
             null_columns(&series) >= 6,
             "the stream columns of series rows"

@@ -80,7 +80,7 @@ pub async fn replay(
             undecodable += 1;
             continue;
         };
-        let Ok((body, _, _)) = crate::ingest::wire::read(Bytes::from(payload)) else {
+        let Ok(body) = crate::ingest::wire::read(Bytes::from(payload)) else {
             undecodable += 1;
             continue;
         };

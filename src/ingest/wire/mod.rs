@@ -25,7 +25,7 @@ use std::mem::size_of;
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
-pub use repair::repair_utf8;
+use repair::repair_utf8;
 use schema::{Decl, LEN, M};
 
 /// Deeper nesting is refused (prost refuses past 100; `AnyValue` can nest).
@@ -235,15 +235,14 @@ pub fn regularize(body: &[u8], cost: &Cost) -> Result<(Bytes, u64), String> {
     Ok((Bytes::from(req.encode_to_vec()), replaced))
 }
 
-/// A body in regular form, priced: walked, and regularized if it has to be. Returns the
-/// regular body, how many strings were repaired, and whether it is not the body received.
-pub fn read(body: Bytes) -> Result<(Bytes, u64, bool), String> {
+/// `body` in regular form: walked, and regularized only if it has to be (WAL replay; the
+/// live path prices the walk for admission first).
+pub fn read(body: Bytes) -> Result<Bytes, String> {
     let c = cost(&body).map_err(|e| e.to_string())?;
     if c.regular {
-        return Ok((body, 0, false));
+        return Ok(body);
     }
-    let (fixed, n) = regularize(&body, &c)?;
-    Ok((fixed, n, true))
+    regularize(&body, &c).map(|(fixed, _)| fixed)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod ingest;
 pub mod listen;
+pub mod memory;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

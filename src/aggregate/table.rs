@@ -226,6 +226,8 @@ fn run(
         .clamp(Duration::from_millis(250), Duration::from_secs(5));
     let epoch = Instant::now();
     let mut last_sweep = Instant::now();
+    // Whether a batch was applied since this thread last handed its freed pages back.
+    let mut busy = false;
     loop {
         state.clock = epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
         state.now_ns = crate::unix_ns();
@@ -242,8 +244,13 @@ fn run(
                 finish(batch, result);
                 stats.queue_depth.store(data.len() as u64, Ordering::Relaxed);
                 stats.publish_sizes(&state);
+                busy = true;
             }
-            default(Duration::from_millis(200)) => {}
+            default(Duration::from_millis(200)) => {
+                if std::mem::take(&mut busy) {
+                    crate::memory::release_when_idle();
+                }
+            }
         }
         if last_sweep.elapsed() >= sweep_every && !sweeps_paused.load(Ordering::Acquire) {
             last_sweep = Instant::now();

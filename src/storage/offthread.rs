@@ -5,7 +5,8 @@
 //! calls into the allocator. So each shard's Arrow batches, built on the shard's thread, are
 //! handed back to that shard to drop; and the Parquet encoder runs on a thread of its own,
 //! whose heap is released when it ends (an idle blocking-pool thread would hold it until the
-//! next checkpoint).
+//! next checkpoint). Both then hand the freed pages to the OS at once (`crate::memory`):
+//! mimalloc would otherwise purge them only when the thread next collects.
 
 use std::io;
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub async fn write(
         // Clones share the arrays; the last reference still goes back to its shard.
         let flat: Vec<RecordBatch> = parts.iter().flatten().cloned().collect();
         let written = checkpoint::write(&dir, seq, &meta, &flat);
+        drop(flat);
+        crate::memory::release_freed();
         Some((written, parts))
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -66,7 +69,9 @@ pub fn drop_on_shards(table: &Table, parts: Vec<ShardBatches>) {
     table.visit(move |i, _| {
         if let Some(slot) = slots.get(i) {
             if let Ok(mut part) = slot.lock() {
-                part.take();
+                if part.take().is_some() {
+                    crate::memory::release_freed();
+                }
             }
         }
     });

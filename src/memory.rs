@@ -1,0 +1,105 @@
+//! Handing freed memory back to the operating system: after a checkpoint (a rare, large,
+//! short-lived allocation) and when a thread goes idle after work.
+//!
+//! The service runs on mimalloc (`main.rs`). mimalloc keeps a freed page in its owning
+//! thread's heap until that thread next *collects*, and purges it to the OS only a delay after
+//! that. A thread that goes on serving small requests rarely gets there, so what a checkpoint
+//! freed (~20 MB at 200 pods) stayed resident, and the I/O threads held pages freed by bursts
+//! of requests long after the burst (BENCHMARKS.md, "RSS at 200 pods, after a checkpoint").
+//!
+//! A collection walks the calling thread's pages and purges free arena pages with `madvise`;
+//! the pages a thread needs again fault back in. Done once per checkpoint, and at most once a
+//! second per thread when it goes idle, that costs well under 1 ms of CPU a second.
+//!
+//! This is the crate's one `unsafe` block: a foreign call without pointers or preconditions.
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+/// How long a thread keeps freed pages at least, between idle releases.
+const IDLE_RELEASE_EVERY: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static LAST_RELEASE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Frees this thread's empty mimalloc pages and purges every free arena page to the OS now.
+/// Harmless when mimalloc is not the global allocator: its heap for this thread is then empty.
+pub fn release_freed() {
+    // SAFETY: `mi_collect` takes a bool, touches only the calling thread's heap and the
+    // process's arenas under mimalloc's own locks, and may be called from any thread at any
+    // time (mimalloc runs the same collection itself when a thread exits).
+    unsafe { libmimalloc_sys::mi_collect(true) }
+    LAST_RELEASE.with(|l| l.set(Some(Instant::now())));
+}
+
+/// [`release_freed`], unless this thread did so less than a second ago: for a thread about to
+/// wait for work, which may happen thousands of times a second under load.
+pub fn release_when_idle() {
+    let due = LAST_RELEASE.with(|l| l.get().is_none_or(|t| t.elapsed() >= IDLE_RELEASE_EVERY));
+    if due {
+        release_freed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout};
+
+    use mimalloc::MiMalloc;
+
+    use super::release_freed;
+
+    /// Resident bytes of the mapping that holds `addr`: mimalloc's arena, which nothing else
+    /// in the test binary allocates from (its global allocator is the system's).
+    fn resident(addr: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("Linux smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+            if let Some((lo, hi)) = range {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
+                }
+            }
+            if let Some(kib) = line.strip_prefix("Rss:").filter(|_| inside) {
+                let kib = kib.trim().trim_end_matches(" kB").parse::<usize>();
+                return kib.expect("an Rss line in kB") * 1024;
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    #[test]
+    fn release_hands_freed_pages_back_at_once() {
+        const MIB: usize = 1 << 20;
+        let layout = Layout::from_size_align(64 * 1024, 8).expect("a valid layout");
+        let blocks: Vec<*mut u8> = (0..1024)
+            // SAFETY: a non-zero size; every block is freed below with the same layout.
+            .map(|_| unsafe { MiMalloc.alloc(layout) })
+            .collect();
+        for &p in &blocks {
+            assert!(!p.is_null());
+            // SAFETY: `p` is a live block of `layout.size()` bytes.
+            unsafe { p.write_bytes(1, layout.size()) };
+        }
+        let arena = blocks[0] as usize;
+        for p in blocks {
+            // SAFETY: allocated above by the same allocator with the same layout.
+            unsafe { MiMalloc.dealloc(p, layout) };
+        }
+        let held = resident(arena);
+        release_freed();
+        let after = resident(arena);
+        assert!(
+            after + 32 * MIB <= held,
+            "64 MiB freed; {} MiB of the {} MiB mimalloc held are still resident",
+            after / MIB,
+            held / MIB
+        );
+    }
+}

@@ -187,6 +187,17 @@ impl Table {
         }
     }
 
+    /// Runs `f` on shard `i`'s state, on its thread; nothing if there is no such shard or it
+    /// has stopped.
+    pub fn visit_one<F>(&self, i: usize, f: F)
+    where
+        F: FnOnce(&ShardState) + Send + 'static,
+    {
+        if let Some(h) = self.shards.get(i) {
+            let _ = h.ctl.send(Box::new(f));
+        }
+    }
+
     pub fn stats(&self) -> Vec<Arc<ShardStats>> {
         self.shards.iter().map(|h| h.stats.clone()).collect()
     }

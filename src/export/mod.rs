@@ -21,6 +21,19 @@ where
     gather_indexed(table, move |_, s| f(s)).await
 }
 
+/// Runs `f` on shard `i` (on its thread, between two ingest batches); `None` if it has stopped.
+pub async fn gather_one<R, F>(table: &Table, i: usize, f: F) -> Option<R>
+where
+    R: Send + 'static,
+    F: FnOnce(&ShardState) -> R + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    table.visit_one(i, move |s| {
+        let _ = tx.send(f(s));
+    });
+    rx.await.ok()
+}
+
 /// [`gather`], with the shard's index passed to `f`.
 pub async fn gather_indexed<R, F>(table: &Table, f: F) -> Option<Vec<R>>
 where

@@ -250,45 +250,99 @@ pub fn mark_restored(path: &Path) -> io::Result<PathBuf> {
     set_aside(path, ".restored")
 }
 
-/// Writes `batches` as checkpoint `seq`; returns its path and size. On error nothing but the
-/// temp file was touched, and that is removed.
+/// Writes checkpoint `seq` into `dir` from `batches` in one go: [`FileWriter`] for callers
+/// that hold the whole state at once (tests, benches).
 pub fn write(
     dir: &Path,
     seq: u64,
     meta: &Meta,
     batches: &[RecordBatch],
 ) -> Result<(PathBuf, u64), CheckpointError> {
-    let path = dir.join(file_name(seq));
-    let tmp = dir.join(format!("{}.tmp", file_name(seq)));
-    let result = write_to(&tmp, meta, batches).and_then(|size| {
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(dir)?;
-        Ok(size)
-    });
-    match result {
-        Ok(size) => Ok((path, size)),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
+    let mut w = FileWriter::create(dir, seq)?;
+    batches.iter().try_for_each(|b| w.write(b))?;
+    w.finish(meta)
+}
+
+/// A checkpoint file being written: batches one after another (so a caller can free each part
+/// once it is written), then the footer with [`Meta`], which is known only after the last part.
+/// Until [`finish`](Self::finish) the file has a temporary name; a writer dropped unfinished
+/// (an error, a stopped shard) removes it, so the previous checkpoints stay the newest.
+pub struct FileWriter {
+    dir: PathBuf,
+    path: PathBuf,
+    tmp: PathBuf,
+    // `None` once finished.
+    writer: Option<ArrowWriter<File>>,
+}
+
+impl FileWriter {
+    pub fn create(dir: &Path, seq: u64) -> Result<Self, CheckpointError> {
+        let path = dir.join(file_name(seq));
+        let tmp = dir.join(format!("{}.tmp", file_name(seq)));
+        let file = File::create(&tmp)?;
+        // Row groups bound what the encoder holds whatever the state's size.
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(128 * 1024))
+            .set_created_by(format!("spanagg {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        match ArrowWriter::try_new(file, checkpoint_schema(), Some(props)) {
+            Ok(w) => Ok(Self {
+                dir: dir.to_owned(),
+                path,
+                tmp,
+                writer: Some(w),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), CheckpointError> {
+        match &mut self.writer {
+            Some(w) if batch.num_rows() > 0 => Ok(w.write(batch)?),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes the footer, syncs, and gives the file its final name; returns it with its size.
+    pub fn finish(mut self, meta: &Meta) -> Result<(PathBuf, u64), CheckpointError> {
+        let mut w = self
+            .writer
+            .take()
+            .ok_or_else(|| CheckpointError::Io(io::Error::other("checkpoint already written")))?;
+        for kv in meta.to_kv() {
+            w.append_key_value_metadata(kv);
+        }
+        let written = w
+            .into_inner()
+            .map_err(CheckpointError::from)
+            .and_then(|file| {
+                file.sync_all()?;
+                let size = file.metadata()?.len();
+                drop(file);
+                std::fs::rename(&self.tmp, &self.path)?;
+                sync_dir(&self.dir)?;
+                Ok(size)
+            });
+        match written {
+            Ok(size) => Ok((self.path.clone(), size)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.tmp);
+                Err(e)
+            }
         }
     }
 }
 
-fn write_to(tmp: &Path, meta: &Meta, batches: &[RecordBatch]) -> Result<u64, CheckpointError> {
-    let file = File::create(tmp)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(128 * 1024))
-        .set_created_by(format!("spanagg {}", env!("CARGO_PKG_VERSION")))
-        .set_key_value_metadata(Some(meta.to_kv()))
-        .build();
-    let mut w = ArrowWriter::try_new(file, checkpoint_schema(), Some(props))?;
-    for b in batches.iter().filter(|b| b.num_rows() > 0) {
-        w.write(b)?;
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
-    let file = w.into_inner()?;
-    file.sync_all()?;
-    Ok(file.metadata()?.len())
 }
 
 /// Reads only the footer.

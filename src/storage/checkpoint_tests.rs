@@ -151,6 +151,36 @@ fn a_full_disk_is_counted_as_disk_full() {
     assert_eq!(err.reason(), "disk_full", "{err}");
 }
 
+/// The service writes one shard's part at a time and learns the footer last; a checkpoint it
+/// abandons half-way (a stopped shard, an error) must leave no file behind.
+#[test]
+fn a_checkpoint_written_part_by_part_reads_back_and_an_abandoned_one_leaves_nothing() {
+    let scratch = crate::storage::ScratchDir::new("ckpt-parts");
+    let dir = scratch.0.clone();
+    let s = populated();
+    let [a, b, c] = super::super::columns::shard_batches(&s, 0).expect("batches");
+    let files = || std::fs::read_dir(&dir).expect("dir").count();
+
+    let mut abandoned = FileWriter::create(&dir, 1).expect("create");
+    abandoned.write(&a).expect("write");
+    assert_eq!(files(), 1, "the temp file");
+    drop(abandoned);
+    assert_eq!(files(), 0, "an unfinished checkpoint removes its temp file");
+
+    let mut w = FileWriter::create(&dir, 2).expect("create");
+    for batch in [&a, &b, &c] {
+        w.write(batch).expect("write");
+    }
+    let m = meta(1, a.num_rows() as u64, b.num_rows() as u64);
+    let (path, size) = w.finish(&m).expect("finish");
+    assert_eq!(std::fs::metadata(&path).expect("file").len(), size);
+    assert_eq!(files(), 1, "only the finished file");
+    assert_eq!(read_meta(&path).expect("footer"), m);
+    let mut states = vec![ShardState::new(ShardConfig::default())];
+    load(&path, &mut states).expect("load");
+    assert_eq!(dump(&states[0]), dump(&s));
+}
+
 #[test]
 fn state_to_parquet_to_state_is_identical() {
     let scratch = crate::storage::ScratchDir::new("ckpt");

@@ -286,18 +286,24 @@ impl Storage {
             ),
             None => None,
         };
-        let parts = crate::export::gather_indexed(table, |i, s: &ShardState| {
-            (columns::shard_batches(s, i as u32), s.series_budget())
-        })
-        .await
-        .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
-        let mut batches: Vec<offthread::ShardBatches> = Vec::with_capacity(parts.len());
-        let mut series_budget = 0u64;
-        for (p, budget) in parts {
-            batches.push(p.map_err(|e| CheckpointError::Format(e.to_string()))?);
+        let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
+        let writer = offthread::Writer::start(self.checkpoint_dir.clone(), seq);
+        let (mut series, mut streams, mut series_budget) = (0u64, 0u64, 0u64);
+        // One shard's rows at a time: the checkpoint's peak is a part, not the state.
+        for i in 0..table.len() {
+            let read =
+                move |s: &ShardState| (columns::shard_batches(s, i as u32), s.series_budget());
+            let (part, budget) = crate::export::gather_one(table, i, read)
+                .await
+                .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
+            let part = part.map_err(|e| CheckpointError::Format(e.to_string()))?;
+            series += part[0].num_rows() as u64;
+            streams += part[1].num_rows() as u64;
             series_budget = series_budget.max(budget);
+            let (part, written) = writer.write(part).await?;
+            offthread::drop_on_shard(table, i, part);
+            written?;
         }
-        let rows = |i: usize| -> u64 { batches.iter().map(|p| p[i].num_rows() as u64).sum() };
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
             schema_hash: checkpoint::schema_hash(),
@@ -306,15 +312,11 @@ impl Storage {
             state_start_ns: self.state_start_ns,
             clean_shutdown: clean,
             shards: table.len() as u32,
-            series: rows(0),
-            streams: rows(1),
+            series,
+            streams,
             series_budget,
         };
-        let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
-        let dir = self.checkpoint_dir.clone();
-        let (written, batches) = offthread::write(dir, seq, meta, batches).await?;
-        offthread::drop_on_shards(table, batches);
-        let written = written?;
+        let written = writer.finish(meta).await?;
         if let Err(e) = self.prune() {
             tracing::warn!(error = %e, "could not prune old checkpoints or WAL segments");
         }

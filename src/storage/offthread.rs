@@ -1,77 +1,144 @@
-//! Where a checkpoint's memory is allocated and freed, so that it leaves the process once the
-//! checkpoint is written (BENCHMARKS.md, "Where the soak's RSS went").
+//! Where a checkpoint's memory is allocated and freed, so that its peak is one shard's part
+//! and it leaves the process once the checkpoint is written (BENCHMARKS.md, "Where the soak's
+//! RSS went", "The checkpoint's peak at 5,000 pods").
+//!
+//! Shards are read one after another: each builds its Arrow batches on its own thread, the
+//! writer encodes them, and they go back to that shard to drop before the next shard is read.
+//! So a checkpoint holds one shard's rows at a time, not the whole state. Reading the shards
+//! at different instants is as exact as reading them together: every read comes after the WAL
+//! position the checkpoint records, and replay is idempotent.
 //!
 //! mimalloc returns a page only from the thread that owns it, and only when that thread next
-//! calls into the allocator. So each shard's Arrow batches, built on the shard's thread, are
-//! handed back to that shard to drop; and the Parquet encoder runs on a thread of its own,
-//! whose heap is released when it ends (an idle blocking-pool thread would hold it until the
-//! next checkpoint). Both then hand the freed pages to the OS at once (`crate::memory`):
-//! mimalloc would otherwise purge them only when the thread next collects.
+//! calls into the allocator; hence batches dropped on the shard that built them. The Parquet
+//! encoder runs on a thread of its own, whose heap is released when it ends (an idle
+//! blocking-pool thread would hold it until the next checkpoint). Both then hand the freed
+//! pages to the OS at once (`crate::memory`): mimalloc would otherwise purge them only when
+//! the thread next collects.
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::Mutex;
 
 use arrow_array::RecordBatch;
+use tokio::sync::oneshot;
 
-use super::checkpoint::{self, CheckpointError, Meta};
+use super::checkpoint::{CheckpointError, FileWriter, Meta};
 use crate::aggregate::table::Table;
 
 /// One shard's series, stream, and pod rows, in `Table` index order.
 pub type ShardBatches = [RecordBatch; 3];
 
 type Written = Result<(PathBuf, u64), CheckpointError>;
-type Work = Arc<Mutex<Option<(PathBuf, Meta, Vec<ShardBatches>)>>>;
 
-/// Writes checkpoint `seq` on a thread of its own (on the blocking pool if no thread can be
-/// started, rather than failing every checkpoint); gives the batches back with the outcome.
-pub async fn write(
-    dir: PathBuf,
-    seq: u64,
-    meta: Meta,
-    parts: Vec<ShardBatches>,
-) -> Result<(Written, Vec<ShardBatches>), CheckpointError> {
-    let work: Work = Arc::new(Mutex::new(Some((dir, meta, parts))));
-    let job = move |work: Work| {
-        let (dir, meta, parts) = work.lock().ok()?.take()?;
-        // Clones share the arrays; the last reference still goes back to its shard.
-        let flat: Vec<RecordBatch> = parts.iter().flatten().cloned().collect();
-        let written = checkpoint::write(&dir, seq, &meta, &flat);
-        drop(flat);
-        crate::memory::release_freed();
-        Some((written, parts))
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let on_thread = work.clone();
-    let spawned = std::thread::Builder::new()
-        .name("spanagg-checkpoint".into())
-        .spawn(move || {
-            let _ = tx.send(job(on_thread));
-        });
-    let out = match spawned {
-        Ok(_) => rx.await.ok().flatten(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start the checkpoint thread; using the blocking pool");
-            tokio::task::spawn_blocking(move || job(work))
-                .await
-                .ok()
-                .flatten()
-        }
-    };
-    out.ok_or_else(|| CheckpointError::Io(io::Error::other("the checkpoint writer stopped")))
+enum Msg {
+    Part(
+        ShardBatches,
+        oneshot::Sender<(ShardBatches, Result<(), CheckpointError>)>,
+    ),
+    Finish(Box<Meta>, oneshot::Sender<Written>),
 }
 
-/// Drops each shard's batches on that shard's thread. A shard that has stopped cannot take
-/// its part; it is then freed wherever the last reference goes.
-pub fn drop_on_shards(table: &Table, parts: Vec<ShardBatches>) {
-    let slots: Vec<Mutex<Option<ShardBatches>>> =
-        parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
-    table.visit(move |i, _| {
-        if let Some(slot) = slots.get(i) {
-            if let Ok(mut part) = slot.lock() {
-                if part.take().is_some() {
-                    crate::memory::release_freed();
+/// Checkpoint `seq`, written part by part on a thread of its own. Dropped before
+/// [`finish`](Self::finish), the file is abandoned and removed.
+pub struct Writer {
+    tx: mpsc::Sender<Msg>,
+}
+
+fn stopped() -> CheckpointError {
+    CheckpointError::Io(io::Error::other("the checkpoint writer stopped"))
+}
+
+impl Writer {
+    /// Starts the writer thread (the blocking pool if no thread can be started, rather than
+    /// failing every checkpoint); the file is created there.
+    pub fn start(dir: PathBuf, seq: u64) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let work = move || run(dir, seq, rx);
+        let slot = std::sync::Arc::new(Mutex::new(Some(work)));
+        let on_thread = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("spanagg-checkpoint".into())
+            .spawn(move || take_and_run(&on_thread));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the checkpoint thread; using the blocking pool");
+            tokio::task::spawn_blocking(move || take_and_run(&slot));
+        }
+        Self { tx }
+    }
+
+    /// Writes one shard's part and gives it back, to be dropped on its shard.
+    pub async fn write(
+        &self,
+        part: ShardBatches,
+    ) -> Result<(ShardBatches, Result<(), CheckpointError>), CheckpointError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Part(part, reply))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Writes the footer and gives the file its final name.
+    pub async fn finish(self, meta: Meta) -> Written {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Finish(Box::new(meta), reply))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+fn take_and_run<F: FnOnce()>(slot: &Mutex<Option<F>>) {
+    let work = slot.lock().ok().and_then(|mut w| w.take());
+    if let Some(work) = work {
+        work();
+    }
+}
+
+fn run(dir: PathBuf, seq: u64, rx: mpsc::Receiver<Msg>) {
+    let mut file = match FileWriter::create(&dir, seq) {
+        Ok(f) => f,
+        Err(e) => {
+            // The caller hears of it at its first request, and stops there.
+            match rx.recv() {
+                Ok(Msg::Part(part, reply)) => drop(reply.send((part, Err(e)))),
+                Ok(Msg::Finish(_, reply)) => drop(reply.send(Err(e))),
+                Err(_) => {}
+            }
+            return;
+        }
+    };
+    // Ends when the checkpoint is finished, fails, or is abandoned (the sender dropped); an
+    // unfinished file removes itself when dropped.
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            Msg::Part(part, reply) => {
+                let written = part.iter().try_for_each(|b| file.write(b));
+                let failed = written.is_err();
+                let _ = reply.send((part, written));
+                if failed {
+                    return;
                 }
+            }
+            Msg::Finish(meta, reply) => {
+                let written = file.finish(&meta);
+                crate::memory::release_freed();
+                let _ = reply.send(written);
+                return;
+            }
+        }
+    }
+}
+
+/// Drops shard `i`'s batches on that shard's thread, then hands the freed pages back. A shard
+/// that has stopped cannot take its part; it is then freed wherever the last reference goes.
+pub fn drop_on_shard(table: &Table, i: usize, part: ShardBatches) {
+    let slot = Mutex::new(Some(part));
+    table.visit_one(i, move |_| {
+        if let Ok(mut part) = slot.lock() {
+            if part.take().is_some() {
+                crate::memory::release_freed();
             }
         }
     });

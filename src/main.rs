@@ -251,7 +251,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .thread_name("spanagg-io")
         // Without this, pages freed by a burst of requests stay with the worker that served
         // it until it next collects, often long after (src/memory.rs).
-        .on_thread_park(spanagg::memory::release_when_idle)
+        .on_thread_park(|| {
+            spanagg::memory::release_when_idle();
+        })
         .build()
         .context("cannot start the async runtime")?;
     let shutdown = {

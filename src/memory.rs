@@ -4,14 +4,17 @@
 //! The service runs on mimalloc (`main.rs`). mimalloc keeps a freed page in its owning
 //! thread's heap until that thread next *collects*, and purges it to the OS only a delay after
 //! that. A thread that goes on serving small requests rarely gets there, so what a checkpoint
-//! freed (~20 MB at 200 pods) stayed resident, and the I/O threads held pages freed by bursts
-//! of requests long after the burst (BENCHMARKS.md, "RSS at 200 pods, after a checkpoint").
+//! freed stayed resident (~20 MB at 200 pods), and the I/O threads held the pages of a burst
+//! of requests long after it (BENCHMARKS.md, "Freed pages handed back, one shard at a time").
 //!
-//! A collection walks the calling thread's pages and purges free arena pages with `madvise`;
-//! the pages a thread needs again fault back in. Done once per checkpoint, and at most once a
-//! second per thread when it goes idle, that costs well under 1 ms of CPU a second.
+//! A forced collection walks the calling thread's pages and purges every free arena page of
+//! the process with `madvise` (best effort: if another thread is purging, it skips); pages a
+//! thread needs again fault back in. That is done once per checkpoint, and at most once a
+//! second per thread when it is about to wait for work: under a steady load, about once a
+//! second per worker.
 //!
-//! This is the crate's one `unsafe` block: a foreign call without pointers or preconditions.
+//! The crate's only `unsafe` code is here: foreign calls without preconditions, and the test's
+//! allocations through mimalloc itself.
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
@@ -35,12 +38,13 @@ pub fn release_freed() {
 }
 
 /// [`release_freed`], unless this thread did so less than a second ago: for a thread about to
-/// wait for work, which may happen thousands of times a second under load.
-pub fn release_when_idle() {
+/// wait for work, which may happen thousands of times a second under load. Whether it ran.
+pub fn release_when_idle() -> bool {
     let due = LAST_RELEASE.with(|l| l.get().is_none_or(|t| t.elapsed() >= IDLE_RELEASE_EVERY));
     if due {
         release_freed();
     }
+    due
 }
 
 #[cfg(test)]

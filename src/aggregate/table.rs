@@ -258,8 +258,9 @@ fn run(
                 busy = true;
             }
             default(Duration::from_millis(200)) => {
-                if std::mem::take(&mut busy) {
-                    crate::memory::release_when_idle();
+                // Kept for the next idle spell if the last release was too recent.
+                if busy && crate::memory::release_when_idle() {
+                    busy = false;
                 }
             }
         }

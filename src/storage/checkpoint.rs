@@ -324,7 +324,11 @@ impl FileWriter {
                 let size = file.metadata()?.len();
                 drop(file);
                 std::fs::rename(&self.tmp, &self.path)?;
-                sync_dir(&self.dir)?;
+                // Failing here, the file would be the newest at the next start although this
+                // checkpoint is reported failed: it goes too.
+                sync_dir(&self.dir).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&self.path);
+                })?;
                 Ok(size)
             });
         match written {

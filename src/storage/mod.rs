@@ -276,6 +276,10 @@ impl Storage {
         table: &Table,
         clean: bool,
     ) -> Result<(PathBuf, u64), CheckpointError> {
+        // Shards are read one after another (`offthread`). With no series expiring meanwhile,
+        // they agree on the quotas they share and on which streams expired, as if read at one
+        // instant; replay from the WAL position then rebuilds the state exactly.
+        let _sweeps = SweepsPaused::new(table);
         // Every request logged before this position was applied before it was logged, so the
         // shard reads below include it.
         let wal_position = match &self.wal {
@@ -286,6 +290,9 @@ impl Storage {
             ),
             None => None,
         };
+        // The time replay judges early records by: before any shard is read, so no record
+        // accepted after a shard's read is judged later than it was.
+        let created_ns = crate::unix_ns();
         let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
         let writer = offthread::Writer::start(self.checkpoint_dir.clone(), seq);
         let (mut series, mut streams, mut series_budget) = (0u64, 0u64, 0u64);
@@ -307,7 +314,7 @@ impl Storage {
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
             schema_hash: checkpoint::schema_hash(),
-            created_ns: crate::unix_ns(),
+            created_ns,
             wal_position,
             state_start_ns: self.state_start_ns,
             clean_shutdown: clean,
@@ -316,6 +323,7 @@ impl Storage {
             streams,
             series_budget,
         };
+        drop(_sweeps);
         let written = writer.finish(meta).await?;
         if let Err(e) = self.prune() {
             tracing::warn!(error = %e, "could not prune old checkpoints or WAL segments");
@@ -460,5 +468,23 @@ fn set_aside(path: &Path, e: &CheckpointError, metrics: &StorageMetrics) {
         Err(re) => {
             tracing::error!(path = %path.display(), error = %e, rename_error = %re, "unreadable checkpoint could not be set aside")
         }
+    }
+}
+
+/// Pauses series expiry in every shard while it lives (a checkpoint's reads, which hold the
+/// storage's `busy` lock, so two never overlap; replay, the other pauser, ends before the
+/// first checkpoint starts).
+struct SweepsPaused<'a>(&'a Table);
+
+impl<'a> SweepsPaused<'a> {
+    fn new(table: &'a Table) -> Self {
+        table.pause_sweeps(true);
+        Self(table)
+    }
+}
+
+impl Drop for SweepsPaused<'_> {
+    fn drop(&mut self) {
+        self.0.pause_sweeps(false);
     }
 }

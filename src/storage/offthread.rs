@@ -6,7 +6,8 @@
 //! writer encodes them, and they go back to that shard to drop before the next shard is read.
 //! So a checkpoint holds one shard's rows at a time, not the whole state. Reading the shards
 //! at different instants is as exact as reading them together: every read comes after the WAL
-//! position the checkpoint records, and replay is idempotent.
+//! position the checkpoint records, replay is idempotent, and no series expires between the
+//! reads (the caller pauses sweeps), so the shards agree on the quotas they share.
 //!
 //! mimalloc returns a page only from the thread that owns it, and only when that thread next
 //! calls into the allocator; hence batches dropped on the shard that built them. The Parquet

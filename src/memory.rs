@@ -5,7 +5,8 @@
 //! thread's heap until that thread next *collects*, and purges it to the OS only a delay after
 //! that. A thread that goes on serving small requests rarely gets there, so what a checkpoint
 //! freed stayed resident (~20 MB at 200 pods), and the I/O threads held the pages of a burst
-//! of requests long after it (BENCHMARKS.md, "Freed pages handed back, one shard at a time").
+//! of requests long after it (BENCHMARKS.md, "Freed pages handed back, and a checkpoint one
+//! shard at a time").
 //!
 //! A forced collection walks the calling thread's pages and purges every free arena page of
 //! the process with `madvise` (best effort: if another thread is purging, it skips); pages a

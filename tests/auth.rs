@@ -17,8 +17,8 @@ const SCRAPE: &str = "scrape-5d1b7e3c9a40";
 
 /// A spanagg with a token file per door.
 fn guarded() -> Spanagg {
-    let dir = std::env::temp_dir().join(format!("spanagg-auth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // The token files live in the process's own directory, removed with it.
+    let dir = common::temp_dir();
     let mut yaml = String::from("auth:\n");
     for (key, token) in [("ingest", INGEST), ("read", READ), ("scrape", SCRAPE)] {
         let path = dir.join(key);
@@ -26,7 +26,7 @@ fn guarded() -> Spanagg {
         std::fs::write(&path, format!("{token}\n")).unwrap();
         yaml.push_str(&format!("  {key}_token_file: {}\n", path.display()));
     }
-    Spanagg::start(&yaml)
+    Spanagg::start_in(dir, &yaml)
 }
 
 fn bearer(token: &str) -> String {

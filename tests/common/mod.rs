@@ -34,7 +34,8 @@ pub struct Spanagg {
     pump: Option<std::thread::JoinHandle<()>>,
 }
 
-fn temp_dir() -> PathBuf {
+/// A fresh directory; whoever takes it removes it (a `Spanagg` started in it does on drop).
+pub fn temp_dir() -> PathBuf {
     let n = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

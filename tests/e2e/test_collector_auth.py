@@ -4,10 +4,8 @@ to a spanagg serving TLS with every door closed; a sidecar with the wrong token 
 UNAUTHENTICATED, which its exporter counts as failed and does not retry; a real Prometheus
 scrapes over https with `authorization.credentials_file`."""
 
-import pathlib
 import random
 import subprocess
-import tempfile
 import time
 
 from conftest import Prometheus, Spanagg, free_port
@@ -39,8 +37,9 @@ def issue(dir, ca, name, san):
     return crt, key
 
 
-def test_the_collector_and_prometheus_use_their_tokens_and_a_wrong_one_is_refused_for_good():
-    secrets = pathlib.Path(tempfile.mkdtemp(prefix="spanagg-secrets-"))
+def test_the_collector_and_prometheus_use_their_tokens_and_a_wrong_one_is_refused_for_good(tmp_path):
+    # pytest's own temporary directory: its old ones are removed, keys and tokens with them.
+    secrets = tmp_path
     tokens = {"ingest": "ingest-2b7d0c9e4f", "read": "read-91af3e6c0d", "scrape": "scrape-5c0e8d2a7b"}
     for door, token in tokens.items():
         (secrets / door).write_text(token + "\n")
@@ -96,12 +95,12 @@ def test_the_collector_and_prometheus_use_their_tokens_and_a_wrong_one_is_refuse
         spanagg.stop()
 
 
-def test_the_tier_takes_only_tokened_sidecars_and_reaches_the_replicas_over_tls():
+def test_the_tier_takes_only_tokened_sidecars_and_reaches_the_replicas_over_tls(tmp_path):
     """The shipped overlays together: sidecar-auth.yaml to a tier running loadbalancing-auth.yaml,
     which checks the sidecars' token over TLS and sends on over TLS (by the headless Service's
     name, as pod IPs are dialled) with the token; a sidecar without the token is refused by the
     tier itself."""
-    d = pathlib.Path(tempfile.mkdtemp(prefix="spanagg-pki-"))
+    d = tmp_path
     ca = d / "ca"
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
             "-keyout", str(ca.with_suffix(".key")), "-out", str(ca.with_suffix(".crt")))

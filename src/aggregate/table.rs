@@ -72,7 +72,8 @@ struct Handle {
 /// The set of shards.
 pub struct Table {
     shards: Vec<Handle>,
-    /// Set while the WAL is replayed: nothing expires until the state at the crash is whole.
+    /// Set while the WAL is replayed (nothing expires until the state at the crash is whole)
+    /// and while a checkpoint reads its shards (they agree on what expired).
     sweeps_paused: Arc<std::sync::atomic::AtomicBool>,
 }
 

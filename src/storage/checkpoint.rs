@@ -324,11 +324,10 @@ impl FileWriter {
                 let size = file.metadata()?.len();
                 drop(file);
                 std::fs::rename(&self.tmp, &self.path)?;
-                // Failing here, the file would be the newest at the next start although this
-                // checkpoint is reported failed: it goes too.
-                sync_dir(&self.dir).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&self.path);
-                })?;
+                // Failing here leaves a whole, synced file that may not survive a power loss:
+                // reported as failed, but kept (with `durability: none` a clean shutdown's
+                // checkpoint is the only state there is).
+                sync_dir(&self.dir)?;
                 Ok(size)
             });
         match written {

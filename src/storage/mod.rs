@@ -280,6 +280,10 @@ impl Storage {
         // they agree on the quotas they share and on which streams expired, as if read at one
         // instant; replay from the WAL position then rebuilds the state exactly.
         let _sweeps = SweepsPaused::new(table);
+        // A sweep already under way when the flag was set ends before this visit is answered.
+        crate::export::gather_indexed(table, |_, _| ())
+            .await
+            .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
         // Every request logged before this position was applied before it was logged, so the
         // shard reads below include it.
         let wal_position = match &self.wal {

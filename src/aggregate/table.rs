@@ -238,7 +238,7 @@ fn run(
         .clamp(Duration::from_millis(250), Duration::from_secs(5));
     let epoch = Instant::now();
     let mut last_sweep = Instant::now();
-    // Whether a batch was applied since this thread last handed its freed pages back.
+    // Whether this thread worked (a batch, a visit) since it last handed freed pages back.
     let mut busy = false;
     loop {
         state.clock = epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
@@ -247,6 +247,9 @@ fn run(
             recv(ctl) -> msg => {
                 let Ok(visit) = msg else { break };
                 visit(&state);
+                // A scrape's pieces are rendered here and freed by the I/O thread that sends
+                // them: this thread must collect to hand those pages back, even with no ingest.
+                busy = true;
             }
             recv(data) -> msg => {
                 let Ok(batch) = msg else { break };

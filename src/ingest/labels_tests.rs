@@ -161,28 +161,17 @@ fn limits_refuse_the_point() {
         keyer.point(&res, &[], attrs(&joined), false, (0, 0)),
         Err(Reason::AttributeTooLong)
     );
-    let kept = p.kept_resource(attrs(&many_resource));
-    let res = keyer.resource(&kept, false);
+    // A point without attributes of a resource encoded as `resource`.
+    let point_of = |resource: &[u8]| {
+        let mut keyer = Keyer::new(&p, LIMITS);
+        let kept = p.kept_resource(attrs(resource));
+        let res = keyer.resource(&kept, false);
+        let labels = ResourceLabels::new(&kept);
+        keyer.point(&res, labels.of(false), none, false, (0, 0))
+    };
+    assert_eq!(point_of(&many_resource), Err(Reason::TooManyAttributes));
     assert_eq!(
-        keyer.point(
-            &res,
-            ResourceLabels::new(&kept).of(false),
-            none,
-            false,
-            (0, 0)
-        ),
-        Err(Reason::TooManyAttributes)
-    );
-    let kept = p.kept_resource(attrs(&resource));
-    let res = keyer.resource(&kept, false);
-    assert_eq!(
-        keyer.point(
-            &res,
-            ResourceLabels::new(&kept).of(false),
-            none,
-            false,
-            (0, 0)
-        ),
+        point_of(&resource),
         Err(Reason::AttributeTooLong),
         "a kept resource attribute over the limit refuses its points"
     );

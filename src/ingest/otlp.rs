@@ -194,7 +194,8 @@ pub fn prepare(
     }
 }
 
-/// Data points in a request, whatever their kind.
+/// Data points in a request, whatever their kind: what the fuzz checks hold the walk's count
+/// (`wire::cost`) to.
 pub fn count_points(req: RequestView<'_>) -> u64 {
     let mut n = 0;
     for rm in req.resource_metrics() {

@@ -279,7 +279,7 @@ impl Storage {
         // Shards are read one after another (`offthread`). With no series expiring meanwhile,
         // they agree on the quotas they share and on which streams expired, as if read at one
         // instant; replay from the WAL position then rebuilds the state exactly.
-        let _sweeps = SweepsPaused::new(table);
+        let sweeps = SweepsPaused::new(table);
         // A sweep already under way when the flag was set ends before this visit is answered.
         crate::export::gather_indexed(table, |_, _| ())
             .await
@@ -327,7 +327,7 @@ impl Storage {
             streams,
             series_budget,
         };
-        drop(_sweeps);
+        drop(sweeps);
         let written = writer.finish(meta).await?;
         if let Err(e) = self.prune() {
             tracing::warn!(error = %e, "could not prune old checkpoints or WAL segments");

@@ -60,7 +60,7 @@ pub struct SetHash(u128);
 impl SetHash {
     /// The hash of one (key, value) pair, to add to one or more sets.
     pub fn pair(key: &str, value: &str) -> u128 {
-        Self::pair_with(Self::key_hash(key), value)
+        Self::pair_with(Self::key_hash(key), value.as_bytes())
     }
 
     /// A key's part of its pairs' hashes: computed once, used for many values.
@@ -68,9 +68,9 @@ impl SetHash {
         xxh3_64(key.as_bytes())
     }
 
-    /// `pair(key, value)` for a key whose `key_hash` is known.
-    pub fn pair_with(key_hash: u64, value: &str) -> u128 {
-        xxh3_128_with_seed(value.as_bytes(), key_hash)
+    /// `pair(key, value)` for a key whose `key_hash` is known (`value`: the value's UTF-8).
+    pub fn pair_with(key_hash: u64, value: &[u8]) -> u128 {
+        xxh3_128_with_seed(value, key_hash)
     }
 
     pub fn add(&mut self, key: &str, value: &str) {

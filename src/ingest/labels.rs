@@ -63,8 +63,9 @@ pub struct AttributeLimits {
 }
 
 impl AttributeLimits {
-    fn check(&self, key: &str, value: &str) -> Result<(), Reason> {
-        if key.len() > self.max_name_len || value.len() > self.max_value_len {
+    /// Judges an attribute by the lengths of its name and its value as label text.
+    fn check(&self, key_len: usize, value_len: usize) -> Result<(), Reason> {
+        if key_len > self.max_name_len || value_len > self.max_value_len {
             return Err(Reason::AttributeTooLong);
         }
         Ok(())
@@ -100,6 +101,15 @@ pub fn value_str<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a str {
         AnyValueView::Empty => {}
     }
     buf
+}
+
+/// [`value_str`] as bytes, with a string value's bytes borrowed unchecked: a regular body's
+/// strings are UTF-8 (the wire walk checked them), and the keys hash bytes.
+fn value_bytes<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a [u8] {
+    if let Some(s) = v.and_then(AnyValueView::string_bytes) {
+        return s;
+    }
+    value_str(v, buf).as_bytes()
 }
 
 /// A resource's kept attributes as output labels, rendered, named and joined once per request
@@ -254,14 +264,14 @@ pub struct Keyer<'r> {
     projection: &'r Projection,
     limits: AttributeLimits,
     /// (raw key, histogram) → its output name.
-    index: HashMap<(&'r str, bool), Name, RandomState>,
+    index: HashMap<(&'r [u8], bool), Name, RandomState>,
     /// Output name → id: raw keys that sanitise alike share one id.
     name_ids: HashMap<String, u32, RandomState>,
     /// Hash of each output name, by id.
     names: Vec<u64>,
     /// The name last found at each attribute position: points of one metric repeat their keys
     /// in the same order, so most lookups are one string comparison, not a hash.
-    by_position: Vec<Option<(&'r str, bool, Name)>>,
+    by_position: Vec<Option<(&'r [u8], bool, Name)>>,
     pub relabeled: Relabeled,
     name_buf: String,
     value_buf: String,
@@ -284,10 +294,12 @@ impl<'r> Keyer<'r> {
         }
     }
 
-    fn name(&mut self, key: &'r str, histogram: bool) -> Name {
-        if let Some(&v) = self.index.get(&(key, histogram)) {
+    fn name(&mut self, raw: &'r [u8], histogram: bool) -> Name {
+        if let Some(&v) = self.index.get(&(raw, histogram)) {
             return v;
         }
+        // As a view reads it: a key that is not UTF-8 (only outside a regular body) is empty.
+        let key = std::str::from_utf8(raw).unwrap_or("");
         let renamed = output_label_name(key, histogram, &mut self.name_buf);
         let id = match self.name_ids.get(&self.name_buf) {
             Some(&id) => id,
@@ -304,12 +316,12 @@ impl<'r> Keyer<'r> {
             renamed,
             kept: self.projection.keeps(key),
         };
-        self.index.insert((key, histogram), v);
+        self.index.insert((raw, histogram), v);
         v
     }
 
     /// `name`, remembered by attribute position.
-    fn name_at(&mut self, i: usize, key: &'r str, histogram: bool) -> Name {
+    fn name_at(&mut self, i: usize, key: &'r [u8], histogram: bool) -> Name {
         if let Some(Some((k, h, n))) = self.by_position.get(i) {
             if *h == histogram && *k == key {
                 return *n;
@@ -333,9 +345,9 @@ impl<'r> Keyer<'r> {
             return part;
         }
         for kv in kept {
-            let Name { id, renamed, .. } = self.name(kv.key, histogram);
-            let v = value_str(kv.value, &mut self.value_buf);
-            if let Err(r) = self.limits.check(kv.key, v) {
+            let Name { id, renamed, .. } = self.name(kv.key.as_bytes(), histogram);
+            let v = value_bytes(kv.value, &mut self.value_buf);
+            if let Err(r) = self.limits.check(kv.key.len(), v.len()) {
                 part.error = Some(r);
             }
             if v.is_empty() {
@@ -371,15 +383,15 @@ impl<'r> Keyer<'r> {
         let mut renamed = res.renamed;
         let mut mask = 0u64;
         let mut source = SetHash::default();
-        for (i, kv) in attrs.iter().enumerate() {
+        for (i, kv) in attrs.raw().enumerate() {
             let Name {
                 id,
                 raw_hash,
                 renamed: name_renamed,
                 kept,
             } = self.name_at(i, kv.key, histogram);
-            let v = value_str(kv.value, &mut self.value_buf);
-            self.limits.check(kv.key, v)?;
+            let v = value_bytes(kv.value, &mut self.value_buf);
+            self.limits.check(kv.key.len(), v.len())?;
             source.add_pair(SetHash::pair_with(raw_hash, v));
             if v.is_empty() || !kept {
                 continue;

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::workload::kv;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
@@ -202,10 +203,24 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
         "ü",
     ];
     let values = ["", "x", "y", "GET", "ä;b", "\"q\"\n"];
+    // Some values of other kinds: the keys hash their label text, as a scrape shows it.
+    let typed = [
+        Value::IntValue(-42),
+        Value::BoolValue(true),
+        Value::DoubleValue(0.5),
+        Value::BytesValue(vec![0, 255]),
+        Value::StringValue("x".into()),
+    ];
     let pick = |rng: &mut fastrand::Rng| {
         let k = names[rng.usize(..names.len())];
-        let v = values[rng.usize(..values.len())];
-        kv(k, v)
+        if rng.u8(..8) == 0 {
+            let mut kv = kv(k, "");
+            kv.value = Some(AnyValue {
+                value: Some(typed[rng.usize(..typed.len())].clone()),
+            });
+            return kv;
+        }
+        kv(k, values[rng.usize(..values.len())])
     };
     let cases: Vec<(Vec<KeyValue>, Vec<KeyValue>, bool)> = (0..5_000)
         .map(|_| {

@@ -323,7 +323,41 @@ impl<'a> Attrs<'a> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = KeyValueView<'a>> + Clone {
-        repeated(self.msg, self.field).map(KeyValueView::read)
+        self.raw().map(|kv| KeyValueView {
+            key: text(kv.key),
+            value: kv.value,
+        })
+    }
+
+    /// The attributes with their keys as bytes: the keying path reads these, so a key is
+    /// checked as UTF-8 once per request (when its name is first made), not once per point.
+    pub fn raw(&self) -> impl Iterator<Item = RawKeyValue<'a>> + Clone {
+        repeated(self.msg, self.field).map(RawKeyValue::read)
+    }
+}
+
+/// An attribute as the wire has it: the key's bytes (UTF-8 in a regular body) and its
+/// `AnyValue` message, if present.
+#[derive(Debug, Clone, Copy)]
+pub struct RawKeyValue<'a> {
+    pub key: &'a [u8],
+    pub value: Option<&'a [u8]>,
+}
+
+impl<'a> RawKeyValue<'a> {
+    fn read(msg: &'a [u8]) -> Self {
+        let mut kv = RawKeyValue {
+            key: &[],
+            value: None,
+        };
+        for (f, v) in Fields(msg) {
+            match (f, v) {
+                (1, Value::Len(b)) => kv.key = b,
+                (2, Value::Len(b)) => kv.value = Some(b),
+                _ => {}
+            }
+        }
+        kv
     }
 }
 
@@ -332,23 +366,6 @@ pub struct KeyValueView<'a> {
     pub key: &'a str,
     /// The `AnyValue` message, if present.
     pub value: Option<&'a [u8]>,
-}
-
-impl<'a> KeyValueView<'a> {
-    fn read(msg: &'a [u8]) -> Self {
-        let mut kv = KeyValueView {
-            key: "",
-            value: None,
-        };
-        for (f, v) in Fields(msg) {
-            match (f, v) {
-                (1, Value::Len(b)) => kv.key = text(b),
-                (2, Value::Len(b)) => kv.value = Some(b),
-                _ => {}
-            }
-        }
-        kv
-    }
 }
 
 /// An attribute value as spanagg renders it.
@@ -375,6 +392,24 @@ impl<'a> AnyValueView<'a> {
                 (4, Value::I64(d)) => AnyValueView::Double(f64::from_bits(d)),
                 (7, Value::Len(b)) => AnyValueView::Bytes(b),
                 (5 | 6 | 8, _) => AnyValueView::Other(msg),
+                _ => continue,
+            };
+        }
+        out
+    }
+
+    /// The bytes of a string value, as [`read`](Self::read) would give it but without checking
+    /// UTF-8 again (a regular body's strings were checked by the walk); `None` for any other
+    /// kind of value.
+    pub fn string_bytes(msg: &'a [u8]) -> Option<&'a [u8]> {
+        let mut out = None;
+        for (f, v) in Fields(msg) {
+            out = match (f, v) {
+                (1, Value::Len(b)) => Some(b),
+                (2 | 3, Value::Varint(_))
+                | (4, Value::I64(_))
+                | (7, Value::Len(_))
+                | (5 | 6 | 8, _) => None,
                 _ => continue,
             };
         }

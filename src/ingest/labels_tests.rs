@@ -222,15 +222,20 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
         }
         kv(k, values[rng.usize(..values.len())])
     };
-    let cases: Vec<(Vec<KeyValue>, Vec<KeyValue>, bool)> = (0..5_000)
-        .map(|_| {
-            let resource = (0..rng.usize(0..4)).map(|_| pick(&mut rng)).collect();
-            let attrs = (0..rng.usize(0..6)).map(|_| pick(&mut rng)).collect();
-            (resource, attrs, rng.bool())
-        })
-        .collect();
+    let mut cases: Vec<(Vec<KeyValue>, Vec<KeyValue>, bool)> = Vec::new();
+    for _ in 0..5_000 {
+        let resource = (0..rng.usize(0..4)).map(|_| pick(&mut rng)).collect();
+        // A third of the points repeat an earlier point's attributes, of either kind, as a
+        // calls counter and a duration histogram do: the keyer remembers those.
+        let attrs = match rng.u8(..3) {
+            0 if !cases.is_empty() => cases[rng.usize(..cases.len())].1.clone(),
+            _ => (0..rng.usize(0..6)).map(|_| pick(&mut rng)).collect(),
+        };
+        cases.push((resource, attrs, rng.bool()));
+    }
     // One keyer for every point, as `prepare` uses one per request: its caches (names by raw
-    // key and by position, shared between kinds) are part of what is checked.
+    // key and by position, shared between kinds, and attribute sets by their bytes) are part
+    // of what is checked, against a keyer that has seen nothing before.
     let encoded: Vec<(Vec<u8>, Vec<u8>)> = cases
         .iter()
         .map(|(resource, point, _)| (enc(resource), enc(point)))
@@ -242,12 +247,44 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
         let kept = p.kept_resource(attrs(r));
         let res = keyer.resource(&kept, histogram);
         let rendered = ResourceLabels::new(&kept);
-        let (fast, _) = keyer
+        let before = keyer.relabeled;
+        let keys = keyer
             .point(&res, rendered.of(histogram), attrs(a), histogram, (7, 9))
             .unwrap();
+        let mut cold = Keyer::new(&p, LIMITS);
+        let cold_res = cold.resource(&kept, histogram);
+        let cold_keys = cold
+            .point(
+                &cold_res,
+                rendered.of(histogram),
+                attrs(a),
+                histogram,
+                (7, 9),
+            )
+            .unwrap();
+        assert_eq!(keys, cold_keys, "seed {seed}: {resource:?} {attrs_of:?}");
+        let counted = Relabeled {
+            reserved: keyer.relabeled.reserved - before.reserved,
+            colliding: keyer.relabeled.colliding - before.colliding,
+        };
+        assert_eq!(counted, cold.relabeled, "seed {seed}: {attrs_of:?}");
+        // Renamed: a label of the point (a kept point attribute or resource one, not empty)
+        // has a reserved name for its kind.
+        let (mut value, mut name) = (String::new(), String::new());
+        let mut renames = |kv: &KeyValueView<'_>| {
+            !value_str(kv.value, &mut value).is_empty()
+                && output_label_name(kv.key, histogram, &mut name)
+        };
+        let reserved = attrs(a).iter().any(|kv| p.keeps(kv.key) && renames(&kv))
+            || kept.iter().any(&mut renames);
+        assert_eq!(
+            counted.reserved,
+            u64::from(reserved),
+            "seed {seed}: {attrs_of:?}"
+        );
         let labels = canonical(histogram, rendered.of(histogram), attrs(a), &p);
         assert_eq!(
-            fast,
+            keys.0,
             key_of(&labels, 7),
             "seed {seed}: {resource:?} {attrs_of:?} -> {labels:?}"
         );

@@ -82,6 +82,7 @@ struct Fields<'a>(&'a [u8]);
 impl<'a> Iterator for Fields<'a> {
     type Item = (u64, Value<'a>);
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.0.is_empty() {
             return None;

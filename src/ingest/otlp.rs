@@ -99,6 +99,7 @@ pub fn prepare(
         no_value: 0,
         received: 0,
         bounds: Vec::new(),
+        checked_bounds: None,
     };
     let mut resources: Vec<ResourceLabels> = Vec::new();
     let mut keyer = Keyer::new(projection, limits.attributes);
@@ -223,6 +224,9 @@ struct Prep<'r> {
     received: u64,
     /// A histogram point's bounds, decoded here for checking and comparing.
     bounds: Vec<f64>,
+    /// The wire bytes `bounds` were decoded from, once they passed the layout check: the
+    /// points of a metric repeat their bounds, which are then neither decoded nor checked again.
+    checked_bounds: Option<&'r [u8]>,
 }
 
 impl<'r> Prep<'r> {
@@ -400,21 +404,36 @@ fn number_point<'r>(
     }))
 }
 
-/// Checks a histogram point's shape and numbers (`bounds`: its bounds, decoded); returns its
-/// sum.
-fn check_histogram(
-    p: &HistogramPoint<'_>,
-    bounds: &[f64],
+/// Checks a histogram point's bounds (decoded into `out.bounds`) unless they are the bytes the
+/// last checked bounds came from.
+fn check_bounds<'r>(
+    p: &HistogramPoint<'r>,
+    out: &mut Prep<'r>,
     max_buckets: usize,
-) -> Result<f64, Reason> {
-    let buckets = p.bucket_counts.len();
-    if buckets > max_buckets || bounds.len() >= max_buckets {
+) -> Result<(), Reason> {
+    // Bounded before decoding: a point cannot make this buffer larger than its limit.
+    if p.bucket_counts.len() > max_buckets || p.explicit_bounds.len() >= max_buckets {
         return Err(Reason::TooManyBuckets);
     }
-    BucketLayout::check(bounds).map_err(|e| match e {
+    let raw = p.explicit_bounds.bytes();
+    if out.checked_bounds == Some(raw) {
+        return Ok(());
+    }
+    out.checked_bounds = None;
+    out.bounds.clear();
+    out.bounds.extend(p.explicit_bounds.f64s());
+    BucketLayout::check(&out.bounds).map_err(|e| match e {
         LayoutError::NotFinite => Reason::NonFinite,
         _ => Reason::InvalidBounds,
     })?;
+    out.checked_bounds = Some(raw);
+    Ok(())
+}
+
+/// Checks a histogram point's buckets and numbers against its bounds (checked); returns its
+/// sum.
+fn check_histogram(p: &HistogramPoint<'_>, bounds: &[f64]) -> Result<f64, Reason> {
+    let buckets = p.bucket_counts.len();
     if buckets != bounds.len() + 1 {
         return Err(Reason::BucketCountMismatch);
     }
@@ -441,19 +460,14 @@ fn histogram_point<'r>(
     msg: &[u8],
     ctx: &MetricCtx<'_>,
     keyer: &mut Keyer<'r>,
-    out: &mut Prep<'_>,
+    out: &mut Prep<'r>,
     shard_of: &impl Fn(u128) -> usize,
 ) -> Result<(), Reason> {
     if p.flags & 1 == 1 {
         return Ok(());
     }
-    // Bounded before decoding: a point cannot make this buffer larger than its limit.
-    if p.explicit_bounds.len() >= ctx.max_buckets {
-        return Err(Reason::TooManyBuckets);
-    }
-    out.bounds.clear();
-    out.bounds.extend(p.explicit_bounds.f64s());
-    let sum = check_histogram(p, &out.bounds, ctx.max_buckets)?;
+    check_bounds(p, out, ctx.max_buckets)?;
+    let sum = check_histogram(p, &out.bounds)?;
     let (series, source) = keys(ctx, keyer, p.attributes, p.start, p.time)?;
     let layout = out.layout();
     let target = out

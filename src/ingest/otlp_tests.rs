@@ -327,11 +327,33 @@ fn histogram_points_are_checked_bucket_by_bucket() {
             Reason::NonFinite,
         ),
     ];
-    for (point, reason) in cases {
+    for (point, reason) in &cases {
         let p = run(&request(vec![], vec![hist(point.clone())]));
-        assert_eq!(p.rejections.counts[reason as usize], 1, "{point:?}");
+        assert_eq!(p.rejections.counts[*reason as usize], 1, "{point:?}");
         assert!(p.per_shard[0].points.is_empty());
     }
+    // Each after a good point of the same number of bounds, in one request: the bounds a good
+    // point left checked are no pass for other bounds, and a bad point's are none for the next.
+    let mut points = vec![good_hist()];
+    for (point, _) in &cases {
+        points.extend([point.clone(), good_hist()]);
+    }
+    let mut metric = hist(good_hist());
+    if let Some(Data::Histogram(h)) = &mut metric.data {
+        h.data_points = points;
+    }
+    let p = run(&request(vec![], vec![metric]));
+    for (point, reason) in &cases {
+        let want = cases.iter().filter(|(_, r)| r == reason).count() as u64;
+        assert_eq!(p.rejections.get(*reason), want, "{point:?}");
+    }
+    assert_eq!(p.rejections.total(), cases.len() as u64);
+    assert_eq!(p.per_shard[0].points.len(), cases.len() + 1);
+    assert!(
+        p.layouts.iter().all(|l| **l == [1.0, 5.0]),
+        "{:?}",
+        p.layouts
+    );
     let ok = run(&request(vec![], vec![hist(good_hist())]));
     assert_eq!(ok.rejections.total(), 0);
     assert_eq!(ok.per_shard[0].counts, vec![1, 2, 0]);

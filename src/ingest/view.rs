@@ -522,6 +522,11 @@ impl<'a> Packed64<'a> {
         self.0.len() / 8
     }
 
+    /// The values' bytes as the wire has them.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.0
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

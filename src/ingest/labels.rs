@@ -104,7 +104,9 @@ pub fn value_str<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a str {
 }
 
 /// [`value_str`] as bytes, with a string value's bytes borrowed unchecked: a regular body's
-/// strings are UTF-8 (the wire walk checked them), and the keys hash bytes.
+/// strings are UTF-8 (the wire walk checked them), and the keys hash bytes. Every body the
+/// keyer reads is regular (`OtlpBody`); were one not, a string that is not UTF-8 would be hashed
+/// as its bytes where the labels read it as empty: a wrong key, never a panic.
 fn value_bytes<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a [u8] {
     if let Some(s) = v.and_then(AnyValueView::string_bytes) {
         return s;

@@ -226,7 +226,7 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
     for _ in 0..5_000 {
         let resource = (0..rng.usize(0..4)).map(|_| pick(&mut rng)).collect();
         // A third of the points repeat an earlier point's attributes, of either kind, as a
-        // calls counter and a duration histogram do: the keyer remembers those.
+        // calls counter and a duration histogram do.
         let attrs = match rng.u8(..3) {
             0 if !cases.is_empty() => cases[rng.usize(..cases.len())].1.clone(),
             _ => (0..rng.usize(0..6)).map(|_| pick(&mut rng)).collect(),
@@ -234,8 +234,8 @@ fn the_fast_key_is_the_key_of_the_labels_for_random_points() {
         cases.push((resource, attrs, rng.bool()));
     }
     // One keyer for every point, as `prepare` uses one per request: its caches (names by raw
-    // key and by position, shared between kinds, and attribute sets by their bytes) are part
-    // of what is checked, against a keyer that has seen nothing before.
+    // key and by position, shared between kinds) are part of what is checked, against a keyer
+    // that has seen nothing before.
     let encoded: Vec<(Vec<u8>, Vec<u8>)> = cases
         .iter()
         .map(|(resource, point, _)| (enc(resource), enc(point)))

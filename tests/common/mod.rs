@@ -254,6 +254,19 @@ impl Spanagg {
         sample_value(&self.get("/internal/metrics").1, sample).unwrap_or(0.0)
     }
 
+    /// [`internal`](Self::internal), read again until it shows `want` (for 5 s at most): a
+    /// count the server makes right after writing what the client reacts to can trail it.
+    pub fn internal_reaching(&self, sample: &str, want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.internal(sample);
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Resident memory of the process now (VmRSS), in bytes.
     pub fn rss(&self) -> u64 {
         self.proc_status_kib("VmRSS:") * 1024

@@ -7,7 +7,7 @@
 //! (inflates several times faster than gzip), Snappy, and zlib/deflate. For `snappy` the
 //! Collector sends the block format (the framed one before v0.123, or with the
 //! `confighttp.framedSnappy` gate), so the first bytes decide, as the Collector's own receiver
-//! does.
+//! does. zstd frames in the format before zstd 1.0 are refused: they escape the window limit.
 
 use std::io::Read;
 use std::sync::Mutex;
@@ -96,6 +96,13 @@ pub fn decode_into(
             read_capped(ZlibDecoder::new(&raw[..]), raw.len(), limit, "deflate", out)
         }
         Encoding::Zstd => {
+            if has_legacy_zstd_frame(&raw) {
+                return Err(IngestError::InvalidArgument(
+                    "invalid zstd body: a frame in the format before zstd 1.0 (not accepted: \
+                     it ignores the window limit)"
+                        .into(),
+                ));
+            }
             let mut context = zstd_context();
             context
                 .set_parameter(DParameter::WindowLogMax(zstd_window_log_max(limit)))
@@ -141,6 +148,25 @@ pub fn decode_into(
 static ZSTD_CONTEXTS: Mutex<Vec<DCtx<'static>>> = Mutex::new(Vec::new());
 const ZSTD_POOLED: usize = 2;
 const ZSTD_POOLED_BYTES: usize = 9 << 20;
+
+/// Whether a frame of `raw` is in a format before zstd 1.0 (magic numbers v0.2–v0.7). The
+/// library decodes those (another dependency builds it with legacy support) without the window
+/// limit, into a buffer of up to 128 MiB that the context keeps and does not count in its size:
+/// no OTLP exporter sends them, so they are refused before anything is allocated. Frames are
+/// walked by their headers until one cannot be sized; the decoder refuses that one itself.
+fn has_legacy_zstd_frame(mut raw: &[u8]) -> bool {
+    const LEGACY: std::ops::RangeInclusive<u32> = 0xFD2F_B522..=0xFD2F_B527;
+    while let Some(magic) = raw.first_chunk::<4>() {
+        if LEGACY.contains(&u32::from_le_bytes(*magic)) {
+            return true;
+        }
+        match zstd::zstd_safe::find_frame_compressed_size(raw) {
+            Ok(n) if n > 0 && n <= raw.len() => raw = &raw[n..],
+            _ => return false,
+        }
+    }
+    false
+}
 
 /// A context from the pool with its session reset (an earlier request may have stopped mid
 /// frame: its parameters could not be set, nor its leftovers be read), or a new one.
@@ -319,6 +345,27 @@ mod tests {
             let out = decode(whole.clone(), Encoding::Zstd, 1 << 20).unwrap();
             assert!(out[..] == data[..]);
         }
+    }
+
+    #[test]
+    fn legacy_zstd_frames_are_refused_wherever_they_are() {
+        // A v0.7 frame header asking for a 128 MiB window, with no blocks.
+        let legacy: &[u8] = b"\x27\xb5\x2f\xfd\x00\x88\xc0\x00\x00";
+        let current = zstd(b"hello");
+        let skippable = b"\x50\x2a\x4d\x18\x02\x00\x00\x00ab";
+        for body in [
+            legacy.to_vec(),
+            [&current[..], legacy].concat(),
+            [&skippable[..], &current[..], legacy].concat(),
+        ] {
+            let err = decode(body.into(), Encoding::Zstd, 1 << 20).unwrap_err();
+            assert!(err.to_string().contains("before zstd 1.0"), "{err}");
+        }
+        let fine = [&skippable[..], &current[..], &current[..]].concat();
+        assert_eq!(
+            &decode(fine.into(), Encoding::Zstd, 1 << 20).unwrap()[..],
+            b"hellohello"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@
 use std::io::Read;
 use std::sync::Mutex;
 
-use flate2::read::{MultiGzDecoder, ZlibDecoder};
+// The `bufread` decoders read the body in place; the `read` ones would copy it through a
+// buffer of their own, zeroed for every request.
+use flate2::bufread::{MultiGzDecoder, ZlibDecoder};
 use zstd::zstd_safe::{DCtx, DParameter, ResetDirective};
 
 use super::IngestError;

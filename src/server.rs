@@ -149,7 +149,7 @@ async fn start_state(
         let t = std::time::Instant::now();
         // Replay rebuilds the state at the crash, each record judged by when it was accepted;
         // only then does expiry run, to whole series.
-        table.pause_sweeps(true);
+        let sweeps = table.pause_sweeps();
         let stats = replay(
             storage.wal_dir().to_owned(),
             from,
@@ -158,7 +158,7 @@ async fn start_state(
             &metrics,
         )
         .await;
-        table.pause_sweeps(false);
+        drop(sweeps);
         let stats = stats.map_err(ServeError::Replay)?;
         tracing::info!(
             records = stats.records,

@@ -7,7 +7,7 @@
 //! The request that panicked was never logged (logging follows applying), so a restart replays
 //! the WAL without it and comes back whole.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -69,12 +69,22 @@ struct Handle {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Expiry held back while this lives ([`Table::pause_sweeps`]).
+#[must_use = "expiry runs again as soon as the guard is dropped"]
+pub struct SweepsPaused(Arc<AtomicUsize>);
+
+impl Drop for SweepsPaused {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The set of shards.
 pub struct Table {
     shards: Vec<Handle>,
-    /// Set while the WAL is replayed (nothing expires until the state at the crash is whole)
-    /// and while a checkpoint reads its shards (they agree on what expired).
-    sweeps_paused: Arc<std::sync::atomic::AtomicBool>,
+    /// How many pauses hold expiry back: the WAL's replay (nothing expires until the state at
+    /// the crash is whole) and a checkpoint reading its shards (they agree on what expired).
+    sweeps_paused: Arc<AtomicUsize>,
 }
 
 /// The shard of `n` that owns an output series.
@@ -102,7 +112,7 @@ impl Table {
     /// Starts one shard thread per state (as a restore rebuilt them).
     pub fn start_with(states: Vec<ShardState>, queue_capacity: usize) -> std::io::Result<Self> {
         let mut shards = Vec::with_capacity(states.len());
-        let sweeps_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeps_paused = Arc::new(AtomicUsize::new(0));
         for (i, state) in states.into_iter().enumerate() {
             let (data, data_rx) = bounded(queue_capacity);
             let (ctl, ctl_rx) = unbounded();
@@ -137,9 +147,16 @@ impl Table {
         })
     }
 
-    /// Holds back expiry (while the WAL is replayed) or lets it run again.
-    pub fn pause_sweeps(&self, paused: bool) {
-        self.sweeps_paused.store(paused, Ordering::Release);
+    /// Holds back expiry in every shard until the guard is dropped. Pauses nest: expiry runs
+    /// again only once every pause has ended.
+    pub fn pause_sweeps(&self) -> SweepsPaused {
+        self.sweeps_paused.fetch_add(1, Ordering::AcqRel);
+        SweepsPaused(self.sweeps_paused.clone())
+    }
+
+    /// Whether a pause holds expiry back now.
+    pub fn sweeps_paused(&self) -> bool {
+        self.sweeps_paused.load(Ordering::Acquire) > 0
     }
 
     pub fn len(&self) -> usize {
@@ -230,7 +247,7 @@ fn run(
     data: Receiver<Batch>,
     ctl: Receiver<Visit>,
     stats: Arc<ShardStats>,
-    sweeps_paused: &std::sync::atomic::AtomicBool,
+    sweeps_paused: &AtomicUsize,
 ) {
     // Sweep often enough that a series outlives its TTL by at most a quarter of it.
     let sweep_every = Duration::from_secs(u64::from(state.ttl_secs()))
@@ -268,7 +285,7 @@ fn run(
                 }
             }
         }
-        if last_sweep.elapsed() >= sweep_every && !sweeps_paused.load(Ordering::Acquire) {
+        if last_sweep.elapsed() >= sweep_every && sweeps_paused.load(Ordering::Acquire) == 0 {
             last_sweep = Instant::now();
             let (series, sources) = state.sweep();
             stats
@@ -317,6 +334,19 @@ fn record_apply(stats: &ShardStats, d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweeps_stay_paused_until_every_pause_has_ended() {
+        let table = Table::start(ShardConfig::default(), 1, 4).expect("shards");
+        assert!(!table.sweeps_paused());
+        // Replay and a checkpoint, say, overlapping: the first to end does not let expiry run.
+        let replay = table.pause_sweeps();
+        let checkpoint = table.pause_sweeps();
+        drop(replay);
+        assert!(table.sweeps_paused());
+        drop(checkpoint);
+        assert!(!table.sweeps_paused());
+    }
 
     /// Run by `a_dead_shard_takes_the_process_down` in a child process: panics in a shard.
     #[test]

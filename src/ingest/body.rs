@@ -97,26 +97,7 @@ pub fn decode_into(
         Encoding::Deflate => {
             read_capped(ZlibDecoder::new(&raw[..]), raw.len(), limit, "deflate", out)
         }
-        Encoding::Zstd => {
-            if has_legacy_zstd_frame(&raw) {
-                return Err(IngestError::InvalidArgument(
-                    "invalid zstd body: a frame in the format before zstd 1.0 (not accepted: \
-                     it ignores the window limit)"
-                        .into(),
-                ));
-            }
-            let mut context = zstd_context();
-            context
-                .set_parameter(DParameter::WindowLogMax(zstd_window_log_max(limit)))
-                .map_err(|e| {
-                    let e = zstd::zstd_safe::get_error_name(e);
-                    IngestError::InvalidArgument(format!("invalid zstd body: {e}"))
-                })?;
-            let decoder = zstd::stream::read::Decoder::with_context(&raw[..], &mut context);
-            let inflated = read_capped(decoder, raw.len(), limit, "zstd", out);
-            keep_zstd_context(context);
-            inflated
-        }
+        Encoding::Zstd => inflate_zstd(&raw, limit, out, &ZSTD_CONTEXTS),
         Encoding::Snappy if !snappy_block(&raw) => read_capped(
             snap::read::FrameDecoder::new(&raw[..]),
             raw.len(),
@@ -141,15 +122,100 @@ pub fn decode_into(
     }
 }
 
+/// A zstd body inflated with a context from `contexts`, given back to them after.
+fn inflate_zstd(
+    raw: &[u8],
+    limit: usize,
+    out: Vec<u8>,
+    contexts: &ZstdContexts,
+) -> Result<bytes::Bytes, IngestError> {
+    if has_legacy_zstd_frame(raw) {
+        return Err(IngestError::InvalidArgument(
+            "invalid zstd body: a frame in the format before zstd 1.0 (not accepted: it \
+             ignores the window limit)"
+                .into(),
+        ));
+    }
+    let mut context = contexts.take();
+    context
+        .set_parameter(DParameter::WindowLogMax(zstd_window_log_max(limit)))
+        .map_err(|e| {
+            let e = zstd::zstd_safe::get_error_name(e);
+            IngestError::InvalidArgument(format!("invalid zstd body: {e}"))
+        })?;
+    let decoder = zstd::stream::read::Decoder::with_context(raw, &mut context);
+    let inflated = read_capped(decoder, raw.len(), limit, "zstd", out);
+    contexts.keep(context);
+    inflated
+}
+
 /// zstd decompression contexts kept for the next request: making one allocates and zeroes
 /// about 100 KiB, a fifth of the time it takes to inflate a pod's request (BENCHMARKS.md). At
 /// most `ZSTD_POOLED` are kept, each only while its buffers are at most `ZSTD_POOLED_BYTES` (a
 /// window of 8 MiB, which the Collector's encoder declares, and its blocks): one that read a
 /// frame with a larger window is dropped. So the pool holds 18 MiB at worst, whatever clients
 /// send, and about a request's inflated size per context with the Collector's frames.
-static ZSTD_CONTEXTS: Mutex<Vec<DCtx<'static>>> = Mutex::new(Vec::new());
+static ZSTD_CONTEXTS: ZstdContexts = ZstdContexts::new();
 const ZSTD_POOLED: usize = 2;
 const ZSTD_POOLED_BYTES: usize = 9 << 20;
+
+struct ZstdContexts(Kept<DCtx<'static>, ZSTD_POOLED>);
+
+impl ZstdContexts {
+    const fn new() -> Self {
+        Self(Kept::new())
+    }
+
+    /// A kept context with its session reset (an earlier request may have stopped mid frame:
+    /// its parameters could not be set, nor its leftovers be read), or a new one.
+    fn take(&self) -> DCtx<'static> {
+        self.0
+            .take()
+            .and_then(|mut context| {
+                let reset = context.reset(ResetDirective::SessionOnly);
+                reset.is_ok().then_some(context)
+            })
+            .unwrap_or_else(DCtx::create)
+    }
+
+    fn keep(&self, context: DCtx<'static>) {
+        if context.sizeof() <= ZSTD_POOLED_BYTES {
+            self.0.keep(context);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// At most `N` values kept for the next request (the pools of this module).
+struct Kept<T, const N: usize>(Mutex<Vec<T>>);
+
+impl<T, const N: usize> Kept<T, N> {
+    const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+
+    fn take(&self) -> Option<T> {
+        self.0.lock().ok().and_then(|mut kept| kept.pop())
+    }
+
+    /// Keeps `value` if fewer than `N` are kept, drops it otherwise.
+    fn keep(&self, value: T) {
+        if let Ok(mut kept) = self.0.lock() {
+            if kept.len() < N {
+                kept.push(value);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map_or(0, |kept| kept.len())
+    }
+}
 
 /// Whether a frame of `raw` is in a format before zstd 1.0 (magic numbers v0.2–v0.7). The
 /// library decodes those (another dependency builds it with legacy support) without the window
@@ -168,28 +234,6 @@ fn has_legacy_zstd_frame(mut raw: &[u8]) -> bool {
         }
     }
     false
-}
-
-/// A context from the pool with its session reset (an earlier request may have stopped mid
-/// frame: its parameters could not be set, nor its leftovers be read), or a new one.
-fn zstd_context() -> DCtx<'static> {
-    let kept = ZSTD_CONTEXTS.lock().ok().and_then(|mut c| c.pop());
-    kept.and_then(|mut context| {
-        let reset = context.reset(ResetDirective::SessionOnly);
-        reset.is_ok().then_some(context)
-    })
-    .unwrap_or_else(DCtx::create)
-}
-
-fn keep_zstd_context(context: DCtx<'static>) {
-    if context.sizeof() > ZSTD_POOLED_BYTES {
-        return;
-    }
-    if let Ok(mut contexts) = ZSTD_CONTEXTS.lock() {
-        if contexts.len() < ZSTD_POOLED {
-            contexts.push(context);
-        }
-    }
 }
 
 /// Reads `reader` to its end, refusing it once it has produced more than `limit` bytes.
@@ -216,22 +260,23 @@ fn read_capped(
 /// memory that is already there (no chain of reallocations, no fresh pages), which saves 1-3%
 /// of the ingest path (BENCHMARKS.md). At most `POOLED` buffers of at most `POOLED_BYTES`
 /// capacity each are kept, so the pool holds 32 MiB at worst, whatever the requests were.
-#[derive(Default)]
 pub struct BufPool {
-    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
+    bufs: Kept<Vec<u8>, POOLED>,
 }
 
 const POOLED: usize = 8;
 const POOLED_BYTES: usize = 4 << 20;
 
+impl Default for BufPool {
+    fn default() -> Self {
+        Self { bufs: Kept::new() }
+    }
+}
+
 impl BufPool {
     /// A buffer to inflate into (empty, with whatever capacity it kept).
     pub fn take(&self) -> Vec<u8> {
-        self.bufs
-            .lock()
-            .ok()
-            .and_then(|mut b| b.pop())
-            .unwrap_or_default()
+        self.bufs.take().unwrap_or_default()
     }
 
     /// Gives an inflated body back once nothing else holds it (it stays in use otherwise).
@@ -244,12 +289,7 @@ impl BufPool {
         if buf.capacity() == 0 || buf.capacity() > POOLED_BYTES {
             return;
         }
-        let buf = Vec::from(buf);
-        if let Ok(mut bufs) = self.bufs.lock() {
-            if bufs.len() < POOLED {
-                bufs.push(buf);
-            }
-        }
+        self.bufs.keep(Vec::from(buf));
     }
 }
 
@@ -339,13 +379,16 @@ mod tests {
     fn a_zstd_context_kept_for_the_next_request_carries_nothing_over() {
         let data = b"span metrics ".repeat(10_000);
         let whole = zstd(&data);
-        let cut = whole.slice(..whole.len() / 2);
-        for _ in 0..3 {
-            assert!(decode(cut.clone(), Encoding::Zstd, 1 << 20).is_err());
-            let bomb = zstd(&vec![0u8; 4 << 20]);
-            assert!(decode(bomb, Encoding::Zstd, 1 << 20).is_err());
-            let out = decode(whole.clone(), Encoding::Zstd, 1 << 20).unwrap();
+        let cut = &whole[..whole.len() / 2];
+        let bomb = zstd(&vec![0u8; 4 << 20]);
+        // A pool of its own, so the context a request left is the one the next one takes.
+        let pool = ZstdContexts::new();
+        for left_mid_frame in [cut, &bomb[..]] {
+            assert!(inflate_zstd(left_mid_frame, 1 << 20, Vec::new(), &pool).is_err());
+            assert_eq!(pool.len(), 1, "kept though its frame was not finished");
+            let out = inflate_zstd(&whole, 1 << 20, Vec::new(), &pool).unwrap();
             assert!(out[..] == data[..]);
+            assert_eq!(pool.len(), 1);
         }
     }
 
@@ -371,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn a_zstd_context_that_read_a_large_window_is_not_kept() {
+    fn contexts_are_kept_two_at_most_and_not_after_a_large_window() {
         // A frame declaring a 64 MiB window (no content size to shrink it to).
         let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
         e.set_parameter(zstd::zstd_safe::CParameter::WindowLog(26))
@@ -379,7 +422,9 @@ mod tests {
         e.include_contentsize(false).unwrap();
         e.write_all(&b"x".repeat(1 << 16)).unwrap();
         let frame = e.finish().unwrap();
-        let mut context = zstd_context();
+        // A pool of its own: the service's is shared by the tests running alongside.
+        let pool = ZstdContexts::new();
+        let mut context = pool.take();
         context
             .set_parameter(DParameter::WindowLogMax(zstd_window_log_max(64 << 20)))
             .unwrap();
@@ -389,10 +434,18 @@ mod tests {
             .unwrap();
         assert_eq!(out.len(), 1 << 16);
         assert!(context.sizeof() > ZSTD_POOLED_BYTES, "{}", context.sizeof());
-        keep_zstd_context(context);
-        let pooled = ZSTD_CONTEXTS.lock().unwrap();
-        assert!(pooled.len() <= ZSTD_POOLED);
-        assert!(pooled.iter().all(|c| c.sizeof() <= ZSTD_POOLED_BYTES));
+        pool.keep(context);
+        assert_eq!(pool.len(), 0, "a context holding a large window is dropped");
+        for _ in 0..3 {
+            pool.keep(DCtx::create());
+        }
+        assert_eq!(pool.len(), ZSTD_POOLED);
+        let _taken = pool.take();
+        assert_eq!(
+            pool.len(),
+            ZSTD_POOLED - 1,
+            "taken from the pool, not made anew"
+        );
     }
 
     #[test]
@@ -481,7 +534,7 @@ mod tests {
         for _ in 0..POOLED + 3 {
             pool.give(bytes::Bytes::from(vec![0u8; 10]));
         }
-        assert_eq!(pool.bufs.lock().unwrap().len(), POOLED);
+        assert_eq!(pool.bufs.len(), POOLED);
         // A reused buffer inflates the same bytes.
         let again = decode_into(gzip(b"again"), Encoding::Gzip, 1024, reused).unwrap();
         assert_eq!(&again[..], b"again");

@@ -18,7 +18,7 @@ use ahash::RandomState;
 use opentelemetry_proto::tonic::common::v1::AnyValue;
 
 use super::reason::Reason;
-use super::view::{AnyValueView, Attrs, KeyValueView, OtlpBody};
+use super::view::{text, AnyValueView, Attrs, KeyValueView, OtlpBody};
 use crate::aggregate::key::SetHash;
 use crate::aggregate::naming::output_label_name;
 use crate::aggregate::shard::{LabelRef, LabelResolver};
@@ -75,8 +75,13 @@ impl AttributeLimits {
 /// Writes an attribute value (an `AnyValue` message) as its label text. Strings are borrowed;
 /// the rest use `buf`. Arrays and key-value lists, rare, are decoded and written as JSON.
 pub fn value_str<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a str {
+    render(v.map_or(AnyValueView::Empty, AnyValueView::read), buf)
+}
+
+/// An attribute value as its label text: strings borrowed, the rest written into `buf`.
+fn render<'a>(value: AnyValueView<'a>, buf: &'a mut String) -> &'a str {
     buf.clear();
-    match v.map_or(AnyValueView::Empty, AnyValueView::read) {
+    match value {
         AnyValueView::String(s) => return s,
         AnyValueView::Bool(b) => buf.push_str(if b { "true" } else { "false" }),
         AnyValueView::Int(i) => {
@@ -108,10 +113,10 @@ pub fn value_str<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a str {
 /// keyer reads is regular (`OtlpBody`); were one not, a string that is not UTF-8 would be hashed
 /// as its bytes where the labels read it as empty: a wrong key, never a panic.
 fn value_bytes<'a>(v: Option<&'a [u8]>, buf: &'a mut String) -> &'a [u8] {
-    if let Some(s) = v.and_then(AnyValueView::string_bytes) {
-        return s;
+    match v.map_or(Err(AnyValueView::Empty), AnyValueView::read_bytes) {
+        Ok(string) => string,
+        Err(other) => render(other, buf).as_bytes(),
     }
-    value_str(v, buf).as_bytes()
 }
 
 /// A resource's kept attributes as output labels, rendered, named and joined once per request
@@ -300,8 +305,7 @@ impl<'r> Keyer<'r> {
         if let Some(&v) = self.index.get(&(raw, histogram)) {
             return v;
         }
-        // As a view reads it: a key that is not UTF-8 (only outside a regular body) is empty.
-        let key = std::str::from_utf8(raw).unwrap_or("");
+        let key = text(raw);
         let renamed = output_label_name(key, histogram, &mut self.name_buf);
         let id = match self.name_ids.get(&self.name_buf) {
             Some(&id) => id,

@@ -100,6 +100,7 @@ pub fn prepare(
         received: 0,
         bounds: Vec::new(),
         checked_bounds: None,
+        bounds_layout: None,
     };
     let mut resources: Vec<ResourceLabels> = Vec::new();
     let mut keyer = Keyer::new(projection, limits.attributes);
@@ -227,6 +228,9 @@ struct Prep<'r> {
     /// The wire bytes `bounds` were decoded from, once they passed the layout check: the
     /// points of a metric repeat their bounds, which are then neither decoded nor checked again.
     checked_bounds: Option<&'r [u8]>,
+    /// The index in `layouts` of `bounds`, once found: until `bounds` change, their points need
+    /// no comparison.
+    bounds_layout: Option<u32>,
 }
 
 impl<'r> Prep<'r> {
@@ -296,11 +300,16 @@ impl<'r> Prep<'r> {
     /// Index of `self.bounds` in the request's layouts. Only the previous layout is reused: a
     /// search over all would let one hostile request cost quadratic time; shards intern by value.
     fn layout(&mut self) -> u32 {
+        if let Some(i) = self.bounds_layout {
+            return i;
+        }
         match self.layouts.last() {
             Some(l) if **l == *self.bounds => {}
             _ => self.layouts.push(self.bounds.as_slice().into()),
         }
-        (self.layouts.len() - 1) as u32
+        let i = (self.layouts.len() - 1) as u32;
+        self.bounds_layout = Some(i);
+        i
     }
 }
 
@@ -420,6 +429,7 @@ fn check_bounds<'r>(
         return Ok(());
     }
     out.checked_bounds = None;
+    out.bounds_layout = None;
     out.bounds.clear();
     out.bounds.extend(p.explicit_bounds.f64s());
     BucketLayout::check(&out.bounds).map_err(|e| match e {

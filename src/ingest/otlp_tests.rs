@@ -354,6 +354,29 @@ fn histogram_points_are_checked_bucket_by_bucket() {
         "{:?}",
         p.layouts
     );
+    // Good points whose bounds change and change back: each run gets its layout.
+    let wider = HistogramDataPoint {
+        bucket_counts: vec![1, 2, 0, 0],
+        explicit_bounds: vec![1.0, 5.0, 10.0],
+        ..good_hist()
+    };
+    let mut metric = hist(good_hist());
+    if let Some(Data::Histogram(h)) = &mut metric.data {
+        h.data_points = vec![good_hist(), wider.clone(), wider, good_hist()];
+    }
+    let p = run(&request(vec![], vec![metric]));
+    assert_eq!(p.rejections.total(), 0);
+    let layouts: Vec<&[f64]> = p.layouts.iter().map(|l| &**l).collect();
+    assert_eq!(layouts, [&[1.0, 5.0][..], &[1.0, 5.0, 10.0], &[1.0, 5.0]]);
+    let used: Vec<u32> = p.per_shard[0]
+        .points
+        .iter()
+        .map(|pt| match pt.value {
+            PointValue::Histogram { layout, .. } => layout,
+            _ => u32::MAX,
+        })
+        .collect();
+    assert_eq!(used, [0, 1, 1, 2]);
     let ok = run(&request(vec![], vec![hist(good_hist())]));
     assert_eq!(ok.rejections.total(), 0);
     assert_eq!(ok.per_shard[0].counts, vec![1, 2, 0]);

@@ -144,7 +144,8 @@ fn repeated(msg: &[u8], field: u64) -> impl Iterator<Item = &[u8]> + Clone {
     })
 }
 
-fn text(b: &[u8]) -> &str {
+/// A string field as a view reads it: one that is not UTF-8 (outside a regular body) is empty.
+pub fn text(b: &[u8]) -> &str {
     std::str::from_utf8(b).unwrap_or("")
 }
 
@@ -384,37 +385,44 @@ pub enum AnyValueView<'a> {
 
 impl<'a> AnyValueView<'a> {
     pub fn read(msg: &'a [u8]) -> Self {
-        let mut out = AnyValueView::Empty;
-        for (f, v) in Fields(msg) {
-            out = match (f, v) {
-                (1, Value::Len(b)) => AnyValueView::String(text(b)),
-                (2, Value::Varint(b)) => AnyValueView::Bool(b != 0),
-                (3, Value::Varint(i)) => AnyValueView::Int(i as i64),
-                (4, Value::I64(d)) => AnyValueView::Double(f64::from_bits(d)),
-                (7, Value::Len(b)) => AnyValueView::Bytes(b),
-                (5 | 6 | 8, _) => AnyValueView::Other(msg),
-                _ => continue,
-            };
-        }
-        out
+        Self::of(msg, Self::member(msg))
     }
 
-    /// The bytes of a string value, as [`read`](Self::read) would give it but without checking
-    /// UTF-8 again (a regular body's strings were checked by the walk); `None` for any other
-    /// kind of value.
-    pub fn string_bytes(msg: &'a [u8]) -> Option<&'a [u8]> {
-        let mut out = None;
-        for (f, v) in Fields(msg) {
-            out = match (f, v) {
-                (1, Value::Len(b)) => Some(b),
-                (2 | 3, Value::Varint(_))
-                | (4, Value::I64(_))
-                | (7, Value::Len(_))
-                | (5 | 6 | 8, _) => None,
-                _ => continue,
-            };
+    fn of(msg: &'a [u8], member: Option<(u64, Value<'a>)>) -> Self {
+        match member {
+            Some((1, Value::Len(b))) => AnyValueView::String(text(b)),
+            Some((2, Value::Varint(b))) => AnyValueView::Bool(b != 0),
+            Some((3, Value::Varint(i))) => AnyValueView::Int(i as i64),
+            Some((4, Value::I64(d))) => AnyValueView::Double(f64::from_bits(d)),
+            Some((7, Value::Len(b))) => AnyValueView::Bytes(b),
+            Some(_) => AnyValueView::Other(msg),
+            None => AnyValueView::Empty,
         }
-        out
+    }
+
+    /// A string value's bytes, as [`read`](Self::read) would give them but without checking
+    /// UTF-8 again (a regular body's strings were checked by the walk), or any other value read.
+    pub fn read_bytes(msg: &'a [u8]) -> Result<&'a [u8], Self> {
+        match Self::member(msg) {
+            Some((1, Value::Len(b))) => Ok(b),
+            member => Err(Self::of(msg, member)),
+        }
+    }
+
+    /// The member of the value's oneof set last (in a regular body, the only one), as the
+    /// wire has it; fields of other numbers or wire types are skipped.
+    fn member(msg: &'a [u8]) -> Option<(u64, Value<'a>)> {
+        Fields(msg)
+            .filter(|(f, v)| {
+                matches!(
+                    (f, v),
+                    (1 | 7, Value::Len(_))
+                        | (2 | 3, Value::Varint(_))
+                        | (4, Value::I64(_))
+                        | (5 | 6 | 8, _)
+                )
+            })
+            .last()
     }
 }
 

@@ -279,9 +279,9 @@ impl Storage {
         // Shards are read one after another (`offthread`). With no series expiring meanwhile,
         // they agree on the quotas they share and on which streams expired, as if read at one
         // instant; replay from the WAL position then rebuilds the state exactly.
-        let sweeps = SweepsPaused::new(table);
-        // A sweep already under way when the flag was set ends before this visit is answered.
-        crate::export::gather_indexed(table, |_, _| ())
+        let sweeps = table.pause_sweeps();
+        // A sweep already under way when the pause began ends before this visit is answered.
+        crate::export::gather(table, |_| ())
             .await
             .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
         // Every request logged before this position was applied before it was logged, so the
@@ -472,23 +472,5 @@ fn set_aside(path: &Path, e: &CheckpointError, metrics: &StorageMetrics) {
         Err(re) => {
             tracing::error!(path = %path.display(), error = %e, rename_error = %re, "unreadable checkpoint could not be set aside")
         }
-    }
-}
-
-/// Pauses series expiry in every shard while it lives (a checkpoint's reads, which hold the
-/// storage's `busy` lock, so two never overlap; replay, the other pauser, ends before the
-/// first checkpoint starts).
-struct SweepsPaused<'a>(&'a Table);
-
-impl<'a> SweepsPaused<'a> {
-    fn new(table: &'a Table) -> Self {
-        table.pause_sweeps(true);
-        Self(table)
-    }
-}
-
-impl Drop for SweepsPaused<'_> {
-    fn drop(&mut self) {
-        self.0.pause_sweeps(false);
     }
 }

@@ -264,8 +264,9 @@ fn run(
             recv(ctl) -> msg => {
                 let Ok(visit) = msg else { break };
                 visit(&state);
-                // A scrape's pieces are rendered here and freed by the I/O thread that sends
-                // them: this thread must collect to hand those pages back, even with no ingest.
+                // A visit allocates here (a scrape's pieces, a checkpoint's part) and may free
+                // here what was sent home (`export::free_on_shard`): pages to hand back at the
+                // next idle spell, even with no ingest.
                 busy = true;
             }
             recv(data) -> msg => {

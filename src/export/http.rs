@@ -182,7 +182,8 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
     if conflicts > 0 {
         state.telemetry.family_conflicts.inc_by(conflicts as u64);
     }
-    let size: usize = pieces.iter().map(String::len).sum();
+    let size: usize = pieces.iter().map(|p| p.text.len()).sum();
+    let pieces = scrape_body::homed(pieces, &state.table);
     state.telemetry.scrape_bytes.observe(size as f64);
     // Streamed: the pieces are written (and freed) one by one, never joined into one string.
     // Gzip is done here, ahead of the socket, so a slow reader holds only compressed bytes.
@@ -259,7 +260,13 @@ async fn snapshot(State(state): State<Arc<AppState>>, Query(q): Query<SnapshotQu
                 .into_response();
         }
     };
-    match ipc_stream(&batches) {
+    let body = ipc_stream(&batches);
+    // Built on the shards: freed there, so their pages go back to the OS now (see
+    // `free_on_shard`).
+    for (i, b) in batches.into_iter().enumerate() {
+        super::free_on_shard(&state.table, i, b, || true);
+    }
+    match body {
         Ok(body) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")],

@@ -267,19 +267,27 @@ fn escape_help(out: &mut String, help: &str, format: Format) {
 /// returned number) so the output stays valid.
 pub fn stitch(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (String, usize) {
     let (pieces, conflicts) = stitch_pieces(shard_parts, format);
-    (pieces.concat(), conflicts)
+    (pieces.into_iter().map(|p| p.text).collect(), conflicts)
+}
+
+/// A piece of the exposition, and the shard that rendered it (`None`: a family header).
+pub struct Piece<T = String> {
+    pub text: T,
+    pub shard: Option<usize>,
 }
 
 /// [`stitch`] as the pieces of the exposition in order (each family's header, then the shards'
 /// bodies for it, moved, not copied): a scrape streams them, so the exposition is never held
 /// twice.
-pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<String>, usize) {
-    let mut by_name: BTreeMap<String, Vec<FamilyPart>> = BTreeMap::new();
-    for part in shard_parts.into_iter().flatten() {
-        by_name
-            .entry(part.desc.name.to_string())
-            .or_default()
-            .push(part);
+pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<Piece>, usize) {
+    let mut by_name: BTreeMap<String, Vec<(usize, FamilyPart)>> = BTreeMap::new();
+    for (shard, parts) in shard_parts.into_iter().enumerate() {
+        for part in parts {
+            by_name
+                .entry(part.desc.name.to_string())
+                .or_default()
+                .push((shard, part));
+        }
     }
     let mut pieces = Vec::with_capacity(by_name.values().map(|p| p.len() + 1).sum::<usize>() + 1);
     let mut conflicts = 0;
@@ -287,7 +295,9 @@ pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<
     // beside a histogram `x`) is left out, or parsers refuse the whole exposition.
     let mut claimed: HashSet<String> = HashSet::new();
     for (name, parts) in by_name {
-        let Some(first) = parts.first() else { continue };
+        let Some((_, first)) = parts.first() else {
+            continue;
+        };
         let kind = first.desc.kind;
         let suffixes: &[&str] = match kind {
             Kind::Counter => &["", "_total", "_created"],
@@ -304,7 +314,10 @@ pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<
             (Kind::Counter, Format::OpenMetrics) => (name.clone(), "counter"),
             (Kind::Histogram, _) => (name.clone(), "histogram"),
         };
-        let help = parts.iter().map(|p| &*p.desc.help).find(|h| !h.is_empty());
+        let help = parts
+            .iter()
+            .map(|(_, p)| &*p.desc.help)
+            .find(|h| !h.is_empty());
         let mut out = String::new();
         if let Some(help) = help {
             let _ = write!(out, "# HELP {type_name} ");
@@ -317,17 +330,26 @@ pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<
                 let _ = writeln!(out, "# UNIT {type_name} {unit}");
             }
         }
-        pieces.push(out);
-        for p in parts {
+        pieces.push(Piece {
+            text: out,
+            shard: None,
+        });
+        for (shard, p) in parts {
             if p.desc.kind != kind {
                 conflicts += 1;
                 continue;
             }
-            pieces.push(p.body);
+            pieces.push(Piece {
+                text: p.body,
+                shard: Some(shard),
+            });
         }
     }
     if format == Format::OpenMetrics {
-        pieces.push("# EOF\n".to_owned());
+        pieces.push(Piece {
+            text: "# EOF\n".to_owned(),
+            shard: None,
+        });
     }
     (pieces, conflicts)
 }

@@ -3,6 +3,7 @@ pods' calls total (polled while rounds run) and every output series (once they h
 keyed by metric and the labels an aggregate keeps.
 """
 
+import gzip
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import time
 import urllib.parse
 import urllib.request
 
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families)
 from prometheus_client.parser import text_string_to_metric_families
 
 METRICS = {
@@ -30,6 +33,25 @@ def free_port():
 def get(url, timeout=30):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read()
+
+
+# What Prometheus 3 asks a target for: OpenMetrics first, gzipped.
+SCRAPE_HEADERS = {
+    "Accept": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+              "application/openmetrics-text;version=0.0.1;q=0.4,"
+              "text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
+
+
+def scrape(url, timeout=30):
+    """The target's exposition, fetched as Prometheus fetches it."""
+    req = urllib.request.Request(url, headers=SCRAPE_HEADERS)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        body = r.read()
+        if r.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        return body.decode()
 
 
 def wait_until(what, check, timeout, proc=None):
@@ -99,7 +121,9 @@ class Series(dict):
 def scrape_text(text):
     """Output series of an exposition, keyed like `expected`."""
     out = Series()
-    for family in text_string_to_metric_families(text):
+    parse = (openmetrics_families if text.endswith("# EOF\n")
+             else text_string_to_metric_families)
+    for family in parse(text):
         for s in family.samples:
             metric = METRICS.get(s.name)
             if metric:
@@ -186,11 +210,11 @@ class Spanagg(System):
         return interval
 
     def series(self):
-        return scrape_text(get(f"http://127.0.0.1:{self.http}/metrics").decode())
+        return scrape_text(scrape(f"http://127.0.0.1:{self.http}/metrics"))
 
     def calls_total(self):
         # Only the calls lines; the reference parser reads every series once, at the end.
-        text = get(f"http://127.0.0.1:{self.http}/metrics").decode()
+        text = scrape(f"http://127.0.0.1:{self.http}/metrics")
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("traces_span_metrics_calls_total{"))
 

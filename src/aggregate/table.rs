@@ -216,6 +216,25 @@ impl Table {
         }
     }
 
+    /// Sends `value`, built on shard `i`, back to be freed there; the shard then hands its
+    /// freed pages to the OS if `last()` says so. mimalloc keeps a page freed from another
+    /// thread in its owner's heap until the owner collects, which a busy shard may not do for
+    /// long (BENCHMARKS.md, "A scrape's pages go home"). If the shard has stopped, `value` is
+    /// freed here.
+    pub fn free_on_shard<T: Send + 'static>(
+        &self,
+        i: usize,
+        value: T,
+        last: impl FnOnce() -> bool + Send + 'static,
+    ) {
+        self.visit_one(i, move |_| {
+            drop(value);
+            if last() {
+                crate::memory::release_freed();
+            }
+        });
+    }
+
     pub fn stats(&self) -> Vec<Arc<ShardStats>> {
         self.shards.iter().map(|h| h.stats.clone()).collect()
     }
@@ -265,7 +284,7 @@ fn run(
                 let Ok(visit) = msg else { break };
                 visit(&state);
                 // A visit allocates here (a scrape's pieces, a checkpoint's part) and may free
-                // here what was sent home (`export::free_on_shard`): pages to hand back at the
+                // here what was sent home (`free_on_shard`): pages to hand back at the
                 // next idle spell, even with no ingest.
                 busy = true;
             }

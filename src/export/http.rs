@@ -261,10 +261,9 @@ async fn snapshot(State(state): State<Arc<AppState>>, Query(q): Query<SnapshotQu
         }
     };
     let body = ipc_stream(&batches);
-    // Built on the shards: freed there, so their pages go back to the OS now (see
-    // `free_on_shard`).
+    // Built on the shards: freed there, so their pages go back to the OS now.
     for (i, b) in batches.into_iter().enumerate() {
-        super::free_on_shard(&state.table, i, b, || true);
+        state.table.free_on_shard(i, b, || true);
     }
     match body {
         Ok(body) => (

@@ -11,24 +11,6 @@ pub mod scrape_body;
 use crate::aggregate::shard::ShardState;
 use crate::aggregate::table::Table;
 
-/// Sends `value`, built on shard `i`, back to be freed there; the shard then hands its freed
-/// pages to the OS if `last()` says so. mimalloc keeps a page freed from another thread in its
-/// owner's heap until the owner collects, which a busy shard may not do for long. If the shard
-/// has stopped, `value` is freed here.
-pub fn free_on_shard<T: Send + 'static>(
-    table: &Table,
-    i: usize,
-    value: T,
-    last: impl FnOnce() -> bool + Send + 'static,
-) {
-    table.visit_one(i, move |_| {
-        drop(value);
-        if last() {
-            crate::memory::release_freed();
-        }
-    });
-}
-
 /// Runs `f` on every shard (on the shard threads, in parallel, each between two ingest batches)
 /// and returns the results in shard order; `None` if a shard has stopped.
 pub async fn gather<R, F>(table: &Table, f: F) -> Option<Vec<R>>

@@ -48,7 +48,7 @@ impl<T: Send + 'static> Drop for Homed<T> {
         // Counted on the shard, after the drop, so the last piece's release comes after every
         // earlier piece of the scrape is freed, whichever threads dropped them.
         let out = home.out;
-        super::free_on_shard(&home.table, home.shard, text, move || {
+        home.table.free_on_shard(home.shard, text, move || {
             out.fetch_sub(1, Ordering::AcqRel) == 1
         });
     }

@@ -312,7 +312,8 @@ impl Storage {
             streams += part[1].num_rows() as u64;
             series_budget = series_budget.max(budget);
             let (part, written) = writer.write(part).await?;
-            offthread::drop_on_shard(table, i, part);
+            // Freed on the shard that built it, which then hands the pages back.
+            table.free_on_shard(i, part, || true);
             written?;
         }
         let meta = Meta {

@@ -25,7 +25,6 @@ use arrow_array::RecordBatch;
 use tokio::sync::oneshot;
 
 use super::checkpoint::{CheckpointError, FileWriter, Meta};
-use crate::aggregate::table::Table;
 
 /// One shard's series, stream, and pod rows, in `Table` index order.
 pub type ShardBatches = [RecordBatch; 3];
@@ -130,17 +129,4 @@ fn run(dir: PathBuf, seq: u64, rx: mpsc::Receiver<Msg>) {
             }
         }
     }
-}
-
-/// Drops shard `i`'s batches on that shard's thread, then hands the freed pages back. A shard
-/// that has stopped cannot take its part; it is then freed wherever the last reference goes.
-pub fn drop_on_shard(table: &Table, i: usize, part: ShardBatches) {
-    let slot = Mutex::new(Some(part));
-    table.visit_one(i, move |_| {
-        if let Ok(mut part) = slot.lock() {
-            if part.take().is_some() {
-                crate::memory::release_freed();
-            }
-        }
-    });
 }

@@ -15,6 +15,7 @@ use flate2::write::GzEncoder;
 
 use super::arrow::{ipc_stream, shard_batch, Filter};
 use super::gather;
+use super::gzip_parts;
 use super::prometheus::{encode_shard, stitch_pieces, Format};
 use super::scrape_body;
 use crate::aggregate::table::Table;
@@ -170,34 +171,20 @@ fn body_response(headers: &HeaderMap, content_type: &'static str, text: String) 
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let started = Instant::now();
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let shards = state.table.len();
-    let Some(parts) = gather(&state.table, move |s| encode_shard(s, format, shards)).await else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shards are shutting down\n",
-        )
-            .into_response();
+    let gzip = wants_gzip(&headers);
+    let built = if gzip {
+        gzipped_scrape(&state, format).await
+    } else {
+        plain_scrape(&state, format).await
     };
-    let (pieces, conflicts) = stitch_pieces(parts, format);
+    let (body, size, conflicts) = match built {
+        Ok(b) => b,
+        Err(refusal) => return refusal,
+    };
     if conflicts > 0 {
         state.telemetry.family_conflicts.inc_by(conflicts as u64);
     }
-    let size: usize = pieces.iter().map(|p| p.text.len()).sum();
-    let pieces = scrape_body::homed(pieces, &state.table);
     state.telemetry.scrape_bytes.observe(size as f64);
-    // Streamed: the pieces are written (and freed) one by one, never joined into one string.
-    // Gzip is done here, ahead of the socket, so a slow reader holds only compressed bytes.
-    let gzip = wants_gzip(&headers);
-    let body = if gzip {
-        match scrape_body::gzip(pieces) {
-            Ok(gz) => axum::body::Body::from(gz),
-            Err(_) => {
-                return (StatusCode::INTERNAL_SERVER_ERROR, "compression failed\n").into_response()
-            }
-        }
-    } else {
-        axum::body::Body::from_stream(futures_util::stream::iter(scrape_body::plain(pieces)))
-    };
     let mut res = body.into_response();
     let h = res.headers_mut();
     h.insert(
@@ -217,6 +204,51 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         .scrape_duration
         .observe(started.elapsed().as_secs_f64());
     res
+}
+
+/// A scrape's body, the exposition's length, and the families left out as conflicting.
+type Scrape = Result<(axum::body::Body, u64, usize), Response>;
+
+fn shutting_down() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shards are shutting down\n",
+    )
+        .into_response()
+}
+
+/// Streamed: the pieces are written (and sent home) one by one, never joined into one string.
+async fn plain_scrape(state: &AppState, format: Format) -> Scrape {
+    let shards = state.table.len();
+    let parts = gather(&state.table, move |s| encode_shard(s, format, shards))
+        .await
+        .ok_or_else(shutting_down)?;
+    let (pieces, conflicts) = stitch_pieces(parts, format);
+    let size = pieces.iter().map(|p| p.text.len() as u64).sum();
+    let pieces = scrape_body::homed(pieces, &state.table);
+    let body =
+        axum::body::Body::from_stream(futures_util::stream::iter(scrape_body::plain(pieces)));
+    Ok((body, size, conflicts))
+}
+
+/// Deflated on the shards, family by family, and joined here into one gzip member: the scrape
+/// holds the compressed parts, not the text, and a slow reader holds only the joined body.
+async fn gzipped_scrape(state: &AppState, format: Format) -> Scrape {
+    let failed = |e: std::io::Error| {
+        tracing::error!(error = %e, "scrape: compression failed");
+        (StatusCode::INTERNAL_SERVER_ERROR, "compression failed\n").into_response()
+    };
+    let parts = gather(&state.table, move |s| gzip_parts::encode_shard(s, format))
+        .await
+        .ok_or_else(shutting_down)?
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(failed)?;
+    let (pieces, conflicts) = gzip_parts::stitch(parts, format).map_err(failed)?;
+    let size = pieces.iter().map(|p| p.text.text_len()).sum();
+    let body = gzip_parts::gzip(pieces.iter().map(|p| &p.text));
+    drop(scrape_body::homed(pieces, &state.table));
+    Ok((axum::body::Body::from(body), size, conflicts))
 }
 
 async fn internal_metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {

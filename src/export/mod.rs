@@ -3,6 +3,7 @@
 
 pub mod arrow;
 pub mod flight;
+pub mod gzip_parts;
 pub mod http;
 pub mod prometheus;
 pub mod report;

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use crate::aggregate::key::{FamilyDesc, Kind};
 use crate::aggregate::naming::unit_suffix;
-use crate::aggregate::series::SeriesValue;
+use crate::aggregate::series::{Series, SeriesValue};
 use crate::aggregate::shard::ShardState;
 
 /// Exposition format.
@@ -65,11 +65,11 @@ impl Format {
     }
 }
 
-/// One shard's lines for one family.
+/// One shard's lines for one family: text, or a deflated segment of it (`gzip_parts`).
 #[derive(Debug, Clone)]
-pub struct FamilyPart {
+pub struct FamilyPart<B = String> {
     pub desc: FamilyDesc,
-    pub body: String,
+    pub body: B,
 }
 
 fn escape_label(out: &mut String, v: &str) {
@@ -147,6 +147,94 @@ const MAX_SERIES_ESTIMATE: usize = 16 << 10;
 /// before they were sized.
 const MAX_RESERVED_AHEAD: usize = 64 << 20;
 
+/// Renders series one at a time, keeping what a scrape shares between them: the `le` label
+/// texts per layout (`le="0.5"`), and scratch for a series' labels and bucket prefix.
+pub(super) struct Renderer<'a> {
+    state: &'a ShardState,
+    format: Format,
+    le_cache: HashMap<u32, Vec<String>>,
+    labels: String,
+    prefix: String,
+}
+
+impl<'a> Renderer<'a> {
+    pub(super) fn new(state: &'a ShardState, format: Format) -> Self {
+        Self {
+            state,
+            format,
+            le_cache: HashMap::new(),
+            labels: String::new(),
+            prefix: String::new(),
+        }
+    }
+
+    /// Appends every line of series `s` of family `name` to `out`.
+    pub(super) fn series(&mut self, out: &mut String, name: &str, s: &Series) {
+        let (state, format) = (self.state, self.format);
+        let labels = &mut self.labels;
+        render_labels(labels, state.labels(&s.labels));
+        let created = s.created_ns as f64 / 1e9;
+        match &s.value {
+            SeriesValue::Counter(c) => {
+                line(out, name, "_total", labels, |o| {
+                    if c.is_int() {
+                        push_u64(o, c.int);
+                    } else {
+                        write_float(o, c.total());
+                    }
+                });
+            }
+            SeriesValue::Histogram {
+                layout,
+                counts,
+                sum,
+                ..
+            } => {
+                let les = self.le_cache.entry(*layout).or_insert_with(|| {
+                    let bounds = state.layout(*layout);
+                    (0..=bounds.len())
+                        .map(|i| {
+                            let mut le = String::from("le=\"");
+                            match bounds.get(i) {
+                                Some(b) => write_le(&mut le, *b, format),
+                                None => le.push_str("+Inf"),
+                            }
+                            le.push('"');
+                            le
+                        })
+                        .collect()
+                });
+                let mut cumulative = 0u64;
+                // `_bucket{labels,` is the same on every bucket line of the series.
+                let prefix = &mut self.prefix;
+                prefix.clear();
+                prefix.push_str(name);
+                prefix.push_str("_bucket{");
+                if !labels.is_empty() {
+                    prefix.push_str(labels);
+                    prefix.push(',');
+                }
+                let mut les = les.iter();
+                counts.for_each(|c| {
+                    cumulative = cumulative.saturating_add(c);
+                    let Some(le) = les.next() else { return };
+                    out.push_str(prefix);
+                    out.push_str(le);
+                    out.push_str("} ");
+                    push_u64(out, cumulative);
+                    out.push('\n');
+                });
+                line(out, name, "_sum", labels, |o| write_float(o, *sum));
+                // The count is the +Inf bucket: equal by construction, as a scrape must show.
+                line(out, name, "_count", labels, |o| push_u64(o, cumulative));
+            }
+        }
+        if format == Format::OpenMetrics {
+            line(out, name, "_created", labels, |o| write_float(o, created));
+        }
+    }
+}
+
 /// Encodes every series of one of `shards` shards, grouped by family.
 pub fn encode_shard(state: &ShardState, format: Format, shards: usize) -> Vec<FamilyPart> {
     let mut parts: Vec<FamilyPart> = state
@@ -165,76 +253,14 @@ pub fn encode_shard(state: &ShardState, format: Format, shards: usize) -> Vec<Fa
             *n += 1;
         }
     }
-    // `le` label texts per layout, rendered once per scrape: `le="0.5"` with the comma before.
     let mut reserve_left = MAX_RESERVED_AHEAD / shards.max(1);
-    let mut le_cache: HashMap<u32, Vec<String>> = HashMap::new();
-    let mut labels = String::new();
-    let mut prefix = String::new();
+    let mut render = Renderer::new(state, format);
     for s in state.series() {
         let Some(part) = parts.get_mut(s.family as usize) else {
             continue;
         };
         let out = &mut part.body;
-        let name = &*part.desc.name;
-        render_labels(&mut labels, state.labels(&s.labels));
-        let created = s.created_ns as f64 / 1e9;
-        match &s.value {
-            SeriesValue::Counter(c) => {
-                line(out, name, "_total", &labels, |o| {
-                    if c.is_int() {
-                        push_u64(o, c.int);
-                    } else {
-                        write_float(o, c.total());
-                    }
-                });
-            }
-            SeriesValue::Histogram {
-                layout,
-                counts,
-                sum,
-                ..
-            } => {
-                let les = le_cache.entry(*layout).or_insert_with(|| {
-                    let bounds = state.layout(*layout);
-                    (0..=bounds.len())
-                        .map(|i| {
-                            let mut le = String::from("le=\"");
-                            match bounds.get(i) {
-                                Some(b) => write_le(&mut le, *b, format),
-                                None => le.push_str("+Inf"),
-                            }
-                            le.push('"');
-                            le
-                        })
-                        .collect()
-                });
-                let mut cumulative = 0u64;
-                // `_bucket{labels,` is the same on every bucket line of the series.
-                prefix.clear();
-                prefix.push_str(name);
-                prefix.push_str("_bucket{");
-                if !labels.is_empty() {
-                    prefix.push_str(&labels);
-                    prefix.push(',');
-                }
-                let mut les = les.iter();
-                counts.for_each(|c| {
-                    cumulative = cumulative.saturating_add(c);
-                    let Some(le) = les.next() else { return };
-                    out.push_str(&prefix);
-                    out.push_str(le);
-                    out.push_str("} ");
-                    push_u64(out, cumulative);
-                    out.push('\n');
-                });
-                line(out, name, "_sum", &labels, |o| write_float(o, *sum));
-                // The count is the +Inf bucket: equal by construction, as a scrape must show.
-                line(out, name, "_count", &labels, |o| push_u64(o, cumulative));
-            }
-        }
-        if format == Format::OpenMetrics {
-            line(out, name, "_created", &labels, |o| write_float(o, created));
-        }
+        render.series(out, &part.desc.name, s);
         // After the family's first series: room for the rest at its size, plus an eighth. The
         // size is capped (a 50-bucket series with long labels is ~10 KiB), and so is what the
         // shard reserves in all: one series with 4 KiB label values first in a family of
@@ -280,7 +306,16 @@ pub struct Piece<T = String> {
 /// bodies for it, moved, not copied): a scrape streams them, so the exposition is never held
 /// twice.
 pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<Piece>, usize) {
-    let mut by_name: BTreeMap<String, Vec<(usize, FamilyPart)>> = BTreeMap::new();
+    stitch_with(shard_parts, format, |text| text)
+}
+
+/// [`stitch_pieces`] over bodies of any kind; `header` makes one of each header rendered here.
+pub fn stitch_with<B>(
+    shard_parts: Vec<Vec<FamilyPart<B>>>,
+    format: Format,
+    mut header: impl FnMut(String) -> B,
+) -> (Vec<Piece<B>>, usize) {
+    let mut by_name: BTreeMap<String, Vec<(usize, FamilyPart<B>)>> = BTreeMap::new();
     for (shard, parts) in shard_parts.into_iter().enumerate() {
         for part in parts {
             by_name
@@ -331,7 +366,7 @@ pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<
             }
         }
         pieces.push(Piece {
-            text: out,
+            text: header(out),
             shard: None,
         });
         for (shard, p) in parts {
@@ -347,7 +382,7 @@ pub fn stitch_pieces(shard_parts: Vec<Vec<FamilyPart>>, format: Format) -> (Vec<
     }
     if format == Format::OpenMetrics {
         pieces.push(Piece {
-            text: "# EOF\n".to_owned(),
+            text: header("# EOF\n".to_owned()),
             shard: None,
         });
     }

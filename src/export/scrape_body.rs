@@ -1,8 +1,6 @@
 //! The scrape's body, in pieces (`prometheus::stitch_pieces`: each family's header, then the
 //! shards' bodies for it): written one by one and freed once written, so the exposition is
-//! never joined into one string. A gzipped body is compressed ahead, piece by piece, each freed
-//! as it is compressed: a scraper that reads slowly then holds only the compressed bytes (with
-//! their length known), not the exposition.
+//! never joined into one string. (A gzipped scrape is deflated on the shards: `gzip_parts`.)
 //!
 //! A shard's body goes back to that shard to be freed ([`Homed`]), and the shard hands the
 //! pages to the OS once the last of its bodies is back. mimalloc keeps a page freed from
@@ -10,12 +8,11 @@
 //! thread stayed resident until the shard next idled: at 5,000 pods, 20 MiB after every scrape,
 //! and for as long as ingest kept the shard busy (BENCHMARKS.md, "A scrape's pages go home").
 
-use std::io::{self, Write as _};
+use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flate2::write::GzEncoder;
 
 use super::prometheus::Piece;
 use crate::aggregate::table::Table;
@@ -85,15 +82,6 @@ pub fn plain<T: AsRef<[u8]> + Send + 'static>(
     pieces: Vec<Homed<T>>,
 ) -> impl Iterator<Item = io::Result<Bytes>> + Send {
     pieces.into_iter().map(|p| Ok(Bytes::from_owner(p)))
-}
-
-/// The pieces gzipped into one buffer, each sent home once compressed.
-pub fn gzip<T: AsRef<[u8]> + Send + 'static>(pieces: Vec<Homed<T>>) -> io::Result<Vec<u8>> {
-    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    for piece in pieces {
-        gz.write_all(piece.as_ref())?;
-    }
-    gz.finish()
 }
 
 #[cfg(test)]
@@ -167,7 +155,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bodies_are_the_pieces_in_order_and_each_is_freed_on_its_shard() {
+    async fn the_body_is_the_pieces_in_order_and_each_is_freed_on_its_shard() {
         let table = Arc::new(Table::start(ShardConfig::default(), 2, 4).expect("shards"));
 
         let freed_on = Arc::default();
@@ -175,13 +163,6 @@ mod tests {
             .flat_map(|b| b.expect("a chunk").to_vec())
             .collect();
         assert!(body == expected().as_bytes(), "the plain body differs");
-        assert_eq!(freed(&table, &freed_on).await, homes());
-
-        let freed_on = Arc::default();
-        let gz = gzip(homed(pieces(&freed_on), &table)).expect("gzipped");
-        let enc = crate::ingest::body::Encoding::Gzip;
-        let text = crate::ingest::body::decode(gz.into(), enc, 1 << 20).expect("gunzipped");
-        assert!(text == expected().as_bytes(), "the gzipped body differs");
         assert_eq!(freed(&table, &freed_on).await, homes());
     }
 }

@@ -31,6 +31,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use crate::aggregate::shard::{ShardConfig, ShardState};
 use crate::config::{DEFAULT_BY, DEFAULT_WITHOUT};
+use crate::export::gzip_parts;
 use crate::export::prometheus::{encode_shard, stitch, Format};
 use crate::ingest::otlp::{count_points, InputLimits, Projection};
 use crate::ingest::view::OtlpBody;
@@ -278,6 +279,20 @@ fn expose(states: &[ShardState]) -> String {
             .map(|s| encode_shard(s, format, states.len()))
             .collect();
         let (text, conflicts) = stitch(parts, format);
+        // The gzipped scrape (deflated on the shards) is the same text.
+        let parts = states
+            .iter()
+            .map(|s| gzip_parts::encode_shard(s, format).expect("deflated"))
+            .collect();
+        let (pieces, gz_conflicts) = gzip_parts::stitch(parts, format).expect("deflated");
+        let gz = gzip_parts::gzip(pieces.iter().map(|p| &p.text));
+        let unzipped =
+            crate::ingest::body::decode(gz.into(), crate::ingest::body::Encoding::Gzip, 1 << 30)
+                .expect("a valid gzip member");
+        assert!(
+            unzipped == text.as_bytes() && gz_conflicts == conflicts,
+            "the gzipped scrape differs"
+        );
         let got = exposition::check(&text, format)
             .unwrap_or_else(|e| panic!("invalid {format:?} exposition: {e}\n{text}"));
         let series: usize = states.iter().map(ShardState::series_len).sum();

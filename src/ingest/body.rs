@@ -246,7 +246,7 @@ fn read_capped(
 ) -> Result<bytes::Bytes, IngestError> {
     // Grow as data arrives; the estimate only avoids early reallocations.
     out.reserve(compressed.saturating_mul(4).min(limit));
-    let mut reader = reader.take(limit as u64 + 1);
+    let mut reader = reader.take((limit as u64).saturating_add(1));
     reader
         .read_to_end(&mut out)
         .map_err(|e| IngestError::InvalidArgument(format!("invalid {name} body: {e}")))?;

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // benchmark inputs are generated here, not client-controlled
 
+use std::io::Write as _;
 use std::sync::Arc;
 
 // The same allocator as the service binary, so the numbers are the service's.
@@ -12,8 +13,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use flate2::write::GzEncoder;
 use prost::Message;
 use spanagg::aggregate::shard::{ShardConfig, ShardState};
+use spanagg::export::gzip_parts;
 use spanagg::export::prometheus::{encode_shard, stitch, Format};
 use spanagg::ingest::otlp::{prepare, InputLimits, Projection};
 use spanagg::ingest::view::OtlpBody;
@@ -135,6 +138,23 @@ fn scrape(c: &mut Criterion) {
                 vec![encode_shard(&state, Format::OpenMetrics, 1)],
                 Format::OpenMetrics,
             )
+        })
+    });
+    // What a Prometheus scrape asks for: gzip. Before: the text, then compressed on one thread.
+    g.bench_function("gzip_text_then_compress_10k_hist16_series", |b| {
+        b.iter(|| {
+            let (text, _) = stitch(vec![encode_shard(&state, Format::Text, 1)], Format::Text);
+            let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(text.as_bytes()).unwrap();
+            gz.finish().unwrap()
+        })
+    });
+    // Now: deflated on the shard, family by family, as it is rendered.
+    g.bench_function("gzip_deflated_on_shard_10k_hist16_series", |b| {
+        b.iter(|| {
+            let parts = vec![gzip_parts::encode_shard(&state, Format::Text).unwrap()];
+            let (pieces, _) = gzip_parts::stitch(parts, Format::Text);
+            gzip_parts::gzip(pieces.iter().map(|p| &p.text))
         })
     });
     g.finish();

@@ -19,6 +19,7 @@
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a thread keeps freed pages at least, between idle releases.
@@ -26,6 +27,14 @@ const IDLE_RELEASE_EVERY: Duration = Duration::from_secs(1);
 
 thread_local! {
     static LAST_RELEASE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Releases made since the process started, on any thread.
+static RELEASES: AtomicU64 = AtomicU64::new(0);
+
+/// How many releases any thread has made so far.
+pub fn releases() -> u64 {
+    RELEASES.load(Ordering::Relaxed)
 }
 
 /// Frees this thread's empty mimalloc pages and purges every free arena page to the OS now.
@@ -36,6 +45,7 @@ pub fn release_freed() {
     // time (mimalloc runs the same collection itself when a thread exits).
     unsafe { libmimalloc_sys::mi_collect(true) }
     LAST_RELEASE.with(|l| l.set(Some(Instant::now())));
+    RELEASES.fetch_add(1, Ordering::Relaxed);
 }
 
 /// [`release_freed`], unless this thread did so less than a second ago: for a thread about to

@@ -216,22 +216,20 @@ impl Table {
         }
     }
 
-    /// Sends `value`, built on shard `i`, back to be freed there; the shard then hands its
-    /// freed pages to the OS if `last()` says so. mimalloc keeps a page freed from another
-    /// thread in its owner's heap until the owner collects, which a busy shard may not do for
-    /// long (BENCHMARKS.md, "A scrape's pages go home"). If the shard has stopped, `value` is
-    /// freed here.
+    /// Sends `value`, built on shard `i`, back to be freed there, then runs `then` there (to
+    /// hand the freed pages to the OS: `crate::memory`). mimalloc keeps a page freed from
+    /// another thread in its owner's heap until the owner collects, which a busy shard may not
+    /// do for long (BENCHMARKS.md, "A scrape's pages go home"). If the shard has stopped,
+    /// `value` is freed here.
     pub fn free_on_shard<T: Send + 'static>(
         &self,
         i: usize,
         value: T,
-        last: impl FnOnce() -> bool + Send + 'static,
+        then: impl FnOnce() + Send + 'static,
     ) {
         self.visit_one(i, move |_| {
             drop(value);
-            if last() {
-                crate::memory::release_freed();
-            }
+            then();
         });
     }
 

@@ -21,8 +21,21 @@ use crate::aggregate::shard::ShardState;
 /// Text gathered before it is deflated: large enough for the deflater to work in long runs,
 /// small next to a family's text.
 const SCRATCH: usize = 64 << 10;
+/// A family's text under this is stored, not deflated: starting a deflated segment resets the
+/// compressor (~300 KB of state zeroed), which must not cost more than the text is worth when
+/// a client has made thousands of small families.
+const SMALL: usize = 16 << 10;
+/// Input per call to the compressor, and room for its output before each. miniz writes a block
+/// (at most ~85 KB) straight to the caller's buffer only when that much room is free; otherwise
+/// it keeps part of the block inside, and a sync flush then returns before it is done. With room
+/// for two blocks and at most one block's worth of input per call, that never happens.
+const STEP: usize = 16 << 10;
+const ROOM: usize = 256 << 10;
+/// What a sync flush ends with: an empty stored block.
+const SYNC_MARK: [u8; 4] = [0, 0, 0xff, 0xff];
 
-/// Some text as raw deflate ending in a sync flush, with its CRC-32 and length.
+/// Some text as raw deflate ending byte-aligned (a sync flush, or stored blocks), with its
+/// CRC-32 and length.
 #[derive(Debug, Default)]
 pub struct Segment {
     bytes: Vec<u8>,
@@ -40,11 +53,32 @@ impl Segment {
     pub fn deflated_len(&self) -> usize {
         self.bytes.len()
     }
+
+    /// `text` in stored (uncompressed) blocks: for headers and small families.
+    pub fn stored(text: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(text.len() + 5 * text.len().div_ceil(0xffff));
+        for chunk in text.chunks(0xffff) {
+            let n = chunk.len() as u16;
+            // BFINAL 0, BTYPE 00, padded to the byte; then LEN and its complement.
+            bytes.push(0);
+            bytes.extend_from_slice(&n.to_le_bytes());
+            bytes.extend_from_slice(&(!n).to_le_bytes());
+            bytes.extend_from_slice(chunk);
+        }
+        let mut crc = Crc::new();
+        crc.update(text);
+        Self {
+            bytes,
+            crc,
+            len: text.len() as u64,
+        }
+    }
 }
 
 /// Deflates text into segments, one after another, with one compressor state.
 pub struct Deflater {
     z: Compress,
+    out: Vec<u8>,
     segment: Segment,
 }
 
@@ -52,6 +86,7 @@ impl Default for Deflater {
     fn default() -> Self {
         Self {
             z: Compress::new(Compression::fast(), false),
+            out: Vec::with_capacity(ROOM),
             segment: Segment::default(),
         }
     }
@@ -62,14 +97,22 @@ impl Deflater {
     pub fn write(&mut self, text: &[u8]) -> io::Result<()> {
         self.segment.crc.update(text);
         self.segment.len += text.len() as u64;
-        self.run(text, FlushCompress::None)
+        for chunk in text.chunks(STEP) {
+            self.call(chunk, FlushCompress::None)?;
+        }
+        Ok(())
     }
 
     /// Ends the segment being made and starts the next from a fresh state.
     pub fn segment(&mut self) -> io::Result<Segment> {
-        self.run(&[], FlushCompress::Sync)?;
+        self.call(&[], FlushCompress::Sync)?;
+        if !self.segment.bytes.ends_with(&SYNC_MARK) {
+            return Err(io::Error::other("deflate: a sync flush did not complete"));
+        }
         self.z.reset();
-        Ok(std::mem::take(&mut self.segment))
+        let mut done = std::mem::take(&mut self.segment);
+        done.bytes.shrink_to_fit();
+        Ok(done)
     }
 
     /// `text` deflated as a segment of its own.
@@ -78,28 +121,27 @@ impl Deflater {
         self.segment()
     }
 
-    fn run(&mut self, mut input: &[u8], flush: FlushCompress) -> io::Result<()> {
-        let out = &mut self.segment.bytes;
+    /// Compresses `input` (at most `STEP` bytes) into the segment, with `ROOM` free each time.
+    fn call(&mut self, mut input: &[u8], flush: FlushCompress) -> io::Result<()> {
         loop {
-            if out.capacity() - out.len() < 1024 {
-                out.reserve((input.len() / 4).max(16 << 10));
-            }
+            self.out.clear();
             let before = self.z.total_in();
             self.z
-                .compress_vec(input, out, flush)
+                .compress_vec(input, &mut self.out, flush)
                 .map_err(io::Error::other)?;
             let taken = (self.z.total_in() - before) as usize;
             input = input.get(taken..).unwrap_or_default();
-            // Done when every byte is taken and, for a flush, the flush did not fill the
-            // output (zlib's rule: with room left over, everything pending was written).
-            if input.is_empty() && out.len() < out.capacity() {
+            self.segment.bytes.extend_from_slice(&self.out);
+            // With room left over, all the input is taken and any flush written.
+            if input.is_empty() && self.out.len() < self.out.capacity() {
                 return Ok(());
             }
         }
     }
 }
 
-/// Every series of a shard by family, each family's text deflated as one segment.
+/// Every series of a shard by family, each family's text deflated as one segment (stored, if
+/// it is small).
 pub fn encode_shard(state: &ShardState, format: Format) -> io::Result<Vec<FamilyPart<Segment>>> {
     let families = state.families();
     // In the shard's series order within each family, as the text encoder writes them.
@@ -117,18 +159,24 @@ pub fn encode_shard(state: &ShardState, format: Format) -> io::Result<Vec<Family
         if series.is_empty() {
             continue;
         }
+        let mut deflating = false;
         for s in series {
             render.series(&mut scratch, &desc.name, s);
             if scratch.len() >= SCRATCH {
                 deflater.write(scratch.as_bytes())?;
                 scratch.clear();
+                deflating = true;
             }
         }
-        deflater.write(scratch.as_bytes())?;
+        let body = if !deflating && scratch.len() < SMALL {
+            Segment::stored(scratch.as_bytes())
+        } else {
+            deflater.segment_of(scratch.as_bytes())?
+        };
         scratch.clear();
         parts.push(FamilyPart {
             desc: desc.clone(),
-            body: deflater.segment()?,
+            body,
         });
     }
     Ok(parts)
@@ -152,24 +200,13 @@ pub fn gzip<'a>(segments: impl IntoIterator<Item = &'a Segment>) -> Vec<u8> {
     out
 }
 
-/// The scrape's pieces gzipped: each family header deflated here, the shards' segments as
-/// they are.
+/// The scrape's pieces to gzip: each family header stored as it is (headers are small, and
+/// this runs on an I/O thread), the shards' segments as they came.
 pub fn stitch(
     shard_parts: Vec<Vec<FamilyPart<Segment>>>,
     format: Format,
-) -> io::Result<(Vec<Piece<Segment>>, usize)> {
-    let mut deflater = Deflater::default();
-    let mut failed = None;
-    let (pieces, conflicts) = super::prometheus::stitch_with(shard_parts, format, |text| {
-        deflater.segment_of(text.as_bytes()).unwrap_or_else(|e| {
-            failed.get_or_insert(e);
-            Segment::default()
-        })
-    });
-    match failed {
-        Some(e) => Err(e),
-        None => Ok((pieces, conflicts)),
-    }
+) -> (Vec<Piece<Segment>>, usize) {
+    super::prometheus::stitch_with(shard_parts, format, |text| Segment::stored(text.as_bytes()))
 }
 
 #[cfg(test)]
@@ -206,16 +243,22 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                // One deflater for some, a fresh one for others, as shards and headers are.
-                if i % 2 == 0 {
-                    shared.segment_of(t.as_bytes())
-                } else {
-                    Deflater::default().segment_of(t.as_bytes())
+                // One deflater for some, a fresh one for others, stored blocks (headers, small
+                // families) for the rest.
+                match i % 3 {
+                    0 => shared.segment_of(t.as_bytes()).expect("deflated"),
+                    1 => Deflater::default()
+                        .segment_of(t.as_bytes())
+                        .expect("deflated"),
+                    _ => Segment::stored(t.as_bytes()),
                 }
-                .expect("deflated")
             })
             .collect();
         assert!(segments[3].deflated_len() < SCRATCH, "repeats compress");
+        // Stored over more than one block's 65,535 bytes.
+        let blocks = texts[2].len().div_ceil(0xffff);
+        assert!(blocks > 1);
+        assert_eq!(segments[2].deflated_len(), texts[2].len() + 5 * blocks);
         for order in [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]] {
             let gz = gzip(order.iter().map(|&i| &segments[i]));
             let want: String = order.iter().map(|&i| texts[i].as_str()).collect();
@@ -227,6 +270,45 @@ mod tests {
             assert!(gunzip(&bad).is_err(), "a corrupt CRC must not decode");
         }
         assert!(gunzip(&gzip([])).expect("an empty member").is_empty());
+    }
+
+    /// Text that compresses little: the deflater's buffers fill at every size and moment.
+    fn hard_text(seed: u64, len: usize) -> String {
+        let mut x = seed | 1;
+        let mut out = String::with_capacity(len + 32);
+        while out.len() < len {
+            // xorshift64: cheap, and varied enough to defeat long matches.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.push_str(itoa::Buffer::new().format(x % 100_000_007));
+            out.push(if x.is_multiple_of(7) { '\n' } else { ' ' });
+        }
+        out
+    }
+
+    #[test]
+    fn every_segment_ends_flushed_whatever_its_size_and_writes() {
+        let mut deflater = Deflater::default();
+        let mut texts = Vec::new();
+        let mut segments = Vec::new();
+        // Lengths in fine steps, so that the compressor's internal blocks end at every offset
+        // from a segment's end (with too little room, some flushes then come out unfinished).
+        for i in 0..2_000u64 {
+            let len = 20_000 + i as usize * 29 + (i as usize % 50 / 49) * 5 * SCRATCH;
+            let text = hard_text(i + 1, len);
+            // Written as the shards write: in pieces of about the scratch size, some odd.
+            let step = SCRATCH + (i as usize % 5) * 4_099;
+            for chunk in text.as_bytes().chunks(step) {
+                deflater.write(chunk).expect("deflated");
+            }
+            let seg = deflater.segment().expect("flushed");
+            assert!(seg.bytes.ends_with(&SYNC_MARK), "segment {i} ({len} bytes)");
+            texts.push(text);
+            segments.push(seg);
+        }
+        let want: String = texts.concat();
+        assert!(gunzip(&gzip(&segments)).expect("a valid member") == want);
     }
 
     /// Two shards of a spanmetrics workload, a family of each shard far over the scratch size.
@@ -262,7 +344,7 @@ mod tests {
                 .iter()
                 .map(|s| encode_shard(s, format).expect("deflated"))
                 .collect();
-            let (pieces, conflicts) = stitch(parts, format).expect("deflated");
+            let (pieces, conflicts) = stitch(parts, format);
             let gz = gzip(pieces.iter().map(|p| &p.text));
             assert_eq!(conflicts, text_conflicts);
             let len: u64 = pieces.iter().map(|p| p.text.text_len()).sum();

@@ -244,10 +244,10 @@ async fn gzipped_scrape(state: &AppState, format: Format) -> Scrape {
         .into_iter()
         .collect::<Result<Vec<_>, _>>()
         .map_err(failed)?;
-    let (pieces, conflicts) = gzip_parts::stitch(parts, format).map_err(failed)?;
+    let (pieces, conflicts) = gzip_parts::stitch(parts, format);
     let size = pieces.iter().map(|p| p.text.text_len()).sum();
     let body = gzip_parts::gzip(pieces.iter().map(|p| &p.text));
-    drop(scrape_body::homed(pieces, &state.table));
+    scrape_body::send_home(pieces, &state.table);
     Ok((axum::body::Body::from(body), size, conflicts))
 }
 
@@ -293,9 +293,12 @@ async fn snapshot(State(state): State<Arc<AppState>>, Query(q): Query<SnapshotQu
         }
     };
     let body = ipc_stream(&batches);
-    // Built on the shards: freed there, so their pages go back to the OS now.
+    // Built on the shards: freed there, and their pages handed back (at most once a second
+    // per shard, however often clients ask).
     for (i, b) in batches.into_iter().enumerate() {
-        state.table.free_on_shard(i, b, || true);
+        state.table.free_on_shard(i, b, || {
+            crate::memory::release_when_idle();
+        });
     }
     match body {
         Ok(body) => (

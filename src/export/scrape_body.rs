@@ -10,7 +10,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 
@@ -24,9 +24,10 @@ pub struct Homed<T: Send + 'static> {
     home: Option<Home>,
 }
 
-/// Where a piece goes back to, and how many of its shard's pieces are still out.
+/// Where a piece goes back to, and how many of its shard's pieces are still out. Weak: a
+/// scraper that stalls must not keep the shards alive past shutdown.
 struct Home {
-    table: Arc<Table>,
+    table: Weak<Table>,
     shard: usize,
     out: Arc<AtomicUsize>,
 }
@@ -42,29 +43,44 @@ impl<T: Send + 'static> Drop for Homed<T> {
         let (Some(text), Some(home)) = (self.text.take(), self.home.take()) else {
             return;
         };
+        let Some(table) = home.table.upgrade() else {
+            return;
+        };
         // Counted on the shard, after the drop, so the last piece's release comes after every
         // earlier piece of the scrape is freed, whichever threads dropped them.
         let out = home.out;
-        home.table.free_on_shard(home.shard, text, move || {
-            out.fetch_sub(1, Ordering::AcqRel) == 1
+        table.free_on_shard(home.shard, text, move || {
+            if out.fetch_sub(1, Ordering::AcqRel) == 1 {
+                release();
+            }
         });
     }
 }
 
+/// Hands a shard's freed pages to the OS after a scrape: at most once a second per shard, so a
+/// client scraping in a loop cannot make the shards collect on every request.
+fn release() {
+    crate::memory::release_when_idle();
+}
+
 /// Gives each shard's pieces a way home; headers (rendered here) stay as they are.
 pub fn homed<T: Send + 'static>(pieces: Vec<Piece<T>>, table: &Arc<Table>) -> Vec<Homed<T>> {
-    let counters: Vec<Arc<AtomicUsize>> = (0..table.len())
-        .map(|i| {
-            let n = pieces.iter().filter(|p| p.shard == Some(i)).count();
-            Arc::new(AtomicUsize::new(n))
-        })
+    let mut out_per_shard = vec![0usize; table.len()];
+    for p in &pieces {
+        if let Some(n) = p.shard.and_then(|i| out_per_shard.get_mut(i)) {
+            *n += 1;
+        }
+    }
+    let counters: Vec<Arc<AtomicUsize>> = out_per_shard
+        .into_iter()
+        .map(|n| Arc::new(AtomicUsize::new(n)))
         .collect();
     pieces
         .into_iter()
         .map(|p| {
             let home = p.shard.and_then(|i| {
                 counters.get(i).map(|out| Home {
-                    table: table.clone(),
+                    table: Arc::downgrade(table),
                     shard: i,
                     out: out.clone(),
                 })
@@ -75,6 +91,21 @@ pub fn homed<T: Send + 'static>(pieces: Vec<Piece<T>>, table: &Arc<Table>) -> Ve
             }
         })
         .collect()
+}
+
+/// Sends the shards' pieces home at once, one visit per shard; headers are freed here.
+pub fn send_home<T: Send + 'static>(pieces: Vec<Piece<T>>, table: &Table) {
+    let mut per_shard: Vec<Vec<T>> = (0..table.len()).map(|_| Vec::new()).collect();
+    for p in pieces {
+        if let Some(v) = p.shard.and_then(|i| per_shard.get_mut(i)) {
+            v.push(p.text);
+        }
+    }
+    for (i, texts) in per_shard.into_iter().enumerate() {
+        if !texts.is_empty() {
+            table.free_on_shard(i, texts, release);
+        }
+    }
 }
 
 /// The pieces as the chunks of a body, each sent home once written.
@@ -154,15 +185,52 @@ mod tests {
         ])
     }
 
+    /// Fresh shards, whose threads have not released yet (a release is at most once a second).
+    fn table() -> Arc<Table> {
+        Arc::new(Table::start(ShardConfig::default(), 2, 4).expect("shards"))
+    }
+
     #[tokio::test]
     async fn the_body_is_the_pieces_in_order_and_each_is_freed_on_its_shard() {
-        let table = Arc::new(Table::start(ShardConfig::default(), 2, 4).expect("shards"));
-
+        let table = table();
         let freed_on = Arc::default();
+        let released = crate::memory::releases();
         let body: Vec<u8> = plain(homed(pieces(&freed_on), &table))
             .flat_map(|b| b.expect("a chunk").to_vec())
             .collect();
         assert!(body == expected().as_bytes(), "the plain body differs");
         assert_eq!(freed(&table, &freed_on).await, homes());
+        // Each shard handed its pages back once its last piece was home.
+        assert!(
+            crate::memory::releases() >= released + 2,
+            "no release after the scrape"
+        );
+    }
+
+    #[tokio::test]
+    async fn pieces_sent_home_at_once_are_freed_on_their_shards() {
+        let table = table();
+        let freed_on = Arc::default();
+        let released = crate::memory::releases();
+        send_home(pieces(&freed_on), &table);
+        assert_eq!(freed(&table, &freed_on).await, homes());
+        assert!(
+            crate::memory::releases() >= released + 2,
+            "no release after the scrape"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_piece_outliving_its_shards_is_freed_where_it_is_dropped() {
+        let table = table();
+        let freed_on = Arc::default();
+        let pieces = homed(pieces(&freed_on), &table);
+        // The table goes, as at shutdown, while a stalled scrape still holds its body.
+        drop(table);
+        drop(pieces);
+        let here = std::thread::current().name().unwrap_or("").to_owned();
+        let threads: Vec<String> = freed_on.lock().expect("not poisoned").clone();
+        assert_eq!(threads.len(), 200);
+        assert!(threads.iter().all(|t| *t == here), "freed on {threads:?}");
     }
 }

@@ -284,7 +284,7 @@ fn expose(states: &[ShardState]) -> String {
             .iter()
             .map(|s| gzip_parts::encode_shard(s, format).expect("deflated"))
             .collect();
-        let (pieces, gz_conflicts) = gzip_parts::stitch(parts, format).expect("deflated");
+        let (pieces, gz_conflicts) = gzip_parts::stitch(parts, format);
         let gz = gzip_parts::gzip(pieces.iter().map(|p| &p.text));
         let unzipped =
             crate::ingest::body::decode(gz.into(), crate::ingest::body::Encoding::Gzip, 1 << 30)

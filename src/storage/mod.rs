@@ -313,7 +313,7 @@ impl Storage {
             series_budget = series_budget.max(budget);
             let (part, written) = writer.write(part).await?;
             // Freed on the shard that built it, which then hands the pages back.
-            table.free_on_shard(i, part, || true);
+            table.free_on_shard(i, part, crate::memory::release_freed);
             written?;
         }
         let meta = Meta {

@@ -2,13 +2,14 @@
 //! blocks compressed apart. Prometheus and Alloy ask for gzip on every scrape. Rendering the
 //! whole exposition as text and compressing it on the I/O thread held the text at its full size
 //! (20 MB at 200 pods × 200 routes) for a body a twentieth of that. Here each shard renders a
-//! family 64 KiB at a time straight into a deflater, so a scrape holds the compressed parts and
+//! family 256 KiB at a time straight into a deflater, so a scrape holds the compressed parts and
 //! a little scratch, and the shards compress in parallel.
 //!
-//! Invariants: every [`Segment`] is raw deflate ending in a sync flush (byte-aligned, no final
-//! block), compressed from a fresh state, so segments concatenate into one valid stream in any
-//! order; [`gzip`] closes that stream with an empty final block and a trailer of the CRC-32
-//! (combined from the segments' own) and the length, mod 2^32 (RFC 1952).
+//! Invariants: every [`Segment`] is raw deflate that ends byte-aligned with no final block and
+//! refers to nothing before it (deflated from a fresh state and ended by a sync flush, or stored
+//! blocks), so segments concatenate into one valid stream in any order; [`gzip`] closes that
+//! stream with an empty final block and a trailer of the CRC-32 (combined from the segments'
+//! own) and the length, mod 2^32 (RFC 1952).
 
 use std::io;
 
@@ -20,7 +21,7 @@ use crate::aggregate::shard::ShardState;
 
 /// Text gathered before it is deflated: large enough for the deflater to work in long runs,
 /// small next to a family's text.
-const SCRATCH: usize = 64 << 10;
+const SCRATCH: usize = 256 << 10;
 /// A family's text under this is stored, not deflated: starting a deflated segment resets the
 /// compressor (~300 KB of state zeroed), which must not cost more than the text is worth when
 /// a client has made thousands of small families.

@@ -19,7 +19,6 @@
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a thread keeps freed pages at least, between idle releases.
@@ -29,12 +28,16 @@ thread_local! {
     static LAST_RELEASE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Releases made since the process started, on any thread.
-static RELEASES: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// A release asked for within a second of the last one: done once it is due.
+    static PENDING: Cell<bool> = const { Cell::new(false) };
+    /// Releases this thread has made.
+    static RELEASED: Cell<u64> = const { Cell::new(0) };
+}
 
-/// How many releases any thread has made so far.
-pub fn releases() -> u64 {
-    RELEASES.load(Ordering::Relaxed)
+/// How many releases the calling thread has made.
+pub fn releases_here() -> u64 {
+    RELEASED.with(Cell::get)
 }
 
 /// Frees this thread's empty mimalloc pages and purges every free arena page to the OS now.
@@ -45,7 +48,8 @@ pub fn release_freed() {
     // time (mimalloc runs the same collection itself when a thread exits).
     unsafe { libmimalloc_sys::mi_collect(true) }
     LAST_RELEASE.with(|l| l.set(Some(Instant::now())));
-    RELEASES.fetch_add(1, Ordering::Relaxed);
+    PENDING.with(|p| p.set(false));
+    RELEASED.with(|r| r.set(r.get() + 1));
 }
 
 /// [`release_freed`], unless this thread did so less than a second ago: for a thread about to
@@ -56,6 +60,22 @@ pub fn release_when_idle() -> bool {
         release_freed();
     }
     due
+}
+
+/// [`release_freed`] now, or, if this thread did so less than a second ago, once that second
+/// is over ([`release_pending`]): after a scrape, which any client may ask for in a loop.
+pub fn release_soon() {
+    if !release_when_idle() {
+        PENDING.with(|p| p.set(true));
+    }
+}
+
+/// Makes the release [`release_soon`] put off, once it is due: for a thread's work loop, so a
+/// thread that never idles still hands the pages back.
+pub fn release_pending() {
+    if PENDING.with(Cell::get) {
+        release_when_idle();
+    }
 }
 
 #[cfg(test)]

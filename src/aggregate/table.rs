@@ -303,6 +303,8 @@ fn run(
                 }
             }
         }
+        // A release put off after a scrape, made even if ingest never lets this shard idle.
+        crate::memory::release_pending();
         if last_sweep.elapsed() >= sweep_every && sweeps_paused.load(Ordering::Acquire) == 0 {
             last_sweep = Instant::now();
             let (series, sources) = state.sweep();

@@ -87,7 +87,7 @@ impl Default for Deflater {
     fn default() -> Self {
         Self {
             z: Compress::new(Compression::fast(), false),
-            out: Vec::with_capacity(ROOM),
+            out: vec![0; ROOM],
             segment: Segment::default(),
         }
     }
@@ -125,17 +125,22 @@ impl Deflater {
     /// Compresses `input` (at most `STEP` bytes) into the segment, with `ROOM` free each time.
     fn call(&mut self, mut input: &[u8], flush: FlushCompress) -> io::Result<()> {
         loop {
-            self.out.clear();
-            let before = self.z.total_in();
+            let (before_in, before_out) = (self.z.total_in(), self.z.total_out());
+            // A slice, not `compress_vec`: flate2 zero-fills a Vec's spare room on every call.
             self.z
-                .compress_vec(input, &mut self.out, flush)
+                .compress(input, &mut self.out, flush)
                 .map_err(io::Error::other)?;
-            let taken = (self.z.total_in() - before) as usize;
+            let taken = (self.z.total_in() - before_in) as usize;
+            let made = (self.z.total_out() - before_out) as usize;
             input = input.get(taken..).unwrap_or_default();
-            self.segment.bytes.extend_from_slice(&self.out);
+            let made = self.out.get(..made).unwrap_or_default();
+            self.segment.bytes.extend_from_slice(made);
             // With room left over, all the input is taken and any flush written.
-            if input.is_empty() && self.out.len() < self.out.capacity() {
+            if input.is_empty() && made.len() < ROOM {
                 return Ok(());
+            }
+            if taken == 0 && made.is_empty() {
+                return Err(io::Error::other("deflate: no progress"));
             }
         }
     }

@@ -296,9 +296,7 @@ async fn snapshot(State(state): State<Arc<AppState>>, Query(q): Query<SnapshotQu
     // Built on the shards: freed there, and their pages handed back (at most once a second
     // per shard, however often clients ask).
     for (i, b) in batches.into_iter().enumerate() {
-        state.table.free_on_shard(i, b, || {
-            crate::memory::release_when_idle();
-        });
+        state.table.free_on_shard(i, b, crate::memory::release_soon);
     }
     match body {
         Ok(body) => (

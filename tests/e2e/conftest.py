@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -112,7 +113,28 @@ def spanagg():
         assert s.stop() == 0, "".join(s.log)
 
 
+def _ephemeral_range():
+    try:
+        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
+    """A port free now, chosen below the kernel's ephemeral range. A port from bind(0) is an
+    ephemeral one: between this check and the server binding it, any outgoing connection (a
+    Collector dialing spanagg) may take it as its source port, and the server then fails with
+    "address already in use"."""
+    lo, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(max(1024, lo - 12000), lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -121,23 +121,29 @@ def _ephemeral_range():
         return 32768, 60999
 
 
+# Ports handed out in this session: a port is not bound until its server starts, so a later
+# pick must not land on it meanwhile.
+_GIVEN = set()
+
+
 def free_port():
-    """A port free now, chosen below the kernel's ephemeral range. A port from bind(0) is an
-    ephemeral one: between this check and the server binding it, any outgoing connection (a
-    Collector dialing spanagg) may take it as its source port, and the server then fails with
-    "address already in use"."""
+    """A port free now, never handed out before in this session, chosen below the kernel's
+    ephemeral range. A port from bind(0) is an ephemeral one: before the server binds it, an
+    outgoing connection (a Collector dialing spanagg) may take it as its source port, or a later
+    bind(0) may return it again, and the server then fails with "address already in use"."""
     lo, _ = _ephemeral_range()
-    for _ in range(200):
+    for _ in range(1000):
         port = random.randrange(max(1024, lo - 12000), lo)
+        if port in _GIVEN:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class Prometheus:

@@ -189,9 +189,18 @@ pub fn encode_shard(state: &ShardState, format: Format) -> io::Result<Vec<Family
 }
 
 /// The gzip member of the segments in order: header, segments, an empty final block, trailer.
-pub fn gzip<'a>(segments: impl IntoIterator<Item = &'a Segment>) -> Vec<u8> {
+pub fn gzip<'a>(segments: impl IntoIterator<Item = &'a Segment> + Clone) -> Vec<u8> {
+    // Sized once: the header, the segments, the final block and the trailer.
+    let size = 10
+        + segments
+            .clone()
+            .into_iter()
+            .map(|s| s.bytes.len())
+            .sum::<usize>()
+        + 10;
+    let mut out = Vec::with_capacity(size);
     // No name, no mtime, no flags; OS "unknown".
-    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
     let mut crc = Crc::new();
     let mut len = 0u64;
     for s in segments {

@@ -142,30 +142,35 @@ fn wants_gzip(headers: &HeaderMap) -> bool {
 }
 
 fn body_response(headers: &HeaderMap, content_type: &'static str, text: String) -> Response {
-    let mut res = if wants_gzip(headers) {
-        let mut enc = GzEncoder::new(
-            Vec::with_capacity(text.len() / 8),
-            flate2::Compression::fast(),
-        );
-        match enc.write_all(text.as_bytes()).and_then(|()| enc.finish()) {
-            Ok(gz) => {
-                let mut r = gz.into_response();
-                r.headers_mut()
-                    .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                r
-            }
-            Err(_) => text.into_response(),
-        }
-    } else {
-        text.into_response()
+    let gzipped = wants_gzip(headers)
+        .then(|| {
+            let mut enc = GzEncoder::new(
+                Vec::with_capacity(text.len() / 8),
+                flate2::Compression::fast(),
+            );
+            enc.write_all(text.as_bytes()).and_then(|()| enc.finish())
+        })
+        .and_then(Result::ok);
+    let gzip = gzipped.is_some();
+    let mut res = match gzipped {
+        Some(gz) => gz.into_response(),
+        None => text.into_response(),
     };
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    res.headers_mut().insert(
+    set_headers(&mut res, content_type, gzip);
+    res
+}
+
+/// The headers every negotiated body carries; `Content-Encoding` when `gzip` says it is.
+fn set_headers(res: &mut Response, content_type: &'static str, gzip: bool) {
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
         header::VARY,
         HeaderValue::from_static("Accept, Accept-Encoding"),
     );
-    res
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -186,18 +191,7 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
     }
     state.telemetry.scrape_bytes.observe(size as f64);
     let mut res = body.into_response();
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    h.insert(
-        header::VARY,
-        HeaderValue::from_static("Accept, Accept-Encoding"),
-    );
-    if gzip {
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
+    set_headers(&mut res, format.content_type(), gzip);
     // The time to build the response (and gzip it), not the scraper's time to read it.
     state
         .telemetry

@@ -49,19 +49,14 @@ impl<T: Send + 'static> Drop for Homed<T> {
         // Counted on the shard, after the drop, so the last piece's release comes after every
         // earlier piece of the scrape is freed, whichever threads dropped them.
         let out = home.out;
+        // `release_soon`: at most once a second per shard, so a client scraping in a loop
+        // cannot make the shards collect on every request.
         table.free_on_shard(home.shard, text, move || {
             if out.fetch_sub(1, Ordering::AcqRel) == 1 {
-                release();
+                crate::memory::release_soon();
             }
         });
     }
-}
-
-/// Hands a shard's freed pages to the OS after a scrape: at most once a second per shard (a
-/// client scraping in a loop cannot make the shards collect on every request), and at the end
-/// of that second if it came too soon.
-fn release() {
-    crate::memory::release_soon();
 }
 
 /// Gives each shard's pieces a way home; headers (rendered here) stay as they are.
@@ -104,7 +99,7 @@ pub fn send_home<T: Send + 'static>(pieces: Vec<Piece<T>>, table: &Table) {
     }
     for (i, texts) in per_shard.into_iter().enumerate() {
         if !texts.is_empty() {
-            table.free_on_shard(i, texts, release);
+            table.free_on_shard(i, texts, crate::memory::release_soon);
         }
     }
 }

@@ -35,7 +35,7 @@ use store::{internal, Add, NewSeries, Store};
 
 pub use budget::{overflow_key, OverflowLabels, Redirect, ServiceUse, ShardLimits, OVERFLOW_LABEL};
 pub use config::{SeriesFilter, ShardConfig};
-pub use persist::{RestoreError, SeriesRecord, StreamState, ValueRecord};
+pub use persist::{Part, RestoreError, SeriesRecord, StreamState, ValueRecord};
 
 type Map<K, V> = HashMap<K, V, RandomState>;
 
@@ -306,7 +306,13 @@ impl ShardState {
             // A stream we do not know (new, or expired after `series_ttl`) whose delta is older
             // than the TTL could be a replay of something applied before it expired.
             None if p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns => Verdict::TooLate,
-            None if !self.budget.stream_room(self.sources.len()) => return Outcome::StreamLimit,
+            // A cumulative stream turning delta replaces itself: it adds no stream. (Refusing it
+            // would also make a replay judge it against streams created after it.)
+            None if !self.sources.contains(p.source)
+                && !self.budget.stream_room(self.sources.len()) =>
+            {
+                return Outcome::StreamLimit
+            }
             None => Verdict::Apply,
         };
         let outcome = match verdict {

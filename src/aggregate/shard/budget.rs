@@ -100,6 +100,8 @@ pub struct Budget {
     /// The series budgets all shards draw from.
     quota: Arc<SeriesQuota>,
     limits: ShardLimits,
+    /// Overflow marks set again under another series key.
+    moves: u64,
 }
 
 impl Budget {
@@ -109,7 +111,13 @@ impl Budget {
             sticky: Map::default(),
             quota,
             limits,
+            moves: 0,
         }
+    }
+
+    /// How many times an overflow mark was set again under another series key.
+    pub fn moves(&self) -> u64 {
+        self.moves
     }
 
     /// Per-service use of this shard.
@@ -172,7 +180,12 @@ impl Budget {
             touched: clock,
             target: Some(service.clone()),
         };
-        self.sticky.insert(stored_key(p.source), sticky);
+        let series = sticky.series;
+        if let Some(old) = self.sticky.insert(stored_key(p.source), sticky) {
+            // Marked again under another key (the label projection changed): a checkpoint read
+            // in parts may have missed the mark.
+            self.moves += u64::from(old.series != series);
+        }
         let u = self.services.entry(service.clone()).or_default();
         u.overflowed += 1;
         u.touched = clock;

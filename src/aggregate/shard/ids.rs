@@ -14,7 +14,7 @@ use crate::aggregate::keytable::Chunked;
 pub struct SeriesId(NonZeroU32);
 
 impl SeriesId {
-    /// A dense index, below [`SeriesIds::bound`].
+    /// A dense index.
     pub(super) fn index(self) -> usize {
         self.0.get() as usize - 1
     }
@@ -30,11 +30,15 @@ impl SeriesId {
     }
 }
 
-/// Whether an id's series exists and how many sources hold the id.
+/// Whether an id's series exists, how many sources hold the id, and the series' stored key
+/// (kept while sources hold the id after the series is gone: a checkpoint reads such a stream
+/// with the series its points would create again). The key is two words, not a `u128`, so a
+/// slot stays 8-aligned.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     live: bool,
     sources: u32,
+    key: [u64; 2],
 }
 
 /// Allocates series ids and counts the sources that hold each.
@@ -45,11 +49,13 @@ pub struct SeriesIds {
 }
 
 impl SeriesIds {
-    /// An id for a new series; `None` only past 2^32 − 1 ids, which no memory limit reaches.
-    pub fn alloc(&mut self) -> Option<SeriesId> {
+    /// An id for a new series under the stored `key`; `None` only past 2^32 − 1 ids, which no
+    /// memory limit reaches.
+    pub fn alloc(&mut self, key: u128) -> Option<SeriesId> {
         let live = Slot {
             live: true,
             sources: 0,
+            key: [key as u64, (key >> 64) as u64],
         };
         if let Some(id) = self.free.pop() {
             if let Some(slot) = self.slots.get_mut(id.index()) {
@@ -67,9 +73,16 @@ impl SeriesIds {
         self.slots.get(id.index()).map_or(0, |s| s.sources)
     }
 
-    /// One past the highest index handed out: the size of a table indexed by id.
-    pub fn bound(&self) -> usize {
-        self.slots.len()
+    /// The stored key of the series `id` is (or was, while a source still holds it) for.
+    pub fn key(&self, id: SeriesId) -> Option<u128> {
+        let slot = self.slots.get(id.index())?;
+        Some(u128::from(slot.key[0]) | u128::from(slot.key[1]) << 64)
+    }
+
+    /// The stored key of the series of `id`, if that series exists.
+    pub fn live_key(&self, id: SeriesId) -> Option<u128> {
+        let live = self.slots.get(id.index())?.live;
+        self.key(id).filter(|_| live)
     }
 
     /// A source moved from feeding `from` to feeding `to` (either may be none).
@@ -109,20 +122,26 @@ mod tests {
     #[test]
     fn an_id_is_reused_only_when_its_series_and_all_its_sources_are_gone() {
         let mut ids = SeriesIds::default();
-        let a = ids.alloc().unwrap();
+        let a = ids.alloc(7).unwrap();
         ids.relink(None, Some(a));
         ids.series_removed(a);
-        let b = ids.alloc().unwrap();
+        let b = ids.alloc(8).unwrap();
         assert_ne!(a, b, "a source still holds a");
+        assert_eq!(
+            ids.key(a),
+            Some(7),
+            "the key outlives the series while a source holds it"
+        );
         ids.relink(Some(a), None);
-        assert_eq!(ids.alloc(), Some(a));
+        assert_eq!(ids.alloc(u128::MAX), Some(a));
         assert_eq!(ids.sources(a), 0);
+        assert_eq!(ids.key(a), Some(u128::MAX));
     }
 
     #[test]
     fn tags_round_trip_and_zero_is_none() {
         let mut ids = SeriesIds::default();
-        let a = ids.alloc().unwrap();
+        let a = ids.alloc(1).unwrap();
         assert_eq!(SeriesId::from_tag(SeriesId::tag(Some(a))), Some(a));
         assert_eq!(SeriesId::from_tag(SeriesId::tag(None)), None);
     }

@@ -51,6 +51,45 @@ pub enum RestoreError {
     Name(&'static str, String),
 }
 
+/// One of the parts a checkpoint reads a shard in, one visit each, so that it holds one part
+/// rather than the shard's whole state.
+///
+/// A series is in the part its key falls in, and every stream that feeds it (or fed it, or
+/// would) is read with it: replay's exactly-once check is per stream, so a series read at
+/// another instant than its streams would lose or double what was applied in between. Parts
+/// read at different instants are as exact as shards read one after another (`storage`
+/// explains why); overflow marks go with the series their points carry, pods with the last
+/// part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl Part {
+    pub const WHOLE: Self = Self { index: 0, of: 1 };
+
+    /// Whether rows keyed by the series of stored key `key` are in this part (rows without one,
+    /// which a shard cut in parts has none of, go with the last).
+    pub fn holds(self, key: Option<u128>) -> bool {
+        match key {
+            _ if self.of <= 1 => true,
+            // The low half: shards route by the top bits, so these are spread within one.
+            Some(k) => ((u128::from(k as u64) * u128::from(self.of)) >> 64) as u32 == self.index,
+            None => self.is_last(),
+        }
+    }
+
+    pub fn is_last(self) -> bool {
+        self.index.saturating_add(1) >= self.of
+    }
+
+    /// All the parts of a shard, in reading order.
+    pub fn all(of: u32) -> impl Iterator<Item = Self> {
+        (0..of.max(1)).map(move |index| Self { index, of })
+    }
+}
+
 /// A series value as a checkpoint holds it.
 pub enum ValueRecord<'a> {
     Counter(CounterValue),
@@ -65,8 +104,16 @@ pub enum ValueRecord<'a> {
 impl ShardState {
     /// Every live series with its key.
     pub fn series_records(&self) -> impl Iterator<Item = SeriesRecord<'_>> {
+        self.series_records_in(Part::WHOLE)
+    }
+
+    /// The live series of `part`, with their keys.
+    pub fn series_records_in(&self, part: Part) -> impl Iterator<Item = SeriesRecord<'_>> {
         let tables = self.store.tables();
         self.store.iter().filter_map(move |(key, _, series)| {
+            if !part.holds(Some(key)) {
+                return None;
+            }
             let family = tables.family(series.family)?;
             let bounds = match &series.value {
                 SeriesValue::Histogram { layout, .. } => tables.layout(*layout),
@@ -84,14 +131,40 @@ impl ShardState {
     /// Every source stream: its key, the key of the series it feeds (none for a cumulative
     /// stream only baselined, or one whose series expired), and its state.
     pub fn stream_records(&self) -> impl Iterator<Item = (u128, Option<u128>, StreamState)> + '_ {
-        let mut key_of: Vec<Option<u128>> = vec![None; self.ids.bound()];
-        for (key, id, _) in self.store.iter() {
-            if let Some(slot) = id.and_then(|id| key_of.get_mut(id.index())) {
-                *slot = Some(key);
-            }
+        self.stream_records_in(Part::WHOLE)
+    }
+
+    /// The source streams of `part`, as [`Self::stream_records`] gives them.
+    pub fn stream_records_in(
+        &self,
+        part: Part,
+    ) -> impl Iterator<Item = (u128, Option<u128>, StreamState)> + '_ {
+        self.sources.records(&self.ids, move |k| part.holds(k))
+    }
+
+    /// The overflow marks of `part`: each goes with the series its points carry.
+    pub fn sticky_streams_in(&self, part: Part) -> impl Iterator<Item = (u128, u128, bool)> + '_ {
+        self.sticky_streams()
+            .filter(move |(_, series, _)| part.holds(Some(*series)))
+    }
+
+    /// How many parts a checkpoint reads this shard in, each of about `rows` rows; one if any
+    /// stream does not know its series' key (restored without it: only read whole is it read
+    /// with its series).
+    pub fn checkpoint_parts(&self, rows: usize) -> u32 {
+        // Each part is a pass over the whole shard: past this many, parts grow instead.
+        const MOST: usize = 16;
+        if self.sources.any_without_part_key(&self.ids) {
+            return 1;
         }
-        self.sources
-            .records(move |id| key_of.get(id.index()).copied().flatten())
+        let all = self.series_len().saturating_add(self.sources_len());
+        all.div_ceil(rows.max(1)).clamp(1, MOST) as u32
+    }
+
+    /// Counts the streams and overflow marks that moved to another series' key: a checkpoint
+    /// read in parts during which one did may have read it twice, or not at all.
+    pub fn stream_moves(&self) -> u64 {
+        self.sources.moves() + self.budget.moves()
     }
 
     /// Rebuilds one series. Labels may come in any order.

@@ -57,6 +57,8 @@ pub struct Sources {
     /// Cumulative streams, by stored key (as the key table stores keys, so a checkpoint's
     /// stream rows find their entries again).
     cumulative: HashMap<u128, CumulativeSource, RandomState>,
+    /// Streams whose part key changed (see [`Self::part_key`]).
+    moves: u64,
 }
 
 impl Sources {
@@ -84,11 +86,14 @@ impl Sources {
             w.record(p.start_ns, p.end_ns, late_ns, p.fp);
             // The series expired and came back under a new id: follow it.
             let old = SeriesId::from_tag(std::mem::replace(tag, SeriesId::tag(Some(id))));
+            self.moves += u64::from(moved(old.and_then(|o| ids.key(o)), ids.key(id)));
             ids.relink(old, Some(id));
             return;
         }
         // A stream that changed temporality starts over.
         if let Some(old) = self.cumulative.remove(&stored_key(p.source)) {
+            let before = Self::cumulative_part_key(ids, &old);
+            self.moves += u64::from(moved(before, ids.key(id)));
             ids.relink(old.series, None);
         }
         ids.relink(None, Some(id));
@@ -129,7 +134,12 @@ impl Sources {
         }
         match self.deltas.remove(p.source) {
             // A stream that changed temporality starts over.
-            Some((tag, _)) => ids.relink(SeriesId::from_tag(tag), None),
+            Some((tag, _)) => {
+                let old = SeriesId::from_tag(tag);
+                let after = Some(stored_key(p.series));
+                self.moves += u64::from(moved(old.and_then(|o| ids.key(o)), after));
+                ids.relink(old, None);
+            }
             None if !new.room => return Err(Outcome::StreamLimit),
             None => {}
         }
@@ -163,7 +173,9 @@ impl Sources {
     /// Records that `p`'s cumulative stream feeds the series `id` (again, if it came back).
     pub fn link_cumulative(&mut self, ids: &mut SeriesIds, p: &Point, id: SeriesId) {
         if let Some(src) = self.cumulative.get_mut(&stored_key(p.source)) {
+            let before = Self::cumulative_part_key(ids, src);
             let old = src.series.replace(id);
+            self.moves += u64::from(moved(before, ids.key(id)));
             ids.relink(old, Some(id));
         }
     }
@@ -184,31 +196,58 @@ impl Sources {
         );
     }
 
-    /// Every stream: its key, the key of the series it feeds (`series_key` of its id; a
-    /// cumulative stream only baselined has none but still knows its points' key), and state.
+    /// Every stream `keep` takes: its key, the key of the series it feeds (a cumulative stream
+    /// only baselined feeds none but still knows its points' key), and its state. `keep` is
+    /// given the stream's part key (see [`Self::moves`]), so a state is cloned only if kept.
     pub fn records<'a>(
         &'a self,
-        series_key: impl Fn(SeriesId) -> Option<u128> + 'a,
+        ids: &'a SeriesIds,
+        keep: impl Fn(Option<u128>) -> bool + Copy + 'a,
     ) -> impl Iterator<Item = (u128, Option<u128>, StreamState)> + 'a {
-        let deltas = self.deltas.iter().map(|(key, tag, w)| {
-            (
-                key,
-                SeriesId::from_tag(tag),
-                0,
-                StreamState::Delta(w.clone()),
-            )
+        let live = |id: Option<SeriesId>| id.and_then(|id| ids.live_key(id));
+        let deltas = self.deltas.iter().filter_map(move |(key, tag, w)| {
+            let id = SeriesId::from_tag(tag);
+            keep(id.and_then(|id| ids.key(id)))
+                .then(|| (key, live(id), StreamState::Delta(w.clone())))
         });
-        let cumulative = self.cumulative.iter().map(|(key, s)| {
+        let cumulative = self.cumulative.iter().filter_map(move |(key, s)| {
+            if !keep(Self::cumulative_part_key(ids, s)) {
+                return None;
+            }
             let state = StreamState::Cumulative {
                 last: s.last.clone(),
                 feeds: s.series.is_some(),
             };
-            (*key, s.series, s.key, state)
+            let own = (s.key != 0).then_some(s.key);
+            Some((*key, live(s.series).or(own), state))
         });
-        deltas.chain(cumulative).map(move |(key, id, own, state)| {
-            let series = id.and_then(&series_key).or((own != 0).then_some(own));
-            (key, series, state)
-        })
+        deltas.chain(cumulative)
+    }
+
+    /// Whether any stream has no part key: one restored without its series' key.
+    pub fn any_without_part_key(&self, ids: &SeriesIds) -> bool {
+        self.deltas
+            .iter()
+            .any(|(_, tag, _)| SeriesId::from_tag(tag).and_then(|id| ids.key(id)).is_none())
+            || self
+                .cumulative
+                .values()
+                .any(|s| Self::cumulative_part_key(ids, s).is_none())
+    }
+
+    /// How many times a stream's part key changed. The part key decides which part of a
+    /// checkpoint a stream is read in: the key of the series it feeds, or fed (gone while the
+    /// stream lives on), or would feed. A stream's points always carry the same key unless the
+    /// label projection changed across a restart.
+    pub fn moves(&self) -> u64 {
+        self.moves
+    }
+
+    /// A cumulative stream's part key (see [`Self::moves`]).
+    fn cumulative_part_key(ids: &SeriesIds, s: &CumulativeSource) -> Option<u128> {
+        s.series
+            .and_then(|id| ids.key(id))
+            .or((s.key != 0).then_some(s.key))
     }
 
     /// Rebuilds one stream feeding `id` (if its series was restored) with points keyed
@@ -236,4 +275,9 @@ impl Sources {
             }
         }
     }
+}
+
+/// Whether a stream's part key changed from a known one.
+fn moved(before: Option<u128>, after: Option<u128>) -> bool {
+    before.is_some() && before != after
 }

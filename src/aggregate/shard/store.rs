@@ -8,7 +8,7 @@
 use crate::aggregate::interned::Interned;
 use crate::aggregate::interner::Interner;
 use crate::aggregate::key::{FamilyDesc, Labels};
-use crate::aggregate::keytable::KeyTable;
+use crate::aggregate::keytable::{stored_key, KeyTable};
 use crate::aggregate::layout::LayoutMismatch;
 use crate::aggregate::series::{BucketCounts, CounterValue, Series, SeriesValue};
 
@@ -188,7 +188,7 @@ impl Store {
         new: NewSeries<'_>,
         clock: u32,
     ) -> Option<SeriesId> {
-        let id = ids.alloc()?;
+        let id = ids.alloc(stored_key(key))?;
         if let SeriesValue::Histogram { layout, .. } = &new.value {
             self.tables.hold_layout(*layout);
         }

@@ -47,6 +47,7 @@ pub struct RawConfig {
     #[serde(with = "humantime_opt", default)]
     pub checkpoint_interval: Option<Duration>,
     pub checkpoint_keep: Option<usize>,
+    pub checkpoint_part_rows: Option<usize>,
     pub wal_segment_size: Option<ByteSize>,
     pub labels: RawLabels,
     pub histogram: RawHistogram,
@@ -197,6 +198,9 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// Checkpoints kept in the data dir. Default 3.
     pub checkpoint_keep: usize,
+    /// About how many rows a checkpoint reads from a shard at a time: what a checkpoint holds
+    /// on top of the state. Default 131072 (~8 MiB of stream rows).
+    pub checkpoint_part_rows: usize,
     /// A WAL segment is closed and a new one begun past this size. Default 64 MiB.
     pub wal_segment_size: u64,
     /// Resource attributes kept as output labels (`by`). Default [`DEFAULT_BY`].
@@ -296,6 +300,12 @@ impl Config {
         if checkpoint_keep == 0 {
             return Err(invalid("checkpoint_keep", "must be at least 1".into()));
         }
+        let checkpoint_part_rows = raw
+            .checkpoint_part_rows
+            .unwrap_or(crate::storage::PART_ROWS);
+        if checkpoint_part_rows == 0 {
+            return Err(invalid("checkpoint_part_rows", "must be at least 1".into()));
+        }
         let wal_segment_size = raw.wal_segment_size.unwrap_or(ByteSize::mib(64)).as_u64();
         if wal_segment_size < 4096 {
             return Err(invalid("wal_segment_size", "must be at least 4KiB".into()));
@@ -337,6 +347,7 @@ impl Config {
             durability: raw.durability.unwrap_or_default(),
             checkpoint_interval,
             checkpoint_keep,
+            checkpoint_part_rows,
             wal_segment_size,
             by: raw.labels.by.unwrap_or_else(|| owned(DEFAULT_BY)),
             without: raw.labels.without.unwrap_or_else(|| owned(DEFAULT_WITHOUT)),

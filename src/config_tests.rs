@@ -73,6 +73,7 @@ fn the_shipped_example_parses_and_matches_the_defaults() {
     assert_eq!(c.durability, d.durability);
     assert_eq!(c.checkpoint_interval, d.checkpoint_interval);
     assert_eq!(c.checkpoint_keep, d.checkpoint_keep);
+    assert_eq!(c.checkpoint_part_rows, d.checkpoint_part_rows);
     assert_eq!(c.wal_segment_size, d.wal_segment_size);
     assert_eq!(c.limits, d.limits);
     assert_eq!(c.input, d.input);
@@ -112,6 +113,8 @@ fn durability_is_wal_or_none() {
     assert!(err.contains("`durability`"), "{err}");
     let err = parse("checkpoint_keep: 0").unwrap_err().to_string();
     assert!(err.contains("`checkpoint_keep`"), "{err}");
+    let err = parse("checkpoint_part_rows: 0").unwrap_err().to_string();
+    assert!(err.contains("`checkpoint_part_rows`"), "{err}");
 }
 
 #[test]

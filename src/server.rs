@@ -128,6 +128,7 @@ async fn start_state(
                 .collect()
         },
     )?;
+    storage.set_part_rows(config.checkpoint_part_rows);
     let table = Arc::new(
         Table::start_with(restored.states, config.shard_queue_capacity.get())
             .map_err(ServeError::Shards)?,

@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::load::{try_post, Load};
 use common::{now_ns, Spanagg};
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
@@ -27,23 +25,6 @@ const SHAPE: Shape = Shape {
 const PER_REQUEST: u64 = 5;
 /// Calls in one `delta` (all routes).
 const ONE_DELTA: f64 = (PER_REQUEST * ROUTES as u64) as f64;
-
-/// One POST; `None` when the server is not there (refused, reset, killed mid-request).
-fn try_post(addr: SocketAddr, body: &[u8]) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let head = format!(
-        "POST /v1/metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: \
-         application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).ok()?;
-    s.write_all(body).ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let line = String::from_utf8_lossy(&raw);
-    line.split_whitespace().nth(1)?.parse().ok()
-}
 
 /// Sum of every sample of a family in a scrape.
 fn total(scrape: &str, prefix: &str) -> f64 {
@@ -143,56 +124,6 @@ fn a_clean_restart_serves_exactly_the_same_scrape_and_keeps_exactly_once() {
     );
 }
 
-/// Pods sending deltas as fast as they are acknowledged, each retrying until it is, across
-/// restarts (like an OTLP exporter's retry queue). Returns the acknowledged request count.
-struct Load {
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: Arc<Mutex<SocketAddr>>, pods: usize, t0: u64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let threads = (0..pods)
-            .map(|pod| {
-                let (stop, acked, addr) = (stop.clone(), acked.clone(), addr.clone());
-                std::thread::spawn(move || {
-                    let mut k = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let body = delta(100 + pod, k, t0);
-                        // Retried until acknowledged, even past `stop`: an unacknowledged
-                        // request may or may not have been applied, and only the retry settles it.
-                        loop {
-                            let a = *addr.lock().unwrap();
-                            if try_post(a, &body) == Some(200) {
-                                break;
-                            }
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        acked.fetch_add(1, Ordering::Relaxed);
-                        k += 1;
-                    }
-                })
-            })
-            .collect();
-        Self {
-            stop,
-            acked,
-            threads,
-        }
-    }
-
-    fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        self.acked.load(Ordering::Relaxed)
-    }
-}
-
 /// Waits (bounded) until the checkpoint directory holds a temp file, i.e. a checkpoint is being
 /// written; returns whether one was seen.
 fn wait_for_temp(dir: &std::path::Path, within: Duration) -> bool {
@@ -218,7 +149,7 @@ fn kill_9_under_load_and_mid_checkpoint_loses_and_doubles_nothing() {
     let base = 20_000.0 * PER_REQUEST as f64;
 
     let addr = Arc::new(Mutex::new(s.otlp_http));
-    let load = Load::start(addr.clone(), 4, t0);
+    let load = Load::start(addr.clone(), 4, move |pod, k| delta(100 + pod, k, t0));
     std::thread::sleep(Duration::from_millis(800));
     let dir = s.kill9();
     // The next checkpoint is held half written (its temp file's fsync waits on a flag), so
@@ -261,6 +192,64 @@ fn kill_9_under_load_and_mid_checkpoint_loses_and_doubles_nothing() {
     assert_eq!(observations(&s), expected, "histogram counts likewise");
     assert!(s.log_text().contains("replayed the write-ahead log"));
     eprintln!("acknowledged requests: {acked}");
+}
+
+/// The newest number after `key=` on a log line containing `what`.
+fn logged(s: &Spanagg, what: &str, key: &str) -> Option<u64> {
+    s.log_text()
+        .lines()
+        .rev()
+        .filter(|l| l.contains(what))
+        .find_map(|l| l.split(key).nth(1)?.split(' ').next()?.parse().ok())
+}
+
+#[test]
+fn a_checkpoint_read_in_parts_under_load_restores_exactly_after_kill_9() {
+    // Small parts: a checkpoint reads each shard in about ten visits while the load goes on.
+    let cfg = "checkpoint_interval: 400ms\ncheckpoint_part_rows: 500\n";
+    let s = Spanagg::start(cfg);
+    let t0 = now_ns() - 60_000_000_000;
+    let wide = common::one_service(2_000, 4, true);
+    s.post_ok(&request(&wide, 999, t0, t0 + 1_000_000).encode_to_vec());
+    let base = 2_000.0 * PER_REQUEST as f64;
+    let addr = Arc::new(Mutex::new(s.otlp_http));
+    let load = Load::start(addr.clone(), 4, move |pod, k| delta(100 + pod, k, t0));
+    // Two checkpoints written under the load: the second began after the wide request.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let written = |s: &Spanagg| s.log_text().matches("checkpoint written").count();
+    while written(&s) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let parts = logged(&s, "checkpoint written", "parts=").unwrap_or(0);
+    assert!(
+        parts >= 16,
+        "parts per checkpoint: {parts}\n{}",
+        s.log_text()
+    );
+    let dir = s.kill9();
+
+    let s = Spanagg::start_in(dir, cfg);
+    *addr.lock().unwrap() = s.otlp_http;
+    let series = logged(&s, "restored checkpoint", "series=").unwrap_or(0);
+    assert!(
+        series >= 4_000,
+        "the restored checkpoint holds the state: {series} series"
+    );
+    // The newest, read in parts: not an older one after it was found unreadable.
+    assert!(
+        !s.log_text().contains("unreadable checkpoint"),
+        "{}",
+        s.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let acked = load.finish();
+    let expected = base + acked as f64 * ONE_DELTA;
+    assert_eq!(
+        calls(&s),
+        expected,
+        "calls: every acknowledged delta exactly once"
+    );
+    assert_eq!(observations(&s), expected, "histogram counts likewise");
 }
 
 #[test]

@@ -144,6 +144,10 @@ pub enum CheckpointError {
     Parquet(parquet::errors::ParquetError),
     #[error("not a checkpoint this spanagg can read: {0}")]
     Format(String),
+    /// A stream moved to another series' key while its shard was read in parts, so it may have
+    /// been read twice or not at all; the next checkpoint reads the shards whole.
+    #[error("a stream moved to another series while its shard was read in parts; the next checkpoint reads shards whole")]
+    Moved,
 }
 
 impl From<parquet::errors::ParquetError> for CheckpointError {
@@ -165,6 +169,7 @@ impl CheckpointError {
                 None => "encode",
             },
             Self::Format(_) => "format",
+            Self::Moved => "moved",
         }
     }
 }
@@ -284,6 +289,8 @@ impl FileWriter {
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(128 * 1024))
+            .set_column_dictionary_enabled("key_lo".into(), false)
+            .set_column_dictionary_enabled("key_hi".into(), false)
             .set_created_by(format!("spanagg {}", env!("CARGO_PKG_VERSION")))
             .build();
         match ArrowWriter::try_new(file, checkpoint_schema(), Some(props)) {

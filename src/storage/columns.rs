@@ -21,7 +21,7 @@ use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef};
 use super::lazy::{Lazy, Zeros};
 use crate::aggregate::key::Kind;
 use crate::aggregate::series::{CumulativeValue, SeriesValue};
-use crate::aggregate::shard::{ShardState, StreamState};
+use crate::aggregate::shard::{Part, ShardState, StreamState};
 use crate::columnar::{append_labels, dict, doc, label_map, ts, LabelMapBuilder, FIXED_LABELS};
 
 fn list(t: DataType) -> DataType {
@@ -346,8 +346,26 @@ impl Builders {
 /// A shard's series, stream, and pod and overflowed-stream rows (three batches), built on the
 /// shard's thread.
 pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3], ArrowError> {
-    let mut b = Builders::with_capacity(state.series_len());
-    for r in state.series_records() {
+    part_batches(state, shard, Part::WHOLE)
+}
+
+/// The rows of one part of a shard (see [`Part`]), as [`shard_batches`] gives a whole shard's.
+pub fn part_batches(
+    state: &ShardState,
+    shard: u32,
+    part: Part,
+) -> Result<[RecordBatch; 3], ArrowError> {
+    // Sized for a part's share with room for keys that fall unevenly (pages reserved but never
+    // written are never resident); grown past that by doubling.
+    let share = |n: usize| match part.of {
+        0 | 1 => n,
+        of => {
+            let even = n.div_ceil(of as usize);
+            even + even / 8 + 64
+        }
+    };
+    let mut b = Builders::with_capacity(share(state.series_len()));
+    for r in state.series_records_in(part) {
         b.key("series", shard, r.key);
         let f = r.family;
         let kind = match f.kind {
@@ -388,8 +406,8 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
     }
     let series = b.finish()?;
 
-    let mut b = Builders::with_capacity(state.sources_len());
-    for (key, series_key, state) in state.stream_records() {
+    let mut b = Builders::with_capacity(share(state.sources_len()));
+    for (key, series_key, state) in state.stream_records_in(part) {
         b.key("stream", shard, key);
         b.no_series_columns();
         b.series_key(series_key);
@@ -438,7 +456,8 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
     let streams = b.finish()?;
 
     let mut b = Builders::with_capacity(0);
-    for (pod, service) in state.pods() {
+    let pods = state.pods().filter(|_| part.is_last());
+    for (pod, service) in pods {
         b.key("pod", shard, u128::from(pod));
         b.family.null();
         for (i, col) in b.fixed.get().iter_mut().enumerate() {
@@ -450,7 +469,7 @@ pub fn shard_batches(state: &ShardState, shard: u32) -> Result<[RecordBatch; 3],
         b.counter(None, None);
         b.no_stream_columns();
     }
-    for (source, series, global) in state.sticky_streams() {
+    for (source, series, global) in state.sticky_streams_in(part) {
         b.key("overflowed", shard, source);
         b.no_series_columns();
         // int_total 1: to the global overflow series (past limits.max_series).

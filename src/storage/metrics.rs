@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 type Reason = Vec<(&'static str, &'static str)>;
 
 /// Why a checkpoint failed (the `reason` label).
-pub const FAILURE_REASONS: [&str; 4] = ["disk_full", "io", "encode", "format"];
+pub const FAILURE_REASONS: [&str; 5] = ["disk_full", "io", "encode", "format", "moved"];
 
 #[derive(Clone)]
 pub struct StorageMetrics {
@@ -129,7 +129,7 @@ impl StorageMetrics {
         );
         r.register(
             "checkpoint_failures",
-            "Checkpoints that failed, by reason (disk_full, io, encode, format)",
+            "Checkpoints that failed, by reason (disk_full, io, encode, format, moved)",
             self.checkpoint_failures.clone(),
         );
         r.register(

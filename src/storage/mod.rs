@@ -21,13 +21,13 @@ pub mod wal;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use metrics::StorageMetrics;
 
-use crate::aggregate::shard::ShardState;
+use crate::aggregate::shard::{Part, ShardState};
 use crate::aggregate::table::Table;
 use crate::config::Durability;
 use checkpoint::{CheckpointError, Meta};
@@ -129,8 +129,17 @@ pub struct Storage {
     busy: tokio::sync::Mutex<()>,
     /// See `Restored::restore_once`.
     restore_once: std::sync::Mutex<Option<PathBuf>>,
+    /// About how many rows a checkpoint reads from a shard per visit (see `Part`).
+    part_rows: usize,
+    /// Set when a checkpoint read in parts failed because a stream moved between them: the
+    /// next one reads every shard whole.
+    whole_next: AtomicBool,
     _lock: File,
 }
+
+/// Rows a checkpoint reads from a shard per visit by default: one Parquet row group, ~8 MiB of
+/// stream rows.
+pub const PART_ROWS: usize = 128 * 1024;
 
 impl Storage {
     /// Locks the data directory and rebuilds the state. `make_states(start)` returns fresh
@@ -196,6 +205,8 @@ impl Storage {
             metrics,
             busy: tokio::sync::Mutex::new(()),
             restore_once: std::sync::Mutex::new(restored.restore_once.clone()),
+            part_rows: PART_ROWS,
+            whole_next: AtomicBool::new(false),
             _lock: lock,
         };
         Ok((storage, restored))
@@ -215,6 +226,11 @@ impl Storage {
             tracing::info!(path = %to.display(), "the restored clean-shutdown checkpoint is used: it will not be restored again");
         }
         Ok(())
+    }
+
+    /// Sets about how many rows a checkpoint reads from a shard per visit.
+    pub fn set_part_rows(&mut self, rows: usize) {
+        self.part_rows = rows.max(1);
     }
 
     pub fn wal_dir(&self) -> &Path {
@@ -253,32 +269,47 @@ impl Storage {
     ) -> Result<(PathBuf, u64), CheckpointError> {
         let _busy = self.busy.lock().await;
         let t = Instant::now();
-        let result = self.checkpoint_inner(table, clean).await;
+        let mut result = self.checkpoint_inner(table, clean).await;
+        if matches!(result, Err(CheckpointError::Moved)) {
+            // Rare (a projection changed across a restart, or a stream whose series expired sent
+            // to an overflow series in its own shard): counted, then read whole at once.
+            self.metrics
+                .checkpoint_failed(CheckpointError::Moved.reason());
+            tracing::warn!("{}", CheckpointError::Moved);
+            result = self.checkpoint_inner(table, clean).await;
+        }
         match &result {
-            Ok((path, size)) => {
+            Ok((path, size, parts)) => {
                 self.metrics
                     .checkpoint_duration
                     .observe(t.elapsed().as_secs_f64());
                 self.metrics.checkpoint_size.set(*size as i64);
                 self.metrics.checkpoint_success(crate::unix_ns());
-                tracing::info!(path = %path.display(), bytes = size, seconds = t.elapsed().as_secs_f64(), clean, "checkpoint written");
+                tracing::info!(path = %path.display(), bytes = size, seconds = t.elapsed().as_secs_f64(), parts, clean, "checkpoint written");
             }
             Err(e) => {
                 self.metrics.checkpoint_failed(e.reason());
                 tracing::error!(error = %e, "checkpoint failed: the previous one stays, ingestion goes on");
             }
         }
-        result
+        result.map(|(path, size, _)| (path, size))
     }
 
+    /// Writes a checkpoint; returns its path, size and how many parts its shards were read in.
     async fn checkpoint_inner(
         &self,
         table: &Table,
         clean: bool,
-    ) -> Result<(PathBuf, u64), CheckpointError> {
-        // Shards are read one after another (`offthread`). With no series expiring meanwhile,
-        // they agree on the quotas they share and on which streams expired, as if read at one
-        // instant; replay from the WAL position then rebuilds the state exactly.
+    ) -> Result<(PathBuf, u64, u32), CheckpointError> {
+        // Shards are read one after another (`offthread`), each in parts (`Part`): a series
+        // with every stream that feeds it at one instant, parts and shards at different ones.
+        // Replay from the WAL position rebuilds the state exactly because, with no series,
+        // stream or overflow mark going away meanwhile (sweeps are paused), each one read is
+        // there with everything applied to it before its read, and each one not read was
+        // created after its part's read, by a record that replay applies again. So a replayed
+        // record finds what it found when it was first applied; and where it counted toward a
+        // limit, it finds at least as many as then, and no more than a record accepted after
+        // it found (which the limit let in), so the limit decides as it did.
         let sweeps = table.pause_sweeps();
         // A sweep already under way when the pause began ends before this visit is answered.
         crate::export::gather(table, |_| ())
@@ -300,21 +331,37 @@ impl Storage {
         let seq = self.next_checkpoint.fetch_add(1, Ordering::Relaxed);
         let writer = offthread::Writer::start(self.checkpoint_dir.clone(), seq);
         let (mut series, mut streams, mut series_budget) = (0u64, 0u64, 0u64);
-        // One shard's rows at a time: the checkpoint's peak is a part, not the state.
+        let mut parts = 0u32;
+        let whole = self.whole_next.swap(false, Ordering::Relaxed);
+        let rows = self.part_rows;
+        // One part of one shard at a time: the checkpoint's peak is a part, not the state.
         for i in 0..table.len() {
-            let read =
-                move |s: &ShardState| (columns::shard_batches(s, i as u32), s.series_budget());
-            let (part, budget) = crate::export::gather_one(table, i, read)
-                .await
-                .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))?;
-            let part = part.map_err(|e| CheckpointError::Format(e.to_string()))?;
-            series += part[0].num_rows() as u64;
-            streams += part[1].num_rows() as u64;
+            // The first visit decides how many parts; the shard ingests between visits.
+            let first = move |s: &ShardState| {
+                let of = if whole { 1 } else { s.checkpoint_parts(rows) };
+                let part = Part { index: 0, of };
+                let batches = columns::part_batches(s, i as u32, part);
+                (of, s.stream_moves(), s.series_budget(), batches)
+            };
+            let (of, moves, budget, batches) = visit(table, i, first).await?;
+            parts = parts.saturating_add(of);
             series_budget = series_budget.max(budget);
-            let (part, written) = writer.write(part).await?;
-            // Freed on the shard that built it, which then hands the pages back.
-            table.free_on_shard(i, part, crate::memory::release_freed);
-            written?;
+            let mut rows = write_part(table, i, &writer, batches).await?;
+            for part in Part::all(of).skip(1) {
+                let read = move |s: &ShardState| {
+                    (s.stream_moves(), columns::part_batches(s, i as u32, part))
+                };
+                let (now, batches) = visit(table, i, read).await?;
+                if now != moves {
+                    table.free_on_shard(i, batches, crate::memory::release_freed);
+                    self.whole_next.store(true, Ordering::Relaxed);
+                    return Err(CheckpointError::Moved);
+                }
+                let more = write_part(table, i, &writer, batches).await?;
+                rows = (rows.0 + more.0, rows.1 + more.1);
+            }
+            series += rows.0;
+            streams += rows.1;
         }
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
@@ -329,11 +376,11 @@ impl Storage {
             series_budget,
         };
         drop(sweeps);
-        let written = writer.finish(meta).await?;
+        let (path, size) = writer.finish(meta).await?;
         if let Err(e) = self.prune() {
             tracing::warn!(error = %e, "could not prune old checkpoints or WAL segments");
         }
-        Ok(written)
+        Ok((path, size, parts))
     }
 
     /// Keeps the newest `keep` checkpoints, and the WAL from the second newest on, so that
@@ -362,6 +409,32 @@ impl Storage {
         }
         Ok(())
     }
+}
+
+/// Runs `read` on shard `i`'s thread.
+async fn visit<R: Send + 'static>(
+    table: &Table,
+    i: usize,
+    read: impl FnOnce(&ShardState) -> R + Send + 'static,
+) -> Result<R, CheckpointError> {
+    crate::export::gather_one(table, i, read)
+        .await
+        .ok_or_else(|| CheckpointError::Io(io::Error::other("a shard has stopped")))
+}
+
+/// Writes one part of shard `i` and frees it on that shard; returns its (series, stream) rows.
+async fn write_part(
+    table: &Table,
+    i: usize,
+    writer: &offthread::Writer,
+    batches: Result<offthread::ShardBatches, arrow_schema::ArrowError>,
+) -> Result<(u64, u64), CheckpointError> {
+    let part = batches.map_err(|e| CheckpointError::Format(e.to_string()))?;
+    let rows = (part[0].num_rows() as u64, part[1].num_rows() as u64);
+    let (part, written) = writer.write(part).await?;
+    // Freed on the shard that built it, which then hands the pages back.
+    table.free_on_shard(i, part, crate::memory::release_freed);
+    written.map(|()| rows)
 }
 
 /// Picks and loads the checkpoint to start from.

@@ -1,13 +1,11 @@
-//! Where a checkpoint's memory is allocated and freed, so that its peak is one shard's part
-//! and it leaves the process once the checkpoint is written (BENCHMARKS.md, "Where the soak's
-//! RSS went", "The checkpoint's peak at 5,000 pods").
+//! Where a checkpoint's memory is allocated and freed, so that its peak is one part of one
+//! shard and it leaves the process once the checkpoint is written (BENCHMARKS.md, "Where the
+//! soak's RSS went", "The checkpoint's peak at 5,000 pods", "A checkpoint in parts").
 //!
-//! Shards are read one after another: each builds its Arrow batches on its own thread, the
-//! writer encodes them, and they go back to that shard to drop before the next shard is read.
-//! So a checkpoint holds one shard's rows at a time, not the whole state. Reading the shards
-//! at different instants is as exact as reading them together: every read comes after the WAL
-//! position the checkpoint records, replay is idempotent, and no series expires between the
-//! reads (the caller pauses sweeps), so the shards agree on the quotas they share.
+//! Shards are read one after another, each in parts (`Part`): a part's Arrow batches are built
+//! on its shard's thread, the writer encodes them, and they go back to that shard to drop
+//! before the next part is read. So a checkpoint holds one part at a time, not the whole state.
+//! Why reading at different instants is exact: `checkpoint_inner` in `storage/mod.rs`.
 //!
 //! mimalloc returns a page only from the thread that owns it, and only when that thread next
 //! calls into the allocator; hence batches dropped on the shard that built them. The Parquet
@@ -26,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::checkpoint::{CheckpointError, FileWriter, Meta};
 
-/// One shard's series, stream, and pod rows, in `Table` index order.
+/// One part of a shard: its series, stream, and pod and overflow-mark rows.
 pub type ShardBatches = [RecordBatch; 3];
 
 type Written = Result<(PathBuf, u64), CheckpointError>;
@@ -67,7 +65,7 @@ impl Writer {
         Self { tx }
     }
 
-    /// Writes one shard's part and gives it back, to be dropped on its shard.
+    /// Writes one part and gives it back, to be dropped on its shard.
     pub async fn write(
         &self,
         part: ShardBatches,

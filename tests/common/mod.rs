@@ -18,6 +18,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
+pub mod load;
+
 pub const BOUNDS: [f64; 4] = [2.0, 10.0, 100.0, 1000.0];
 
 /// A running spanagg process.

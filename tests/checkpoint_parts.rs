@@ -313,3 +313,32 @@ fn a_cumulative_stream_turning_delta_at_the_stream_limit_is_applied() {
         "a new stream is still refused"
     );
 }
+
+/// A delta too old for a stream the shard does not know creates nothing, so it is refused
+/// before the series budget is consulted: no overflow mark that a replay, judging the budget
+/// against series created after it, could set differently.
+#[test]
+fn a_delta_too_late_for_a_new_stream_is_refused_before_the_series_budget() {
+    let mut s = ShardState::new(ShardConfig {
+        quota: Arc::new(SeriesQuota::new(0, u64::MAX)),
+        ..config()
+    });
+    // Accepted an hour after it ended: older than the TTL (15 minutes by default).
+    let late = |start: u64, end: u64| {
+        let req = request(&shape(3), 0, T + start * S, T + end * S);
+        batch(req, T + 3_600 * S)
+    };
+    let r = s.apply(&late(0, 10));
+    assert_eq!(r.get(Outcome::TooLate), 6);
+    assert!(r.redirect.is_none(), "nothing handed on to overflow");
+    assert_eq!(s.sticky_streams().count(), 0);
+    // A recent one still goes to overflow, and then the stream stays there.
+    let r = s.apply(&delta(0, 3, 10, 20));
+    assert_eq!(r.redirect.map(|r| r.points.len()), Some(6));
+    let r = s.apply(&late(20, 30));
+    assert_eq!(
+        r.redirect.map(|r| r.points.len()),
+        Some(6),
+        "a marked stream's deltas are judged where its window is"
+    );
+}

@@ -166,6 +166,11 @@ impl Budget {
         }
     }
 
+    /// Whether the stream `source` goes to an overflow series.
+    pub fn is_sticky(&self, source: u128) -> bool {
+        !self.sticky.is_empty() && self.sticky.contains_key(&stored_key(source))
+    }
+
     /// Hands `p` back for the overflow series of `service`, and marks its stream sticky.
     pub fn redirect(
         &mut self,

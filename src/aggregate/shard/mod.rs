@@ -231,6 +231,10 @@ impl ShardState {
                     }
                 },
             };
+            if self.too_late_for_a_new_stream(batch, p) {
+                result.counts[Outcome::TooLate as usize] += 1;
+                continue;
+            }
             let exists = self.store.get(p.series).is_some();
             let service = || service_of(batch, p);
             if let Admit::Overflow(service) = self.budget.admit(batch, p, exists, service) {
@@ -245,6 +249,18 @@ impl ShardState {
             result.counts[outcome as usize] += 1;
         }
         result
+    }
+
+    /// Whether `p` is a delta older than the TTL of a stream this shard does not hold (nor sent
+    /// to overflow): refused as `apply_delta` would, but before any budget is consulted. It
+    /// creates nothing, and a budget check it passed without using would be judged again on
+    /// replay against series created after it (checkpoint parts read later).
+    fn too_late_for_a_new_stream(&self, batch: &Batch, p: &Point) -> bool {
+        !batch.overflow
+            && p.temporality == Temporality::Delta
+            && p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns
+            && self.sources.window(p.source).is_none()
+            && !self.budget.is_sticky(p.source)
     }
 
     /// Pods seen within the TTL: resource identity hash and service.

@@ -75,17 +75,10 @@ fn bench(c: &mut Criterion) {
         let s = state(bounds);
         let write = |seq: u64| {
             let [a, b, pods] = shard_batches(&s, 0).unwrap();
+            let rows = (a.num_rows() as u64, b.num_rows() as u64);
             let meta = Meta {
-                format_version: checkpoint::FORMAT_VERSION,
-                schema_hash: checkpoint::schema_hash(),
-                created_ns: T,
-                wal_position: None,
-                state_start_ns: 0,
                 clean_shutdown: true,
-                shards: 1,
-                series: a.num_rows() as u64,
-                streams: b.num_rows() as u64,
-                series_budget: 0,
+                ..Meta::new(1, rows.0, rows.1, T)
             };
             checkpoint::write(&dir, seq, &meta, &[a, b, pods]).unwrap()
         };

@@ -131,18 +131,7 @@ fn checkpoint_and_replay(
     after.iter().for_each(|b| {
         live.apply(b);
     });
-    let meta = Meta {
-        format_version: checkpoint::FORMAT_VERSION,
-        schema_hash: checkpoint::schema_hash(),
-        created_ns: T,
-        wal_position: None,
-        state_start_ns: 0,
-        clean_shutdown: false,
-        shards: 1,
-        series,
-        streams,
-        series_budget: 0,
-    };
+    let meta = Meta::new(1, series, streams, T);
     let (path, _) = w.finish(&meta).expect("finish");
     let mut restored = vec![ShardState::new(config())];
     checkpoint::load(&path, &mut restored).expect("load");

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -141,15 +142,7 @@ fn wait_for_temp(dir: &std::path::Path, within: Duration) -> bool {
 fn kill_9_under_load_and_mid_checkpoint_loses_and_doubles_nothing() {
     // Many series make a checkpoint take long enough to be killed in the middle of one.
     let cfg = "checkpoint_interval: 300ms\n";
-    let s = Spanagg::start(cfg);
-    let t0 = now_ns() - 60_000_000_000;
-    let wide = common::one_service(20_000, 4, true);
-    let big = request(&wide, 999, t0, t0 + 1_000_000).encode_to_vec();
-    s.post_ok(&big);
-    let base = 20_000.0 * PER_REQUEST as f64;
-
-    let addr = Arc::new(Mutex::new(s.otlp_http));
-    let load = Load::start(addr.clone(), 4, move |pod, k| delta(100 + pod, k, t0));
+    let (s, addr, load, base) = wide_under_load(cfg, 20_000);
     std::thread::sleep(Duration::from_millis(800));
     let dir = s.kill9();
     // The next checkpoint is held half written (its temp file's fsync waits on a flag), so
@@ -180,18 +173,36 @@ fn kill_9_under_load_and_mid_checkpoint_loses_and_doubles_nothing() {
     );
     *addr.lock().unwrap() = s.otlp_http;
     std::thread::sleep(Duration::from_millis(500));
-    let acked = load.finish();
+    let acked = exactly_once(&s, load, base);
     assert!(acked > 20, "the load ran: {acked} requests");
+    assert!(s.log_text().contains("replayed the write-ahead log"));
+    eprintln!("acknowledged requests: {acked}");
+}
 
+/// A server started with `cfg`, sent one pod's delta over `routes` routes, then four pods'
+/// deltas as fast as they are acknowledged (retried across restarts through the returned
+/// address); returns the server, that address, the load, and the calls of the wide delta.
+fn wide_under_load(cfg: &str, routes: usize) -> (Spanagg, Arc<Mutex<SocketAddr>>, Load, f64) {
+    let s = Spanagg::start(cfg);
+    let t0 = now_ns() - 60_000_000_000;
+    let wide = common::one_service(routes, 4, true);
+    s.post_ok(&request(&wide, 999, t0, t0 + 1_000_000).encode_to_vec());
+    let addr = Arc::new(Mutex::new(s.otlp_http));
+    let load = Load::start(addr.clone(), 4, move |pod, k| delta(100 + pod, k, t0));
+    (s, addr, load, routes as f64 * PER_REQUEST as f64)
+}
+
+/// Stops the load and checks that `s` holds `base` plus every acknowledged delta exactly once.
+fn exactly_once(s: &Spanagg, load: Load, base: f64) -> u64 {
+    let acked = load.finish();
     let expected = base + acked as f64 * ONE_DELTA;
     assert_eq!(
-        calls(&s),
+        calls(s),
         expected,
         "calls: every acknowledged delta exactly once"
     );
-    assert_eq!(observations(&s), expected, "histogram counts likewise");
-    assert!(s.log_text().contains("replayed the write-ahead log"));
-    eprintln!("acknowledged requests: {acked}");
+    assert_eq!(observations(s), expected, "histogram counts likewise");
+    acked
 }
 
 /// The newest number after `key=` on a log line containing `what`.
@@ -207,13 +218,7 @@ fn logged(s: &Spanagg, what: &str, key: &str) -> Option<u64> {
 fn a_checkpoint_read_in_parts_under_load_restores_exactly_after_kill_9() {
     // Small parts: a checkpoint reads each shard in about ten visits while the load goes on.
     let cfg = "checkpoint_interval: 400ms\ncheckpoint_part_rows: 500\n";
-    let s = Spanagg::start(cfg);
-    let t0 = now_ns() - 60_000_000_000;
-    let wide = common::one_service(2_000, 4, true);
-    s.post_ok(&request(&wide, 999, t0, t0 + 1_000_000).encode_to_vec());
-    let base = 2_000.0 * PER_REQUEST as f64;
-    let addr = Arc::new(Mutex::new(s.otlp_http));
-    let load = Load::start(addr.clone(), 4, move |pod, k| delta(100 + pod, k, t0));
+    let (s, addr, load, base) = wide_under_load(cfg, 2_000);
     // Two checkpoints written under the load: the second began after the wide request.
     let deadline = Instant::now() + Duration::from_secs(30);
     let written = |s: &Spanagg| s.log_text().matches("checkpoint written").count();
@@ -242,14 +247,7 @@ fn a_checkpoint_read_in_parts_under_load_restores_exactly_after_kill_9() {
         s.log_text()
     );
     std::thread::sleep(Duration::from_millis(500));
-    let acked = load.finish();
-    let expected = base + acked as f64 * ONE_DELTA;
-    assert_eq!(
-        calls(&s),
-        expected,
-        "calls: every acknowledged delta exactly once"
-    );
-    assert_eq!(observations(&s), expected, "histogram counts likewise");
+    exactly_once(&s, load, base);
 }
 
 #[test]

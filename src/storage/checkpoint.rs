@@ -66,6 +66,24 @@ pub fn rfc3339(ns: u64) -> String {
 }
 
 impl Meta {
+    /// The footer of a checkpoint of `shards` shards holding `series` series and `streams`
+    /// streams, of this format, written at `created_ns`, after a state that began at 0, with no
+    /// WAL and not at a clean shutdown; the fields say otherwise where they differ.
+    pub fn new(shards: u32, series: u64, streams: u64, created_ns: u64) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            schema_hash: schema_hash(),
+            created_ns,
+            wal_position: None,
+            state_start_ns: 0,
+            clean_shutdown: false,
+            shards,
+            series,
+            streams,
+            series_budget: 0,
+        }
+    }
+
     fn to_kv(&self) -> Vec<KeyValue> {
         let kv = |k: &str, v: String| KeyValue::new(format!("{PREFIX}{k}"), v);
         vec![

@@ -11,9 +11,11 @@ import time
 from conftest import Prometheus, Spanagg, free_port
 from otelcol import CALLS, Collector, Expected, Pod, Traffic, assert_exact, scraped, send, wait_for
 
-# 24 services on 4 pods' sidecars, each service on two pods: with routing by service, adding a
-# fourth replica moves about a quarter of them (none move with probability (3/4)^24 = 0.1%).
-SERVICES = [f"svc{i:02}" for i in range(24)]
+# 48 services on 4 pods' sidecars, each service on two pods: with routing by service, adding a
+# fourth replica moves about a quarter of them: none move with probability (3/4)^48 ≈ 1e-6 on an
+# even hash ring. The ring is uneven (a hundred positions per replica, placed by hash), and with
+# 24 services a CI run once saw none of them land on the new replica.
+SERVICES = [f"svc{i:02}" for i in range(48)]
 PODS = [[s for j, s in enumerate(SERVICES) if j % 2 == p % 2] for p in range(4)]
 
 

@@ -163,8 +163,8 @@ pub enum CheckpointError {
     #[error("not a checkpoint this spanagg can read: {0}")]
     Format(String),
     /// A stream moved to another series' key while its shard was read in parts, so it may have
-    /// been read twice or not at all; the next checkpoint reads the shards whole.
-    #[error("a stream moved to another series while its shard was read in parts; the next checkpoint reads shards whole")]
+    /// been read twice or not at all; the checkpoint is taken again with shards read whole.
+    #[error("a stream moved to another series while its shard was read in parts; taken again with shards read whole")]
     Moved,
 }
 

@@ -21,7 +21,7 @@ pub mod wal;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -131,9 +131,6 @@ pub struct Storage {
     restore_once: std::sync::Mutex<Option<PathBuf>>,
     /// About how many rows a checkpoint reads from a shard per visit (see `Part`).
     part_rows: usize,
-    /// Set when a checkpoint read in parts failed because a stream moved between them: the
-    /// next one reads every shard whole.
-    whole_next: AtomicBool,
     _lock: File,
 }
 
@@ -206,7 +203,6 @@ impl Storage {
             busy: tokio::sync::Mutex::new(()),
             restore_once: std::sync::Mutex::new(restored.restore_once.clone()),
             part_rows: PART_ROWS,
-            whole_next: AtomicBool::new(false),
             _lock: lock,
         };
         Ok((storage, restored))
@@ -269,14 +265,14 @@ impl Storage {
     ) -> Result<(PathBuf, u64), CheckpointError> {
         let _busy = self.busy.lock().await;
         let t = Instant::now();
-        let mut result = self.checkpoint_inner(table, clean).await;
+        let mut result = self.checkpoint_inner(table, clean, false).await;
         if matches!(result, Err(CheckpointError::Moved)) {
             // Rare (a projection changed across a restart, or a stream whose series expired sent
             // to an overflow series in its own shard): counted, then read whole at once.
             self.metrics
                 .checkpoint_failed(CheckpointError::Moved.reason());
             tracing::warn!("{}", CheckpointError::Moved);
-            result = self.checkpoint_inner(table, clean).await;
+            result = self.checkpoint_inner(table, clean, true).await;
         }
         match &result {
             Ok((path, size, parts)) => {
@@ -295,11 +291,13 @@ impl Storage {
         result.map(|(path, size, _)| (path, size))
     }
 
-    /// Writes a checkpoint; returns its path, size and how many parts its shards were read in.
+    /// Writes a checkpoint, its shards read `whole` or in parts; returns its path, size and how
+    /// many parts its shards were read in.
     async fn checkpoint_inner(
         &self,
         table: &Table,
         clean: bool,
+        whole: bool,
     ) -> Result<(PathBuf, u64, u32), CheckpointError> {
         // Shards are read one after another (`offthread`), each in parts (`Part`): a series
         // with every stream that feeds it at one instant, parts and shards at different ones.
@@ -332,7 +330,6 @@ impl Storage {
         let writer = offthread::Writer::start(self.checkpoint_dir.clone(), seq);
         let (mut series, mut streams, mut series_budget) = (0u64, 0u64, 0u64);
         let mut parts = 0u32;
-        let whole = self.whole_next.swap(false, Ordering::Relaxed);
         let rows = self.part_rows;
         // One part of one shard at a time: the checkpoint's peak is a part, not the state.
         for i in 0..table.len() {
@@ -354,7 +351,6 @@ impl Storage {
                 let (now, batches) = visit(table, i, read).await?;
                 if now != moves {
                     table.free_on_shard(i, batches, crate::memory::release_freed);
-                    self.whole_next.store(true, Ordering::Relaxed);
                     return Err(CheckpointError::Moved);
                 }
                 let more = write_part(table, i, &writer, batches).await?;

@@ -154,11 +154,12 @@ impl ShardState {
     pub fn checkpoint_parts(&self, rows: usize) -> u32 {
         // Each part is a pass over the whole shard: past this many, parts grow instead.
         const MOST: usize = 16;
-        if self.sources.any_without_part_key(&self.ids) {
+        let all = self.series_len().saturating_add(self.sources_len());
+        let of = all.div_ceil(rows.max(1)).clamp(1, MOST) as u32;
+        if of > 1 && self.sources.any_without_part_key(&self.ids) {
             return 1;
         }
-        let all = self.series_len().saturating_add(self.sources_len());
-        all.div_ceil(rows.max(1)).clamp(1, MOST) as u32
+        of
     }
 
     /// Counts the streams and overflow marks that moved to another series' key: a checkpoint

@@ -57,7 +57,7 @@ pub struct Sources {
     /// Cumulative streams, by stored key (as the key table stores keys, so a checkpoint's
     /// stream rows find their entries again).
     cumulative: HashMap<u128, CumulativeSource, RandomState>,
-    /// Streams whose part key changed (see [`Self::part_key`]).
+    /// Streams whose part key changed (see [`Self::moves`]).
     moves: u64,
 }
 
@@ -86,8 +86,10 @@ impl Sources {
             w.record(p.start_ns, p.end_ns, late_ns, p.fp);
             // The series expired and came back under a new id: follow it.
             let old = SeriesId::from_tag(std::mem::replace(tag, SeriesId::tag(Some(id))));
-            self.moves += u64::from(moved(old.and_then(|o| ids.key(o)), ids.key(id)));
-            ids.relink(old, Some(id));
+            if old != Some(id) {
+                self.moves += u64::from(moved(old.and_then(|o| ids.key(o)), ids.key(id)));
+                ids.relink(old, Some(id));
+            }
             return;
         }
         // A stream that changed temporality starts over.
@@ -173,6 +175,9 @@ impl Sources {
     /// Records that `p`'s cumulative stream feeds the series `id` (again, if it came back).
     pub fn link_cumulative(&mut self, ids: &mut SeriesIds, p: &Point, id: SeriesId) {
         if let Some(src) = self.cumulative.get_mut(&stored_key(p.source)) {
+            if src.series == Some(id) {
+                return;
+            }
             let before = Self::cumulative_part_key(ids, src);
             let old = src.series.replace(id);
             self.moves += u64::from(moved(before, ids.key(id)));

@@ -11,12 +11,14 @@
 //! applied any more.
 //!
 //! A true retry repeats an applied delta exactly: the same interval and the same values. So the
-//! window also keeps a fingerprint of the newest applied delta's values (4 bytes, which with
-//! alignment take the window from 24 to 32 bytes); an overlapping delta that ends where the newest one did
+//! window also keeps a fingerprint of the newest applied delta's values (4 bytes, in what would
+//! otherwise be the window's padding); an overlapping delta that ends where the newest one did
 //! but carries other values comes from a second writer with the same identity (a sidecar
 //! without a pod identity) and is a conflict, not a duplicate. Other overlaps cannot be told
 //! apart and are duplicates. A fingerprint of 0 means "unknown" (a restored window, a caller
 //! without one).
+
+use std::num::NonZeroU32;
 
 /// What to do with one delta point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,47 +43,113 @@ impl Verdict {
     }
 }
 
-/// Applied intervals of one stream.
+/// Applied intervals of one stream: 24 bytes while they are one range (a delta stream's
+/// whole state in the common case, kept for millions of streams), a box while there are holes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Window {
-    /// The newest range (the one with the greatest end): the common case lives inline.
+pub struct Window(Ranges);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ranges {
+    /// One range; `fp` has a niche (never 0), so the enum needs no tag of its own.
+    One {
+        head: (u64, u64),
+        fp: Fp,
+    },
+    Holes(Box<Holes>),
+}
+
+/// A window with holes: rare, and only while a retried batch is on its way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holes {
+    /// The newest range (the one with the greatest end).
     head: (u64, u64),
-    /// Older disjoint ranges, sorted, present only while there are holes.
-    #[allow(clippy::box_collection)] // a thin pointer: the common case costs 8 bytes, not 24
-    older: Option<Box<Vec<(u64, u64)>>>,
-    /// Fingerprint of the values of the newest applied delta (the one ending at `head.1`);
-    /// 0: unknown.
-    last_fp: u32,
+    /// Older disjoint ranges, sorted, never empty.
+    older: Vec<(u64, u64)>,
+    fp: u32,
+}
+
+/// The fingerprint of the newest applied delta's values, stored never 0: "unknown" (0) is kept
+/// as an even number, which [`crate::aggregate::series::fingerprint`] never returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fp(NonZeroU32);
+
+const UNKNOWN: NonZeroU32 = match NonZeroU32::new(u32::MAX - 1) {
+    Some(n) => n,
+    None => NonZeroU32::MAX,
+};
+
+impl Fp {
+    fn new(fp: u32) -> Self {
+        Self(NonZeroU32::new(fp).unwrap_or(UNKNOWN))
+    }
+
+    fn get(self) -> u32 {
+        if self.0 == UNKNOWN {
+            0
+        } else {
+            self.0.get()
+        }
+    }
 }
 
 impl Window {
     /// A window holding one applied interval, whose values have fingerprint `fp`.
     pub fn new(start: u64, end: u64, fp: u32) -> Self {
-        Self {
+        Self(Ranges::One {
             head: (start, end),
-            older: None,
-            last_fp: fp,
+            fp: Fp::new(fp),
+        })
+    }
+
+    /// A window of these ranges, sorted and disjoint, the last the newest.
+    fn of(head: (u64, u64), older: Vec<(u64, u64)>, fp: u32) -> Self {
+        if older.is_empty() {
+            Self::new(head.0, head.1, fp)
+        } else {
+            Self(Ranges::Holes(Box::new(Holes { head, older, fp })))
+        }
+    }
+
+    fn head(&self) -> (u64, u64) {
+        match &self.0 {
+            Ranges::One { head, .. } => *head,
+            Ranges::Holes(h) => h.head,
+        }
+    }
+
+    fn last_fp(&self) -> u32 {
+        match &self.0 {
+            Ranges::One { fp, .. } => fp.get(),
+            Ranges::Holes(h) => h.fp,
+        }
+    }
+
+    fn older(&self) -> &[(u64, u64)] {
+        match &self.0 {
+            Ranges::One { .. } => &[],
+            Ranges::Holes(h) => &h.older,
         }
     }
 
     pub fn newest_end(&self) -> u64 {
-        self.head.1
+        self.head().1
     }
 
     /// Every applied range, oldest first (the head last).
-    pub fn ranges(&self) -> impl Iterator<Item = &(u64, u64)> {
-        self.older
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.older()
             .iter()
-            .flat_map(|v| v.iter())
-            .chain(std::iter::once(&self.head))
+            .copied()
+            .chain(std::iter::once(self.head()))
     }
 
     /// Classifies `[start, end)` with values of fingerprint `fp` without changing anything.
     /// `late_ns` is the late window.
     pub fn classify(&self, start: u64, end: u64, late_ns: u64, fp: u32) -> Verdict {
-        if self.ranges().any(|&(s, e)| start < e && end > s) {
-            let known = fp != 0 && self.last_fp != 0;
-            if known && end == self.head.1 && fp != self.last_fp {
+        if self.ranges().any(|(s, e)| start < e && end > s) {
+            let last = self.last_fp();
+            let known = fp != 0 && last != 0;
+            if known && end == self.newest_end() && fp != last {
                 return Verdict::Conflict;
             }
             return Verdict::Duplicate;
@@ -103,43 +171,48 @@ impl Window {
     /// Records `[start, end)` as applied (call only after `classify` said it applies), merging
     /// touching ranges and forgetting those that fell out of the late window.
     pub fn record(&mut self, start: u64, end: u64, late_ns: u64, fp: u32) {
-        if end >= self.head.1 {
-            self.last_fp = fp;
-        }
-        let mut all: Vec<(u64, u64)> = Vec::new();
-        if self.older.is_none() && start == self.head.1 {
-            self.head.1 = end;
-        } else if self.older.is_none() && end == self.head.0 {
-            self.head.0 = start;
+        let fp = if end >= self.newest_end() {
+            fp
         } else {
-            all.extend(self.ranges().copied());
-            all.push((start, end));
-            all.sort_unstable();
-            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(all.len());
-            for r in all {
-                match merged.last_mut() {
-                    Some(last) if last.1 >= r.0 => last.1 = last.1.max(r.1),
-                    _ => merged.push(r),
+            self.last_fp()
+        };
+        match &mut self.0 {
+            Ranges::One { head, fp: last } if start == head.1 => {
+                head.1 = end;
+                *last = Fp::new(fp);
+            }
+            Ranges::One { head, fp: last } if end == head.0 => {
+                head.0 = start;
+                *last = Fp::new(fp);
+            }
+            _ => {
+                let mut all: Vec<(u64, u64)> = self.ranges().collect();
+                all.push((start, end));
+                all.sort_unstable();
+                let mut merged: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+                for r in all {
+                    match merged.last_mut() {
+                        Some(last) if last.1 >= r.0 => last.1 = last.1.max(r.1),
+                        _ => merged.push(r),
+                    }
                 }
+                // The last range has the greatest end: ranges are disjoint and sorted.
+                let head = merged.pop().unwrap_or((start, end));
+                // Holes are rare and short-lived: hold exactly what they need.
+                merged.shrink_to_fit();
+                *self = Self::of(head, merged, fp);
             }
-            // The last range has the greatest end: ranges are disjoint and sorted.
-            if let Some(head) = merged.pop() {
-                self.head = head;
-            }
-            // Holes are rare and short-lived: hold exactly what they need.
-            merged.shrink_to_fit();
-            self.older = (!merged.is_empty()).then(|| Box::new(merged));
         }
-        self.forget_before(self.head.1.saturating_sub(late_ns));
+        self.forget_before(self.newest_end().saturating_sub(late_ns));
     }
 
     fn forget_before(&mut self, horizon: u64) {
-        if let Some(older) = self.older.as_mut() {
-            older.retain(|&(_, e)| e > horizon);
-            if older.is_empty() {
-                self.older = None;
+        if let Ranges::Holes(h) = &mut self.0 {
+            h.older.retain(|&(_, e)| e > horizon);
+            if h.older.is_empty() {
+                *self = Self::new(h.head.0, h.head.1, h.fp);
             } else {
-                older.shrink_to_fit();
+                h.older.shrink_to_fit();
             }
         }
     }
@@ -149,17 +222,13 @@ impl Window {
     pub fn from_ranges(ranges: &[(u64, u64)]) -> Option<Self> {
         let (&head, older) = ranges.split_last()?;
         let ok = ranges.iter().all(|&(s, e)| s <= e) && ranges.windows(2).all(|w| w[0].1 < w[1].0);
-        ok.then(|| Self {
-            head,
-            older: (!older.is_empty()).then(|| Box::new(older.to_vec())),
-            // The newest delta's fingerprint is not kept across a restore.
-            last_fp: 0,
-        })
+        // The newest delta's fingerprint is not kept across a restore.
+        ok.then(|| Self::of(head, older.to_vec(), 0))
     }
 
     /// Number of disjoint ranges held (1 when the stream is contiguous).
     pub fn ranges_held(&self) -> usize {
-        1 + self.older.as_ref().map_or(0, |v| v.len())
+        1 + self.older().len()
     }
 }
 
@@ -274,7 +343,32 @@ mod tests {
     }
 
     #[test]
+    fn the_fingerprint_survives_holes_and_their_mending() {
+        let mut w = Window::new(0, 10, 3);
+        assert_eq!(apply_fp(&mut w, 20, 30, 7), Verdict::ApplyAfterGap);
+        assert_eq!(w.ranges_held(), 2);
+        assert_eq!(
+            apply_fp(&mut w, 20, 30, 8),
+            Verdict::Conflict,
+            "with a hole"
+        );
+        assert_eq!(apply_fp(&mut w, 20, 30, 7), Verdict::Duplicate);
+        // A late delta filling the hole does not become the newest.
+        assert_eq!(apply_fp(&mut w, 10, 20, 5), Verdict::ApplyLate);
+        assert_eq!(w.ranges_held(), 1);
+        assert_eq!(apply_fp(&mut w, 25, 30, 8), Verdict::Conflict, "mended");
+        // Forgetting the older ranges also keeps it.
+        assert_eq!(apply_fp(&mut w, 40, 50, 11), Verdict::ApplyAfterGap);
+        assert_eq!(apply_fp(&mut w, 2000, 2010, 13), Verdict::ApplyAfterGap);
+        assert_eq!(w.ranges_held(), 1, "the gap fell out of the window");
+        assert_eq!(apply_fp(&mut w, 2000, 2010, 12), Verdict::Conflict);
+        // Unknown stays unknown: no conflict is claimed against it.
+        let mut u = Window::new(0, 10, 0);
+        assert_eq!(apply_fp(&mut u, 0, 10, 9), Verdict::Duplicate);
+    }
+
+    #[test]
     fn the_common_case_is_small() {
-        assert_eq!(std::mem::size_of::<Window>(), 32);
+        assert_eq!(std::mem::size_of::<Window>(), 24);
     }
 }

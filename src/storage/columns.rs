@@ -416,7 +416,7 @@ pub fn part_batches(
                 b.temporality.get().append_value("delta");
                 b.counter(None, None);
                 let applied = b.applied.get();
-                for &(s, e) in w.ranges() {
+                for (s, e) in w.ranges() {
                     let r = applied.values();
                     r.field_builder::<UInt64Builder>(0)
                         .ok_or_else(|| ArrowError::SchemaError("applied.start".into()))?

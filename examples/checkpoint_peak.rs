@@ -1,7 +1,7 @@
 //! What a checkpoint holds on top of the state, by part size: one shard of 1 M delta streams
 //! (5,000 pods × 200 points, as one shard of two holds at 5,000 pods × 200 routes) written in
 //! parts of about ROWS rows through the real Parquet writer, with every byte allocated counted.
-//! `cargo run --release --example checkpoint_peak -- [ROWS]` (default 131072).
+//! `cargo run --release --example checkpoint_peak -- [ROWS]` (default 65536).
 
 // A counting allocator needs `unsafe impl GlobalAlloc`; this measuring tool is not the service.
 #![allow(unsafe_code)]
@@ -76,7 +76,7 @@ fn main() {
     let rows: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(131072);
+        .unwrap_or(spanagg::storage::PART_ROWS);
     let of = s.checkpoint_parts(rows);
     let dir = std::env::temp_dir().join("ckpt-peak");
     std::fs::create_dir_all(&dir).unwrap();

@@ -199,7 +199,7 @@ pub struct Config {
     /// Checkpoints kept in the data dir. Default 3.
     pub checkpoint_keep: usize,
     /// About how many rows a checkpoint reads from a shard at a time: what a checkpoint holds
-    /// on top of the state. Default 131072 (~8 MiB of stream rows).
+    /// on top of the state. Default 65536 (~4.5 MiB of stream rows).
     pub checkpoint_part_rows: usize,
     /// A WAL segment is closed and a new one begun past this size. Default 64 MiB.
     pub wal_segment_size: u64,

@@ -235,9 +235,9 @@ impl Builders {
             series_lo: Lazy::new(rows, UInt64Builder::with_capacity),
             series_hi: Lazy::new(rows, UInt32Builder::with_capacity),
             temporality: Lazy::new(rows, dict_builder),
-            // Ranges are per delta stream, not per row: left to grow.
+            // One range per delta stream in the common case; grown past that by doubling.
             applied: Lazy::new(rows, |n| {
-                ListBuilder::with_capacity(StructBuilder::from_fields(range_fields(), 0), n)
+                ListBuilder::with_capacity(StructBuilder::from_fields(range_fields(), n), n)
             }),
             last_start: Lazy::new(rows, ts_builder),
             last_end: Lazy::new(rows, ts_builder),

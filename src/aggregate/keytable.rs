@@ -266,6 +266,11 @@ impl<V> KeyTable<V> {
         self.entries.iter().map(|(_, v)| v)
     }
 
+    /// Keys the index holds before it grows (by doubling, freeing the old one whole).
+    pub fn index_capacity(&self) -> usize {
+        self.index.capacity()
+    }
+
     /// Bytes held by the table itself (not by what values point to).
     pub fn heap_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<(Key, V)>()

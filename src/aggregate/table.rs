@@ -259,6 +259,22 @@ impl Drop for Table {
     }
 }
 
+/// Index capacity from which a table's growth frees enough to hand back at once (its old index:
+/// 320 KiB here, ~5 MiB at a million streams).
+const BIG_INDEX: usize = 1 << 15;
+
+/// Applies `batch`. A table that grows frees its old index whole, and mimalloc keeps freed
+/// pages for its purge delay (a second); under a burst of new streams both shards grow within
+/// that second, so at 5,000 pods the old indexes added ~20 MiB to the peak. Handed back now.
+fn apply(state: &mut ShardState, batch: &Batch) -> BatchResult {
+    let before = state.index_capacity();
+    let result = state.apply(batch);
+    if before >= BIG_INDEX && state.index_capacity() > before {
+        crate::memory::release_freed();
+    }
+    result
+}
+
 fn run(
     mut state: ShardState,
     data: Receiver<Batch>,
@@ -289,7 +305,7 @@ fn run(
             recv(data) -> msg => {
                 let Ok(batch) = msg else { break };
                 let t = Instant::now();
-                let result = state.apply(&batch);
+                let result = apply(&mut state, &batch);
                 record_apply(&stats, t.elapsed());
                 finish(batch, result);
                 stats.queue_depth.store(data.len() as u64, Ordering::Relaxed);
@@ -354,6 +370,40 @@ fn record_apply(stats: &ShardStats, d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_index_that_grows_is_handed_back_at_once() {
+        use crate::ingest::otlp::Projection;
+        use crate::workload::{request, single_shard_batch, Shape};
+        let shape = Shape {
+            services: 1,
+            routes: 200,
+            bounds: 3,
+            counters: true,
+        };
+        let projection = Arc::new(Projection::new(
+            &["service.name".to_owned()],
+            &["service.instance.id".to_owned()],
+        ));
+        let mut state = ShardState::new(ShardConfig::default());
+        state.now_ns = crate::unix_ns();
+        let end = state.now_ns - 10_000_000_000;
+        let mut pods = 0..;
+        let mut grow_to = |state: &mut ShardState, streams: usize| {
+            let released = crate::memory::releases_here();
+            while state.sources_len() < streams {
+                let pod = pods.next().unwrap_or_default();
+                let req = request(&shape, pod, end - 10_000_000_000, end);
+                apply(state, &single_shard_batch(req, &projection));
+            }
+            crate::memory::releases_here() - released
+        };
+        // Growing from small indexes frees too little to be worth a collection.
+        assert_eq!(grow_to(&mut state, 40_000), 0);
+        assert!(state.index_capacity() < 2 * BIG_INDEX);
+        // Past 57,344 streams the index of 65,536 slots doubles.
+        assert_eq!(grow_to(&mut state, 60_000), 1);
+    }
 
     #[test]
     fn sweeps_stay_paused_until_every_pause_has_ended() {

@@ -71,6 +71,11 @@ impl Sources {
         self.deltas.heap_bytes()
     }
 
+    /// Streams the indexes hold before one grows.
+    pub fn index_capacity(&self) -> usize {
+        self.deltas.index_capacity() + self.cumulative.capacity()
+    }
+
     pub fn contains(&self, key: u128) -> bool {
         self.deltas.get(key).is_some() || self.cumulative.contains_key(&stored_key(key))
     }

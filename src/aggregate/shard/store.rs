@@ -98,6 +98,11 @@ impl Store {
         self.series.len()
     }
 
+    /// Series the index holds before it grows.
+    pub fn index_capacity(&self) -> usize {
+        self.series.index_capacity()
+    }
+
     pub fn get(&self, key: u128) -> Option<&Series> {
         self.series.get(key)
     }

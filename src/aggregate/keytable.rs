@@ -266,9 +266,11 @@ impl<V> KeyTable<V> {
         self.entries.iter().map(|(_, v)| v)
     }
 
-    /// Keys the index holds before it grows (by doubling, freeing the old one whole).
-    pub fn index_capacity(&self) -> usize {
-        self.index.capacity()
+    /// Bytes of the index's allocation: changes only when the index is reallocated (growing by
+    /// doubling frees the old one whole). Not `capacity()`, which moves by one as removals
+    /// leave tombstones and inserts reuse them.
+    pub fn index_bytes(&self) -> usize {
+        self.index.allocation_size()
     }
 
     /// Bytes held by the table itself (not by what values point to).
@@ -312,6 +314,29 @@ mod tests {
         for (k, v) in &m {
             assert_eq!(t.get(*k), Some(v), "seed {seed}");
         }
+    }
+
+    #[test]
+    fn index_bytes_change_only_when_the_index_is_reallocated() {
+        let mut t: KeyTable<u64> = KeyTable::default();
+        let key = |i: u64| u128::from(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) << 32 | u128::from(i);
+        for i in 0..50_000 {
+            t.insert(key(i), i);
+        }
+        let (bytes, capacity) = (t.index_bytes(), t.index.capacity());
+        // Removals and inserts that reuse their slots: the capacity wanders, the bytes do not.
+        let mut wandered = false;
+        for i in 0..2_000 {
+            t.remove(key(i));
+            t.insert(key(100_000 + i), i);
+            wandered |= t.index.capacity() != capacity;
+            assert_eq!(t.index_bytes(), bytes);
+        }
+        assert!(wandered, "tombstones move the capacity");
+        for i in 200_000..260_000 {
+            t.insert(key(i), i);
+        }
+        assert!(t.index_bytes() > bytes, "growing reallocates");
     }
 
     #[test]

@@ -259,17 +259,17 @@ impl Drop for Table {
     }
 }
 
-/// Index capacity from which a table's growth frees enough to hand back at once (its old index:
-/// 320 KiB here, ~5 MiB at a million streams).
-const BIG_INDEX: usize = 1 << 15;
+/// Index bytes from which a table's growth frees enough to hand back at once (~5 MiB at a
+/// million streams).
+const BIG_INDEX: usize = 256 << 10;
 
 /// Applies `batch`. A table that grows frees its old index whole, and mimalloc keeps freed
 /// pages for its purge delay (a second); under a burst of new streams both shards grow within
 /// that second, so at 5,000 pods the old indexes added ~20 MiB to the peak. Handed back now.
 fn apply(state: &mut ShardState, batch: &Batch) -> BatchResult {
-    let before = state.index_capacity();
+    let before = state.index_bytes();
     let result = state.apply(batch);
-    if before >= BIG_INDEX && state.index_capacity() > before {
+    if before >= BIG_INDEX && state.index_bytes() > before {
         crate::memory::release_freed();
     }
     result
@@ -400,8 +400,8 @@ mod tests {
         };
         // Growing from small indexes frees too little to be worth a collection.
         assert_eq!(grow_to(&mut state, 40_000), 0);
-        assert!(state.index_capacity() < 2 * BIG_INDEX);
-        // Past 57,344 streams the index of 65,536 slots doubles.
+        assert!(state.index_bytes() < 2 * BIG_INDEX);
+        // Past 57,344 streams the index of 65,536 slots (~320 KiB) doubles.
         assert_eq!(grow_to(&mut state, 60_000), 1);
     }
 

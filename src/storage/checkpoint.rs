@@ -286,7 +286,7 @@ pub fn write(
     w.finish(meta)
 }
 
-/// Rows per Parquet row group: ~1 MiB held by the encoder (a footer entry per group, ~130 for a
+/// Rows per Parquet row group: ~1 MiB held by the encoder (a footer entry per group, ~60 for a
 /// million streams, is the cost of going smaller).
 const ROW_GROUP_ROWS: usize = 16 * 1024;
 

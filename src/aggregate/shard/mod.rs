@@ -88,9 +88,9 @@ impl ShardState {
     pub fn series_len(&self) -> usize {
         self.store.len()
     }
-    /// Keys the shard's indexes hold before one grows: a change means one was reallocated.
-    pub fn index_capacity(&self) -> usize {
-        self.sources.index_capacity() + self.store.index_capacity()
+    /// Bytes of the shard's index allocations: a change means one was reallocated.
+    pub fn index_bytes(&self) -> usize {
+        self.sources.index_bytes() + self.store.index_bytes()
     }
     pub fn sources_len(&self) -> usize {
         self.sources.len()

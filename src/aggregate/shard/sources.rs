@@ -5,9 +5,8 @@
 //! temporality starts over); every link from a stream to a series is counted in [`SeriesIds`],
 //! so an id outlives its series while a stream still holds it.
 
-use std::collections::HashMap;
-
 use ahash::RandomState;
+use hashbrown::HashMap;
 
 use crate::aggregate::keytable::{stored_key, KeyTable};
 use crate::aggregate::series::{
@@ -52,7 +51,7 @@ pub struct Step {
 /// The source streams of one shard.
 #[derive(Default)]
 pub struct Sources {
-    /// Delta streams: only their exactly-once window (32 bytes in the common case).
+    /// Delta streams: only their exactly-once window (24 bytes in the common case).
     deltas: KeyTable<Window>,
     /// Cumulative streams, by stored key (as the key table stores keys, so a checkpoint's
     /// stream rows find their entries again).
@@ -71,9 +70,9 @@ impl Sources {
         self.deltas.heap_bytes()
     }
 
-    /// Streams the indexes hold before one grows.
-    pub fn index_capacity(&self) -> usize {
-        self.deltas.index_capacity() + self.cumulative.capacity()
+    /// Bytes of the stream indexes' allocations (see [`KeyTable::index_bytes`]).
+    pub fn index_bytes(&self) -> usize {
+        self.deltas.index_bytes() + self.cumulative.allocation_size()
     }
 
     pub fn contains(&self, key: u128) -> bool {

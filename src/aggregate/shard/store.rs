@@ -98,9 +98,9 @@ impl Store {
         self.series.len()
     }
 
-    /// Series the index holds before it grows.
-    pub fn index_capacity(&self) -> usize {
-        self.series.index_capacity()
+    /// Bytes of the series index's allocation (see [`KeyTable::index_bytes`]).
+    pub fn index_bytes(&self) -> usize {
+        self.series.index_bytes()
     }
 
     pub fn get(&self, key: u128) -> Option<&Series> {

@@ -381,10 +381,9 @@ mod tests {
             bounds: 3,
             counters: true,
         };
-        let projection = Arc::new(Projection::new(
-            &["service.name".to_owned()],
-            &["service.instance.id".to_owned()],
-        ));
+        // The service's own default projection.
+        let c = crate::config::Config::default();
+        let projection = Arc::new(Projection::new(&c.by, &c.without));
         let mut state = ShardState::new(ShardConfig::default());
         state.now_ns = crate::unix_ns();
         let end = state.now_ns - 10_000_000_000;

@@ -5,7 +5,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a pod retries one request before the test fails.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(120);
 
 /// One POST; `None` when the server is not there (refused, reset, killed mid-request).
 pub fn try_post(addr: SocketAddr, body: &[u8]) -> Option<u16> {
@@ -52,11 +55,17 @@ impl Load {
                         let body = body(pod, k);
                         // Retried until acknowledged, even past `stop`: an unacknowledged
                         // request may or may not have been applied, and only the retry settles it.
+                        // A server that never comes back fails the test rather than hanging it.
+                        let give_up = Instant::now() + GIVE_UP_AFTER;
                         loop {
                             let a = *addr.lock().unwrap();
                             if try_post(a, &body) == Some(200) {
                                 break;
                             }
+                            assert!(
+                                Instant::now() < give_up,
+                                "pod {pod}: request {k} not acknowledged in {GIVE_UP_AFTER:?}"
+                            );
                             std::thread::sleep(Duration::from_millis(20));
                         }
                         acked.fetch_add(1, Ordering::Relaxed);

@@ -173,16 +173,10 @@ fn write_seeds() {
     for (i, shards) in [1u32, 2].into_iter().enumerate() {
         let [a, b, c] = columns::shard_batches(&state, 0).unwrap();
         let meta = checkpoint::Meta {
-            format_version: checkpoint::FORMAT_VERSION,
-            schema_hash: checkpoint::schema_hash(),
-            created_ns: NOW_NS,
             wal_position: Some(wal::Position::default()),
             state_start_ns: NOW_NS - 60_000_000_000,
             clean_shutdown: i == 0,
-            shards,
-            series: a.num_rows() as u64,
-            streams: b.num_rows() as u64,
-            series_budget: 0,
+            ..checkpoint::Meta::new(shards, a.num_rows() as u64, b.num_rows() as u64, NOW_NS)
         };
         let (path, _) = checkpoint::write(&dir, i as u64 + 1, &meta, &[a, b, c]).unwrap();
         put(

@@ -2,7 +2,8 @@
 //! applied, kept as disjoint half-open ranges `[start, end)` in nanoseconds.
 //!
 //! The Collector's `spanmetrics` connector emits contiguous deltas, so the set is normally one
-//! range and, with the fingerprint below, costs 24 bytes; holes appear only while a retried batch is still on its way.
+//! range and, with the fingerprint below, costs 24 bytes; holes appear only while a retried
+//! batch is still on its way.
 //!
 //! The late window is a horizon `newest_end - late_delta_window`: a delta that starts before it
 //! is refused as too late. That is slightly stricter than "ends before the window" (a delta
@@ -65,7 +66,7 @@ struct Holes {
     head: (u64, u64),
     /// Older disjoint ranges, sorted, never empty.
     older: Vec<(u64, u64)>,
-    fp: u32,
+    fp: Fp,
 }
 
 /// The fingerprint of the newest applied delta's values, stored never 0: "unknown" (0) is kept
@@ -106,7 +107,11 @@ impl Window {
         if older.is_empty() {
             Self::new(head.0, head.1, fp)
         } else {
-            Self(Ranges::Holes(Box::new(Holes { head, older, fp })))
+            Self(Ranges::Holes(Box::new(Holes {
+                head,
+                older,
+                fp: Fp::new(fp),
+            })))
         }
     }
 
@@ -120,7 +125,7 @@ impl Window {
     fn last_fp(&self) -> u32 {
         match &self.0 {
             Ranges::One { fp, .. } => fp.get(),
-            Ranges::Holes(h) => h.fp,
+            Ranges::Holes(h) => h.fp.get(),
         }
     }
 
@@ -210,7 +215,10 @@ impl Window {
         if let Ranges::Holes(h) = &mut self.0 {
             h.older.retain(|&(_, e)| e > horizon);
             if h.older.is_empty() {
-                *self = Self::new(h.head.0, h.head.1, h.fp);
+                *self = Self(Ranges::One {
+                    head: h.head,
+                    fp: h.fp,
+                });
             } else {
                 h.older.shrink_to_fit();
             }

@@ -116,19 +116,13 @@ fn dump(s: &ShardState) -> (Vec<SeriesDump>, Vec<StreamDump>) {
 
 fn meta(shards: u32, series: u64, streams: u64) -> Meta {
     Meta {
-        format_version: FORMAT_VERSION,
-        schema_hash: schema_hash(),
-        created_ns: 123,
         wal_position: Some(Position {
             segment: 4,
             offset: 20,
         }),
         state_start_ns: 7,
         clean_shutdown: true,
-        shards,
-        series,
-        streams,
-        series_budget: 0,
+        ..Meta::new(shards, series, streams, 123)
     }
 }
 

@@ -359,16 +359,11 @@ impl Storage {
             streams += rows.1;
         }
         let meta = Meta {
-            format_version: checkpoint::FORMAT_VERSION,
-            schema_hash: checkpoint::schema_hash(),
-            created_ns,
             wal_position,
             state_start_ns: self.state_start_ns,
             clean_shutdown: clean,
-            shards: table.len() as u32,
-            series,
-            streams,
             series_budget,
+            ..Meta::new(table.len() as u32, series, streams, created_ns)
         };
         drop(sweeps);
         let (path, size) = writer.finish(meta).await?;

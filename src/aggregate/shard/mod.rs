@@ -255,6 +255,12 @@ impl ShardState {
         result
     }
 
+    /// Whether `p` ended longer than the TTL ago: for a stream the shard does not hold, possibly
+    /// a replay of something applied before it expired.
+    fn older_than_ttl(&self, p: &Point) -> bool {
+        p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns
+    }
+
     /// Whether `p` is a delta older than the TTL of a stream this shard does not hold (nor sent
     /// to overflow): refused as `apply_delta` would, but before any budget is consulted. It
     /// creates nothing, and a budget check it passed without using would be judged again on
@@ -262,7 +268,7 @@ impl ShardState {
     fn too_late_for_a_new_stream(&self, batch: &Batch, p: &Point) -> bool {
         !batch.overflow
             && p.temporality == Temporality::Delta
-            && p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns
+            && self.older_than_ttl(p)
             && self.sources.window(p.source).is_none()
             && !self.budget.is_sticky(p.source)
     }
@@ -325,7 +331,7 @@ impl ShardState {
             Some(w) => w.classify(p.start_ns, p.end_ns, late, p.fp),
             // A stream we do not know (new, or expired after `series_ttl`) whose delta is older
             // than the TTL could be a replay of something applied before it expired.
-            None if p.end_ns.saturating_add(self.ttl_ns()) < self.now_ns => Verdict::TooLate,
+            None if self.older_than_ttl(p) => Verdict::TooLate,
             // A cumulative stream turning delta replaces itself: it adds no stream. (Refusing it
             // would also make a replay judge it against streams created after it.)
             None if !self.sources.contains(p.source)

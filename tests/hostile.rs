@@ -469,3 +469,66 @@ fn invalid_utf8_in_one_attribute_costs_nothing_and_survives_a_restart() {
     let s = Spanagg::start_in(dir, "");
     assert_eq!(s.scrape(), scrape);
 }
+
+#[test]
+fn scattered_intervals_hold_a_stream_to_16_holes_and_never_count_twice() {
+    let s = Spanagg::start("");
+    let t = now_ns() - 60 * SECOND;
+    // One stream, a thousand one-nanosecond deltas of one call each, a hole after every one.
+    let mut req = cart_delta("a", 1, [1, 0, 0, 0, 0], 1.0, t);
+    let metrics = &mut req.resource_metrics[0].scope_metrics[0].metrics;
+    metrics.truncate(1);
+    let Some(Data::Sum(calls)) = metrics[0].data.as_mut() else {
+        panic!("the calls counter comes first")
+    };
+    let one = calls.data_points[0].clone();
+    calls.data_points = (0..1000u64)
+        .map(|i| {
+            let mut p = one.clone();
+            p.start_time_unix_nano = t + 2 * i;
+            p.time_unix_nano = t + 2 * i + 1;
+            p
+        })
+        .collect();
+    s.post_ok(&req.encode_to_vec());
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"applied_after_gap\"}"),
+        999.0
+    );
+    // 999 holes, 16 kept: the windows publish after the batch.
+    assert_eq!(
+        s.internal_reaching("spanagg_delta_holes_given_up_total", 983.0),
+        983.0
+    );
+    // A late delta for a hole given up is dropped; one for a hole still held is applied.
+    let late = |start: u64| {
+        let mut r = req.clone();
+        let Some(Data::Sum(c)) = r.resource_metrics[0].scope_metrics[0].metrics[0]
+            .data
+            .as_mut()
+        else {
+            unreachable!()
+        };
+        c.data_points.truncate(1);
+        c.data_points[0].start_time_unix_nano = start;
+        c.data_points[0].time_unix_nano = start + 1;
+        r.encode_to_vec()
+    };
+    s.post_ok(&late(t + 1));
+    s.post_ok(&late(t + 1997));
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"duplicate\"}"),
+        1.0
+    );
+    assert_eq!(
+        s.internal("spanagg_points_total{outcome=\"applied_late\"}"),
+        1.0
+    );
+    let scrape = s.scrape();
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("traces_span_metrics_calls_total{") && l.ends_with(" 1001")),
+        "{scrape}"
+    );
+}

@@ -34,6 +34,7 @@ pub struct ShardStats {
     pub batches: AtomicU64,
     pub evicted_series: AtomicU64,
     pub evicted_sources: AtomicU64,
+    pub holes_given_up: AtomicU64,
     pub apply_ns_sum: AtomicU64,
     /// Per-bucket counts of `APPLY_BUCKETS`, `+Inf` last.
     pub apply_buckets: [AtomicU64; APPLY_BUCKETS.len() + 1],
@@ -48,6 +49,8 @@ impl ShardStats {
             .store(state.series_len() as u64, Ordering::Relaxed);
         self.sources
             .store(state.sources_len() as u64, Ordering::Relaxed);
+        self.holes_given_up
+            .store(state.holes_given_up(), Ordering::Relaxed);
     }
 }
 

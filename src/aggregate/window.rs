@@ -18,8 +18,19 @@
 //! without a pod identity) and is a conflict, not a duplicate. Other overlaps cannot be told
 //! apart and are duplicates. A fingerprint of 0 means "unknown" (a restored window, a caller
 //! without one).
+//!
+//! A window holds at most [`MAX_HOLES`] holes, whatever a client sends: past that the oldest
+//! hole is given up, filled as if applied. A delta for it that comes later is then dropped as
+//! a duplicate: the stream may undercount by what that hole would have held, never double
+//! count. Without the limit, a client sending disjoint one-nanosecond deltas would grow one
+//! stream's window without bound and make every record re-sort all of it.
 
 use std::num::NonZeroU32;
+
+/// Holes one window may hold. A sidecar whose every other export is lost for a whole late
+/// window leaves about 60 at 5 s intervals and 600 s; the holes of a retried batch still on
+/// its way are a handful. A full window costs about 300 bytes instead of 24.
+pub const MAX_HOLES: usize = 16;
 
 /// What to do with one delta point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,8 +185,9 @@ impl Window {
     }
 
     /// Records `[start, end)` as applied (call only after `classify` said it applies), merging
-    /// touching ranges and forgetting those that fell out of the late window.
-    pub fn record(&mut self, start: u64, end: u64, late_ns: u64, fp: u32) {
+    /// touching ranges and forgetting those that fell out of the late window. Returns the holes
+    /// given up to stay within [`MAX_HOLES`] (0 or 1).
+    pub fn record(&mut self, start: u64, end: u64, late_ns: u64, fp: u32) -> usize {
         let fp = if end >= self.newest_end() {
             fp
         } else {
@@ -203,12 +215,18 @@ impl Window {
                 }
                 // The last range has the greatest end: ranges are disjoint and sorted.
                 let head = merged.pop().unwrap_or((start, end));
+                // Forgotten first: a hole that fell out of the window is not given up.
+                let horizon = head.1.saturating_sub(late_ns);
+                merged.retain(|&(_, e)| e > horizon);
+                let given_up = give_up_oldest(&mut merged);
                 // Holes are rare and short-lived: hold exactly what they need.
                 merged.shrink_to_fit();
                 *self = Self::of(head, merged, fp);
+                return given_up;
             }
         }
         self.forget_before(self.newest_end().saturating_sub(late_ns));
+        0
     }
 
     fn forget_before(&mut self, horizon: u64) {
@@ -226,18 +244,34 @@ impl Window {
     }
 
     /// A window holding these applied ranges (as a checkpoint stored them); `None` if they are
-    /// empty, unsorted, overlapping or inverted.
+    /// empty, unsorted, overlapping or inverted. Holes past [`MAX_HOLES`] are given up.
     pub fn from_ranges(ranges: &[(u64, u64)]) -> Option<Self> {
         let (&head, older) = ranges.split_last()?;
         let ok = ranges.iter().all(|&(s, e)| s <= e) && ranges.windows(2).all(|w| w[0].1 < w[1].0);
+        let mut older = older.to_vec();
+        give_up_oldest(&mut older);
         // The newest delta's fingerprint is not kept across a restore.
-        ok.then(|| Self::of(head, older.to_vec(), 0))
+        ok.then(|| Self::of(head, older, 0))
     }
 
     /// Number of disjoint ranges held (1 when the stream is contiguous).
     pub fn ranges_held(&self) -> usize {
         1 + self.older().len()
     }
+}
+
+/// Fills the oldest holes of `older` (sorted, disjoint; each range is followed by a hole)
+/// until at most [`MAX_HOLES`] are left: the oldest ranges become one spanning them. Returns
+/// how many holes were filled.
+fn give_up_oldest(older: &mut Vec<(u64, u64)>) -> usize {
+    let excess = older.len().saturating_sub(MAX_HOLES);
+    if let Some(&(start, _)) = older.first().filter(|_| excess > 0) {
+        older.drain(..excess);
+        if let Some(first) = older.first_mut() {
+            first.0 = start;
+        }
+    }
+    excess
 }
 
 #[cfg(test)]
@@ -373,6 +407,52 @@ mod tests {
         // Unknown stays unknown: no conflict is claimed against it.
         let mut u = Window::new(0, 10, 0);
         assert_eq!(apply_fp(&mut u, 0, 10, 9), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn holes_are_bounded_and_one_given_up_is_never_applied_twice() {
+        let late = 1 << 40;
+        let mut w = Window::new(0, 1, 0);
+        let mut given_up = 0;
+        // Disjoint one-nanosecond deltas, each leaving a hole behind it.
+        for i in 1..=1000u64 {
+            assert_eq!(
+                w.classify(2 * i, 2 * i + 1, late, 0),
+                Verdict::ApplyAfterGap
+            );
+            given_up += w.record(2 * i, 2 * i + 1, late, 0);
+            assert!(w.ranges_held() <= MAX_HOLES + 1);
+        }
+        assert_eq!(given_up, 1000 - MAX_HOLES);
+        let held: Vec<_> = w.ranges().collect();
+        assert_eq!(held.len(), MAX_HOLES + 1);
+        assert_eq!(
+            held[0],
+            (0, 2 * (1000 - MAX_HOLES as u64) + 1),
+            "oldest spans what it gave up"
+        );
+        // A late delta for a hole given up is dropped; one for a hole still held is applied.
+        assert_eq!(w.classify(1, 2, late, 0), Verdict::Duplicate);
+        assert_eq!(w.classify(1999, 2000, late, 0), Verdict::ApplyLate);
+        assert_eq!(w.record(1997, 1998, late, 0), 0, "fills a hole");
+        assert_eq!(w.ranges_held(), MAX_HOLES, "one hole less");
+        // Splitting a hole in two, when the window is full, gives up the oldest.
+        let mut f = Window::new(0, 1, 0);
+        for i in 1..=MAX_HOLES as u64 {
+            assert_eq!(f.record(10 * i, 10 * i + 1, late, 0), 0);
+        }
+        assert_eq!(f.classify(5, 6, late, 0), Verdict::ApplyLate);
+        assert_eq!(f.record(5, 6, late, 0), 1);
+        assert_eq!(f.ranges().next(), Some((0, 6)));
+        assert_eq!(f.ranges_held(), MAX_HOLES + 1);
+        // A checkpoint written with more holes is read back within the limit.
+        let many: Vec<_> = (0..100u64).map(|i| (3 * i, 3 * i + 1)).collect();
+        let r = Window::from_ranges(&many).unwrap();
+        assert_eq!(r.ranges_held(), MAX_HOLES + 1);
+        assert_eq!(
+            r.ranges().next(),
+            Some((0, 3 * (99 - MAX_HOLES as u64) + 1))
+        );
     }
 
     #[test]

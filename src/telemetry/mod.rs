@@ -396,7 +396,7 @@ impl prometheus_client::collector::Collector for ShardCollector {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v as i64).encode(m)?;
         }
-        let counters: [(&str, &str, u64); 3] = [
+        let counters: [(&str, &str, u64); 4] = [
             (
                 "series_evicted",
                 "Output series dropped after idling for series_ttl",
@@ -406,6 +406,12 @@ impl prometheus_client::collector::Collector for ShardCollector {
                 "source_streams_evicted",
                 "Source streams dropped after idling for series_ttl",
                 total(s, |x| x.evicted_sources.load(Ordering::Relaxed)),
+            ),
+            (
+                "delta_holes_given_up",
+                "Holes in delta streams' applied intervals filled unapplied, to keep each stream \
+                 within its limit of holes; a late delta for one is dropped as a duplicate",
+                total(s, |x| x.holes_given_up.load(Ordering::Relaxed)),
             ),
             (
                 "shard_batches",

@@ -95,6 +95,10 @@ impl ShardState {
     pub fn sources_len(&self) -> usize {
         self.sources.len()
     }
+    /// Holes delta windows gave up to stay within their limit, since start.
+    pub fn holes_given_up(&self) -> u64 {
+        self.sources.holes_given_up()
+    }
     /// Bytes held by the delta source table (for the memory benchmark).
     pub fn delta_table_bytes(&self) -> usize {
         self.sources.delta_bytes()

@@ -58,6 +58,8 @@ pub struct Sources {
     cumulative: HashMap<u128, CumulativeSource, RandomState>,
     /// Streams whose part key changed (see [`Self::moves`]).
     moves: u64,
+    /// Holes windows gave up to stay within their limit (see [`Window`]).
+    holes_given_up: u64,
 }
 
 impl Sources {
@@ -87,7 +89,7 @@ impl Sources {
     /// Records a delta of `p`'s stream applied to the series `id`.
     pub fn record_delta(&mut self, ids: &mut SeriesIds, p: &Point, id: SeriesId, late_ns: u64) {
         if let Some((tag, w)) = self.deltas.get_mut_tagged(p.source) {
-            w.record(p.start_ns, p.end_ns, late_ns, p.fp);
+            self.holes_given_up += w.record(p.start_ns, p.end_ns, late_ns, p.fp) as u64;
             // The series expired and came back under a new id: follow it.
             let old = SeriesId::from_tag(std::mem::replace(tag, SeriesId::tag(Some(id))));
             if old != Some(id) {
@@ -250,6 +252,11 @@ impl Sources {
     /// label projection changed across a restart.
     pub fn moves(&self) -> u64 {
         self.moves
+    }
+
+    /// Holes delta windows gave up, since start (see [`Window`]).
+    pub fn holes_given_up(&self) -> u64 {
+        self.holes_given_up
     }
 
     /// A cumulative stream's part key (see [`Self::moves`]).

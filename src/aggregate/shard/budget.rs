@@ -68,8 +68,9 @@ struct Sticky {
     /// Shard clock when last seen.
     touched: u32,
     /// The service whose overflow series it goes to ("" is the global one), so its points need
-    /// not build their labels to find it; unknown after a restore until its next point.
-    target: Option<Box<str>>,
+    /// not build their labels to find it; unknown after a restore until its next point. Shared
+    /// with `services`: a mark per stream must not copy a name of up to 4 KiB.
+    target: Option<Arc<str>>,
 }
 
 /// What the budgets say about one point (see [`Budget::admit`]).
@@ -94,8 +95,8 @@ pub struct Redirect {
 
 /// The budgets of one shard.
 pub struct Budget {
-    services: Map<Box<str>, ServiceUse>,
-    /// Source streams sent to overflow series.
+    services: Map<Arc<str>, ServiceUse>,
+    /// Source streams sent to overflow series: at most the shard's stream share.
     sticky: Map<u128, Sticky>,
     /// The series budgets all shards draw from.
     quota: Arc<SeriesQuota>,
@@ -152,7 +153,7 @@ impl Budget {
         }
         if !self.sticky.is_empty() {
             if let Some(s) = self.sticky.get(&stored_key(p.source)) {
-                return Admit::Overflow(s.target.clone().unwrap_or_else(&service));
+                return Admit::Overflow(s.target.as_deref().map_or_else(&service, Box::from));
             }
         }
         if exists {
@@ -171,6 +172,26 @@ impl Budget {
         !self.sticky.is_empty() && self.sticky.contains_key(&stored_key(source))
     }
 
+    /// Whether `source` may be marked sticky: it is, or fewer marks than the shard's share of
+    /// the stream budget are held. A mark is kept even when the overflow series' shard then
+    /// refuses the stream, so without this a client making up streams would add marks for as
+    /// long as it sent.
+    pub fn sticky_room(&self, source: u128) -> bool {
+        (self.sticky.len() as u64) < self.limits.streams
+            || self.sticky.contains_key(&stored_key(source))
+    }
+
+    /// Overflow marks held, and the distinct service names they hold between them.
+    #[cfg(test)]
+    pub fn sticky_names(&self) -> (usize, usize) {
+        let names: std::collections::HashSet<*const u8> = self
+            .sticky
+            .values()
+            .filter_map(|s| s.target.as_ref().map(|t| t.as_ptr()))
+            .collect();
+        (self.sticky.len(), names.len())
+    }
+
     /// Hands `p` back for the overflow series of `service`, and marks its stream sticky.
     pub fn redirect(
         &mut self,
@@ -180,10 +201,22 @@ impl Budget {
         out: &mut Redirect,
         clock: u32,
     ) {
+        let name = match self.services.get_key_value(&*service) {
+            Some((name, _)) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(&*service);
+                self.services.insert(name.clone(), ServiceUse::default());
+                name
+            }
+        };
+        if let Some(u) = self.services.get_mut(&*name) {
+            u.overflowed += 1;
+            u.touched = clock;
+        }
         let sticky = Sticky {
             series: stored_key(p.series),
             touched: clock,
-            target: Some(service.clone()),
+            target: Some(name),
         };
         let series = sticky.series;
         if let Some(old) = self.sticky.insert(stored_key(p.source), sticky) {
@@ -191,9 +224,6 @@ impl Budget {
             // in parts may have missed the mark.
             self.moves += u64::from(old.series != series);
         }
-        let u = self.services.entry(service.clone()).or_default();
-        u.overflowed += 1;
-        u.touched = clock;
         let idx = match out.index.get(&service) {
             Some(&i) => i,
             None => {

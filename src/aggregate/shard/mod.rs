@@ -219,8 +219,9 @@ impl ShardState {
             // Points of one resource come together: one lookup per pod and batch.
             if last_pod != Some(p.resource) {
                 last_pod = Some(p.resource);
+                let cap = self.budget.limits().streams;
                 self.pods
-                    .saw(p.resource, self.clock, || service_of(batch, p));
+                    .saw(p.resource, self.clock, cap, || service_of(batch, p));
             }
             // The family first: a point past the family cap is refused, not sent to overflow.
             let Some(desc) = batch.families.get(p.family as usize) else {
@@ -246,6 +247,10 @@ impl ShardState {
             let exists = self.store.get(p.series).is_some();
             let service = || service_of(batch, p);
             if let Admit::Overflow(service) = self.budget.admit(batch, p, exists, service) {
+                if !self.budget.sticky_room(p.source) {
+                    result.counts[Outcome::StreamLimit as usize] += 1;
+                    continue;
+                }
                 let out = result.redirect.get_or_insert_with(Default::default);
                 self.budget.redirect(batch, p, service, out, self.clock);
                 continue;

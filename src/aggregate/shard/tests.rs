@@ -113,6 +113,46 @@ fn the_series_quota_counts_exactly_the_series_that_exist() {
 }
 
 #[test]
+fn overflow_marks_and_pods_stay_within_the_stream_share_and_hold_a_name_once() {
+    let mut s = shard(ShardConfig {
+        quota: Arc::new(crate::aggregate::quota::SeriesQuota::new(3, u64::MAX)),
+        limits: ShardLimits { streams: 8 },
+        ..ShardConfig::default()
+    });
+    // Twenty new streams of one service: 3 series fit its budget, 8 streams may be marked for
+    // its overflow series, the other 9 are refused as the stream limit would refuse them.
+    let r = s.apply(&batch(20, false, T, |_| {}));
+    assert_eq!(r.get(Outcome::StreamLimit), 9);
+    assert_eq!(r.redirect.map_or(0, |r| r.points.len()), 8);
+    assert_eq!(s.budget.sticky_names(), (8, 1), "8 marks, one name");
+    // A marked stream goes on to its overflow series when the marks are full.
+    let r = s.apply(&batch(20, false, T + 10, |_| {}));
+    assert_eq!(r.redirect.map_or(0, |r| r.points.len()), 8);
+    // Twenty pods of one service: 8 are held, naming it once.
+    let shape = Shape {
+        services: 1,
+        routes: 1,
+        bounds: 4,
+        counters: false,
+    };
+    let mut req = request(&shape, 100, T, T + 10);
+    for pod in 101..120 {
+        let other = request(&shape, pod, T, T + 10);
+        req.resource_metrics.extend(other.resource_metrics);
+    }
+    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
+    s.apply(&single_shard_batch(req, &projection));
+    assert_eq!(s.pods.len(), 8);
+    assert_eq!(s.pods.names(), 1);
+    expire_all(&mut s);
+    assert_eq!(
+        (s.pods.len(), s.pods.names()),
+        (0, 0),
+        "forgotten with their name"
+    );
+}
+
+#[test]
 fn a_broken_invariant_is_an_internal_error_not_the_clients_layout_mismatch() {
     let mut s = shard(ShardConfig::default());
     let mut b = batch(2, false, T, |_| {});

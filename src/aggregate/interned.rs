@@ -241,13 +241,18 @@ impl Interned {
         self.purge();
     }
 
-    /// How the buckets of layout `input` fold into `output`, cached.
+    /// How the buckets of layout `input` fold into `output`, cached while the cache holds fewer
+    /// than [`MAX_FOLDS`]: pairs of layouts held grow as their product, and a client giving
+    /// each series its own layout and sending every layout to every series would otherwise
+    /// fill it with a map (up to ~4 KiB) per pair. Past it a fold is computed per point.
     pub fn fold(&mut self, input: u32, output: u32) -> FoldResult {
         if let Some(r) = self.folds.get(&(input, output)) {
             return r.clone();
         }
         let r = fold_map(self.layout(input), self.layout(output)).map(Arc::from);
-        self.folds.insert((input, output), r.clone());
+        if self.folds.len() < MAX_FOLDS {
+            self.folds.insert((input, output), r.clone());
+        }
         r
     }
 
@@ -312,9 +317,33 @@ impl Interned {
     }
 }
 
+/// Fold maps one shard caches. Span metrics fold a handful of layouts into the one configured
+/// per metric; a thousand pairs is far more than any sender needs.
+pub const MAX_FOLDS: usize = 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fold_maps_cached_stay_within_their_cap_and_the_rest_are_still_folded() {
+        let mut t = Interned::new(10);
+        let outputs: Vec<u32> = (0..40)
+            .map(|i| t.layout_id(&[f64::from(i), 1000.0]))
+            .collect();
+        let inputs: Vec<u32> = (0..40)
+            .map(|i| t.layout_id(&[f64::from(i), 500.0, 1000.0]))
+            .collect();
+        for &o in &outputs {
+            for &i in &inputs {
+                let folded = t.fold(i, o);
+                // Input `j` holds output `k`'s first bound only when j == k.
+                assert_eq!(folded.is_ok(), t.layout(i)[0] == t.layout(o)[0]);
+            }
+        }
+        assert_eq!(t.sizes().1, MAX_FOLDS, "1600 pairs judged, the cache full");
+        assert!(t.fold(inputs[39], outputs[39]).is_ok(), "past the cache");
+    }
 
     #[test]
     fn layouts_live_while_a_series_holds_them() {

@@ -241,18 +241,20 @@ impl Interned {
         self.purge();
     }
 
-    /// How the buckets of layout `input` fold into `output`, cached while the cache holds fewer
-    /// than [`MAX_FOLDS`]: pairs of layouts held grow as their product, and a client giving
+    /// How the buckets of layout `input` fold into `output`, cached. The cache holds at most
+    /// [`MAX_FOLDS`] maps: pairs of layouts held grow as their product, and a client giving
     /// each series its own layout and sending every layout to every series would otherwise
-    /// fill it with a map (up to ~4 KiB) per pair. Past it a fold is computed per point.
+    /// fill it with a map (up to ~1 KiB) per pair. When full it starts over, so such a client
+    /// costs others at most one fold per [`MAX_FOLDS`] of its own, not one per point.
     pub fn fold(&mut self, input: u32, output: u32) -> FoldResult {
         if let Some(r) = self.folds.get(&(input, output)) {
             return r.clone();
         }
         let r = fold_map(self.layout(input), self.layout(output)).map(Arc::from);
-        if self.folds.len() < MAX_FOLDS {
-            self.folds.insert((input, output), r.clone());
+        if self.folds.len() >= MAX_FOLDS {
+            self.folds.clear();
         }
+        self.folds.insert((input, output), r.clone());
         r
     }
 
@@ -341,8 +343,12 @@ mod tests {
                 assert_eq!(folded.is_ok(), t.layout(i)[0] == t.layout(o)[0]);
             }
         }
-        assert_eq!(t.sizes().1, MAX_FOLDS, "1600 pairs judged, the cache full");
-        assert!(t.fold(inputs[39], outputs[39]).is_ok(), "past the cache");
+        assert_eq!(t.sizes().1, 1600 - MAX_FOLDS, "full at 1024, started over");
+        assert!(
+            t.fold(inputs[0], outputs[0]).is_ok(),
+            "dropped, folded again"
+        );
+        assert_eq!(t.sizes().1, 1600 - MAX_FOLDS + 1, "and cached again");
     }
 
     #[test]

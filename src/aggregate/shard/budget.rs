@@ -172,12 +172,14 @@ impl Budget {
         !self.sticky.is_empty() && self.sticky.contains_key(&stored_key(source))
     }
 
-    /// Whether `source` may be marked sticky: it is, or fewer marks than the shard's share of
-    /// the stream budget are held. A mark is kept even when the overflow series' shard then
-    /// refuses the stream, so without this a client making up streams would add marks for as
-    /// long as it sent.
+    /// Whether `source` may be marked sticky: it is, or fewer marks than twice the shard's
+    /// share of the stream budget are held. A mark is kept even when the overflow series' shard
+    /// then refuses the stream, so without this a client making up streams would add marks for
+    /// as long as it sent. Marks live in the shard of the series a stream would have fed, not
+    /// of its own: twice the share leaves room for that skew, and a legitimate sender reaches
+    /// it only after the stream budget itself refuses new streams.
     pub fn sticky_room(&self, source: u128) -> bool {
-        (self.sticky.len() as u64) < self.limits.streams
+        (self.sticky.len() as u64) < self.limits.streams.saturating_mul(2)
             || self.sticky.contains_key(&stored_key(source))
     }
 

@@ -216,13 +216,6 @@ impl ShardState {
         let mut layout_ids: Vec<Option<u32>> = vec![None; batch.layouts.len()];
         let mut last_pod = None;
         for p in &batch.points {
-            // Points of one resource come together: one lookup per pod and batch.
-            if last_pod != Some(p.resource) {
-                last_pod = Some(p.resource);
-                let cap = self.budget.limits().streams;
-                self.pods
-                    .saw(p.resource, self.clock, cap, || service_of(batch, p));
-            }
             // The family first: a point past the family cap is refused, not sent to overflow.
             let Some(desc) = batch.families.get(p.family as usize) else {
                 continue;
@@ -247,7 +240,9 @@ impl ShardState {
             let exists = self.store.get(p.series).is_some();
             let service = || service_of(batch, p);
             if let Admit::Overflow(service) = self.budget.admit(batch, p, exists, service) {
-                if !self.budget.sticky_room(p.source) {
+                // A replay re-applies what was acknowledged: marks restored from a checkpoint
+                // have not aged as the live ones had, so they must not refuse it.
+                if batch.now_ns.is_none() && !self.budget.sticky_room(p.source) {
                     result.counts[Outcome::StreamLimit as usize] += 1;
                     continue;
                 }
@@ -260,6 +255,14 @@ impl ShardState {
                 Temporality::Cumulative => self.apply_cumulative(batch, p, fam, exists),
             };
             result.counts[outcome as usize] += 1;
+            // A pod is one whose points leave state here, not any resource a client names.
+            // Points of one resource come together: one record per pod and batch.
+            if last_pod != Some(p.resource) && self.sources.contains(p.source) {
+                last_pod = Some(p.resource);
+                let cap = self.budget.limits().streams;
+                self.pods
+                    .saw(p.resource, self.clock, cap, || service_of(batch, p));
+            }
         }
         result
     }

@@ -119,31 +119,53 @@ fn overflow_marks_and_pods_stay_within_the_stream_share_and_hold_a_name_once() {
         limits: ShardLimits { streams: 8 },
         ..ShardConfig::default()
     });
-    // Twenty new streams of one service: 3 series fit its budget, 8 streams may be marked for
-    // its overflow series, the other 9 are refused as the stream limit would refuse them.
+    // Twenty new streams of one service: 3 series fit its budget, 16 streams (twice the share)
+    // may be marked for its overflow series, the last is refused as the stream limit would.
     let r = s.apply(&batch(20, false, T, |_| {}));
-    assert_eq!(r.get(Outcome::StreamLimit), 9);
-    assert_eq!(r.redirect.map_or(0, |r| r.points.len()), 8);
-    assert_eq!(s.budget.sticky_names(), (8, 1), "8 marks, one name");
+    assert_eq!(r.get(Outcome::StreamLimit), 1);
+    assert_eq!(r.redirect.map_or(0, |r| r.points.len()), 16);
+    assert_eq!(s.budget.sticky_names(), (16, 1), "16 marks, one name");
     // A marked stream goes on to its overflow series when the marks are full.
     let r = s.apply(&batch(20, false, T + 10, |_| {}));
-    assert_eq!(r.redirect.map_or(0, |r| r.points.len()), 8);
-    // Twenty pods of one service: 8 are held, naming it once.
-    let shape = Shape {
-        services: 1,
-        routes: 1,
-        bounds: 4,
-        counters: false,
+    assert_eq!(r.redirect.map_or(0, |r| r.points.len()), 16);
+    // A replay is not refused: it re-applies what was acknowledged.
+    let mut replay = batch(21, false, T + 20, |_| {});
+    replay.now_ns = Some(T + 100);
+    let r = s.apply(&replay);
+    assert_eq!(r.get(Outcome::StreamLimit), 0);
+    assert_eq!(r.redirect.map_or(0, |r| r.points.len()), 18);
+
+    // Pods: those whose points leave state here, within the share, naming their service once.
+    let mut s = shard(ShardConfig {
+        limits: ShardLimits { streams: 8 },
+        ..ShardConfig::default()
+    });
+    let pods = |from: usize, n: usize, routes: usize, start: u64| {
+        let shape = Shape {
+            services: 1,
+            routes,
+            bounds: 4,
+            counters: false,
+        };
+        let mut req = request(&shape, from, start, start + 10);
+        for pod in from + 1..from + n {
+            let other = request(&shape, pod, start, start + 10);
+            req.resource_metrics.extend(other.resource_metrics);
+        }
+        let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
+        single_shard_batch(req, &projection)
     };
-    let mut req = request(&shape, 100, T, T + 10);
-    for pod in 101..120 {
-        let other = request(&shape, pod, T, T + 10);
-        req.resource_metrics.extend(other.resource_metrics);
-    }
-    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
-    s.apply(&single_shard_batch(req, &projection));
-    assert_eq!(s.pods.len(), 8);
-    assert_eq!(s.pods.names(), 1);
+    // Twenty pods whose points ended longer than the TTL ago: refused, none remembered.
+    s.now_ns = T + u64::from(s.ttl_secs() + 10) * 1_000_000_000;
+    let r = s.apply(&pods(100, 20, 1, T));
+    assert_eq!(r.get(Outcome::TooLate), 20);
+    assert_eq!(s.pods.len(), 0);
+    s.now_ns = T + 100;
+    // Four pods of two streams fill the share; twenty more are refused, and not remembered.
+    s.apply(&pods(200, 4, 2, T));
+    let r = s.apply(&pods(300, 20, 1, T));
+    assert_eq!(r.get(Outcome::StreamLimit), 20);
+    assert_eq!((s.pods.len(), s.pods.names()), (4, 1));
     expire_all(&mut s);
     assert_eq!(
         (s.pods.len(), s.pods.names()),

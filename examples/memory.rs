@@ -1,5 +1,6 @@
 //! Memory per source stream and per output series, measured on one shard in-process:
-//! `cargo run --release --example memory -- STREAMS_PODS ROUTES SERVICES BOUNDS`.
+//! `cargo run --release --example memory -- STREAMS_PODS ROUTES SERVICES BOUNDS`
+//! (`CUMULATIVE=1` in the environment: the pods send cumulative points instead of deltas).
 //! Builds the state through the real ingest path (prepare + apply) and reports RSS growth.
 
 #![allow(clippy::unwrap_used)]
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use spanagg::aggregate::shard::{ShardConfig, ShardState};
 use spanagg::ingest::otlp::Projection;
 use spanagg::telemetry::resident_bytes;
-use spanagg::workload::{request, single_shard_batch, Shape};
+use spanagg::workload::{make_cumulative, request, single_shard_batch, Shape};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -39,7 +40,10 @@ fn main() {
     state.now_ns = now;
     let before = resident_bytes().unwrap_or(0);
     for pod in 0..pods {
-        let req = request(&shape, pod, now - 20_000_000_000, now - 10_000_000_000);
+        let mut req = request(&shape, pod, now - 20_000_000_000, now - 10_000_000_000);
+        if std::env::var_os("CUMULATIVE").is_some() {
+            make_cumulative(&mut req);
+        }
         state.apply(&single_shard_batch(req, &projection));
     }
     let after = resident_bytes().unwrap_or(0);

@@ -1,6 +1,8 @@
 //! Values: points as the core receives them, output series, and per-source state (the
 //! exactly-once window of a delta stream, or the last values of a cumulative one).
 
+use std::sync::Arc;
+
 use super::batch::LabelRef;
 use super::key::Labels;
 
@@ -206,7 +208,9 @@ pub enum CumulativeValue {
     Int(u64),
     Float(f64),
     Histogram {
-        bounds: Box<[f64]>,
+        /// Shared with the request's layout (and every stream whose last point it carried):
+        /// a stream's own copy would be about half its state.
+        bounds: Arc<[f64]>,
         counts: Box<[u64]>,
         sum: f64,
         count: u64,
@@ -251,7 +255,8 @@ impl CumulativeValue {
                 },
             ) => {
                 // A sum that went down would serve a decreasing `_sum`: a reset too.
-                if bounds != pb || count < pn || sum < ps {
+                let same = Arc::ptr_eq(bounds, pb) || bounds == pb;
+                if !same || count < pn || sum < ps {
                     return None;
                 }
                 let diff: Option<Box<[u64]>> = counts

@@ -391,7 +391,7 @@ impl ShardState {
                     return internal("a point's layout or counts are outside its batch");
                 };
                 CumulativeValue::Histogram {
-                    bounds: bounds.to_vec().into(),
+                    bounds: bounds.clone(),
                     counts: counts.into(),
                     sum: *sum,
                     count: *count,

@@ -254,6 +254,22 @@ impl Sources {
         self.moves
     }
 
+    /// Distinct bucket bound allocations cumulative histogram streams hold.
+    #[cfg(test)]
+    pub fn distinct_bounds(&self) -> usize {
+        let held: std::collections::HashSet<*const f64> = self
+            .cumulative
+            .values()
+            .filter_map(|s| match &s.last.value {
+                crate::aggregate::series::CumulativeValue::Histogram { bounds, .. } => {
+                    Some(bounds.as_ptr())
+                }
+                _ => None,
+            })
+            .collect();
+        held.len()
+    }
+
     /// Holes delta windows gave up, since start (see [`Window`]).
     pub fn holes_given_up(&self) -> u64 {
         self.holes_given_up

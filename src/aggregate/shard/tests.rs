@@ -175,6 +175,14 @@ fn overflow_marks_and_pods_stay_within_the_stream_share_and_hold_a_name_once() {
 }
 
 #[test]
+fn cumulative_histogram_streams_share_their_bounds() {
+    let mut s = shard(ShardConfig::default());
+    let r = s.apply(&batch(20, false, T, crate::workload::make_cumulative));
+    assert_eq!(r.get(Outcome::Applied), 20, "counted from their start");
+    assert_eq!(s.sources.distinct_bounds(), 1, "one layout for 20 streams");
+}
+
+#[test]
 fn a_broken_invariant_is_an_internal_error_not_the_clients_layout_mismatch() {
     let mut s = shard(ShardConfig::default());
     let mut b = batch(2, false, T, |_| {});

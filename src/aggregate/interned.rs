@@ -159,6 +159,12 @@ impl Interned {
         self.layouts.get(id as usize).map_or(&[], |l| l)
     }
 
+    /// A layout's bounds to keep beyond the id's life: freeing the id replaces its slot, never
+    /// the bounds a holder has.
+    pub fn layout_shared(&self, id: u32) -> Option<Arc<[f64]>> {
+        self.layouts.get(id as usize).cloned()
+    }
+
     /// The id of a layout, interning it. Until a series holds it (`hold_layout`), it lives
     /// only until the end of the current batch.
     pub fn layout_id(&mut self, bounds: &[f64]) -> u32 {

@@ -375,6 +375,7 @@ impl ShardState {
 
     /// Applies a cumulative point; `exists`: whether its series does.
     fn apply_cumulative(&mut self, batch: &Batch, p: &Point, fam: u32, exists: bool) -> Outcome {
+        let mut interned = None;
         let value = match &p.value {
             PointValue::Int(i) => CumulativeValue::Int(*i),
             PointValue::Float(f) => CumulativeValue::Float(*f),
@@ -390,8 +391,15 @@ impl ShardState {
                 ) else {
                     return internal("a point's layout or counts are outside its batch");
                 };
+                // The stream keeps the shard's interned bounds: one allocation per layout on
+                // the shard's own thread, whatever request or stream carried it.
+                let id = self.store.layout_id(bounds);
+                let Some(shared) = self.store.layout_shared(id) else {
+                    return internal("an interned layout has no bounds");
+                };
+                interned = Some(id);
                 CumulativeValue::Histogram {
-                    bounds: bounds.clone(),
+                    bounds: shared,
                     counts: counts.into(),
                     sum: *sum,
                     count: *count,
@@ -420,7 +428,8 @@ impl ShardState {
                 sum,
                 ..
             } => Add::Hist {
-                layout: self.store.layout_id(bounds),
+                // The point's bounds, as a difference keeps them.
+                layout: interned.unwrap_or_else(|| self.store.layout_id(bounds)),
                 counts,
                 sum: *sum,
             },

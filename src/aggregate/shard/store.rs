@@ -5,6 +5,8 @@
 //! label values and (a histogram) its output layout; `sweep` gives them back, so interned tables
 //! never outlive the last series that used them. Every series carries a [`SeriesId`] as its tag.
 
+use std::sync::Arc;
+
 use crate::aggregate::interned::Interned;
 use crate::aggregate::interner::Interner;
 use crate::aggregate::key::{FamilyDesc, Labels};
@@ -137,6 +139,11 @@ impl Store {
     /// A layout's id, interned unheld like [`family_id`](Self::family_id).
     pub fn layout_id(&mut self, bounds: &[f64]) -> u32 {
         self.tables.layout_id(bounds)
+    }
+
+    /// The bounds of layout `id`, shared (see [`Interned::layout_shared`]).
+    pub fn layout_shared(&self, id: u32) -> Option<Arc<[f64]>> {
+        self.tables.layout_shared(id)
     }
 
     /// Frees what this batch interned that no series holds.

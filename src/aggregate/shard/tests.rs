@@ -179,7 +179,19 @@ fn cumulative_histogram_streams_share_their_bounds() {
     let mut s = shard(ShardConfig::default());
     let r = s.apply(&batch(20, false, T, crate::workload::make_cumulative));
     assert_eq!(r.get(Outcome::Applied), 20, "counted from their start");
-    assert_eq!(s.sources.distinct_bounds(), 1, "one layout for 20 streams");
+    // Another pod's request with the same bounds: its streams hold the same allocation.
+    let shape = Shape {
+        services: 1,
+        routes: 20,
+        bounds: 4,
+        counters: false,
+    };
+    let mut req = request(&shape, 1, T, T + 10);
+    crate::workload::make_cumulative(&mut req);
+    let projection = Arc::new(Projection::new(&["service.name".to_owned()], &[]));
+    s.apply(&single_shard_batch(req, &projection));
+    assert_eq!(s.sources.len(), 40);
+    assert_eq!(s.sources.distinct_bounds(), 1, "one layout for 40 streams");
 }
 
 #[test]

@@ -194,6 +194,14 @@ fn state_to_parquet_to_state_is_identical() {
     let m = load(&path, &mut states).expect("load");
     assert_eq!(m, meta(1, series.len() as u64, streams.len() as u64));
     assert_eq!(dump(&states[0]), (series, streams));
+    assert_eq!(
+        (
+            before.distinct_cumulative_bounds(),
+            states[0].distinct_cumulative_bounds()
+        ),
+        (1, 1),
+        "restored cumulative streams share their bounds"
+    );
     let pods = |s: &ShardState| {
         let mut v: Vec<(u64, String)> = s.pods().map(|(k, v)| (k, v.to_owned())).collect();
         v.sort();

@@ -344,7 +344,7 @@ pub fn restore_stream_row(
                     sum,
                     count,
                 } => CumulativeValue::Histogram {
-                    bounds: bounds.into(),
+                    bounds: state.shared_bounds(&bounds),
                     counts: counts.into(),
                     sum,
                     count,

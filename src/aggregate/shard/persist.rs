@@ -244,6 +244,21 @@ impl ShardState {
         Ok(())
     }
 
+    /// `bounds` as the shard's interned layout, for a restored cumulative stream to hold as
+    /// live ones do (one allocation per distinct layout).
+    pub fn shared_bounds(&mut self, bounds: &[f64]) -> std::sync::Arc<[f64]> {
+        let id = self.store.layout_id(bounds);
+        self.store
+            .layout_shared(id)
+            .unwrap_or_else(|| bounds.into())
+    }
+
+    /// Distinct allocations of bounds the cumulative histogram streams hold.
+    #[cfg(test)]
+    pub fn distinct_cumulative_bounds(&self) -> usize {
+        self.sources.distinct_bounds()
+    }
+
     /// Rebuilds one source stream; restore its series first.
     pub fn restore_stream(
         &mut self,

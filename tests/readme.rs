@@ -153,6 +153,31 @@ fn the_metrics_the_alerts_use_move_when_their_event_happens() {
     // SpanaggCheckpointStale: the age is measured (it drops when a checkpoint is written).
     assert!(total(&s, "spanagg_checkpoint_age_seconds") >= 0.0);
     moved.push("spanagg_checkpoint_age_seconds");
+    // SpanaggDeltaHolesGivenUp: pod a's calls sent as 20 disjoint one-nanosecond deltas, one
+    // hole after each. Windows publish after the batch is answered, so it is polled.
+    let holes = total(&s, "spanagg_delta_holes_given_up_total");
+    let mut req = cart_delta("a", 1, [1, 0, 0, 0, 0], 1.0, t0);
+    req.resource_metrics[0].scope_metrics[0].metrics.truncate(1);
+    if let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(calls)) =
+        &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data
+    {
+        let one = calls.data_points[0].clone();
+        calls.data_points = (0..20u64)
+            .map(|i| {
+                let mut p = one.clone();
+                p.start_time_unix_nano = t0 + 10 * S + 2 * i;
+                p.time_unix_nano = t0 + 10 * S + 2 * i + 1;
+                p
+            })
+            .collect();
+    }
+    s.post_ok(&req.encode_to_vec());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while total(&s, "spanagg_delta_holes_given_up_total") <= holes {
+        assert!(std::time::Instant::now() < deadline, "no hole given up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    moved.push("spanagg_delta_holes_given_up_total");
     // The WAL alerts' metrics move in tests/durability.rs (a failing fsync, a damaged record).
     moved.extend([
         "spanagg_wal_write_errors_total",

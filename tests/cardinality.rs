@@ -156,6 +156,20 @@ fn ids_in_span_names_are_flagged_and_traced_to_their_service() {
     );
     assert_eq!(cart["labels"][0]["label_values_count"], 5);
     assert_eq!(s.get("/api/v1/cardinality/label_values").0, 400);
+    // A name repeated is answered once; past 64 names the request is refused.
+    let repeated = "&label_names[]=span_name".repeat(1000);
+    let once = get_json(
+        &s,
+        &format!("/api/v1/cardinality/label_values?limit=1{repeated}"),
+    );
+    assert_eq!(once["labels"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        once["labels"][0]["cardinality"].as_array().unwrap().len(),
+        1
+    );
+    let many: String = (0..65).map(|i| format!("&label_names[]=l{i}")).collect();
+    let (status, body) = s.get(&format!("/api/v1/cardinality/label_values?{many}"));
+    assert_eq!(status, 400, "{body}");
     assert_eq!(s.get("/api/v1/cardinality?top=many").0, 400);
     assert_eq!(s.get("/api/v1/cardinality?colour=red").0, 400);
 }

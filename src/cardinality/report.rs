@@ -182,19 +182,19 @@ impl Merged {
             .iter()
             .map(|name| {
                 let acc = self.0.labels.get(name);
-                let mut cardinality: Vec<ValueCount> = acc
-                    .map(|a| {
-                        a.values
-                            .iter()
-                            .map(|(v, n)| ValueCount {
-                                label_value: v.clone(),
-                                series_count: *n,
-                            })
-                            .collect()
-                    })
+                // Ranked by reference; only the `limit` kept are copied.
+                let mut ranked: Vec<(&String, u64)> = acc
+                    .map(|a| a.values.iter().map(|(v, n)| (v, *n)).collect())
                     .unwrap_or_default();
-                by_count(&mut cardinality, |c| (c.series_count, &c.label_value));
-                cardinality.truncate(limit);
+                by_count(&mut ranked, |&(v, n)| (n, v));
+                let cardinality = ranked
+                    .into_iter()
+                    .take(limit)
+                    .map(|(v, n)| ValueCount {
+                        label_value: v.clone(),
+                        series_count: n,
+                    })
+                    .collect();
                 LabelValuesOf {
                     label_name: name.clone(),
                     label_values_count: acc.map_or(0, |a| a.values.len() as u64),

@@ -16,6 +16,10 @@ use crate::cardinality::{Merged, Scope, ShardSummary};
 /// Default length of the report's lists.
 const DEFAULT_TOP: usize = 10;
 
+/// Labels one `label_values` request may name. Each costs a sort of all its values; a URI may
+/// otherwise repeat one name thousands of times.
+const MAX_LABEL_NAMES: usize = 64;
+
 /// Query parameters shared by the three endpoints (`label_names[]` may repeat).
 #[derive(Debug, Default)]
 struct Params {
@@ -38,7 +42,16 @@ fn params(q: Option<String>) -> Result<Params, Box<Response>> {
                         .map_err(|_| bad(format!("{k} must be a number")))?,
                 )
             }
-            "label_names[]" | "label_names" => p.label_names.push(v),
+            "label_names[]" | "label_names" => {
+                if !p.label_names.contains(&v) {
+                    p.label_names.push(v);
+                }
+                if p.label_names.len() > MAX_LABEL_NAMES {
+                    return Err(Box::new(bad(format!(
+                        "at most {MAX_LABEL_NAMES} label_names per request"
+                    ))));
+                }
+            }
             _ => return Err(Box::new(bad(format!("unknown parameter `{k}`")))),
         }
     }

@@ -347,9 +347,6 @@ fn run(
     }
 }
 
-/// Drops the batch, then reports: whoever waits for the result finds the request's body no
-/// longer held here, so it goes back to the inflate pool on the ingest thread instead of
-/// being freed on this one (mimalloc keeps pages freed from another thread longer).
 /// Applies one batch, answers it, and publishes the shard's numbers.
 fn ingest(state: &mut ShardState, batch: Batch, data: &Receiver<Batch>, stats: &ShardStats) {
     let t = Instant::now();
@@ -365,6 +362,9 @@ fn ingest(state: &mut ShardState, batch: Batch, data: &Receiver<Batch>, stats: &
     stats.publish_sizes(state);
 }
 
+/// Drops the batch, then reports: whoever waits for the result finds the request's body no
+/// longer held here, so it goes back to the inflate pool on the ingest thread instead of
+/// being freed on this one (mimalloc keeps pages freed from another thread longer).
 fn finish(mut batch: Batch, result: BatchResult) {
     let done = std::mem::replace(&mut batch.done, Box::new(|_| {}));
     drop(batch);

@@ -159,10 +159,16 @@ impl Interned {
         self.layouts.get(id as usize).map_or(&[], |l| l)
     }
 
-    /// A layout's bounds to keep beyond the id's life: freeing the id replaces its slot, never
-    /// the bounds a holder has.
-    pub fn layout_shared(&self, id: u32) -> Option<Arc<[f64]>> {
-        self.layouts.get(id as usize).cloned()
+    /// [`Self::layout_id`], and the interned bounds to keep beyond the id's life: freeing the
+    /// id replaces its slot, never the bounds a holder has.
+    pub fn layout_shared(&mut self, bounds: &[f64]) -> (u32, Arc<[f64]>) {
+        let id = self.layout_id(bounds);
+        let shared = self
+            .layouts
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| bounds.into());
+        (id, shared)
     }
 
     /// The id of a layout, interning it. Until a series holds it (`hold_layout`), it lives

@@ -294,8 +294,7 @@ fn run(
     // Whether this thread worked (a batch, a visit) since it last handed freed pages back.
     let mut busy = false;
     loop {
-        state.clock = epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
-        state.now_ns = crate::unix_ns();
+        tick(&mut state, epoch);
         select_biased! {
             recv(ctl) -> msg => {
                 let Ok(visit) = msg else { break };
@@ -307,6 +306,8 @@ fn run(
                 // Visits come first, but readers asking back to back must not starve ingest:
                 // one waiting batch is applied after every visit.
                 if let Ok(batch) = data.try_recv() {
+                    // A visit (a checkpoint's part) can take seconds.
+                    tick(&mut state, epoch);
                     ingest(&mut state, batch, &data, &stats);
                 }
             }
@@ -345,6 +346,12 @@ fn run(
         let result = state.apply(&batch);
         finish(batch, result);
     }
+}
+
+/// Sets the shard's clocks: whole seconds since `epoch`, and the wall clock.
+fn tick(state: &mut ShardState, epoch: Instant) {
+    state.clock = epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
+    state.now_ns = crate::unix_ns();
 }
 
 /// Applies one batch, answers it, and publishes the shard's numbers.

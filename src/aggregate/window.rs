@@ -225,22 +225,8 @@ impl Window {
                 return given_up;
             }
         }
-        self.forget_before(self.newest_end().saturating_sub(late_ns));
+        // One range growing at either end: no hole to forget.
         0
-    }
-
-    fn forget_before(&mut self, horizon: u64) {
-        if let Ranges::Holes(h) = &mut self.0 {
-            h.older.retain(|&(_, e)| e > horizon);
-            if h.older.is_empty() {
-                *self = Self(Ranges::One {
-                    head: h.head,
-                    fp: h.fp,
-                });
-            } else {
-                h.older.shrink_to_fit();
-            }
-        }
     }
 
     /// A window holding these applied ranges (as a checkpoint stored them); `None` if they are

@@ -393,10 +393,7 @@ impl ShardState {
                 };
                 // The stream keeps the shard's interned bounds: one allocation per layout on
                 // the shard's own thread, whatever request or stream carried it.
-                let id = self.store.layout_id(bounds);
-                let Some(shared) = self.store.layout_shared(id) else {
-                    return internal("an interned layout has no bounds");
-                };
+                let (id, shared) = self.store.layout_shared(bounds);
                 interned = Some(id);
                 CumulativeValue::Histogram {
                     bounds: shared,

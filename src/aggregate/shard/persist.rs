@@ -247,10 +247,7 @@ impl ShardState {
     /// `bounds` as the shard's interned layout, for a restored cumulative stream to hold as
     /// live ones do (one allocation per distinct layout).
     pub fn shared_bounds(&mut self, bounds: &[f64]) -> std::sync::Arc<[f64]> {
-        let id = self.store.layout_id(bounds);
-        self.store
-            .layout_shared(id)
-            .unwrap_or_else(|| bounds.into())
+        self.store.layout_shared(bounds).1
     }
 
     /// Distinct allocations of bounds the cumulative histogram streams hold.

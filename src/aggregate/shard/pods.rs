@@ -83,3 +83,20 @@ impl Pods {
         self.names.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_pods_past_the_cap_are_not_remembered_and_known_ones_still_are() {
+        let mut pods = Pods::default();
+        for resource in 0..10 {
+            pods.saw(resource, 1, 4, || "checkout".into());
+        }
+        assert_eq!((pods.len(), pods.names()), (4, 1));
+        pods.saw(0, 2, 4, || "checkout".into());
+        pods.sweep(|touched| touched < 2);
+        assert_eq!(pods.iter().map(|(r, _)| r).collect::<Vec<_>>(), [0]);
+    }
+}

@@ -141,9 +141,9 @@ impl Store {
         self.tables.layout_id(bounds)
     }
 
-    /// The bounds of layout `id`, shared (see [`Interned::layout_shared`]).
-    pub fn layout_shared(&self, id: u32) -> Option<Arc<[f64]>> {
-        self.tables.layout_shared(id)
+    /// A layout's id and its interned bounds, to share (see [`Interned::layout_shared`]).
+    pub fn layout_shared(&mut self, bounds: &[f64]) -> (u32, Arc<[f64]>) {
+        self.tables.layout_shared(bounds)
     }
 
     /// Frees what this batch interned that no series holds.
